@@ -1,0 +1,45 @@
+// The pybind11 half of hfquant._C: build facts only. Ops live in torch.ops.hfquant.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu/cpu_features.h"
+
+#ifndef HFQUANT_VERSION
+#define HFQUANT_VERSION "0.0.0"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hfquant native core (ops are registered under torch.ops.hfquant)";
+  m.attr("__version__") = HFQUANT_VERSION;
+#ifdef HFQUANT_CUDA
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
+  m.def("cpu_features", []() {
+    const auto& f = hfquant::cpu::features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512dq"] = f.avx512dq;
+    d["avx512_vnni"] = f.avx512_vnni;
+    d["avx512_bf16"] = f.avx512_bf16;
+    d["avx_vnni"] = f.avx_vnni;
+    return d;
+  }, "CPU features detected at run time.");
+  m.def("cpu_isa", []() { return std::string(hfquant::cpu::isa_name(hfquant::cpu::active_isa())); },
+        "The kernel path chosen on this CPU (HFQUANT_ISA overrides: avx512bf16, avx512, avx2, portable).");
+  m.def("set_cpu_isa", [](const std::string& name) { hfquant::cpu::set_active_isa(name); },
+        "Force a kernel path (for tests and benchmarks); raises if this CPU cannot run it.");
+  m.def("available_isas", []() {
+    std::vector<std::string> out;
+    for (auto isa : hfquant::cpu::available_isas()) out.emplace_back(hfquant::cpu::isa_name(isa));
+    return out;
+  }, "Kernel paths this CPU can run, best first.");
+}

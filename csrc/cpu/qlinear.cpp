@@ -1,0 +1,306 @@
+// hfquant::repack and hfquant::qlinear on CPU: argument checks, the layout conversion,
+// activation preparation and the choice between the GEMV kernels (small M, one pass over
+// the packed weights per call) and the blocked path for large M (dequantize a block of
+// rows into a small buffer, then the BLAS GEMM of ATen on it).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/cpu_features.h"
+#include "cpu/qlinear.h"
+
+namespace hfquant::cpu {
+namespace {
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Effective group length and group count for a (validated) group_size.
+void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
+  if (group_size == -1) {
+    G = 1;
+    gs = round_up(K, kKAlign);
+  } else {
+    gs = group_size;
+    G = (K + group_size - 1) / group_size;
+  }
+}
+
+void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, "hfquant::", op, ": bits=", bits, " is not supported (use 4 or 8)");
+  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 32 == 0), "hfquant::", op,
+              ": group_size=", group_size, " must be -1 (per channel) or a positive multiple of 32");
+}
+
+int64_t gemv_max_m() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("HFQUANT_GEMV_MAX_M");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(16);
+  }();
+  return v;
+}
+
+GemvKernel kernel_for(Isa isa) {
+  switch (isa) {
+#if defined(HFQUANT_X86)
+    case Isa::Avx512Bf16: return gemv_avx512bf16;
+    case Isa::Avx512: return gemv_avx512;
+    case Isa::Avx2: return gemv_avx2;
+#endif
+    default: return gemv_portable;
+  }
+}
+
+}  // namespace
+
+// qweight: 4-bit uint8 [N, ceil(K/2)] (element k in byte k/2, low nibble for even k),
+//          8-bit int8 [N, K] (symmetric) or uint8 [N, K] (asymmetric, with zeros);
+// scales : float32/bfloat16/float16 [N, G], G = ceil(K/group_size) (1 for group_size -1);
+// zeros  : optional uint8 [N, G] zero points (0..15 or 0..255); absent = symmetric.
+// Returns (packed_weight uint8 [T, Kp/32|Kp/16, 4, 16], packed_scales float32 [T, G, 2, 4]).
+std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const at::Tensor& scales,
+                                              const std::optional<at::Tensor>& zeros, int64_t bits,
+                                              int64_t group_size, int64_t in_features) {
+  check_bits_group("repack", bits, group_size);
+  const int64_t K = in_features;
+  TORCH_CHECK(K > 0, "hfquant::repack: in_features=", K, " must be positive");
+  TORCH_CHECK(qweight.dim() == 2, "hfquant::repack: qweight must be 2-D, got ", qweight.dim(), "-D");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(N > 0, "hfquant::repack: qweight has no rows");
+  if (bits == 4) {
+    TORCH_CHECK(qweight.scalar_type() == at::kByte, "hfquant::repack: 4-bit qweight must be uint8, got ",
+                qweight.scalar_type());
+    TORCH_CHECK(qweight.size(1) == (K + 1) / 2, "hfquant::repack: 4-bit qweight has ", qweight.size(1),
+                " columns, expected ceil(in_features/2)=", (K + 1) / 2);
+  } else {
+    const bool asym = zeros.has_value();
+    TORCH_CHECK(qweight.scalar_type() == (asym ? at::kByte : at::kChar), "hfquant::repack: 8-bit ",
+                asym ? "asymmetric qweight must be uint8" : "symmetric qweight must be int8", ", got ",
+                qweight.scalar_type());
+    TORCH_CHECK(qweight.size(1) == K, "hfquant::repack: 8-bit qweight has ", qweight.size(1),
+                " columns, expected in_features=", K);
+  }
+  int64_t gs, G;
+  group_geometry(group_size, K, gs, G);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G, "hfquant::repack: scales has shape ",
+              scales.sizes(), ", expected [", N, ", ", G, "]");
+  TORCH_CHECK(scales.is_floating_point(), "hfquant::repack: scales must be floating point, got ",
+              scales.scalar_type());
+  if (zeros) {
+    TORCH_CHECK(zeros->scalar_type() == at::kByte, "hfquant::repack: zeros must be uint8, got ",
+                zeros->scalar_type());
+    TORCH_CHECK(zeros->dim() == 2 && zeros->size(0) == N && zeros->size(1) == G, "hfquant::repack: zeros has shape ",
+                zeros->sizes(), ", expected [", N, ", ", G, "]");
+    TORCH_CHECK(zeros->device() == qweight.device(), "hfquant::repack: zeros is on ", zeros->device(),
+                ", qweight on ", qweight.device());
+  }
+  TORCH_CHECK(qweight.device().is_cpu() && scales.device().is_cpu(),
+              "hfquant::repack: CPU kernel called with tensors on ", qweight.device());
+
+  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR;
+  const int64_t unit = bits == 4 ? 32 : 16, U = Kp / unit;
+  at::Tensor w = at::zeros({T, U, kNR, 16}, qweight.options().dtype(at::kByte));
+  at::Tensor sb = at::zeros({T, G, 2, kNR}, scales.options().dtype(at::kFloat));
+  at::Tensor qw = qweight.contiguous();
+  at::Tensor sc = scales.to(at::kFloat).contiguous();
+  at::Tensor zp = zeros ? zeros->contiguous() : at::Tensor();
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(qw.data_ptr());
+  const float* s = sc.data_ptr<float>();
+  const uint8_t* z = zp.defined() ? zp.data_ptr<uint8_t>() : nullptr;
+  uint8_t* wo = w.data_ptr<uint8_t>();
+  float* so = sb.data_ptr<float>();
+  const int64_t qcols = qw.size(1);
+  const int zmax = bits == 4 ? 15 : 255;
+  const float off = bits == 4 ? 128.f : 0.f;
+  const int sym_zero = bits == 4 ? 8 : 128;
+  // Zero points out of range would decode to garbage: refuse them here.
+  if (z) {
+    for (int64_t i = 0; i < N * G; ++i)
+      TORCH_CHECK(z[i] <= zmax, "hfquant::repack: zero point ", int(z[i]), " at index ", i,
+                  " is out of range for ", bits, "-bit (0..", zmax, ")");
+  }
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t r = 0; r < kNR; ++r) {
+        const int64_t n = t * kNR + r;
+        if (n >= N) break;
+        const uint8_t* row = q + n * qcols;
+        for (int64_t k = 0; k < K; ++k) {
+          int v;
+          if (bits == 4) {
+            const uint8_t byte = row[k / 2];
+            v = (k & 1) ? (byte >> 4) : (byte & 0x0F);
+            const int64_t u = k / 32, j = k % 32;
+            uint8_t& dst = wo[((t * U + u) * kNR + r) * 16 + (j & 15)];
+            dst |= j < 16 ? uint8_t(v) : uint8_t(v << 4);
+          } else {
+            // symmetric int8 is stored as v = q + 128 (two's complement flip of the sign bit)
+            v = z ? row[k] : (row[k] ^ 0x80);
+            wo[((t * U + k / 16) * kNR + r) * 16 + (k % 16)] = uint8_t(v);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const float sc_ = s[n * G + g];
+          const int zz = z ? int(z[n * G + g]) : sym_zero;
+          so[((t * G + g) * 2 + 0) * kNR + r] = sc_;
+          so[((t * G + g) * 2 + 1) * kNR + r] = sc_ * (float(zz) + off);
+        }
+      }
+    }
+  });
+  return {w, sb};
+}
+
+namespace {
+
+struct Prepared {
+  at::Tensor x, xs, xhi, xlo;
+  bool has_lo = false;
+};
+
+// fp32 copy of x, zero padded to Kp, and the group sums the kernels need.
+Prepared prepare_activations(const at::Tensor& x2d, const PackedView& p, bool want_bf16_split) {
+  Prepared out;
+  const int64_t M = x2d.size(0);
+  out.x = at::zeros({M, p.Kp}, x2d.options().dtype(at::kFloat));
+  out.x.narrow(1, 0, p.K).copy_(x2d);
+  out.xs = at::empty({M, p.G}, out.x.options());
+  float* xp = out.x.data_ptr<float>();
+  float* xs = out.xs.data_ptr<float>();
+  if (want_bf16_split) {
+    // x = hi + lo in bf16 (each product with a 4-bit code is then exact in fp32); the
+    // group sums use hi + lo so that the zero term cancels what the dot products saw.
+    out.has_lo = x2d.scalar_type() != at::kBFloat16;
+    out.xhi = at::empty({M, p.Kp}, out.x.options().dtype(at::kShort));
+    out.xlo = at::empty({M, p.Kp}, out.x.options().dtype(at::kShort));
+    auto* hi = reinterpret_cast<c10::BFloat16*>(out.xhi.data_ptr<int16_t>());
+    auto* lo = reinterpret_cast<c10::BFloat16*>(out.xlo.data_ptr<int16_t>());
+    for (int64_t i = 0; i < M * p.Kp; ++i) {
+      hi[i] = c10::BFloat16(xp[i]);
+      lo[i] = c10::BFloat16(out.has_lo ? xp[i] - float(hi[i]) : 0.f);
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t k0 = g * p.gs, k1 = std::min(p.Kp, k0 + p.gs);
+        float a = 0.f, b = 0.f;
+        for (int64_t k = k0; k < k1; ++k) {
+          a += float(hi[m * p.Kp + k]);
+          b += float(lo[m * p.Kp + k]);
+        }
+        xs[m * p.G + g] = a + b;
+      }
+  } else {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t k0 = g * p.gs, k1 = std::min(p.Kp, k0 + p.gs);
+        float a = 0.f;
+        for (int64_t k = k0; k < k1; ++k) a += xp[m * p.Kp + k];
+        xs[m * p.G + g] = a;
+      }
+  }
+  return out;
+}
+
+}  // namespace
+
+// x            : float32/bfloat16/float16 [..., K], any strides
+// packed_weight: uint8 [T, Kp/32 (4-bit) or Kp/16 (8-bit), 4, 16]   (from repack)
+// packed_scales: float32 [T, G, 2, 4]                                (from repack)
+// bias         : optional [N], any floating dtype
+// returns      : x.dtype [..., N]
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                       const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                       int64_t out_features, int64_t in_features) {
+  check_bits_group("qlinear", bits, group_size);
+  const int64_t N = out_features, K = in_features;
+  TORCH_CHECK(N > 0 && K > 0, "hfquant::qlinear: out_features=", N, " and in_features=", K,
+              " must be positive");
+  TORCH_CHECK(x.device().is_cpu(), "hfquant::qlinear: x is on ", x.device(),
+              " but this is the CPU kernel (is the CUDA extension built?)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "hfquant::qlinear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::qlinear: x has last dimension ",
+              x.dim() ? x.size(-1) : 0, ", expected in_features=", K);
+  int64_t gs, G;
+  group_geometry(group_size, K, gs, G);
+  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR;
+  const int64_t U = Kp / (bits == 4 ? 32 : 16);
+  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
+                  packed_weight.device().is_cpu(),
+              "hfquant::qlinear: packed_weight must be a contiguous uint8 CPU tensor (from hfquant::repack)");
+  TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == T && packed_weight.size(1) == U &&
+                  packed_weight.size(2) == kNR && packed_weight.size(3) == 16,
+              "hfquant::qlinear: packed_weight has shape ", packed_weight.sizes(), ", expected [", T, ", ", U,
+              ", 4, 16] for bits=", bits, ", out_features=", N, ", in_features=", K);
+  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
+                  packed_scales.device().is_cpu(),
+              "hfquant::qlinear: packed_scales must be a contiguous float32 CPU tensor (from hfquant::repack)");
+  TORCH_CHECK(packed_scales.dim() == 4 && packed_scales.size(0) == T && packed_scales.size(1) == G &&
+                  packed_scales.size(2) == 2 && packed_scales.size(3) == kNR,
+              "hfquant::qlinear: packed_scales has shape ", packed_scales.sizes(), ", expected [", T, ", ", G,
+              ", 2, 4] for group_size=", group_size, ", in_features=", K);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hfquant::qlinear: bias has shape ", bias->sizes(),
+                ", expected [", N, "]");
+    TORCH_CHECK(bias->is_floating_point() && bias->device().is_cpu(),
+                "hfquant::qlinear: bias must be a floating point CPU tensor");
+  }
+
+  PackedView p{packed_weight.data_ptr<uint8_t>(), packed_scales.data_ptr<float>(), bits, N, K, Kp, T, G, gs};
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  const at::Tensor x2d = x.reshape({-1, K});
+  const int64_t M = x2d.size(0);
+  if (M == 0) return at::empty(out_sizes, x.options());
+
+  at::Tensor y;
+  if (M <= gemv_max_m()) {
+    const Isa isa = active_isa();
+    const bool split = isa == Isa::Avx512Bf16 && bits == 4;
+    Prepared pre = prepare_activations(x2d, p, split);
+    ActView a{pre.x.data_ptr<float>(), pre.xs.data_ptr<float>(),
+              split ? reinterpret_cast<const uint16_t*>(pre.xhi.data_ptr<int16_t>()) : nullptr,
+              split ? reinterpret_cast<const uint16_t*>(pre.xlo.data_ptr<int16_t>()) : nullptr, pre.has_lo, M};
+    at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+    float* yp = y32.data_ptr<float>();
+    const GemvKernel kern = kernel_for(isa);
+    // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
+    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, yp, N, t0, t1); });
+    if (bias) y32.add_(*bias);
+    y = y32.to(x.scalar_type());
+  } else {
+    // Blocked path: dequantize 64 rows at a time (fits L2 for K up to ~16k in fp32) and
+    // multiply with ATen's GEMM, in bf16 when the activations are bf16, else in fp32.
+    const at::ScalarType cdt = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+    const at::Tensor xc = x2d.to(cdt);
+    y = at::empty({M, N}, x.options().dtype(cdt));
+    const int64_t block_tiles = 64 / kNR;
+    at::Tensor wbuf = at::empty({block_tiles * kNR, K}, x.options().dtype(at::kFloat));
+    for (int64_t t0 = 0; t0 < T; t0 += block_tiles) {
+      const int64_t t1 = std::min(T, t0 + block_tiles);
+      const int64_t rows = std::min(N, t1 * kNR) - t0 * kNR;
+      float* wb = wbuf.data_ptr<float>();
+      at::parallel_for(t0, t1, 1, [&](int64_t a0, int64_t a1) {
+        PackedView sub = p;
+        dequant_tiles_portable(sub, wb + (a0 - t0) * kNR * K, K, a0, a1);
+      });
+      at::Tensor wblk = wbuf.narrow(0, 0, rows);
+      at::Tensor yblk = y.narrow(1, t0 * kNR, rows);
+      at::mm_out(yblk, xc, (cdt == at::kFloat ? wblk : wblk.to(cdt)).t());
+    }
+    if (bias) y.add_(bias->to(cdt));
+    y = y.to(x.scalar_type());
+  }
+  return y.reshape(out_sizes);
+}
+
+}  // namespace hfquant::cpu
+
+TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
+  m.impl("repack", &hfquant::cpu::repack_cpu);
+  m.impl("qlinear", &hfquant::cpu::qlinear_cpu);
+}

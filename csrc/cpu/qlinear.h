@@ -1,0 +1,66 @@
+// Internal interface between the qlinear dispatcher (qlinear.cpp) and the per-ISA
+// kernels (qlinear_portable.cpp, qlinear_avx2.cpp, qlinear_avx512.cpp).
+//
+// Kernel layout (made by hfquant::repack, never saved; docs/formats.md):
+//   NR = 4 output rows form a tile; N is padded to Np = T*4 with zero rows.
+//   K is padded to Kp = round_up(K, 32); padded weights are 0, padded x is 0.
+//   4-bit: w[T][Kp/32][4][16] bytes, byte b of row r in unit u holds
+//          v(4t+r, 32u+b) in the low nibble and v(4t+r, 32u+16+b) in the high nibble.
+//   8-bit: w[T][Kp/16][4][16] bytes, byte b of row r in unit u holds v(4t+r, 16u+b).
+//   v is the unsigned stored code: 4-bit 0..15, 8-bit 0..255 (symmetric int8 + 128).
+//   sb[T][G][2][4] float32: sb[t][g][0][r] = scale s, sb[t][g][1][r] = s * (z + OFF),
+//   OFF = 128 for 4-bit (the kernels may read a 4-bit code as the value 128 + v, which
+//   is the bf16 bit pattern 0x4300 | v), 0 for 8-bit; z = zero point (8 / 128 symmetric).
+// Semantics: y[m,n] = sum_g ( s * sum_{k in g} (v + OFF) x[m,k]  -  s(z+OFF) * X[m,g] )
+//            where X[m,g] = sum_{k in g} x[m,k];  this equals sum_k (v - z) s x[m,k].
+#pragma once
+#include <cstdint>
+
+namespace hfquant::cpu {
+
+constexpr int64_t kNR = 4;      // rows per tile
+constexpr int64_t kKAlign = 32;  // K padding
+
+struct PackedView {
+  const uint8_t* w;
+  const float* sb;
+  int64_t bits;
+  int64_t N, K, Kp;  // true sizes and padded K
+  int64_t T;         // tiles (Np / 4)
+  int64_t G;         // groups per row
+  int64_t gs;        // group length in k (Kp when per-channel); multiple of 32
+};
+
+// Activations prepared once per call by the dispatcher.
+//   x   : fp32 [M][Kp], zero padded          (all paths)
+//   xs  : fp32 [M][G] group sums X[m,g], computed from exactly the values the kernel
+//         multiplies with (hi + lo below on the bf16 path, else x)
+//   xhi, xlo : bf16 bit patterns [M][Kp]; only for the avx512bf16 4-bit path;
+//         x = hi + lo (+ a residual below 2^-16 |x|); has_lo false when x was bf16.
+struct ActView {
+  const float* x;
+  const float* xs;
+  const uint16_t* xhi;
+  const uint16_t* xlo;
+  bool has_lo;
+  int64_t M;
+};
+
+// Computes out[m][4t + r] (fp32, row stride ldo) for tiles t in [t0, t1) and all m.
+// Rows >= N of the last tile must not be written.
+using GemvKernel = void (*)(const PackedView& p, const ActView& a, float* out, int64_t ldo,
+                            int64_t t0, int64_t t1);
+
+void gemv_portable(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
+                   int64_t t1);
+void gemv_avx2(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
+               int64_t t1);
+void gemv_avx512(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
+                 int64_t t1);
+void gemv_avx512bf16(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
+                     int64_t t1);
+
+// Dequantizes tiles [t0, t1) to fp32 rows (w_out[(4t + r) - 4*t0][k], k < K, row stride ldw).
+void dequant_tiles_portable(const PackedView& p, float* w_out, int64_t ldw, int64_t t0, int64_t t1);
+
+}  // namespace hfquant::cpu
