@@ -1,0 +1,182 @@
+"""Checkpoint format version 1: canonical, device-independent quantized tensors.
+
+- ``qweight``: 8-bit symmetric int8 [N, K] (-127..127); 8-bit asymmetric uint8 [N, K];
+  4-bit uint8 [N, ceil(K/2)], element k of a row in byte k//2, low nibble for even k;
+  4-bit symmetric codes are the values offset by 8 (0..15), asymmetric codes 0..15.
+- ``scales``: [N, G] in the model's float dtype, G = ceil(K / group_size) (1 per channel).
+- ``zeros``: uint8 [N, G], asymmetric only (0..15 / 0..255).
+Weight = (code - zero) * scale, with zero = 8 (4-bit) / 0 (8-bit int8) when symmetric.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, K] -> uint8 [N, ceil(K/2)], low nibble = even k."""
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, ceil(K/2)] -> uint8 codes [N, K]."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, g] with the ragged last group zero padded."""
+    N, K = w.shape
+    g = K if group_size == -1 else group_size
+    G = -(-K // g)
+    if G * g != K:
+        w = torch.nn.functional.pad(w, (0, G * g - K))
+    return w.reshape(N, G, g)
+
+
+@torch.no_grad()
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a float weight [N, K] to format v1 tensors.
+
+    Scales are rounded to ``scale_dtype`` (default: the weight's dtype) before the codes
+    are computed, so the stored scale is exactly the one the codes were made for.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_rtn: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"quantize_rtn: weight must be floating point, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("quantize_rtn: weight contains NaN or Inf")
+    N, K = weight.shape
+    scale_dtype = scale_dtype or weight.dtype
+    w = _grouped(weight.detach().to(torch.float32), group_size)  # [N, G, g]
+    if symmetric:
+        qmax = 7 if bits == 4 else 127
+        s = (w.abs().amax(dim=-1) / qmax).to(scale_dtype).to(torch.float32)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.clamp(torch.round(w / safe[..., None]), -qmax - (1 if bits == 4 else 0), qmax)
+        zeros = None
+        if bits == 4:
+            codes = (q + 8).to(torch.uint8).reshape(N, -1)[:, :K]
+            qweight = pack_int4(codes)
+        else:
+            qweight = q.to(torch.int8).reshape(N, -1)[:, :K].contiguous()
+    else:
+        qmax = (1 << bits) - 1
+        lo = torch.clamp(w.amin(dim=-1), max=0.0)
+        hi = torch.clamp(w.amax(dim=-1), min=0.0)
+        s = ((hi - lo) / qmax).to(scale_dtype).to(torch.float32)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        z = torch.clamp(torch.round(-lo / safe), 0, qmax)
+        q = torch.clamp(torch.round(w / safe[..., None]) + z[..., None], 0, qmax)
+        codes = q.to(torch.uint8).reshape(N, -1)[:, :K]
+        qweight = pack_int4(codes) if bits == 4 else codes.contiguous()
+        zeros = z.to(torch.uint8)
+    return QuantizedWeight(qweight.contiguous(), s.to(scale_dtype).contiguous(), zeros, bits, group_size, K)
+
+
+def codes_and_zeros(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, in_features: int):
+    """Unsigned codes [N, K] (int32) and zero points [N, G] (int32) of format v1 tensors."""
+    if bits == 4:
+        codes = unpack_int4(qweight, in_features).to(torch.int32)
+        z = zeros.to(torch.int32) if zeros is not None else None
+        default = 8
+    else:
+        if zeros is None:
+            codes = qweight.to(torch.int32)
+            default = 0
+        else:
+            codes = qweight.to(torch.int32)
+            default = None
+        z = zeros.to(torch.int32) if zeros is not None else None
+    if z is None:
+        z = torch.full((qweight.shape[0], 1), default, dtype=torch.int32)
+    return codes, z
+
+
+@torch.no_grad()
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               group_size: int, in_features: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Format v1 tensors -> the float weight [N, K] they stand for: (code - zero) * scale."""
+    codes, z = codes_and_zeros(qweight, zeros, bits, in_features)
+    K = in_features
+    g = K if group_size == -1 else group_size
+    gidx = torch.arange(K, device=codes.device) // g
+    s = scales.to(torch.float32)
+    zz = z if z.shape[1] == s.shape[1] else z.expand(-1, s.shape[1])
+    w = (codes - zz[:, gidx]).to(torch.float32) * s[:, gidx]
+    return w.to(dtype or scales.dtype)
+
+
+def validate(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+             group_size: int, in_features: int, out_features: int, symmetric: bool) -> None:
+    """Raises ValueError naming the tensor when loaded tensors do not fit format v1."""
+    G = num_groups(in_features, group_size)
+    if bits == 4:
+        want_q = ((out_features, (in_features + 1) // 2), torch.uint8)
+    else:
+        want_q = ((out_features, in_features), torch.int8 if symmetric else torch.uint8)
+    if tuple(qweight.shape) != want_q[0] or qweight.dtype != want_q[1]:
+        raise ValueError(
+            f"hfquant: {name}.qweight has shape {tuple(qweight.shape)} and dtype {qweight.dtype}; "
+            f"expected {want_q[0]} {want_q[1]} for bits={bits}, in_features={in_features}"
+        )
+    if tuple(scales.shape) != (out_features, G) or not scales.is_floating_point():
+        raise ValueError(
+            f"hfquant: {name}.scales has shape {tuple(scales.shape)} and dtype {scales.dtype}; "
+            f"expected ({out_features}, {G}) floating point for group_size={group_size}"
+        )
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"hfquant: {name}.scales contains NaN or Inf")
+    if (scales < 0).any():
+        raise ValueError(f"hfquant: {name}.scales contains negative values")
+    if symmetric:
+        if zeros is not None:
+            raise ValueError(f"hfquant: {name}.zeros is present but the scheme is symmetric")
+        if bits == 8 and (qweight == -128).any():
+            raise ValueError(f"hfquant: {name}.qweight holds -128, outside the symmetric int8 range -127..127")
+    else:
+        if zeros is None:
+            raise ValueError(f"hfquant: {name}.zeros is missing (asymmetric scheme)")
+        if tuple(zeros.shape) != (out_features, G) or zeros.dtype != torch.uint8:
+            raise ValueError(
+                f"hfquant: {name}.zeros has shape {tuple(zeros.shape)} and dtype {zeros.dtype}; "
+                f"expected ({out_features}, {G}) torch.uint8"
+            )
+        if bits == 4 and (zeros > 15).any():
+            raise ValueError(f"hfquant: {name}.zeros holds values above 15, out of range for 4-bit")
+
+
+def qweight_from_packed(packed_weight: torch.Tensor, bits: int, out_features: int, in_features: int,
+                        symmetric: bool) -> torch.Tensor:
+    """Canonical qweight rebuilt exactly from the CPU kernel layout (a pure permutation)."""
+    T = packed_weight.shape[0]
+    w = packed_weight
+    if bits == 4:
+        v = torch.stack([w & 0x0F, w >> 4], dim=3)  # [T, U, 4, 2, 16]
+        v = v.permute(0, 2, 1, 3, 4).reshape(T * 4, -1)[:out_features, :in_features]
+        return pack_int4(v).contiguous()
+    v = w.permute(0, 2, 1, 3).reshape(T * 4, -1)[:out_features, :in_features]
+    if symmetric:
+        return (v ^ 0x80).view(torch.int8).contiguous()
+    return v.contiguous()

@@ -1,0 +1,185 @@
+"""HfQuantQuantizer: the transformers integration (quantize on load, save, reload)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from . import _ext, formats
+from .config import HfQuantConfig
+from .nn import QuantLinear
+from .replace import replace_with_empty
+
+logger = logging.getLogger("hfquant")
+
+# A zero-size tensor saved under `<first quantized module>.weight`: transformers without
+# `import hfquant` does not know the quant_method, loads the checkpoint as a plain model and
+# would leave every quantized layer randomly initialised; the marker's size mismatch makes
+# that load fail instead. hfquant ignores it.
+MARKER_DTYPE = torch.uint8
+
+
+class HfQuantQuantize(ConversionOps):
+    """Quantize-on-load: one float checkpoint weight -> qweight, scales (and zeros)."""
+
+    def __init__(self, hf_quantizer: "HfQuantQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
+        target_key, value = next(iter(input_dict.items()))
+        value = value[0] if isinstance(value, list) else value
+        module, tensor_name = get_module_from_name(model, target_key)
+        w = value.t() if module.float_weight_transposed else value
+        q = formats.quantize_rtn(w, module.bits, module.group_size, module.symmetric,
+                                 scale_dtype=module.scales.dtype)
+        prefix = target_key[: -len(tensor_name)]
+        out = {prefix + "qweight": q.qweight, prefix + "scales": q.scales}
+        if q.zeros is not None:
+            out[prefix + "zeros"] = q.zeros
+        # The float weight was a placeholder: drop it so it is neither materialised nor reported missing.
+        del module._parameters["weight"]
+        if missing_keys is not None:
+            missing_keys.discard(target_key)
+        return out
+
+
+class HfQuantQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: HfQuantConfig
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if isinstance(device_map, dict):
+            devices = {str(d) for d in device_map.values()}
+        elif device_map is not None:
+            devices = {str(device_map)}
+        else:
+            devices = set()
+        gpu = [d for d in devices if d not in ("cpu", "disk", "auto") and not d.startswith("cpu")]
+        if gpu and not _ext._C.cuda_built:
+            raise ValueError(
+                f"hfquant: device_map places layers on {sorted(gpu)}, but this hfquant build has no CUDA "
+                "kernels; load on the CPU (device_map=None or 'cpu')"
+            )
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
+                                                         expect_float_weights=not self.pre_quantized)
+        if self.pre_quantized:
+            first = _first_quantized(model)
+            ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+            model._keys_to_ignore_on_load_unexpected = ignore | {"^" + re.escape(first + ".weight") + "$"}
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return HfQuantQuantize(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, module in model.named_modules():
+            if not isinstance(module, QuantLinear):
+                continue
+            if "weight" in module._parameters:
+                raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
+            for key in ("qweight", "scales", "zeros"):
+                t = getattr(module, key, None)
+                if t is None:
+                    continue
+                if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
+                    raise ValueError(
+                        f"hfquant: the checkpoint has no tensor {name}.{key} "
+                        "(missing from the safetensors files, or a truncated checkpoint)"
+                    )
+            module.validate(name)
+            module.pack()
+        _make_save_atomic(model)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        state_dict = model.state_dict()
+        first = _first_quantized(model)
+        if first is not None:
+            state_dict[first + ".weight"] = torch.zeros(0, dtype=MARKER_DTYPE)
+        return state_dict, {"hfquant_format_version": str(self.quantization_config.format_version)}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model, dtype=None):
+        from .replace import _set_module
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantLinear):
+                _set_module(model, name, module.to_linear(dtype))
+        return model
+
+
+def _first_quantized(model) -> str | None:
+    return next((n for n, m in model.named_modules() if isinstance(m, QuantLinear)), None)
+
+
+def _make_save_atomic(model) -> None:
+    """Makes this model's save_pretrained write into a temporary directory and rename it
+    into place, so an interrupted save never leaves a loadable-looking directory."""
+    if getattr(model, "_hfquant_atomic_save", False):
+        return
+    original = model.save_pretrained
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        if kwargs.get("push_to_hub") or not isinstance(save_directory, (str, os.PathLike)):
+            return original(save_directory, *args, **kwargs)
+        final = os.path.abspath(os.fspath(save_directory))
+        if os.path.isfile(final):
+            raise ValueError(f"hfquant: save_pretrained target {final} is a file, not a directory")
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        try:
+            if os.path.isdir(final):
+                # keep files a user put beside the model (tokenizer, README)
+                for entry in os.listdir(final):
+                    src = os.path.join(final, entry)
+                    if os.path.isfile(src) and not entry.endswith((".safetensors", ".safetensors.index.json")) \
+                            and entry != "config.json":
+                        shutil.copy2(src, os.path.join(tmp, entry))
+            result = original(tmp, *args, **kwargs)
+            old = None
+            if os.path.exists(final):
+                old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=parent)
+                os.rmdir(old)
+                os.rename(final, old)
+            os.rename(tmp, final)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+            return result
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    model.save_pretrained = save_pretrained
+    model._hfquant_atomic_save = True

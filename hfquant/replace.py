@@ -1,0 +1,94 @@
+"""Finding the layers to quantize and swapping them for QuantLinear."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import HfQuantConfig
+from .nn import QuantLinear
+
+logger = logging.getLogger("hfquant")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # GPT-2 style Conv1D: a linear layer whose weight is stored [in, out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def tied_module_names(model: nn.Module) -> set[str]:
+    """Modules whose weight is tied to another parameter (they cannot hold quantized codes)."""
+    names = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for k, v in dict(tied).items():
+        names.add(k.removesuffix(".weight"))
+        names.add(str(v).removesuffix(".weight"))
+    return names
+
+
+def find_targets(model: nn.Module, config: HfQuantConfig) -> tuple[list[tuple[str, nn.Module, bool]], list[str]]:
+    """(name, module, transposed) of every layer to quantize, and the linear layers kept in full precision."""
+    tied = tied_module_names(model)
+    targets, kept = [], []
+    for name, module in model.named_modules():
+        conv1d = _is_conv1d(module)
+        if not (isinstance(module, nn.Linear) or conv1d):
+            continue
+        if config.is_skipped(name):
+            kept.append(name)
+        elif name in tied:
+            logger.info("hfquant: %s shares its weight with another module (tied); kept in full precision", name)
+            kept.append(name)
+        else:
+            targets.append((name, module, conv1d))
+    return targets, kept
+
+
+def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
+    names = [n for n, _ in model.named_modules()]
+    for key in config.modules_override:
+        if not any(n == key or n.endswith("." + key) for n in names):
+            raise ValueError(f"hfquant: modules_override names {key!r}, but the model has no module of that name")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_weights: bool) -> list[str]:
+    """Swaps target layers for empty QuantLinear modules (on the module's device, usually meta)."""
+    check_overrides(model, config)
+    targets, kept = find_targets(model, config)
+    for name, module, transposed in targets:
+        w = module.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+        scheme = config.scheme_for(name)
+        new = QuantLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
+                          scheme["symmetric"], dtype=w.dtype, device=w.device,
+                          float_weight_shape=tuple(w.shape) if expect_float_weights else None,
+                          float_weight_transposed=transposed)
+        _set_module(model, name, new)
+    if not targets:
+        raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    return kept
+
+
+@torch.no_grad()
+def quantize_in_place(model: nn.Module, config: HfQuantConfig) -> list[str]:
+    """Quantizes the layers of a model in memory (RTN), one layer at a time."""
+    check_overrides(model, config)
+    targets, kept = find_targets(model, config)
+    if not targets:
+        raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    for name, module, transposed in targets:
+        if module.weight.device.type == "meta":
+            raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
+        scheme = config.scheme_for(name)
+        new = QuantLinear.from_float(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
+                                     transposed=transposed)
+        new.pack()
+        _set_module(model, name, new)
+    return kept
