@@ -1,0 +1,141 @@
+"""Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128`, `hfquant info DIR`,
+`hfquant eval MODEL_DIR`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _cmd_quantize(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfquant
+
+    cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                                modules_to_not_convert=args.skip if args.skip is not None else None)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg)
+    model.save_pretrained(args.out_dir)
+    try:
+        AutoTokenizer.from_pretrained(args.model_dir).save_pretrained(args.out_dir)
+    except (OSError, ValueError) as exc:
+        print(f"note: no tokenizer copied ({exc})", file=sys.stderr)
+    print(f"wrote {args.out_dir} ({cfg.short_name})")
+    return _cmd_info(argparse.Namespace(model_dir=args.out_dir, json=False))
+
+
+def _cmd_info(args) -> int:
+    from .evaluate import size_on_disk
+
+    path = args.model_dir
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        print(f"hfquant info: {path} has no config.json", file=sys.stderr)
+        return 2
+    with open(cfg_path, encoding="utf-8") as f:
+        config = json.load(f)
+    q = config.get("quantization_config")
+    info = {"path": path, "size_on_disk_bytes": size_on_disk(path), "architectures": config.get("architectures")}
+    if not q or q.get("quant_method") != "hfquant":
+        info["quantization"] = None if not q else q.get("quant_method")
+    else:
+        from safetensors import safe_open
+
+        kept, quantized = set(), set()
+        for fname in sorted(os.listdir(path)):
+            if not fname.endswith(".safetensors"):
+                continue
+            with safe_open(os.path.join(path, fname), "pt") as f:
+                keys = list(f.keys())
+                quantized |= {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
+                # 2-D float weights are the matrices kept in full precision (norms are 1-D)
+                kept |= {k[: -len(".weight")] for k in keys
+                         if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2}
+        kept -= quantized
+        info.update({
+            "method": q.get("method"), "bits": q.get("bits"), "group_size": q.get("group_size"),
+            "symmetric": q.get("symmetric"), "format_version": q.get("format_version"),
+            "modules_to_not_convert": q.get("modules_to_not_convert"),
+            "modules_override": q.get("modules_override") or {},
+            "quantized_layers": len(quantized),
+            "full_precision_matrices": sorted(kept),
+        })
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            if k == "full_precision_matrices":
+                print(f"{k}: {len(v)}" + (f" ({', '.join(v[:6])}{', ...' if len(v) > 6 else ''})" if v else ""))
+            elif k == "size_on_disk_bytes":
+                print(f"size_on_disk: {v / 2**20:.1f} MiB ({v} bytes)")
+            else:
+                print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfquant
+    from . import data
+    from .evaluate import decode_speed, model_bytes, perplexity, size_on_disk
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    cfg = None
+    if args.bits:
+        cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg)
+    text = open(args.text, encoding="utf-8").read() if args.text else data.wikitext_test()
+    res = {
+        "model": args.model_dir, "config": cfg.to_dict() if cfg else None,
+        "perplexity": perplexity(model, tok, text, max_tokens=args.max_tokens, progress=True),
+        "size_on_disk_bytes": size_on_disk(args.model_dir) if cfg is None else None,
+        "memory_bytes": model_bytes(model),
+        "decode_tokens_per_s": decode_speed(model, tok),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="hfquant", description="Weight-only INT8/INT4 quantization for transformers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quantize", help="quantize a model directory (RTN) and save it")
+    q.add_argument("model_dir")
+    q.add_argument("out_dir")
+    q.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
+    q.add_argument("--skip", nargs="*", default=None, help="modules kept in full precision (default: lm_head)")
+    q.set_defaults(fn=_cmd_quantize)
+    i = sub.add_parser("info", help="describe a (quantized) checkpoint directory")
+    i.add_argument("model_dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_info)
+    e = sub.add_parser("eval", help="perplexity, memory and decode speed of a model")
+    e.add_argument("model_dir")
+    e.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize on load first")
+    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")
+    e.add_argument("--max-tokens", type=int, default=16384)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", default=None)
+    e.set_defaults(fn=_cmd_eval)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"hfquant {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
