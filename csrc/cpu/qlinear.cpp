@@ -4,7 +4,6 @@
 // rows into a small buffer, then the BLAS GEMM of ATen on it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -44,15 +43,35 @@ int64_t gemv_max_m() {
   return v;
 }
 
-GemvKernel kernel_for(Isa isa) {
+// Rows dequantized per GEMM call on the blocked path (HFQUANT_BLOCK_ROWS, multiple of 4).
+int64_t blocked_rows() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("HFQUANT_BLOCK_ROWS");
+    const int64_t r = env ? std::atoll(env) : int64_t(256);
+    return std::max<int64_t>(kNR, r / kNR * kNR);
+  }();
+  return v;
+}
+
+struct IsaFns {
+  GemvKernel gemv;
+  PrepareFn prepare;
+  DequantFn dequant;
+};
+
+IsaFns fns_for(Isa isa) {
   switch (isa) {
 #if defined(HFQUANT_X86)
-    case Isa::Avx512Bf16: return gemv_avx512bf16;
-    case Isa::Avx512: return gemv_avx512;
-    case Isa::Avx2: return gemv_avx2;
+    case Isa::Avx512Bf16: return {gemv_avx512bf16, prepare_avx512, dequant_tiles_avx512};
+    case Isa::Avx512: return {gemv_avx512, prepare_avx512, dequant_tiles_avx512};
+    case Isa::Avx2: return {gemv_avx2, prepare_avx2, dequant_tiles_avx2};
 #endif
-    default: return gemv_portable;
+    default: return {gemv_portable, prepare_portable, dequant_tiles_portable};
   }
+}
+
+DType dtype_of(at::ScalarType t) {
+  return t == at::kBFloat16 ? DType::BF16 : t == at::kHalf ? DType::F16 : DType::F32;
 }
 
 }  // namespace
@@ -157,52 +176,17 @@ std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const a
 
 namespace {
 
-struct Prepared {
-  at::Tensor x, xs, xhi, xlo;
-  bool has_lo = false;
-};
-
-// fp32 copy of x, zero padded to Kp, and the group sums the kernels need.
-Prepared prepare_activations(const at::Tensor& x2d, const PackedView& p, bool want_bf16_split) {
-  Prepared out;
-  const int64_t M = x2d.size(0);
-  out.x = at::zeros({M, p.Kp}, x2d.options().dtype(at::kFloat));
-  out.x.narrow(1, 0, p.K).copy_(x2d);
-  out.xs = at::empty({M, p.G}, out.x.options());
-  float* xp = out.x.data_ptr<float>();
-  float* xs = out.xs.data_ptr<float>();
-  if (want_bf16_split) {
-    // x = hi + lo in bf16 (each product with a 4-bit code is then exact in fp32); the
-    // group sums use hi + lo so that the zero term cancels what the dot products saw.
-    out.has_lo = x2d.scalar_type() != at::kBFloat16;
-    out.xhi = at::empty({M, p.Kp}, out.x.options().dtype(at::kShort));
-    out.xlo = at::empty({M, p.Kp}, out.x.options().dtype(at::kShort));
-    auto* hi = reinterpret_cast<c10::BFloat16*>(out.xhi.data_ptr<int16_t>());
-    auto* lo = reinterpret_cast<c10::BFloat16*>(out.xlo.data_ptr<int16_t>());
-    for (int64_t i = 0; i < M * p.Kp; ++i) {
-      hi[i] = c10::BFloat16(xp[i]);
-      lo[i] = c10::BFloat16(out.has_lo ? xp[i] - float(hi[i]) : 0.f);
-    }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < p.G; ++g) {
-        const int64_t k0 = g * p.gs, k1 = std::min(p.Kp, k0 + p.gs);
-        float a = 0.f, b = 0.f;
-        for (int64_t k = k0; k < k1; ++k) {
-          a += float(hi[m * p.Kp + k]);
-          b += float(lo[m * p.Kp + k]);
-        }
-        xs[m * p.G + g] = a + b;
-      }
-  } else {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < p.G; ++g) {
-        const int64_t k0 = g * p.gs, k1 = std::min(p.Kp, k0 + p.gs);
-        float a = 0.f;
-        for (int64_t k = k0; k < k1; ++k) a += xp[m * p.Kp + k];
-        xs[m * p.G + g] = a;
-      }
+// Scratch for the prepared activations of the GEMV path: reused per calling thread so a
+// decode step allocates nothing; buffers above 8 MiB (large M * K) are not kept.
+uint8_t* scratch(int64_t bytes, at::Tensor& holder) {
+  thread_local at::Tensor cache;
+  constexpr int64_t kKeep = int64_t(8) << 20;
+  if (bytes > kKeep) {
+    holder = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    return holder.data_ptr<uint8_t>();
   }
-  return out;
+  if (!cache.defined() || cache.numel() < bytes) cache = at::empty({kKeep}, at::TensorOptions().dtype(at::kByte));
+  return cache.data_ptr<uint8_t>();
 }
 
 }  // namespace
@@ -257,43 +241,57 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   const int64_t M = x2d.size(0);
   if (M == 0) return at::empty(out_sizes, x.options());
 
+  const Isa isa = active_isa();
+  const IsaFns fns = fns_for(isa);
   at::Tensor y;
   if (M <= gemv_max_m()) {
-    const Isa isa = active_isa();
+    // GEMV path: one pass over the packed weights; x prepared once (fp32, padded, group
+    // sums, bf16 hi/lo for the avx512bf16 4-bit kernel), bias and the cast to x.dtype
+    // fused into the kernel's store.
     const bool split = isa == Isa::Avx512Bf16 && bits == 4;
-    Prepared pre = prepare_activations(x2d, p, split);
-    ActView a{pre.x.data_ptr<float>(), pre.xs.data_ptr<float>(),
-              split ? reinterpret_cast<const uint16_t*>(pre.xhi.data_ptr<int16_t>()) : nullptr,
-              split ? reinterpret_cast<const uint16_t*>(pre.xlo.data_ptr<int16_t>()) : nullptr, pre.has_lo, M};
-    at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
-    float* yp = y32.data_ptr<float>();
-    const GemvKernel kern = kernel_for(isa);
+    const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
+    const int64_t xbytes = round_up(M * Kp * 4, 64), sbytes = round_up(M * G * 4, 64);
+    const int64_t hbytes = split ? round_up(M * Kp * 2, 64) : 0;
+    at::Tensor holder;
+    uint8_t* buf = scratch(xbytes + sbytes + 2 * hbytes, holder);
+    float* xo = reinterpret_cast<float*>(buf);
+    float* xs = reinterpret_cast<float*>(buf + xbytes);
+    uint16_t* xhi = split ? reinterpret_cast<uint16_t*>(buf + xbytes + sbytes) : nullptr;
+    uint16_t* xlo = split ? reinterpret_cast<uint16_t*>(buf + xbytes + sbytes + hbytes) : nullptr;
+    const DType xt = dtype_of(x.scalar_type());
+    fns.prepare(xk.data_ptr(), xt, xk.stride(0), M, p, split, xo, xs, xhi, xlo);
+    ActView a{xo, xs, xhi, xlo, split && xt != DType::BF16, M};
+    at::Tensor b32;
+    if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
+    y = at::empty({M, N}, x.options());
+    const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
+    const GemvKernel kern = fns.gemv;
     // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
-    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, yp, N, t0, t1); });
-    if (bias) y32.add_(*bias);
-    y = y32.to(x.scalar_type());
+    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
   } else {
-    // Blocked path: dequantize 64 rows at a time (fits L2 for K up to ~16k in fp32) and
-    // multiply with ATen's GEMM, in bf16 when the activations are bf16, else in fp32.
+    // Blocked path: dequantize a block of rows into a buffer that stays in L2/L3, then
+    // ATen's GEMM on it: bf16 when the activations are bf16, else fp32.
     const at::ScalarType cdt = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-    const at::Tensor xc = x2d.to(cdt);
+    const at::Tensor xc = x2d.to(cdt).contiguous();
     y = at::empty({M, N}, x.options().dtype(cdt));
-    const int64_t block_tiles = 64 / kNR;
-    at::Tensor wbuf = at::empty({block_tiles * kNR, K}, x.options().dtype(at::kFloat));
+    const int64_t block_tiles = blocked_rows() / kNR;
+    at::Tensor wbuf = at::empty({std::min(T, block_tiles) * kNR, Kp}, x.options().dtype(cdt));
+    const DequantFn deq = fns.dequant;
+    const DType wt = dtype_of(cdt);
     for (int64_t t0 = 0; t0 < T; t0 += block_tiles) {
       const int64_t t1 = std::min(T, t0 + block_tiles);
       const int64_t rows = std::min(N, t1 * kNR) - t0 * kNR;
-      float* wb = wbuf.data_ptr<float>();
+      uint8_t* wb = static_cast<uint8_t*>(wbuf.data_ptr());
+      const int64_t esize = wbuf.element_size();
       at::parallel_for(t0, t1, 1, [&](int64_t a0, int64_t a1) {
-        PackedView sub = p;
-        dequant_tiles_portable(sub, wb + (a0 - t0) * kNR * K, K, a0, a1);
+        deq(p, wb + (a0 - t0) * kNR * Kp * esize, wt, Kp, a0, a1);
       });
-      at::Tensor wblk = wbuf.narrow(0, 0, rows);
+      at::Tensor wblk = wbuf.narrow(0, 0, rows).narrow(1, 0, K);
       at::Tensor yblk = y.narrow(1, t0 * kNR, rows);
-      at::mm_out(yblk, xc, (cdt == at::kFloat ? wblk : wblk.to(cdt)).t());
+      at::mm_out(yblk, xc, wblk.t());
     }
     if (bias) y.add_(bias->to(cdt));
-    y = y.to(x.scalar_type());
+    if (cdt != x.scalar_type()) y = y.to(x.scalar_type());
   }
   return y.reshape(out_sizes);
 }

@@ -21,6 +21,9 @@ namespace hfquant::cpu {
 constexpr int64_t kNR = 4;      // rows per tile
 constexpr int64_t kKAlign = 32;  // K padding
 
+// Element types of activations, outputs and dequantized weights.
+enum class DType : int8_t { F32 = 0, BF16 = 1, F16 = 2 };
+
 struct PackedView {
   const uint8_t* w;
   const float* sb;
@@ -31,7 +34,7 @@ struct PackedView {
   int64_t gs;        // group length in k (Kp when per-channel); multiple of 32
 };
 
-// Activations prepared once per call by the dispatcher.
+// Activations prepared once per call by the dispatcher (prepare_* below).
 //   x   : fp32 [M][Kp], zero padded          (all paths)
 //   xs  : fp32 [M][G] group sums X[m,g], computed from exactly the values the kernel
 //         multiplies with (hi + lo below on the bf16 path, else x)
@@ -46,21 +49,40 @@ struct ActView {
   int64_t M;
 };
 
-// Computes out[m][4t + r] (fp32, row stride ldo) for tiles t in [t0, t1) and all m.
+// Where a kernel stores y[m][n] (+ bias[n]), converted to dt; row stride ldy elements.
+struct OutView {
+  void* y;
+  DType dt;
+  int64_t ldy;
+  const float* bias;  // fp32 [N] or nullptr
+};
+
+// Computes y[m][4t + r] for tiles t in [t0, t1) and all m < a.M.
 // Rows >= N of the last tile must not be written.
-using GemvKernel = void (*)(const PackedView& p, const ActView& a, float* out, int64_t ldo,
-                            int64_t t0, int64_t t1);
+using GemvKernel = void (*)(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
 
-void gemv_portable(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
-                   int64_t t1);
-void gemv_avx2(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
-               int64_t t1);
-void gemv_avx512(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
-                 int64_t t1);
-void gemv_avx512bf16(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0,
-                     int64_t t1);
+void gemv_portable(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
+void gemv_avx2(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
+void gemv_avx512(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
+void gemv_avx512bf16(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
 
-// Dequantizes tiles [t0, t1) to fp32 rows (w_out[(4t + r) - 4*t0][k], k < K, row stride ldw).
-void dequant_tiles_portable(const PackedView& p, float* w_out, int64_t ldw, int64_t t0, int64_t t1);
+// Fills the ActView buffers from M rows of x (dtype xt, k contiguous, row stride ldx
+// elements): xo fp32 [M][Kp] zero padded, xs [M][G]; with split (avx512bf16 only) also
+// xhi/xlo [M][Kp] (xlo all zero when xt is bf16).
+using PrepareFn = void (*)(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split,
+                           float* xo, float* xs, uint16_t* xhi, uint16_t* xlo);
+void prepare_portable(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split,
+                      float* xo, float* xs, uint16_t* xhi, uint16_t* xlo);
+void prepare_avx2(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split, float* xo,
+                  float* xs, uint16_t* xhi, uint16_t* xlo);
+void prepare_avx512(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split,
+                    float* xo, float* xs, uint16_t* xhi, uint16_t* xlo);
+
+// Dequantizes tiles [t0, t1) to rows (w_out[(4t + r) - 4*t0][k], k < K, row stride ldw
+// elements) of fp32 (wt F32) or bf16 (wt BF16, round to nearest even) weights (v - z) s.
+using DequantFn = void (*)(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1);
+void dequant_tiles_portable(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1);
+void dequant_tiles_avx2(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1);
+void dequant_tiles_avx512(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1);
 
 }  // namespace hfquant::cpu

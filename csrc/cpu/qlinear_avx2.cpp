@@ -48,6 +48,52 @@ inline __m256i byte_to_dword_ctrl(int j, int pos) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
 }
 
+// fp32 -> bf16 bit patterns in the low 16 bits of each dword, round to nearest even,
+// NaN kept NaN (as c10::BFloat16 does).
+inline __m256i bf16_round_dw(__m256 y) {
+  const __m256i u = _mm256_castps_si256(y);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+}
+
+// 8 dwords holding 16-bit values -> 8 packed uint16 in a __m128i.
+inline __m128i pack_dw16(__m256i r) {
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// y[m][n0 .. n0 + valid) = v (+ bias), converted to the output dtype.
+inline void store4(const OutView& o, int64_t m, int64_t n0, int64_t valid, __m128 v) {
+  alignas(16) float tmp[4];
+  if (o.bias) {
+    if (valid == 4) {
+      v = _mm_add_ps(v, _mm_loadu_ps(o.bias + n0));
+    } else {
+      for (int r = 0; r < 4; ++r) tmp[r] = r < valid ? o.bias[n0 + r] : 0.f;
+      v = _mm_add_ps(v, _mm_load_ps(tmp));
+    }
+  }
+  const int64_t i = m * o.ldy + n0;
+  alignas(16) uint16_t h[8];
+  switch (o.dt) {
+    case DType::F32:
+      if (valid == 4) {
+        _mm_storeu_ps(static_cast<float*>(o.y) + i, v);
+        return;
+      }
+      _mm_store_ps(tmp, v);
+      for (int64_t r = 0; r < valid; ++r) static_cast<float*>(o.y)[i + r] = tmp[r];
+      return;
+    case DType::BF16:
+      _mm_store_si128(reinterpret_cast<__m128i*>(h), pack_dw16(bf16_round_dw(_mm256_castps128_ps256(v))));
+      break;
+    case DType::F16:
+      _mm_store_si128(reinterpret_cast<__m128i*>(h), _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+      break;
+  }
+  for (int64_t r = 0; r < valid; ++r) static_cast<uint16_t*>(o.y)[i + r] = h[r];
+}
+
 template <int MB>
 struct XRows {
   const float* x[MB];
@@ -59,7 +105,6 @@ struct XRows {
 // 4-bit: the two nibbles of byte b are k = b (low) and k = 16 + b (high).
 struct W4 {
   static constexpr int kUnitK = 32;
-  static constexpr int kSteps = 8;
   struct Consts {
     __m256i ctrl[4], nib, bias;
     Consts() {
@@ -119,8 +164,8 @@ struct W8 {
 };
 
 template <class D, int MB, int NA>
-inline void tile_rows(const typename D::Consts& c, const PackedView& p, const ActView& a, int64_t m0, int64_t t,
-                      float* out, int64_t ldo) {
+inline void tile_rows(const typename D::Consts& c, const PackedView& p, const ActView& a, const OutView& o,
+                      int64_t m0, int64_t t) {
   const int64_t U = p.Kp / D::kUnitK, upg = p.gs / D::kUnitK;
   const uint8_t* wt = p.w + t * U * kUnitBytes;
   const float* sbt = p.sb + t * p.G * 2 * kNR;
@@ -156,37 +201,117 @@ inline void tile_rows(const typename D::Consts& c, const PackedView& p, const Ac
   }
   // Rows >= N of the last tile exist only as padding: never store them.
   const int64_t valid = std::min<int64_t>(kNR, p.N - t * kNR);
-  for (int m = 0; m < MB; ++m) {
-    const __m128 y = _mm_sub_ps(lane_sums(facc[m][0], facc[m][1]), corr[m]);
-    float* o = out + (m0 + m) * ldo + t * kNR;
-    if (valid == kNR) {
-      _mm_storeu_ps(o, y);
-    } else {
-      alignas(16) float tmp[4];
-      _mm_store_ps(tmp, y);
-      for (int64_t r = 0; r < valid; ++r) o[r] = tmp[r];
-    }
-  }
+  for (int m = 0; m < MB; ++m)
+    store4(o, m0 + m, t * kNR, valid, _mm_sub_ps(lane_sums(facc[m][0], facc[m][1]), corr[m]));
 }
 
 // 16 ymm registers: MB * 2 * NA accumulators plus decode temporaries must fit.
 template <class D>
-void gemv_tiles(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+void gemv_tiles(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
   const typename D::Consts c;
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + 2 <= a.M; m += 2) tile_rows<D, 2, 2>(c, p, a, m, t, out, ldo);
-    if (m < a.M) tile_rows<D, 1, 4>(c, p, a, m, t, out, ldo);
+    for (; m + 2 <= a.M; m += 2) tile_rows<D, 2, 2>(c, p, a, o, m, t);
+    if (m < a.M) tile_rows<D, 1, 4>(c, p, a, o, m, t);
   }
 }
 
 }  // namespace
 
-void gemv_avx2(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+void gemv_avx2(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
   if (p.bits == 4)
-    gemv_tiles<W4>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W4>(p, a, o, t0, t1);
   else
-    gemv_tiles<W8>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W8>(p, a, o, t0, t1);
+}
+
+// Activation rows -> fp32 zero-padded rows and group sums (no bf16 split on this path).
+void prepare_avx2(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool /*split*/, float* xo,
+                  float* xs, uint16_t* /*xhi*/, uint16_t* /*xlo*/) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = xo + m * p.Kp;
+    __m256 gsum = _mm256_setzero_ps();
+    // gs is a multiple of 32, so every group boundary falls on an 8-wide step.
+    for (int64_t k = 0, g = 0; k < p.Kp; k += 8) {
+      const int64_t left = p.K - k;
+      const int64_t i = m * ldx + k;
+      __m256 v;
+      if (left >= 8) {
+        switch (xt) {
+          case DType::F32: v = _mm256_loadu_ps(static_cast<const float*>(x) + i); break;
+          case DType::BF16:
+            v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                    static_cast<const uint16_t*>(x) + i))), 16));
+            break;
+          default:
+            v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
+        }
+      } else {
+        // Tail: gather what is left through a zeroed buffer (no read past the row).
+        alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        alignas(16) uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t j = 0; j < left; ++j) {
+          if (xt == DType::F32)
+            tmp[j] = static_cast<const float*>(x)[i + j];
+          else
+            h[j] = static_cast<const uint16_t*>(x)[i + j];
+        }
+        const __m128i hv = _mm_load_si128(reinterpret_cast<const __m128i*>(h));
+        v = xt == DType::F32    ? _mm256_load_ps(tmp)
+            : xt == DType::BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hv), 16))
+                                : _mm256_cvtph_ps(hv);
+      }
+      _mm256_storeu_ps(row + k, v);
+      gsum = _mm256_add_ps(gsum, v);
+      if ((k + 8) % p.gs == 0 || k + 8 == p.Kp) {
+        const __m128 q = _mm_add_ps(_mm256_castps256_ps128(gsum), _mm256_extractf128_ps(gsum, 1));
+        const __m128 h2 = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        xs[m * p.G + g++] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+        gsum = _mm256_setzero_ps();
+      }
+    }
+  }
+}
+
+// Tiles -> rows of (v - z) s, fp32 or bf16. Row r of a unit is one 16-byte lane;
+// vpmovzxbd widens 8 bytes at a time to dwords. Writes k < Kp: ldw >= Kp.
+void dequant_tiles_avx2(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1) {
+  const float off = p.bits == 4 ? 128.f : 0.f;
+  const int64_t unit_k = p.bits == 4 ? 32 : 16, U = p.Kp / unit_k, upg = p.gs / unit_k;
+  const __m256i nib = _mm256_set1_epi32(0x0F);
+  auto put = [&](int64_t at, __m256 w) {
+    if (wt == DType::BF16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(w_out) + at), pack_dw16(bf16_round_dw(w)));
+    else
+      _mm256_storeu_ps(static_cast<float*>(w_out) + at, w);
+  };
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt_ = p.w + t * U * kUnitBytes;
+    for (int64_t r = 0; r < kNR; ++r) {
+      const int64_t n = t * kNR + r;
+      if (n >= p.N) break;
+      const int64_t row = (n - t0 * kNR) * ldw;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const float* sb = p.sb + (t * p.G + g) * 2 * kNR;
+        const __m256 s = _mm256_set1_ps(sb[r]), sz = _mm256_set1_ps(sb[kNR + r] - off * sb[r]);
+        const int64_t u1 = std::min(U, (g + 1) * upg);
+        for (int64_t u = g * upg; u < u1; ++u) {
+          const uint8_t* src = wt_ + u * kUnitBytes + r * 16;
+          for (int half = 0; half < 2; ++half) {
+            const __m256i b =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * half)));
+            if (p.bits == 4) {
+              put(row + 32 * u + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), s, sz));
+              put(row + 32 * u + 16 + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s, sz));
+            } else {
+              put(row + 16 * u + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(b), s, sz));
+            }
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace hfquant::cpu

@@ -45,6 +45,37 @@ inline __m128 lane_sums(__m512 v) {
   return _mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(a2, a3));
 }
 
+// fp32 -> bf16 bit patterns, round to nearest even, NaN kept NaN (as c10::BFloat16).
+inline __m128i bf16_round(__m128 y) {
+  const __m128i u = _mm_castps_si128(y);
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+  __m128i r = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(lsb, _mm_set1_epi32(0x7FFF))), 16);
+  r = _mm_mask_mov_epi32(r, _mm_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm_set1_epi32(0x7FC0));
+  return _mm_packus_epi32(r, r);
+}
+
+inline __m256i bf16_round(__m512 y) {
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// y[m][n0 .. n0 + valid) = v (+ bias), converted to the output dtype.
+inline void store4(const OutView& o, int64_t m, int64_t n0, int64_t valid, __m128 v) {
+  const __mmask8 keep = __mmask8((1u << valid) - 1);
+  if (o.bias) v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, o.bias + n0));
+  const int64_t i = m * o.ldy + n0;
+  switch (o.dt) {
+    case DType::F32: _mm_mask_storeu_ps(static_cast<float*>(o.y) + i, keep, v); break;
+    case DType::BF16: _mm_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + i, keep, bf16_round(v)); break;
+    case DType::F16:
+      _mm_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + i, keep, _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+      break;
+  }
+}
+
 template <int MB>
 struct XRows {
   const float* x[MB];
@@ -165,8 +196,8 @@ struct W4Bf16 {
 
 // One tile (4 rows) against activation rows [m0, m0 + MB).
 template <class D, int MB, int NA>
-inline void tile_rows(const typename D::Consts& c, const PackedView& p, const ActView& a, int64_t m0, int64_t t,
-                      float* out, int64_t ldo) {
+inline void tile_rows(const typename D::Consts& c, const PackedView& p, const ActView& a, const OutView& o,
+                      int64_t m0, int64_t t) {
   const int64_t U = p.Kp / D::kUnitK, upg = p.gs / D::kUnitK;
   const uint8_t* wt = p.w + t * U * kUnitBytes;
   const float* sbt = p.sb + t * p.G * 2 * kNR;
@@ -205,45 +236,123 @@ inline void tile_rows(const typename D::Consts& c, const PackedView& p, const Ac
   }
   // Rows >= N of the last tile exist only as padding: never store them.
   const int64_t valid = std::min<int64_t>(kNR, p.N - t * kNR);
-  const __mmask8 keep = __mmask8((1u << valid) - 1);
-  for (int m = 0; m < MB; ++m) {
-    const __m128 y = _mm_sub_ps(lane_sums(facc[m]), corr[m]);
-    _mm_mask_storeu_ps(out + (m0 + m) * ldo + t * kNR, keep, y);
-  }
+  for (int m = 0; m < MB; ++m) store4(o, m0 + m, t * kNR, valid, _mm_sub_ps(lane_sums(facc[m]), corr[m]));
 }
 
 // Accumulator counts: enough independent chains per m that MB * NA >= 8 (8 = about
 // latency x throughput of FMA / vdpbf16ps), without running out of the 32 zmm registers.
 template <class D>
-void gemv_tiles(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+void gemv_tiles(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
   const typename D::Consts c;
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) tile_rows<D, 4, 2>(c, p, a, m, t, out, ldo);
+    for (; m + 4 <= a.M; m += 4) tile_rows<D, 4, 2>(c, p, a, o, m, t);
     if (m + 2 <= a.M) {
-      tile_rows<D, 2, 4>(c, p, a, m, t, out, ldo);
+      tile_rows<D, 2, 4>(c, p, a, o, m, t);
       m += 2;
     }
-    if (m < a.M) tile_rows<D, 1, 8>(c, p, a, m, t, out, ldo);
+    if (m < a.M) tile_rows<D, 1, 8>(c, p, a, o, m, t);
   }
 }
 
 }  // namespace
 
-void gemv_avx512(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+void gemv_avx512(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
   if (p.bits == 4)
-    gemv_tiles<W4F32>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W4F32>(p, a, o, t0, t1);
   else
-    gemv_tiles<W8F32>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W8F32>(p, a, o, t0, t1);
 }
 
-void gemv_avx512bf16(const PackedView& p, const ActView& a, float* out, int64_t ldo, int64_t t0, int64_t t1) {
+void gemv_avx512bf16(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
   if (p.bits != 4)
-    gemv_tiles<W8F32>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W8F32>(p, a, o, t0, t1);
   else if (a.has_lo)
-    gemv_tiles<W4Bf16<true>>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W4Bf16<true>>(p, a, o, t0, t1);
   else
-    gemv_tiles<W4Bf16<false>>(p, a, out, ldo, t0, t1);
+    gemv_tiles<W4Bf16<false>>(p, a, o, t0, t1);
+}
+
+// Activation rows -> fp32 zero-padded rows, group sums and (split) the bf16 hi/lo pair.
+void prepare_avx512(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split,
+                    float* xo, float* xs, uint16_t* xhi, uint16_t* xlo) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = xo + m * p.Kp;
+    __m512 gsum = _mm512_setzero_ps();
+    // gs is a multiple of 32, so every group boundary falls on a 16-wide step.
+    for (int64_t k = 0, g = 0; k < p.Kp; k += 16) {
+      const int64_t left = p.K - k;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : 0;
+      __m512 v;
+      __m256i raw = _mm256_setzero_si256();
+      switch (xt) {
+        case DType::F32: v = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + m * ldx + k); break;
+        case DType::BF16:
+          raw = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + m * ldx + k);
+          v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+          break;
+        default:
+          v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + m * ldx + k));
+      }
+      _mm512_storeu_ps(row + k, v);
+      if (split) {
+        // x = hi + lo, both bf16: (128 + v) * hi and (128 + v) * lo are exact in fp32.
+        // The group sum takes hi + lo so the zero term cancels exactly what the dot
+        // products saw (the residual x - hi - lo is below 2^-16 |x|).
+        const __m256i hi = xt == DType::BF16 ? raw : bf16_round(v);
+        const __m512 hif = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        const __m256i lo = xt == DType::BF16 ? _mm256_setzero_si256() : bf16_round(_mm512_sub_ps(v, hif));
+        const __m512 lof = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xhi + m * p.Kp + k), hi);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xlo + m * p.Kp + k), lo);
+        gsum = _mm512_add_ps(gsum, _mm512_add_ps(hif, lof));
+      } else {
+        gsum = _mm512_add_ps(gsum, v);
+      }
+      if ((k + 16) % p.gs == 0 || k + 16 == p.Kp) {
+        xs[m * p.G + g++] = _mm512_reduce_add_ps(gsum);
+        gsum = _mm512_setzero_ps();
+      }
+    }
+  }
+}
+
+// Tiles -> rows of (v - z) s, fp32 or bf16. Row r of a unit is one 16-byte lane:
+// vpmovzxbd widens it to 16 dwords (k = 16u'.. for 8-bit; for 4-bit the low nibbles are
+// k = 32u + 0..15 and the high nibbles k = 32u + 16..31). Writes k < Kp: ldw >= Kp.
+void dequant_tiles_avx512(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1) {
+  const float off = p.bits == 4 ? 128.f : 0.f;
+  const int64_t unit_k = p.bits == 4 ? 32 : 16, U = p.Kp / unit_k, upg = p.gs / unit_k;
+  const __m512i nib = _mm512_set1_epi32(0x0F);
+  auto put = [&](int64_t at, __m512 w) {
+    if (wt == DType::BF16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(w_out) + at), bf16_round(w));
+    else
+      _mm512_storeu_ps(static_cast<float*>(w_out) + at, w);
+  };
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt_ = p.w + t * U * kUnitBytes;
+    for (int64_t r = 0; r < kNR; ++r) {
+      const int64_t n = t * kNR + r;
+      if (n >= p.N) break;
+      const int64_t row = (n - t0 * kNR) * ldw;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const float* sb = p.sb + (t * p.G + g) * 2 * kNR;
+        const __m512 s = _mm512_set1_ps(sb[r]), sz = _mm512_set1_ps(sb[kNR + r] - off * sb[r]);
+        const int64_t u1 = std::min(U, (g + 1) * upg);
+        for (int64_t u = g * upg; u < u1; ++u) {
+          const __m512i b = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt_ + u * kUnitBytes + r * 16)));
+          if (p.bits == 4) {
+            put(row + 32 * u, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nib)), s, sz));
+            put(row + 32 * u + 16, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s, sz));
+          } else {
+            put(row + 16 * u, _mm512_fmsub_ps(_mm512_cvtepi32_ps(b), s, sz));
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace hfquant::cpu
