@@ -85,10 +85,14 @@ class HfQuantQuantizer(HfQuantizer):
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized:
-            return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantLinear) and tensor_name == "weight"
+        if not isinstance(module, QuantLinear):
+            return False
+        if self.pre_quantized:
+            # Saying True for the quantized tensors only skips transformers' generic shape
+            # check: they are validated after loading, with the tensor named in the error.
+            return tensor_name in ("qweight", "scales", "zeros")
+        return tensor_name == "weight"
 
     def get_quantize_ops(self):
         return HfQuantQuantize(self)

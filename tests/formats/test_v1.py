@@ -1,0 +1,78 @@
+"""Format v1: exact round trips and the quantization grid."""
+import pytest
+import torch
+
+from hfquant import formats
+from hfquant.formats.v1 import qweight_from_packed
+from hfquant import ref
+
+SHAPES = [(1, 1), (3, 17), (17, 64), (37, 300), (64, 576)]
+SCHEMES = [(4, -1, True), (4, 32, True), (4, 128, False), (4, 64, False), (8, -1, True), (8, 128, False),
+           (8, 32, True)]
+
+
+def _id(s):
+    return f"w{s[0]}g{s[1]}{'s' if s[2] else 'a'}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int4_pack_roundtrip(shape):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=g)
+    packed = formats.pack_int4(codes)
+    assert packed.shape == (shape[0], (shape[1] + 1) // 2)
+    assert torch.equal(formats.unpack_int4(packed, shape[1]), codes)
+    # element k lives in byte k//2, low nibble for even k
+    assert int(packed[0, 0]) & 0x0F == int(codes[0, 0])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quantize_dequantize_error_bound(shape, scheme):
+    bits, gs, sym = scheme
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=g)
+    q = formats.quantize_rtn(w, bits, gs, sym)
+    wd = formats.dequantize(q.qweight, q.scales, q.zeros, bits, gs, shape[1], torch.float32)
+    # RTN error is at most half a step (plus the clamped top code of symmetric 4-bit)
+    G = q.scales.shape[1]
+    gl = shape[1] if gs == -1 else gs
+    step = q.scales.float().repeat_interleave(gl, dim=1)[:, : shape[1]]
+    assert ((wd - w).abs() <= step * 0.5 + 1e-6).all()
+    assert G == (1 if gs == -1 else -(-shape[1] // gs))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_id)
+def test_kernel_layout_roundtrip_exact(scheme):
+    bits, gs, sym = scheme
+    w = torch.randn(37, 300, generator=torch.Generator().manual_seed(2))
+    q = formats.quantize_rtn(w, bits, gs, sym)
+    pw, _ = ref.repack_ref(q.qweight, q.scales, q.zeros, bits, gs, 300)
+    assert torch.equal(qweight_from_packed(pw, bits, 37, 300, sym), q.qweight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scales_keep_model_dtype(dtype):
+    w = torch.randn(8, 64).to(dtype)
+    q = formats.quantize_rtn(w, 4, 32, True)
+    assert q.scales.dtype == dtype
+
+
+def test_zero_and_constant_rows():
+    w = torch.zeros(4, 64)
+    w[1] = 3.0
+    for bits, gs, sym in SCHEMES:
+        q = formats.quantize_rtn(w, bits, gs, sym)
+        wd = formats.dequantize(q.qweight, q.scales, q.zeros, bits, gs, 64, torch.float32)
+        assert torch.allclose(wd, w, atol=1e-6), (bits, gs, sym)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        formats.quantize_rtn(torch.randn(3), 4, 32, True)
+    with pytest.raises(ValueError, match="floating point"):
+        formats.quantize_rtn(torch.ones(3, 32, dtype=torch.int32), 4, 32, True)
+    w = torch.randn(3, 32)
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        formats.quantize_rtn(w, 4, 32, True)

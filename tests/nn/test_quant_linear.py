@@ -1,0 +1,101 @@
+"""QuantLinear against the float layer it came from, state dicts, quantize_model on any nn.Module."""
+import pytest
+import torch
+from torch import nn
+
+import hfquant
+from hfquant.nn import QuantLinear
+
+SCHEMES = [(4, 128, True), (4, 64, False), (4, -1, True), (8, -1, True), (8, 32, False)]
+
+
+@pytest.mark.parametrize("bits,gs,sym", SCHEMES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_dequantized_linear(bits, gs, sym, dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 37).to(dtype)
+    q = QuantLinear.from_float(lin, bits, gs, sym)
+    for M in (1, 3, 40):
+        x = torch.randn(2, M, 300).to(dtype)
+        ref = (x.double() @ q.dequantize_weight(torch.float64).t() + lin.bias.double())
+        y = q(x)
+        assert y.dtype == dtype and y.shape == (2, M, 37)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_state_dict_is_stable_across_packing():
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(64, 8), 4, 32, False)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.pack()
+    after = q.state_dict()
+    assert list(before) == list(after) == ["qweight", "scales", "zeros", "bias"]
+    for k in before:
+        assert torch.equal(before[k], after[k])
+    assert "qweight" not in dict(q.named_buffers())  # one copy of the codes in memory
+
+
+def test_cast_repacks():
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(64, 8), 8, -1, True)
+    x = torch.randn(1, 64)
+    y = q(x)
+    q.to(torch.bfloat16)
+    yb = q(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.float(), y, rtol=3e-2, atol=3e-2)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(96, 64)
+        self.b = nn.Sequential(nn.ReLU(), nn.Linear(64, 10, bias=False))
+        self.lm_head = nn.Linear(10, 5)
+
+    def forward(self, x):
+        return self.lm_head(self.b(self.a(x)))
+
+
+def test_quantize_model_any_module():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(4, 96)
+    y0 = net(x)
+    hfquant.quantize_model(net, hfquant.HfQuantConfig(bits=8, group_size=-1))
+    assert isinstance(net.a, QuantLinear) and isinstance(net.b[1], QuantLinear)
+    assert isinstance(net.lm_head, nn.Linear) and not isinstance(net.lm_head, QuantLinear)
+    y1 = net(x)
+    assert (y1 - y0).abs().max() < 0.02 * y0.abs().max()
+
+
+def test_quantize_model_errors():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        hfquant.quantize_model(nn.Sequential(nn.ReLU()), hfquant.HfQuantConfig())
+    with pytest.raises(ValueError, match="no module of that name"):
+        hfquant.quantize_model(_Net(), hfquant.HfQuantConfig(modules_override={"nope": {"bits": 8}}))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=3), "bits=3"),
+    (dict(group_size=48), "group_size=48"),
+    (dict(group_size=0), "group_size=0"),
+    (dict(symmetric="yes"), "symmetric"),
+    (dict(method="magic"), "method="),
+    (dict(format_version=2), "format_version=2"),
+    (dict(modules_override={"x": {"bits": 5}}), "bits=5"),
+    (dict(modules_override={"x": {"colour": 1}}), "modules_override"),
+    (dict(wrong_arg=1), "unknown argument"),
+])
+def test_config_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hfquant.HfQuantConfig(**kwargs)
+
+
+def test_config_roundtrip():
+    cfg = hfquant.HfQuantConfig(bits=8, group_size=64, symmetric=False, modules_override={"down_proj": {"bits": 4}})
+    again = hfquant.HfQuantConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    assert again.scheme_for("model.layers.0.mlp.down_proj")["bits"] == 4
+    assert again.scheme_for("model.layers.0.mlp.up_proj")["bits"] == 8
