@@ -35,12 +35,32 @@ void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
               ": group_size=", group_size, " must be -1 (per channel) or a positive multiple of 32");
 }
 
-int64_t gemv_max_m() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("HFQUANT_GEMV_MAX_M");
-    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(16);
+// Largest M served by the GEMV kernels; above it the blocked path (dequantize + ATen
+// GEMM) wins. HFQUANT_GEMV_MAX_M overrides. Defaults are the measured crossovers (2
+// threads, Zen 5, 4096x4096 and 11008x4096, W4 g128 and W8): the GEMV kernels are
+// compute bound from M ~ 4 and scale linearly in M, the GEMM much better; with bf16 x
+// the GEMM is oneDNN's bf16 one (crossover M ~ 24 for W4, ~ 10 for W8: the 8-bit kernel
+// multiplies in fp32), with fp32/fp16 x an fp32 GEMM (crossover M ~ 40). The AVX2
+// kernels are about half as fast (crossovers M ~ 16 fp32, ~ 6 bf16). The portable GEMV
+// is scalar: the blocked path wins almost at once.
+// Tiny layers (below 256K weights) stay on the GEMV kernels at any M: there the GEMM's
+// packing and thread start-up cost more than its arithmetic saves.
+bool use_gemv(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("HFQUANT_GEMV_MAX_M");
+    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(-1);
   }();
-  return v;
+  if (env >= 0) return M <= env;
+  if (N * Kp < (int64_t(1) << 18)) return true;
+  const bool bf16 = xt == at::kBFloat16;
+  int64_t max_m;
+  switch (isa) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: max_m = bf16 ? (bits == 4 ? 16 : 8) : 32; break;
+    case Isa::Avx2: max_m = bf16 ? 8 : 16; break;
+    default: max_m = 2;
+  }
+  return M <= max_m;
 }
 
 // Rows dequantized per GEMM call on the blocked path (HFQUANT_BLOCK_ROWS, multiple of 4).
@@ -244,7 +264,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   const Isa isa = active_isa();
   const IsaFns fns = fns_for(isa);
   at::Tensor y;
-  if (M <= gemv_max_m()) {
+  if (use_gemv(isa, x.scalar_type(), bits, M, N, Kp)) {
     // GEMV path: one pass over the packed weights; x prepared once (fp32, padded, group
     // sums, bf16 hi/lo for the avx512bf16 4-bit kernel), bias and the cast to x.dtype
     // fused into the kernel's store.
@@ -283,7 +303,9 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
       const int64_t rows = std::min(N, t1 * kNR) - t0 * kNR;
       uint8_t* wb = static_cast<uint8_t*>(wbuf.data_ptr());
       const int64_t esize = wbuf.element_size();
-      at::parallel_for(t0, t1, 1, [&](int64_t a0, int64_t a1) {
+      // At least ~64K weights per task: tiny layers dequantize inline, no thread wake-up.
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (kNR * Kp));
+      at::parallel_for(t0, t1, grain, [&](int64_t a0, int64_t a1) {
         deq(p, wb + (a0 - t0) * kNR * Kp * esize, wt, Kp, a0, a1);
       });
       at::Tensor wblk = wbuf.narrow(0, 0, rows).narrow(1, 0, K);

@@ -28,7 +28,7 @@ namespace {
 
 constexpr int kUnitBytes = 64;
 #ifndef HQ_PF
-#define HQ_PF 0
+#define HQ_PF 2048
 #endif
 constexpr int kPrefetch = HQ_PF;
 
