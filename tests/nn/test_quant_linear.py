@@ -99,3 +99,13 @@ def test_config_roundtrip():
     assert again.to_dict() == cfg.to_dict()
     assert again.scheme_for("model.layers.0.mlp.down_proj")["bits"] == 4
     assert again.scheme_for("model.layers.0.mlp.up_proj")["bits"] == 8
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 128), (8, -1)])
+def test_torch_compile_fullgraph(bits, gs):
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(128, 24), bits, gs, True)
+    q.pack()
+    x = torch.randn(3, 128)
+    compiled = torch.compile(q, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), q(x))
