@@ -36,13 +36,15 @@ void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
 }
 
 // Largest M served by the GEMV kernels; above it the blocked path (dequantize + ATen
-// GEMM) wins. HFQUANT_GEMV_MAX_M overrides. Defaults are the measured crossovers (2
-// threads, Zen 5, 4096x4096 and 11008x4096, W4 g128 and W8): the GEMV kernels are
-// compute bound from M ~ 4 and scale linearly in M, the GEMM much better; with bf16 x
-// the GEMM is oneDNN's bf16 one (crossover M ~ 24 for W4, ~ 10 for W8: the 8-bit kernel
-// multiplies in fp32), with fp32/fp16 x an fp32 GEMM (crossover M ~ 40). The AVX2
-// kernels are about half as fast (crossovers M ~ 16 fp32, ~ 6 bf16). The portable GEMV
-// is scalar: the blocked path wins almost at once.
+// GEMM). HFQUANT_GEMV_MAX_M overrides. Defaults from measurements (2 threads, Zen 5,
+// 4096x4096 and 11008x4096, W4 g128 and W8; the box was shared, so +-30%):
+//  - bf16 x: the GEMM is oneDNN's bf16 one; crossover M ~ 24 for W4 (vdpbf16ps kernel),
+//    ~ 10 for W8 (its kernel multiplies in fp32).
+//  - fp32/fp16 x on avx512bf16 CPUs: the GEMV kernels stayed ahead of MKL's fp32 GEMM up
+//    to M = 128 (1.7-2.1x F.linear there; the blocked path 0.6-0.7x), so they keep it.
+//  - fp32/fp16 x on avx512 CPUs (Intel without BF16, where MKL's GEMM is at home):
+//    crossover ~ 32-48; on AVX2, whose kernels are half as fast: ~ 16 (fp32), ~ 6 (bf16).
+//  - portable: the GEMV is scalar, the blocked path wins almost at once.
 // Tiny layers (below 256K weights) stay on the GEMV kernels at any M: there the GEMM's
 // packing and thread start-up cost more than its arithmetic saves.
 bool use_gemv(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
@@ -55,7 +57,7 @@ bool use_gemv(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, in
   const bool bf16 = xt == at::kBFloat16;
   int64_t max_m;
   switch (isa) {
-    case Isa::Avx512Bf16:
+    case Isa::Avx512Bf16: max_m = bf16 ? (bits == 4 ? 16 : 8) : 128; break;
     case Isa::Avx512: max_m = bf16 ? (bits == 4 ? 16 : 8) : 32; break;
     case Isa::Avx2: max_m = bf16 ? 8 : 16; break;
     default: max_m = 2;
@@ -63,14 +65,17 @@ bool use_gemv(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, in
   return M <= max_m;
 }
 
-// Rows dequantized per GEMM call on the blocked path (HFQUANT_BLOCK_ROWS, multiple of 4).
-int64_t blocked_rows() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("HFQUANT_BLOCK_ROWS");
-    const int64_t r = env ? std::atoll(env) : int64_t(256);
-    return std::max<int64_t>(kNR, r / kNR * kNR);
+// Rows dequantized per GEMM call on the blocked path (HFQUANT_BLOCK_ROWS overrides):
+// a buffer of about 16 MiB (L3 sized). Few blocks mean few parallel regions and GEMM
+// calls (each costs a thread wake-up and a repack of x inside the BLAS); the GEMM is
+// compute bound at these M, so reading its B panels from L3 instead of L2 costs little.
+int64_t blocked_rows(int64_t Kp, int64_t esize) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("HFQUANT_BLOCK_ROWS");
+    return e && *e ? std::atoll(e) : int64_t(0);
   }();
-  return v;
+  const int64_t r = env > 0 ? env : (int64_t(16) << 20) / (Kp * esize);
+  return std::max<int64_t>(kNR, r / kNR * kNR);
 }
 
 struct IsaFns {
@@ -294,7 +299,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
     const at::ScalarType cdt = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
     const at::Tensor xc = x2d.to(cdt).contiguous();
     y = at::empty({M, N}, x.options().dtype(cdt));
-    const int64_t block_tiles = blocked_rows() / kNR;
+    const int64_t block_tiles = blocked_rows(Kp, cdt == at::kFloat ? 4 : 2) / kNR;
     at::Tensor wbuf = at::empty({std::min(T, block_tiles) * kNR, Kp}, x.options().dtype(cdt));
     const DequantFn deq = fns.dequant;
     const DType wt = dtype_of(cdt);
