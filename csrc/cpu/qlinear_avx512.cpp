@@ -27,6 +27,7 @@ namespace hfquant::cpu {
 namespace {
 
 constexpr int kUnitBytes = 64;
+// Software prefetch distance in bytes (0 = off); 2048 measured best of 0/512/1024/2048.
 #ifndef HQ_PF
 #define HQ_PF 2048
 #endif
@@ -220,7 +221,7 @@ inline void tile_rows(const typename D::Consts& c, const PackedView& p, const Ac
       for (int i = 0; i < NA; ++i) acc[m][i] = _mm512_setzero_ps();
     const uint8_t* wu = wt + u0 * kUnitBytes;
     for (int64_t u = u0; u < u1; ++u, wu += kUnitBytes) {
-      // The thread's tiles are one contiguous stream; a software prefetch ~1 KiB ahead
+      // The thread's tiles are one contiguous stream; a software prefetch 2 KiB ahead
       // keeps more lines in flight than the L2 streamer alone does at M = 1.
       if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(wu) + kPrefetch, _MM_HINT_T0);
       D::template step<MB, NA>(c, wu, xr, u * D::kUnitK, acc);
