@@ -119,6 +119,18 @@ class QuantLinear(nn.Module):
             self._packed = False
         return super()._apply(fn, recurse)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        # Code written for nn.Linear reads `.weight` (its dtype, shape, or a weight init that
+        # skips initialised tensors): hand it a read-only dequantized copy, marked initialised.
+        w = self.dequantize_weight()
+        w._is_hf_initialized = True
+        return w
+
     # -- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._packed:

@@ -109,3 +109,11 @@ def test_torch_compile_fullgraph(bits, gs):
     x = torch.randn(3, 128)
     compiled = torch.compile(q, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), q(x))
+
+
+def test_weight_attribute_is_dequantized_copy():
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(64, 8), 4, 32, True)
+    w = q.weight
+    assert w.shape == (8, 64) and torch.equal(w, q.dequantize_weight())
+    assert "weight" not in q.state_dict()
