@@ -78,6 +78,11 @@ class HfQuantQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
                                                          expect_float_weights=not self.pre_quantized)
+        tied = [n for n, m in model.named_modules() if getattr(m, "tied_source", None)]
+        if tied:
+            missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+            model._keys_to_ignore_on_load_missing = missing | {
+                "^" + re.escape(n) + r"\.(qweight|scales|zeros)$" for n in tied}
         if self.pre_quantized:
             first = _first_quantized(model)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
@@ -100,6 +105,15 @@ class HfQuantQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in model.named_modules():
             if not isinstance(module, QuantLinear):
+                continue
+            source = getattr(module, "tied_source", None)
+            if source is not None:
+                w = model.get_parameter(source).detach()
+                q = formats.quantize_rtn(w.t() if module.float_weight_transposed else w, module.bits,
+                                         module.group_size, module.symmetric, scale_dtype=module.scales.dtype)
+                module.load_quantized(q.qweight, q.scales, q.zeros)
+                del module.tied_source
+                module.pack()
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")

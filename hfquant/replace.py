@@ -17,28 +17,35 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
-def tied_module_names(model: nn.Module) -> set[str]:
-    """Modules whose weight is tied to another parameter (they cannot hold quantized codes)."""
-    names = set()
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """{module tied to another's weight: the parameter it shares}, e.g. lm_head -> embed_tokens.weight."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    for k, v in dict(tied).items():
-        names.add(k.removesuffix(".weight"))
-        names.add(str(v).removesuffix(".weight"))
-    return names
+    return {k.removesuffix(".weight"): str(v) for k, v in dict(tied).items() if k.endswith(".weight")}
+
+
+def untie(model: nn.Module, name: str) -> None:
+    """Stops `name` from sharing its weight, here and in the saved config, so that it can hold
+    its own quantized codes while the parameter it shared (an embedding) stays full precision."""
+    model.all_tied_weights_keys.pop(name + ".weight", None)
+    for cfg in {id(c): c for c in (getattr(model, "config", None), _text_config(model)) if c is not None}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    logger.info("hfquant: %s was tied to another weight; it is untied and quantized", name)
+
+
+def _text_config(model):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else None
 
 
 def find_targets(model: nn.Module, config: HfQuantConfig) -> tuple[list[tuple[str, nn.Module, bool]], list[str]]:
     """(name, module, transposed) of every layer to quantize, and the linear layers kept in full precision."""
-    tied = tied_module_names(model)
     targets, kept = [], []
     for name, module in model.named_modules():
         conv1d = _is_conv1d(module)
         if not (isinstance(module, nn.Linear) or conv1d):
             continue
         if config.is_skipped(name):
-            kept.append(name)
-        elif name in tied:
-            logger.info("hfquant: %s shares its weight with another module (tied); kept in full precision", name)
             kept.append(name)
         else:
             targets.append((name, module, conv1d))
@@ -62,14 +69,22 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     """Swaps target layers for empty QuantLinear modules (on the module's device, usually meta)."""
     check_overrides(model, config)
     targets, kept = find_targets(model, config)
+    tied = tied_sources(model)
     for name, module, transposed in targets:
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
         scheme = config.scheme_for(name)
+        # A tied layer has no weight of its own in a float checkpoint: it is quantized from
+        # the parameter it shares once that has loaded (HfQuantQuantizer, after loading).
+        from_tied = name in tied and expect_float_weights
         new = QuantLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
                           scheme["symmetric"], dtype=w.dtype, device=w.device,
-                          float_weight_shape=tuple(w.shape) if expect_float_weights else None,
+                          float_weight_shape=tuple(w.shape) if expect_float_weights and not from_tied else None,
                           float_weight_transposed=transposed)
+        if from_tied:
+            new.tied_source = tied[name]
+        if name in tied:
+            untie(model, name)
         _set_module(model, name, new)
     if not targets:
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
@@ -83,7 +98,10 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig) -> list[str]:
     targets, kept = find_targets(model, config)
     if not targets:
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    tied = tied_sources(model)
     for name, module, transposed in targets:
+        if name in tied:
+            untie(model, name)
         if module.weight.device.type == "meta":
             raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
         scheme = config.scheme_for(name)

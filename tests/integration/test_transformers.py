@@ -82,11 +82,27 @@ def test_dequantize(model_dir, tokenizer):
     assert (lq - ld).abs().max() < 1e-2 * lq.abs().max()
 
 
-def test_tied_lm_head_kept(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=hfquant.HfQuantConfig(bits=8, modules_to_not_convert=[]))
+def test_tied_lm_head_kept_by_default(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(bits=8))
     assert not isinstance(model.lm_head, QuantLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_tied_lm_head_untied_and_quantized_on_request(model_dir, tokenizer, tmp_path):
+    cfg = hfquant.HfQuantConfig(bits=4, group_size=128, modules_to_not_convert=[],
+                                modules_override={"lm_head": {"bits": 8, "group_size": -1}})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    emb = model.model.embed_tokens.weight
+    assert emb.dtype == torch.float32  # the embedding lookup stays full precision
+    assert (model.lm_head.dequantize_weight(torch.float32) - emb).abs().max() <= emb.abs().amax(1).max() / 127
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(again.lm_head, QuantLinear)
+    assert torch.equal(again.model.embed_tokens.weight, emb)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, again(**ids).logits)
 
 
 def test_load_without_import_fails_loudly(w8_saved):
