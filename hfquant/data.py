@@ -16,6 +16,10 @@ def data_dir() -> Path:
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve().parent.parent
     candidates += [here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    # a clone of a local checkout: the data beside the checkout it was cloned from
+    origin = _local_origin(here)
+    if origin is not None:
+        candidates.append(origin.parent / "shared" / "data")
     for c in candidates:
         if (c / MODEL_SUBDIR).is_dir():
             return c
@@ -23,6 +27,16 @@ def data_dir() -> Path:
         "hfquant: the default model and text were not found; set HFQUANT_DATA to a folder holding "
         f"{MODEL_SUBDIR}/ and wikitext-2/ (looked in: {', '.join(map(str, candidates))})"
     )
+
+
+def _local_origin(repo: Path) -> Path | None:
+    try:
+        url = subprocess.run(["git", "-C", str(repo), "remote", "get-url", "origin"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    url = url.removeprefix("file://")
+    return Path(url).resolve() if url and os.path.isdir(url) else None
 
 
 def cache_dir() -> Path:
