@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.hfquant-built
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all install demo test test-fast bench bench-quick cuda-check clean
+.PHONY: all install demo test bench bench-quick bench-e2e clean
 
 all: install
 
@@ -34,6 +34,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_linear.py --write-docs
+
+# peers for the end-to-end comparison (torchao 0.14 still has its CPU int4 layout)
+bench-e2e: install
+	$(PIP) install -q "torchao==0.14.1" optimum-quanto
+	$(PY) benchmarks/bench_e2e.py --write-docs
 
 bench-quick: install
 	$(PY) benchmarks/bench_linear.py --quick

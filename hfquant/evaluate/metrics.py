@@ -53,15 +53,22 @@ def size_on_disk(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    # Tensor subclasses of other libraries (packed int4, ...) hold their data in inner tensors.
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def model_bytes(model) -> int:
     """Bytes of parameters and buffers held by a model (tied tensors counted once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
-        if key in seen:
+        if id(t) in seen:
             continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
+        seen.add(id(t))
+        total += _tensor_bytes(t)
     return total
 
 
