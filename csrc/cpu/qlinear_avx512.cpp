@@ -195,8 +195,11 @@ struct W4Bf16 {
   }
 };
 
-// One tile (4 rows) against activation rows [m0, m0 + MB).
-template <class D, int MB, int NA>
+// TT consecutive tiles (4 rows each) against activation rows [m0, m0 + MB). With TT > 1
+// the tiles advance through k together, so the x values a unit needs are fetched into L1
+// once for all TT tiles instead of once per tile (x of a 11008-wide layer does not fit L1
+// beside the weight stream).
+template <class D, int MB, int NA, int TT>
 inline void tile_rows(const typename D::Consts& c, const PackedView& p, const ActView& a, const OutView& o,
                       int64_t m0, int64_t t) {
   const int64_t U = p.Kp / D::kUnitK, upg = p.gs / D::kUnitK;
@@ -208,36 +211,47 @@ inline void tile_rows(const typename D::Consts& c, const PackedView& p, const Ac
     xr.hi[m] = a.xhi ? a.xhi + (m0 + m) * p.Kp : nullptr;
     xr.lo[m] = a.xlo ? a.xlo + (m0 + m) * p.Kp : nullptr;
   }
-  __m512 facc[MB];
-  __m128 corr[MB];
-  for (int m = 0; m < MB; ++m) {
-    facc[m] = _mm512_setzero_ps();
-    corr[m] = _mm_setzero_ps();
-  }
+  __m512 facc[TT][MB];
+  __m128 corr[TT][MB];
+  for (int tt = 0; tt < TT; ++tt)
+    for (int m = 0; m < MB; ++m) {
+      facc[tt][m] = _mm512_setzero_ps();
+      corr[tt][m] = _mm_setzero_ps();
+    }
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t u0 = g * upg, u1 = std::min(U, u0 + upg);
-    __m512 acc[MB][NA];
-    for (int m = 0; m < MB; ++m)
-      for (int i = 0; i < NA; ++i) acc[m][i] = _mm512_setzero_ps();
-    const uint8_t* wu = wt + u0 * kUnitBytes;
-    for (int64_t u = u0; u < u1; ++u, wu += kUnitBytes) {
-      // The thread's tiles are one contiguous stream; a software prefetch 2 KiB ahead
-      // keeps more lines in flight than the L2 streamer alone does at M = 1.
-      if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(wu) + kPrefetch, _MM_HINT_T0);
-      D::template step<MB, NA>(c, wu, xr, u * D::kUnitK, acc);
+    __m512 acc[TT][MB][NA];
+    for (int tt = 0; tt < TT; ++tt)
+      for (int m = 0; m < MB; ++m)
+        for (int i = 0; i < NA; ++i) acc[tt][m][i] = _mm512_setzero_ps();
+    for (int64_t u = u0; u < u1; ++u) {
+#pragma GCC unroll 4
+      for (int tt = 0; tt < TT; ++tt) {
+        const uint8_t* wu = wt + (tt * U + u) * kUnitBytes;
+        // Each tile is a contiguous stream; a software prefetch 2 KiB ahead keeps more
+        // lines in flight than the L2 streamer alone does at M = 1.
+        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(wu) + kPrefetch, _MM_HINT_T0);
+        D::template step<MB, NA>(c, wu, xr, u * D::kUnitK, acc[tt]);
+      }
     }
-    const __m512 s = expand_rows(sbt + g * 2 * kNR);
-    const __m128 sz = _mm_loadu_ps(sbt + g * 2 * kNR + kNR);
-    for (int m = 0; m < MB; ++m) {
-      __m512 sum = acc[m][0];
-      for (int i = 1; i < NA; ++i) sum = _mm512_add_ps(sum, acc[m][i]);
-      facc[m] = _mm512_fmadd_ps(sum, s, facc[m]);
-      corr[m] = _mm_fmadd_ps(sz, _mm_set1_ps(a.xs[(m0 + m) * p.G + g]), corr[m]);
+    for (int tt = 0; tt < TT; ++tt) {
+      const float* sbg = sbt + (tt * p.G + g) * 2 * kNR;
+      const __m512 s = expand_rows(sbg);
+      const __m128 sz = _mm_loadu_ps(sbg + kNR);
+      for (int m = 0; m < MB; ++m) {
+        __m512 sum = acc[tt][m][0];
+        for (int i = 1; i < NA; ++i) sum = _mm512_add_ps(sum, acc[tt][m][i]);
+        facc[tt][m] = _mm512_fmadd_ps(sum, s, facc[tt][m]);
+        corr[tt][m] = _mm_fmadd_ps(sz, _mm_set1_ps(a.xs[(m0 + m) * p.G + g]), corr[tt][m]);
+      }
     }
   }
-  // Rows >= N of the last tile exist only as padding: never store them.
-  const int64_t valid = std::min<int64_t>(kNR, p.N - t * kNR);
-  for (int m = 0; m < MB; ++m) store4(o, m0 + m, t * kNR, valid, _mm_sub_ps(lane_sums(facc[m]), corr[m]));
+  for (int tt = 0; tt < TT; ++tt) {
+    // Rows >= N of the last tile exist only as padding: never store them.
+    const int64_t valid = std::min<int64_t>(kNR, p.N - (t + tt) * kNR);
+    for (int m = 0; m < MB; ++m)
+      store4(o, m0 + m, (t + tt) * kNR, valid, _mm_sub_ps(lane_sums(facc[tt][m]), corr[tt][m]));
+  }
 }
 
 // Accumulator counts: enough independent chains per m that MB * NA >= 8 (8 = about
@@ -245,14 +259,21 @@ inline void tile_rows(const typename D::Consts& c, const PackedView& p, const Ac
 template <class D>
 void gemv_tiles(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
   const typename D::Consts c;
+  if (a.M == 1) {
+    // Decode: 4 tiles (16 rows) at a time share each x load.
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) tile_rows<D, 1, 2, 4>(c, p, a, o, 0, t);
+    for (; t < t1; ++t) tile_rows<D, 1, 8, 1>(c, p, a, o, 0, t);
+    return;
+  }
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) tile_rows<D, 4, 2>(c, p, a, o, m, t);
+    for (; m + 4 <= a.M; m += 4) tile_rows<D, 4, 2, 1>(c, p, a, o, m, t);
     if (m + 2 <= a.M) {
-      tile_rows<D, 2, 4>(c, p, a, o, m, t);
+      tile_rows<D, 2, 4, 1>(c, p, a, o, m, t);
       m += 2;
     }
-    if (m < a.M) tile_rows<D, 1, 8>(c, p, a, o, m, t);
+    if (m < a.M) tile_rows<D, 1, 8, 1>(c, p, a, o, m, t);
   }
 }
 
