@@ -1,8 +1,7 @@
 """Helpers shared by the benchmarks: quantizers, cold-weight pools, timing, reports.
 
-Benchmarks only; nothing here is imported by the package. The quantizers are small
-stand-ins until hfquant.formats provides them (they produce the canonical tensors that
-``hfquant.ops.repack`` takes; docs/formats.md).
+Benchmarks only; nothing here is imported by the package. The quantizers are
+hfquant.formats' own (the canonical tensors that ``hfquant.ops.repack`` takes; docs/formats.md).
 """
 from __future__ import annotations
 
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from hfquant import formats
 
 MiB = 1 << 20
 
@@ -44,33 +45,11 @@ class W4:
 
 
 def quantize_w4(w: torch.Tensor, group_size: int, symmetric: bool = True) -> W4:
-    """Round-to-nearest 4-bit quantization of w [N, K] with groups along K (ragged last group ok).
-
-    Symmetric: s = absmax / 7, code = clamp(round(w / s), -8, 7) + 8.
-    Asymmetric: s = (max - min) / 15, zero = round(-min / s), code = clamp(round(w / s) + zero, 0, 15).
-    """
-    w = w.float()
-    N, K = w.shape
-    gs = K if group_size == -1 else group_size
-    G = -(-K // gs)
-    # Pad K to G*gs by repeating the last column, which leaves every group's min/max unchanged.
-    wp = torch.cat([w, w[:, -1:].expand(N, G * gs - K)], dim=1).view(N, G, gs)
-    if symmetric:
-        s = wp.abs().amax(-1) / 7
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        codes = (wp / s[..., None]).round().clamp(-8, 7) + 8
-        zeros = None
-    else:
-        lo, hi = wp.amin(-1).clamp(max=0), wp.amax(-1).clamp(min=0)
-        s = (hi - lo) / 15
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        z = (-lo / s).round().clamp(0, 15)
-        codes = ((wp / s[..., None]).round() + z[..., None]).clamp(0, 15)
-        zeros = z.to(torch.uint8)
-    codes = codes.view(N, G * gs)[:, :K].to(torch.int32)
-    even = codes if K % 2 == 0 else torch.cat([codes, codes.new_zeros(N, 1)], dim=1)
-    qweight = (even[:, 0::2] | (even[:, 1::2] << 4)).to(torch.uint8)
-    return W4(qweight, s.contiguous(), zeros, codes, group_size)
+    """hfquant's own RTN 4-bit quantization of w [N, K] (hfquant.formats.quantize_rtn), plus
+    the unsigned codes the torch int4pack peer takes."""
+    q = formats.quantize_rtn(w.float(), 4, group_size, symmetric)
+    codes = formats.unpack_int4(q.qweight, w.shape[1]).to(torch.int32)
+    return W4(q.qweight, q.scales, q.zeros, codes, group_size)
 
 
 @dataclass
@@ -85,12 +64,9 @@ class W8:
 
 
 def quantize_w8(w: torch.Tensor) -> W8:
-    """Symmetric per-channel int8: s = absmax / 127 per row, q = clamp(round(w / s), -127, 127)."""
-    w = w.float()
-    s = w.abs().amax(dim=1, keepdim=True) / 127
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    q = (w / s).round().clamp(-127, 127).to(torch.int8)
-    return W8(q, s)
+    """hfquant's symmetric per-channel int8 (hfquant.formats.quantize_rtn)."""
+    q = formats.quantize_rtn(w.float(), 8, -1, True)
+    return W8(q.qweight, q.scales)
 
 
 # ----------------------------------------------------------------------------- cold weights
