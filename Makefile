@@ -14,7 +14,6 @@ all: install
 
 $(STAMP_DEPS):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "transformers>=5.0" safetensors accelerate tqdm gguf pytest matplotlib \
 	    scikit-build-core pybind11 ninja "cmake>=3.26" numpy
