@@ -1,5 +1,5 @@
 """Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128`, `hfquant info DIR`,
-`hfquant eval MODEL_DIR`."""
+`hfquant eval MODEL_DIR`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .evaluate.compare import compare
+
+    doc = compare(args.model_dir, configs=args.configs, peers=args.peers, text=args.text,
+                  max_tokens=args.max_tokens, out=args.out, threads=args.threads, new_tokens=args.new_tokens,
+                  prompt_tokens=args.prompt_tokens, repeats=args.repeats, watts_per_core=args.watts_per_core)
+    failed = [r["config"] for r in doc["results"] if not r.get("ok")]
+    print(f"wrote {os.path.join(args.out, 'report.md')}, results.json and {len(doc['plots'])} plot(s)"
+          + (f"; n/a: {', '.join(failed)}" if failed else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hfquant", description="Weight-only INT8/INT4 quantization for transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,6 +141,22 @@ def main(argv=None) -> int:
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", default=None)
     e.set_defaults(fn=_cmd_eval)
+    from .evaluate.run_one import CONFIGS, PEERS
+
+    c = sub.add_parser("compare", help="measure several configs (each in a fresh process) and write a report")
+    c.add_argument("model_dir")
+    c.add_argument("--configs", default="fp32,bf16,w8,w4g128,w4g64a", help=f"comma list of {', '.join(CONFIGS)}")
+    c.add_argument("--peers", default=None, help=f"comma list of peer libraries, if installed: {', '.join(PEERS)}")
+    c.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")
+    c.add_argument("--max-tokens", type=int, default=16384, help="perplexity on the first N tokens")
+    c.add_argument("--out", default="report", help="output folder (report.md, results.json, *.png)")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--new-tokens", type=int, default=64, help="decode tokens per measurement")
+    c.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
+    c.add_argument("--repeats", type=int, default=3, help="speed measurements per config (median)")
+    c.add_argument("--watts-per-core", type=float, default=10.0,
+                   help="assumed power of a busy core for the energy estimate when RAPL is not readable")
+    c.set_defaults(fn=_cmd_compare)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
