@@ -58,41 +58,13 @@ def competitors(base):
         yield f"hfquant W4 g128 + W8 head ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
             base, dtype=dt, quantization_config=H(bits=4, group_size=128, **head8))
 
-    def torchao(cfg_fn):
-        # torchao's own quantize_ on the loaded bf16 model (its CPU int4 layout needs the
-        # version-1 config, which transformers' TorchAoConfig path does not convert on load)
-        def load():
-            from torchao.quantization import quantize_
+    # peers load exactly as `hfquant compare` loads them
+    from hfquant.evaluate.run_one import load
 
-            m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-            quantize_(m, cfg_fn())
-            return m
-        return load
-
-    def ao_int8():
-        from torchao.quantization import Int8WeightOnlyConfig
-        return Int8WeightOnlyConfig()
-
-    def ao_int4(g):
-        def make():
-            from torchao.dtypes import Int4CPULayout
-            from torchao.quantization import Int4WeightOnlyConfig
-            return Int4WeightOnlyConfig(group_size=g, layout=Int4CPULayout(), version=1)
-        return make
-
-    yield "torchao int8 (bf16)", torchao(ao_int8)
-    yield "torchao int4 g64 (bf16)", torchao(ao_int4(64))
-    yield "torchao int4 g128 (bf16)", torchao(ao_int4(128))
-
-    def quanto(w, dt):
-        def load():
-            from transformers import QuantoConfig
-
-            return AutoModelForCausalLM.from_pretrained(base, dtype=dt, quantization_config=QuantoConfig(weights=w))
-        return load
-
-    yield "quanto int8 (bf16)", quanto("int8", torch.bfloat16)
-    yield "quanto int4 (bf16)", quanto("int4", torch.bfloat16)
+    for label, name in (("torchao int8 (bf16)", "torchao-int8"), ("torchao int4 g64 (bf16)", "torchao-int4g64"),
+                        ("torchao int4 g128 (bf16)", "torchao-int4g128"), ("quanto int8 (bf16)", "quanto-int8"),
+                        ("quanto int4 (bf16)", "quanto-int4")):
+        yield label, lambda name=name: load(str(base), name)
 
 
 def main(argv=None):
@@ -139,8 +111,9 @@ def main(argv=None):
              f"{args.reps} round-robin repetitions.", "",
              "| model | memory (MB) | decode tok/s | vs fp32 | vs bf16 |", "|---|---|---|---|---|"]
     for name in models:
+        ratio = {b: f"{med[name] / med[b]:.2f}x" if b in med else "n/a" for b in ("fp32", "bf16")}
         lines.append(f"| {name} | {model_bytes(models[name]) / 1e6:.0f} | {med[name]:.1f} | "
-                     f"{med[name] / med.get('fp32', float('nan')):.2f}x | {med[name] / med.get('bf16', float('nan')):.2f}x |")
+                     f"{ratio['fp32']} | {ratio['bf16']} |")
     for name, why in failed.items():
         lines.append(f"| {name} | n/a | n/a ({why}) | | |")
     text = "\n".join(lines)

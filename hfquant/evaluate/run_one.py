@@ -32,6 +32,7 @@ CONFIGS = {
 }
 PEERS = {
     "torchao": {"torchao-int8": ("torchao", {"weights": "int8"}),
+                "torchao-int4g64": ("torchao", {"weights": "int4", "group_size": 64}),
                 "torchao-int4g128": ("torchao", {"weights": "int4", "group_size": 128})},
     "quanto": {"quanto-int8": ("quanto", {"weights": "int8"}),
                "quanto-int4": ("quanto", {"weights": "int4"})},
