@@ -228,28 +228,25 @@ def write_plots(results: list[dict], out: str) -> list[str]:
     files.append("ppl_vs_size.png")
 
     names = [r["config"] for r in ok]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
-    ax.bar([i - 0.2 for i in x], [r["decode_tokens_per_s"]["1"] for r in ok], 0.4, label="batch 1")
-    ax.bar([i + 0.2 for i in x], [r["decode_tokens_per_s"]["8"] for r in ok], 0.4, label="batch 8")
-    ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("Decode speed")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "decode_speed.png"), dpi=110)
-    plt.close(fig)
-    files.append("decode_speed.png")
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
-    ax.bar([i - 0.2 for i in x], [r["peak_rss_load_bytes"] / 1e6 for r in ok], 0.4, label="load/quantize")
-    ax.bar([i + 0.2 for i in x], [r["peak_rss_inference_bytes"] / 1e6 for r in ok], 0.4, label="inference")
-    ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylabel("peak RSS (MB)")
-    ax.set_title("Peak memory")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "peak_memory.png"), dpi=110)
-    plt.close(fig)
-    files.append("peak_memory.png")
+    def paired_bars(fname, title, ylabel, series):
+        """One group of two bars per config: series = ((label, values), (label, values))."""
+        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 4))
+        for (label, values), shift in zip(series, (-0.2, 0.2)):
+            ax.bar([i + shift for i in range(len(names))], values, 0.4, label=label)
+        ax.set_xticks(list(range(len(names))), names, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname), dpi=110)
+        plt.close(fig)
+        files.append(fname)
+
+    paired_bars("decode_speed.png", "Decode speed", "decode tokens/s",
+                (("batch 1", [r["decode_tokens_per_s"]["1"] for r in ok]),
+                 ("batch 8", [r["decode_tokens_per_s"]["8"] for r in ok])))
+    paired_bars("peak_memory.png", "Peak memory", "peak RSS (MB)",
+                (("load/quantize", [r["peak_rss_load_bytes"] / 1e6 for r in ok]),
+                 ("inference", [r["peak_rss_inference_bytes"] / 1e6 for r in ok])))
     return files
