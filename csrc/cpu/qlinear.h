@@ -85,4 +85,23 @@ void dequant_tiles_portable(const PackedView& p, void* w_out, DType wt, int64_t 
 void dequant_tiles_avx2(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1);
 void dequant_tiles_avx512(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1);
 
+// The walk every dequantizer shares: each real row of tiles [t0, t1), group by group.
+// Calls fn(row, t, r, g, s, sz): row = offset of the output row in w_out (elements),
+// s = scale and sz = s * z of row r of tile t in group g (OFF already taken out).
+template <class Fn>
+inline void for_each_row_group(const PackedView& p, int64_t ldw, int64_t t0, int64_t t1, Fn&& fn) {
+  const float off = p.bits == 4 ? 128.f : 0.f;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t r = 0; r < kNR; ++r) {
+      const int64_t n = t * kNR + r;
+      if (n >= p.N) break;
+      const int64_t row = (n - t0 * kNR) * ldw;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const float* sb = p.sb + (t * p.G + g) * 2 * kNR;
+        fn(row, t, r, g, sb[r], sb[kNR + r] - off * sb[r]);
+      }
+    }
+  }
+}
+
 }  // namespace hfquant::cpu

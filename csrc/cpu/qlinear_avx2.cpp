@@ -277,7 +277,6 @@ void prepare_avx2(const void* x, DType xt, int64_t ldx, int64_t M, const PackedV
 // Tiles -> rows of (v - z) s, fp32 or bf16. Row r of a unit is one 16-byte lane;
 // vpmovzxbd widens 8 bytes at a time to dwords. Writes k < Kp: ldw >= Kp.
 void dequant_tiles_avx2(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1) {
-  const float off = p.bits == 4 ? 128.f : 0.f;
   const int64_t unit_k = p.bits == 4 ? 32 : 16, U = p.Kp / unit_k, upg = p.gs / unit_k;
   const __m256i nib = _mm256_set1_epi32(0x0F);
   auto put = [&](int64_t at, __m256 w) {
@@ -286,32 +285,23 @@ void dequant_tiles_avx2(const PackedView& p, void* w_out, DType wt, int64_t ldw,
     else
       _mm256_storeu_ps(static_cast<float*>(w_out) + at, w);
   };
-  for (int64_t t = t0; t < t1; ++t) {
+  for_each_row_group(p, ldw, t0, t1, [&](int64_t row, int64_t t, int64_t r, int64_t g, float sc, float scz) {
+    const __m256 s = _mm256_set1_ps(sc), sz = _mm256_set1_ps(scz);
     const uint8_t* wt_ = p.w + t * U * kUnitBytes;
-    for (int64_t r = 0; r < kNR; ++r) {
-      const int64_t n = t * kNR + r;
-      if (n >= p.N) break;
-      const int64_t row = (n - t0 * kNR) * ldw;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const float* sb = p.sb + (t * p.G + g) * 2 * kNR;
-        const __m256 s = _mm256_set1_ps(sb[r]), sz = _mm256_set1_ps(sb[kNR + r] - off * sb[r]);
-        const int64_t u1 = std::min(U, (g + 1) * upg);
-        for (int64_t u = g * upg; u < u1; ++u) {
-          const uint8_t* src = wt_ + u * kUnitBytes + r * 16;
-          for (int half = 0; half < 2; ++half) {
-            const __m256i b =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * half)));
-            if (p.bits == 4) {
-              put(row + 32 * u + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), s, sz));
-              put(row + 32 * u + 16 + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s, sz));
-            } else {
-              put(row + 16 * u + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(b), s, sz));
-            }
-          }
+    const int64_t u1 = std::min(U, (g + 1) * upg);
+    for (int64_t u = g * upg; u < u1; ++u) {
+      const uint8_t* src = wt_ + u * kUnitBytes + r * 16;
+      for (int half = 0; half < 2; ++half) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * half)));
+        if (p.bits == 4) {
+          put(row + 32 * u + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), s, sz));
+          put(row + 32 * u + 16 + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s, sz));
+        } else {
+          put(row + 16 * u + 8 * half, _mm256_fmsub_ps(_mm256_cvtepi32_ps(b), s, sz));
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace hfquant::cpu

@@ -343,7 +343,6 @@ void prepare_avx512(const void* x, DType xt, int64_t ldx, int64_t M, const Packe
 // vpmovzxbd widens it to 16 dwords (k = 16u'.. for 8-bit; for 4-bit the low nibbles are
 // k = 32u + 0..15 and the high nibbles k = 32u + 16..31). Writes k < Kp: ldw >= Kp.
 void dequant_tiles_avx512(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1) {
-  const float off = p.bits == 4 ? 128.f : 0.f;
   const int64_t unit_k = p.bits == 4 ? 32 : 16, U = p.Kp / unit_k, upg = p.gs / unit_k;
   const __m512i nib = _mm512_set1_epi32(0x0F);
   auto put = [&](int64_t at, __m512 w) {
@@ -352,29 +351,21 @@ void dequant_tiles_avx512(const PackedView& p, void* w_out, DType wt, int64_t ld
     else
       _mm512_storeu_ps(static_cast<float*>(w_out) + at, w);
   };
-  for (int64_t t = t0; t < t1; ++t) {
+  for_each_row_group(p, ldw, t0, t1, [&](int64_t row, int64_t t, int64_t r, int64_t g, float sc, float scz) {
+    const __m512 s = _mm512_set1_ps(sc), sz = _mm512_set1_ps(scz);
     const uint8_t* wt_ = p.w + t * U * kUnitBytes;
-    for (int64_t r = 0; r < kNR; ++r) {
-      const int64_t n = t * kNR + r;
-      if (n >= p.N) break;
-      const int64_t row = (n - t0 * kNR) * ldw;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const float* sb = p.sb + (t * p.G + g) * 2 * kNR;
-        const __m512 s = _mm512_set1_ps(sb[r]), sz = _mm512_set1_ps(sb[kNR + r] - off * sb[r]);
-        const int64_t u1 = std::min(U, (g + 1) * upg);
-        for (int64_t u = g * upg; u < u1; ++u) {
-          const __m512i b = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(wt_ + u * kUnitBytes + r * 16)));
-          if (p.bits == 4) {
-            put(row + 32 * u, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nib)), s, sz));
-            put(row + 32 * u + 16, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s, sz));
-          } else {
-            put(row + 16 * u, _mm512_fmsub_ps(_mm512_cvtepi32_ps(b), s, sz));
-          }
-        }
+    const int64_t u1 = std::min(U, (g + 1) * upg);
+    for (int64_t u = g * upg; u < u1; ++u) {
+      const __m512i b =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wt_ + u * kUnitBytes + r * 16)));
+      if (p.bits == 4) {
+        put(row + 32 * u, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nib)), s, sz));
+        put(row + 32 * u + 16, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s, sz));
+      } else {
+        put(row + 16 * u, _mm512_fmsub_ps(_mm512_cvtepi32_ps(b), s, sz));
       }
     }
-  }
+  });
 }
 
 }  // namespace hfquant::cpu

@@ -95,26 +95,16 @@ void prepare_portable(const void* x, DType xt, int64_t ldx, int64_t M, const Pac
 }
 
 void dequant_tiles_portable(const PackedView& p, void* w_out, DType wt, int64_t ldw, int64_t t0, int64_t t1) {
-  const float off = p.bits == 4 ? 128.f : 0.f;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t r = 0; r < kNR; ++r) {
-      const int64_t n = t * kNR + r;
-      if (n >= p.N) break;
-      const int64_t row = (n - t0 * kNR) * ldw;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const float* sb = p.sb + (t * p.G + g) * 2 * kNR;
-        const float s = sb[r], sz = sb[kNR + r] - off * s;  // s * z
-        const int64_t k0 = g * p.gs, k1 = std::min(p.K, k0 + p.gs);
-        for (int64_t k = k0; k < k1; ++k) {
-          const float w = float(code_at(p, t, r, k)) * s - sz;
-          if (wt == DType::BF16)
-            static_cast<c10::BFloat16*>(w_out)[row + k] = c10::BFloat16(w);
-          else
-            static_cast<float*>(w_out)[row + k] = w;
-        }
-      }
+  for_each_row_group(p, ldw, t0, t1, [&](int64_t row, int64_t t, int64_t r, int64_t g, float s, float sz) {
+    const int64_t k0 = g * p.gs, k1 = std::min(p.K, k0 + p.gs);
+    for (int64_t k = k0; k < k1; ++k) {
+      const float w = float(code_at(p, t, r, k)) * s - sz;
+      if (wt == DType::BF16)
+        static_cast<c10::BFloat16*>(w_out)[row + k] = c10::BFloat16(w);
+      else
+        static_cast<float*>(w_out)[row + k] = w;
     }
-  }
+  });
 }
 
 }  // namespace hfquant::cpu
