@@ -1,11 +1,13 @@
 """HfQuantQuantizer: the transformers integration (quantize on load, save, reload)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import shutil
 import tempfile
+import types
 
 import torch
 from transformers.core_model_loading import ConversionOps
@@ -163,9 +165,11 @@ def _make_save_atomic(model) -> None:
     into place, so an interrupted save never leaves a loadable-looking directory."""
     if getattr(model, "_hfquant_atomic_save", False):
         return
-    original = model.save_pretrained
 
-    def save_pretrained(save_directory, *args, **kwargs):
+    # A method bound to the model (not a closure over it), so that a deepcopy of the model
+    # saves the copy.
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        original = functools.partial(type(self).save_pretrained, self)
         if kwargs.get("push_to_hub") or not isinstance(save_directory, (str, os.PathLike)):
             return original(save_directory, *args, **kwargs)
         final = os.path.abspath(os.fspath(save_directory))
@@ -199,5 +203,5 @@ def _make_save_atomic(model) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    model.save_pretrained = save_pretrained
+    model.save_pretrained = types.MethodType(save_pretrained, model)
     model._hfquant_atomic_save = True

@@ -10,6 +10,11 @@ from .. import formats, ops
 from ..formats.v1 import num_groups, qweight_from_packed
 
 
+# Packing happens once per layer; one lock for all layers keeps modules copyable
+# (deepcopy, pickle-free state) and makes concurrent first calls pack exactly once.
+_PACK_LOCK = threading.Lock()
+
+
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored as format v1 tensors (qweight, scales, zeros).
 
@@ -47,7 +52,6 @@ class QuantLinear(nn.Module):
             # qweight/scales/zeros by the conversion op; it never holds real data.
             self.weight = nn.Parameter(torch.empty(float_weight_shape, dtype=dtype, device=device),
                                        requires_grad=False)
-        self._lock = threading.Lock()
         self._packed = False
         self._register_state_dict_hook(QuantLinear._restore_qweight_hook)
 
@@ -82,7 +86,7 @@ class QuantLinear(nn.Module):
     # -- kernel layout ----------------------------------------------------------------
     def pack(self) -> None:
         """Repacks into the kernel layout (once) and releases the canonical qweight."""
-        with self._lock:
+        with _PACK_LOCK:
             if self._packed:
                 return
             qweight = self.qweight

@@ -229,3 +229,16 @@ def test_cuda_device_map_on_cpu_build_is_refused(model_dir):
         pytest.skip("this build has CUDA kernels")
     with pytest.raises(ValueError, match="no CUDA kernels"):
         AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(), device_map="cuda")
+
+
+def test_deepcopy_saves_the_copy(w8_saved, tmp_path):
+    import copy
+
+    model, _ = w8_saved
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.model.layers[0].mlp.down_proj.scales.mul_(2)  # make the copy differ
+    clone.save_pretrained(str(tmp_path / "clone"))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "clone"))
+    assert torch.equal(again.model.layers[0].mlp.down_proj.scales, clone.model.layers[0].mlp.down_proj.scales)
+    assert not torch.equal(again.model.layers[0].mlp.down_proj.scales, model.model.layers[0].mlp.down_proj.scales)
