@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .formats.v1 import pack_int4, unpack_int4
+
 NR = 4  # rows per tile of the kernel layout
 K_ALIGN = 32
 
@@ -25,12 +27,31 @@ def group_geometry(group_size: int, in_features: int) -> tuple[int, int]:
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric: bool) -> torch.Tensor:
     """Canonical qweight -> unsigned codes v as int32 [N, K] (4-bit 0..15, 8-bit 0..255)."""
     if bits == 4:
-        q = qweight.to(torch.int32)
-        v = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], -1)
-        return v[:, :in_features]
+        return unpack_int4(qweight, in_features).to(torch.int32)
     if asymmetric:
         return qweight.to(torch.int32)
     return qweight.to(torch.int32) + 128
+
+
+def codes_from_packed(packed_weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Kernel layout -> unsigned codes v [T*4, Kp] (int32), rows and k in natural order."""
+    T = packed_weight.shape[0]
+    w = packed_weight.to(torch.int32)
+    if bits == 4:
+        v = torch.stack([w & 0x0F, w >> 4], dim=3)  # [T, U, 4, 2, 16]
+        return v.permute(0, 2, 1, 3, 4).reshape(T * NR, -1)
+    return w.permute(0, 2, 1, 3).reshape(T * NR, -1)
+
+
+def qweight_from_packed(packed_weight: torch.Tensor, bits: int, out_features: int, in_features: int,
+                        symmetric: bool) -> torch.Tensor:
+    """Canonical qweight rebuilt exactly from the kernel layout (a pure permutation)."""
+    v = codes_from_packed(packed_weight, bits)[:out_features, :in_features]
+    if bits == 4:
+        return pack_int4(v).contiguous()
+    if symmetric:
+        return (v - 128).to(torch.int8).contiguous()
+    return v.to(torch.uint8).contiguous()
 
 
 def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
@@ -70,13 +91,7 @@ def dequantize_packed_ref(packed_weight, packed_scales, bits: int, group_size: i
     K = in_features
     Kp = _round_up(K, K_ALIGN)
     gs, G = group_geometry(group_size, K)
-    w = packed_weight.to(torch.int32)
-    if bits == 4:
-        lo, hi = w & 0x0F, w >> 4  # [T, U, 4, 16]
-        v = torch.stack([lo, hi], dim=3)  # [T, U, 4, 2, 16]
-        v = v.permute(0, 2, 1, 3, 4).reshape(T * NR, Kp)
-    else:
-        v = w.permute(0, 2, 1, 3).reshape(T * NR, Kp)
+    v = codes_from_packed(packed_weight, bits)
     sb = packed_scales.permute(0, 3, 1, 2).reshape(T * NR, G, 2)  # [Np, G, 2]
     off = 128.0 if bits == 4 else 0.0
     s = sb[..., 0]

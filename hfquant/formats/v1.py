@@ -96,22 +96,13 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
 
 
 def codes_and_zeros(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, in_features: int):
-    """Unsigned codes [N, K] (int32) and zero points [N, G] (int32) of format v1 tensors."""
-    if bits == 4:
-        codes = unpack_int4(qweight, in_features).to(torch.int32)
-        z = zeros.to(torch.int32) if zeros is not None else None
-        default = 8
-    else:
-        if zeros is None:
-            codes = qweight.to(torch.int32)
-            default = 0
-        else:
-            codes = qweight.to(torch.int32)
-            default = None
-        z = zeros.to(torch.int32) if zeros is not None else None
-    if z is None:
-        z = torch.full((qweight.shape[0], 1), default, dtype=torch.int32)
-    return codes, z
+    """Codes [N, K] (int32) and zero points [N, G] or [N, 1] (int32) of format v1 tensors."""
+    codes = (unpack_int4(qweight, in_features) if bits == 4 else qweight).to(torch.int32)
+    if zeros is not None:
+        return codes, zeros.to(torch.int32)
+    # symmetric: 4-bit codes are the value + 8; int8 values are their own codes
+    return codes, torch.full((qweight.shape[0], 1), 8 if bits == 4 else 0, dtype=torch.int32,
+                             device=qweight.device)
 
 
 @torch.no_grad()
@@ -166,17 +157,3 @@ def validate(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torc
         if bits == 4 and (zeros > 15).any():
             raise ValueError(f"hfquant: {name}.zeros holds values above 15, out of range for 4-bit")
 
-
-def qweight_from_packed(packed_weight: torch.Tensor, bits: int, out_features: int, in_features: int,
-                        symmetric: bool) -> torch.Tensor:
-    """Canonical qweight rebuilt exactly from the CPU kernel layout (a pure permutation)."""
-    T = packed_weight.shape[0]
-    w = packed_weight
-    if bits == 4:
-        v = torch.stack([w & 0x0F, w >> 4], dim=3)  # [T, U, 4, 2, 16]
-        v = v.permute(0, 2, 1, 3, 4).reshape(T * 4, -1)[:out_features, :in_features]
-        return pack_int4(v).contiguous()
-    v = w.permute(0, 2, 1, 3).reshape(T * 4, -1)[:out_features, :in_features]
-    if symmetric:
-        return (v ^ 0x80).view(torch.int8).contiguous()
-    return v.contiguous()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .. import formats, ops
-from ..formats.v1 import num_groups, qweight_from_packed
+from ..formats.v1 import num_groups
+from ..ref import qweight_from_packed
 
 
 # Packing happens once per layer; one lock for all layers keeps modules copyable

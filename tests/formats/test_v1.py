@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from hfquant import formats
-from hfquant.formats.v1 import qweight_from_packed
 from hfquant import ref
+from hfquant.ref import qweight_from_packed
 
 SHAPES = [(1, 1), (3, 17), (17, 64), (37, 300), (64, 576)]
 SCHEMES = [(4, -1, True), (4, 32, True), (4, 128, False), (4, 64, False), (8, -1, True), (8, 128, False),
