@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/int8_gemm.h"
 
 #ifndef HFQUANT_VERSION
 #define HFQUANT_VERSION "0.0.0"
@@ -37,6 +38,8 @@ PYBIND11_MODULE(_C, m) {
         "The kernel path chosen on this CPU (HFQUANT_ISA overrides: avx512bf16, avx512, avx2, portable).");
   m.def("set_cpu_isa", [](const std::string& name) { hfquant::cpu::set_active_isa(name); },
         "Force a kernel path (for tests and benchmarks); raises if this CPU cannot run it.");
+  m.def("int8_path", []() { return std::string(hfquant::cpu::int8_path_name()); },
+        "The int8 GEMM kernel under the active kernel path: avx512vnni, avx2 or portable.");
   m.def("available_isas", []() {
     std::vector<std::string> out;
     for (auto isa : hfquant::cpu::available_isas()) out.emplace_back(hfquant::cpu::isa_name(isa));

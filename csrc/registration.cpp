@@ -12,4 +12,23 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "qlinear(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor? bias, int bits, "
       "int group_size, int out_features, int in_features) -> Tensor");
+
+  // --- int8 activations (W8A8, LLM.int8()); layout in csrc/cpu/int8_gemm.h ---
+  // int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N]).
+  m.def("int8_pack(Tensor qweight) -> (Tensor, Tensor)");
+  // Per-row absmax int8 quantization of x [..., K] (times act_scale when given):
+  // (q int8 [..., K], scales float32 [...], outlier_cols int64 [n]). threshold > 0 makes
+  // columns with any |x| >= threshold (or NaN/Inf) outliers, zeroed in q; their count is
+  // data dependent.
+  m.def("quantize_act(Tensor x, float threshold=0., Tensor? act_scale=None) -> (Tensor, Tensor, Tensor)");
+  // Exact int32 xq [M, K] @ W^T.
+  m.def("int8_mm(Tensor xq, Tensor packed_weight, Tensor colsum, int out_features) -> Tensor");
+  // (xq @ W^T) * x_scales[m] * w_scales[n] + bias[n] in out_dtype.
+  m.def(
+      "int8_gemm(Tensor xq, Tensor x_scales, Tensor packed_weight, Tensor colsum, Tensor w_scales, "
+      "Tensor? bias, ScalarType out_dtype, int out_features) -> Tensor");
+  // Fused linear layer of W8A8 (threshold 0) and LLM.int8() (threshold > 0).
+  m.def(
+      "int8_linear(Tensor x, Tensor packed_weight, Tensor colsum, Tensor w_scales, Tensor? bias, "
+      "Tensor? act_scale, float threshold, int out_features) -> Tensor");
 }

@@ -1,4 +1,4 @@
-"""hfquant: weight-only INT8/INT4 quantization for Hugging Face transformers.
+"""hfquant: INT8/INT4 quantization for Hugging Face transformers.
 
 ``import hfquant`` registers the ``"hfquant"`` quantization method with transformers.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from . import _ext  # noqa: F401  (loads the native ops)
 from .config import HfQuantConfig
-from .nn import QuantLinear
+from .nn import Int8Linear, QuantLinear
 
 __version__ = _ext._C.__version__
 
@@ -29,11 +29,13 @@ def _register() -> None:
 _register()
 
 
-def quantize_model(model, config: HfQuantConfig | None = None, **kwargs):
+def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, **kwargs):
     """Quantizes the nn.Linear (and Conv1D) layers of a model in place, and returns it.
 
     Works for any nn.Module. For a transformers model the result saves with
     ``save_pretrained`` and reloads with ``from_pretrained`` like one quantized on load.
+    ``tokenizer`` serves calibrating methods (SmoothQuant); by default the one saved beside
+    the model is loaded.
     """
     from .quantizer import HfQuantQuantizer, _make_save_atomic
     from .replace import quantize_in_place
@@ -42,7 +44,13 @@ def quantize_model(model, config: HfQuantConfig | None = None, **kwargs):
         config = HfQuantConfig(**kwargs)
     elif kwargs:
         raise ValueError("quantize_model: pass either a config or keyword settings, not both")
-    kept = quantize_in_place(model, config)
+    runtime = None
+    if config.calibrates:
+        from .algorithms.smoothquant import smooth_model
+
+        runtime = smooth_model(model, config, tokenizer)
+        config.smooth_modules = sorted(runtime)
+    kept = quantize_in_place(model, config, smooth=runtime)
     if hasattr(model, "config") and hasattr(model, "save_pretrained"):
         model.config.quantization_config = config
         quantizer = HfQuantQuantizer(config, pre_quantized=True)
@@ -55,4 +63,4 @@ def quantize_model(model, config: HfQuantConfig | None = None, **kwargs):
     return model
 
 
-__all__ = ["HfQuantConfig", "QuantLinear", "quantize_model", "__version__"]
+__all__ = ["HfQuantConfig", "Int8Linear", "QuantLinear", "quantize_model", "__version__"]

@@ -9,19 +9,34 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn",)
+SUPPORTED_METHODS = ("rtn", "llm_int8", "w8a8")
+# Methods that quantize activations too (int8 per token at run time): int8 per-channel
+# symmetric weights only.
+ACTIVATION_METHODS = ("llm_int8", "w8a8")
+DEFAULT_CALIBRATION = {"text": None, "n_samples": 32, "seq_len": 512}
 DEFAULT_SKIP = ["lm_head"]
 
 
 class HfQuantConfig(QuantizationConfigMixin):
-    """Weight-only quantization settings, validated on construction.
+    """Quantization settings, validated on construction.
 
     Args:
-        bits: 4 or 8.
+        bits: 4 or 8. Default: 4 for "rtn", 8 for the activation methods.
         group_size: -1 (one scale per output channel) or 32, 64, 128, 256. The last group
             of a row may be shorter when it does not divide the layer's in_features.
+            Default: 128 for "rtn", -1 for the activation methods.
         symmetric: symmetric codes (no zero point) or asymmetric with a per-group zero point.
-        method: "rtn" (round to nearest, quantized while the weights load).
+        method: "rtn" (weight-only, round to nearest, quantized while the weights load);
+            "w8a8" (int8 weights per channel, int8 activations per token, quantized at run
+            time); "llm_int8" (as w8a8, but input columns holding a value with
+            |x| >= llm_int8_threshold are multiplied in floating point: LLM.int8()).
+        llm_int8_threshold: outlier threshold of "llm_int8" (default 6.0); 0 turns outlier
+            detection off (plain W8A8), inf keeps only NaN/Inf columns apart.
+        smoothquant_alpha: for "w8a8"/"llm_int8": calibrate SmoothQuant factors with this
+            migration strength (0..1, 0.5 is the paper's default) while loading a float model;
+            None (default) = no smoothing.
+        calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32,
+            "seq_len": 512} for the calibrating methods.
         modules_to_not_convert: module names (or name suffixes) kept in full precision;
             defaults to ["lm_head"].
         modules_override: per-module settings, ``{"model.layers.0.mlp.down_proj": {"bits": 8}}``;
@@ -30,13 +45,17 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int = 4,
-        group_size: int = 128,
+        bits: int | None = None,
+        group_size: int | None = None,
         symmetric: bool = True,
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         modules_override: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
+        llm_int8_threshold: float = 6.0,
+        smoothquant_alpha: float | None = None,
+        calibration: dict[str, Any] | None = None,
+        smooth_modules: list[str] | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -44,10 +63,20 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"HfQuantConfig: unknown argument(s) {sorted(kwargs)}")
         self.quant_method = "hfquant"
         self.format_version = format_version
+        if bits is None:
+            bits = 8 if method in ACTIVATION_METHODS else 4
         self.bits = bits
+        if group_size is None:
+            group_size = -1 if method in ACTIVATION_METHODS else 128
         self.group_size = group_size
         self.symmetric = symmetric
         self.method = method
+        self.llm_int8_threshold = llm_int8_threshold
+        self.smoothquant_alpha = smoothquant_alpha
+        self.calibration = {**DEFAULT_CALIBRATION, **(calibration or {})}
+        # Filled when SmoothQuant runs: modules whose factors are applied inside the op
+        # (stored as <module>.smooth) because no previous op could absorb them.
+        self.smooth_modules = list(smooth_modules or [])
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
         self.post_init()
@@ -61,6 +90,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.method not in SUPPORTED_METHODS:
             raise ValueError(f"HfQuantConfig: method={self.method!r} is not supported (use one of {SUPPORTED_METHODS})")
         _check_scheme("HfQuantConfig", self.bits, self.group_size, self.symmetric)
+        if self.method in ACTIVATION_METHODS:
+            self._check_activation_method()
+        elif self.smoothquant_alpha is not None:
+            raise ValueError(f"HfQuantConfig: smoothquant_alpha applies to methods {ACTIVATION_METHODS}, "
+                             f"not {self.method!r}")
         if not isinstance(self.modules_to_not_convert, list) or not all(
             isinstance(m, str) for m in self.modules_to_not_convert
         ):
@@ -76,6 +110,42 @@ class HfQuantConfig(QuantizationConfigMixin):
             s = self.scheme_for(name)
             _check_scheme(f"HfQuantConfig: modules_override[{name!r}]", s["bits"], s["group_size"], s["symmetric"])
 
+    def _check_activation_method(self) -> None:
+        m = self.method
+        if self.bits != 8 or self.group_size != -1 or not self.symmetric:
+            raise ValueError(f"HfQuantConfig: method={m!r} uses int8 symmetric per-channel weights: set bits=8, "
+                             f"group_size=-1, symmetric=True (got bits={self.bits}, group_size={self.group_size}, "
+                             f"symmetric={self.symmetric})")
+        if self.modules_override:
+            raise ValueError(f"HfQuantConfig: modules_override is not supported with method={m!r}")
+        t = self.llm_int8_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+            raise ValueError(f"HfQuantConfig: llm_int8_threshold={t!r} must be a number >= 0 "
+                             "(0 turns outlier detection off)")
+        a = self.smoothquant_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
+            raise ValueError(f"HfQuantConfig: smoothquant_alpha={a!r} must be a number in [0, 1] (or None)")
+        c = self.calibration
+        if set(c) - set(DEFAULT_CALIBRATION):
+            raise ValueError(f"HfQuantConfig: calibration has unknown key(s) {sorted(set(c) - set(DEFAULT_CALIBRATION))}"
+                             f" (use {sorted(DEFAULT_CALIBRATION)})")
+        for key in ("n_samples", "seq_len"):
+            v = c[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"HfQuantConfig: calibration[{key!r}]={v!r} must be a positive integer")
+        if not isinstance(self.smooth_modules, list) or not all(isinstance(n, str) for n in self.smooth_modules):
+            raise ValueError("HfQuantConfig: smooth_modules must be a list of module names")
+
+    @property
+    def threshold(self) -> float:
+        """The outlier threshold the int8 layers run with (0 for w8a8)."""
+        return float(self.llm_int8_threshold) if self.method == "llm_int8" else 0.0
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether loading a float model runs a calibration (needs the whole float model first)."""
+        return self.method in ACTIVATION_METHODS and self.smoothquant_alpha is not None
+
     def scheme_for(self, module_name: str) -> dict[str, Any]:
         """The bits / group_size / symmetric that apply to one module."""
         scheme = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
@@ -85,10 +155,15 @@ class HfQuantConfig(QuantizationConfigMixin):
         return scheme
 
     def is_skipped(self, module_name: str) -> bool:
-        return any(_name_matches(module_name, key) for key in self.modules_to_not_convert)
+        return self.is_listed(module_name, self.modules_to_not_convert)
+
+    @staticmethod
+    def is_listed(module_name: str, keys) -> bool:
+        """Whether a list of module names (exact, or a suffix after a dot) names this module."""
+        return any(_name_matches(module_name, key) for key in keys)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "quant_method": "hfquant",
             "format_version": self.format_version,
             "method": self.method,
@@ -98,12 +173,21 @@ class HfQuantConfig(QuantizationConfigMixin):
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "modules_override": copy.deepcopy(self.modules_override),
         }
+        if self.method in ACTIVATION_METHODS:
+            d["llm_int8_threshold"] = self.llm_int8_threshold
+            d["smoothquant_alpha"] = self.smoothquant_alpha
+            d["calibration"] = copy.deepcopy(self.calibration)
+            d["smooth_modules"] = list(self.smooth_modules)
+        return d
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
     @property
     def short_name(self) -> str:
+        if self.method in ACTIVATION_METHODS:
+            sq = "" if self.smoothquant_alpha is None else f"-sq{self.smoothquant_alpha:g}"
+            return f"{self.method}{sq}"
         g = "c" if self.group_size == -1 else f"g{self.group_size}"
         return f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
 

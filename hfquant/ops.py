@@ -63,3 +63,77 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
                                in_features)
     return torch.ops.hfquant.qlinear(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
                                      in_features)
+
+
+# --- int8 activations ---------------------------------------------------------------------
+_I8 = (ref.I8_TILE, ref.I8_KG)
+
+
+@torch.library.register_fake("hfquant::int8_pack")
+def _int8_pack_fake(qweight):
+    torch._check(qweight.dim() == 2, lambda: "hfquant::int8_pack: qweight must be 2-D")
+    N, K = qweight.shape
+    return (qweight.new_empty((-(-N // _I8[0]), -(-K // _I8[1]), _I8[0], _I8[1]), dtype=torch.int8),
+            qweight.new_empty((N,), dtype=torch.int32))
+
+
+@torch.library.register_fake("hfquant::quantize_act")
+def _quantize_act_fake(x, threshold=0.0, act_scale=None):
+    # The number of outlier columns depends on the data.
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.int64))
+
+
+@torch.library.register_fake("hfquant::int8_mm")
+def _int8_mm_fake(xq, packed_weight, colsum, out_features):
+    return xq.new_empty((xq.shape[0], out_features), dtype=torch.int32)
+
+
+@torch.library.register_fake("hfquant::int8_gemm")
+def _int8_gemm_fake(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype, out_features):
+    return xq.new_empty((xq.shape[0], out_features), dtype=out_dtype)
+
+
+@torch.library.register_fake("hfquant::int8_linear")
+def _int8_linear_fake(x, packed_weight, colsum, w_scales, bias, act_scale, threshold, out_features):
+    torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"hfquant::int8_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def int8_pack(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N])."""
+    if _backend() == "ref":
+        return ref.int8_pack_ref(qweight)
+    return torch.ops.hfquant.int8_pack(qweight)
+
+
+def quantize_act(x: torch.Tensor, threshold: float = 0.0, act_scale: torch.Tensor | None = None):
+    """Per-row int8 quantization of x [..., K]: (q int8, scales float32 [...], outlier_cols int64)."""
+    if _backend() == "ref":
+        return ref.quantize_act_ref(x, threshold, act_scale)
+    return torch.ops.hfquant.quantize_act(x, threshold, act_scale)
+
+
+def int8_mm(xq: torch.Tensor, packed_weight: torch.Tensor, colsum: torch.Tensor, out_features: int):
+    """Exact int32 xq [M, K] @ W^T."""
+    if _backend() == "ref":
+        return ref.int8_mm_ref(xq, packed_weight, colsum, out_features)
+    return torch.ops.hfquant.int8_mm(xq, packed_weight, colsum, out_features)
+
+
+def int8_gemm(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype: torch.dtype, out_features: int):
+    """(xq @ W^T) * x_scales[m] * w_scales[n] + bias[n] in out_dtype."""
+    if _backend() == "ref":
+        return ref.int8_gemm_ref(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype, out_features)
+    return torch.ops.hfquant.int8_gemm(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype,
+                                       out_features)
+
+
+def int8_linear(x, packed_weight, colsum, w_scales, bias, act_scale, threshold: float, out_features: int):
+    """W8A8 (threshold 0) or LLM.int8() (threshold > 0) linear layer; y in x.dtype."""
+    if _backend() == "ref":
+        return ref.int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, threshold, out_features)
+    return torch.ops.hfquant.int8_linear(x, packed_weight, colsum, w_scales, bias, act_scale, threshold,
+                                         out_features)

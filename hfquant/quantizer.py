@@ -16,8 +16,8 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import _ext, formats
 from .config import HfQuantConfig
-from .nn import QuantLinear
-from .replace import replace_with_empty
+from .nn import PackedLinear
+from .replace import quantize_in_place, replace_with_empty
 
 logger = logging.getLogger("hfquant")
 
@@ -78,6 +78,9 @@ class HfQuantQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        if self.quantization_config.calibrates and not self.pre_quantized:
+            # Calibration needs the float model: the layers are quantized after loading.
+            return model
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
                                                          expect_float_weights=not self.pre_quantized)
         tied = [n for n, m in model.named_modules() if getattr(m, "tied_source", None)]
@@ -93,20 +96,29 @@ class HfQuantQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, PackedLinear):
             return False
         if self.pre_quantized:
             # Saying True for the quantized tensors only skips transformers' generic shape
             # check: they are validated after loading, with the tensor named in the error.
-            return tensor_name in ("qweight", "scales", "zeros")
+            return tensor_name in ("qweight", "scales", "zeros", "smooth")
         return tensor_name == "weight"
 
     def get_quantize_ops(self):
         return HfQuantQuantize(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if config.calibrates and not self.pre_quantized:
+            from .algorithms.smoothquant import smooth_model
+
+            runtime = smooth_model(model, config)
+            config.smooth_modules = sorted(runtime)
+            self.modules_to_not_convert = quantize_in_place(model, config, smooth=runtime)
+            _make_save_atomic(model)
+            return model
         for name, module in model.named_modules():
-            if not isinstance(module, QuantLinear):
+            if not isinstance(module, PackedLinear):
                 continue
             source = getattr(module, "tied_source", None)
             if source is not None:
@@ -119,7 +131,7 @@ class HfQuantQuantizer(HfQuantizer):
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
-            for key in ("qweight", "scales", "zeros"):
+            for key in ("qweight", "scales", "zeros", "smooth"):
                 t = getattr(module, key, None)
                 if t is None:
                     continue
@@ -151,13 +163,13 @@ class HfQuantQuantizer(HfQuantizer):
         from .replace import _set_module
 
         for name, module in list(model.named_modules()):
-            if isinstance(module, QuantLinear):
+            if isinstance(module, PackedLinear):
                 _set_module(model, name, module.to_linear(dtype))
         return model
 
 
 def _first_quantized(model) -> str | None:
-    return next((n for n, m in model.named_modules() if isinstance(m, QuantLinear)), None)
+    return next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
 
 
 def _make_save_atomic(model) -> None:

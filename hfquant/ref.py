@@ -109,3 +109,100 @@ def qlinear_ref(x, packed_weight, packed_scales, bias, bits: int, group_size: in
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype)
+
+
+# --- int8 activations (W8A8, LLM.int8()) -------------------------------------------------
+I8_TILE = 16  # output channels per tile of the int8 GEMM layout
+I8_KG = 4  # k per 32-bit lane
+
+
+def int8_pack_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``hfquant::int8_pack``: int8 [N, K] -> (int8 [Nt, K4, 16, 4], colsum int32 [N])."""
+    N, K = qweight.shape
+    Nt, K4 = -(-N // I8_TILE), -(-K // I8_KG)
+    w = torch.zeros(Nt * I8_TILE, K4 * I8_KG, dtype=torch.int8)
+    w[:N, :K] = qweight
+    packed = w.view(Nt, I8_TILE, K4, I8_KG).permute(0, 2, 1, 3).contiguous()
+    return packed, qweight.to(torch.int32).sum(1, dtype=torch.int32)
+
+
+def int8_weight_from_packed(packed_weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """int8 [N, K] weights rebuilt exactly from the int8 GEMM layout."""
+    Nt, K4 = packed_weight.shape[:2]
+    w = packed_weight.permute(0, 2, 1, 3).reshape(Nt * I8_TILE, K4 * I8_KG)
+    return w[:out_features, :in_features].contiguous()
+
+
+def _check_threshold(op: str, threshold: float) -> None:
+    if not threshold >= 0:
+        raise RuntimeError(f"hfquant::{op}: threshold={threshold} must be >= 0 (0 turns outlier detection off, "
+                           "inf keeps only non-finite values apart)")
+
+
+def quantize_act_ref(x: torch.Tensor, threshold: float = 0.0, act_scale: torch.Tensor | None = None):
+    """Twin of ``hfquant::quantize_act``: per-row absmax int8 quantization of x * act_scale.
+
+    threshold > 0: columns with any |x| >= threshold or a NaN/Inf are outliers: listed in
+    ``outlier_cols`` (ascending), left out of each row's absmax and quantized to 0.
+    Per row with absmax a over the other columns: scale = a / 127 and
+    q = clamp(round_half_even(x * (127 / a)), -127, 127); a row whose kept values include
+    NaN/Inf gets scale NaN and codes 0; a = 0 (or 127 / a = inf) gives scale 0, codes 0.
+    """
+    _check_threshold("quantize_act", threshold)
+    K = x.shape[-1]
+    xf = x.to(torch.float32)
+    if act_scale is not None:
+        xf = xf * act_scale.to(torch.float32)
+    x2 = xf.reshape(-1, K)
+    if threshold > 0:
+        mask = (~(x2.abs() < threshold)).any(0)
+    else:
+        mask = torch.zeros(K, dtype=torch.bool)
+    cols = mask.nonzero().flatten()
+    kept = x2.masked_fill(mask, 0.0)
+    a = kept.abs()
+    bad = ~torch.isfinite(a).all(1)
+    amax = a.amax(1) if K else torch.zeros(x2.shape[0])
+    inv = torch.tensor(127.0, dtype=torch.float32) / amax
+    zero = (amax == 0) | torch.isinf(inv)
+    q = torch.round(kept * inv[:, None]).clamp(-127, 127)
+    q[bad | zero] = 0
+    scale = torch.where(zero, torch.zeros_like(amax), amax / 127.0)
+    scale = torch.where(bad, torch.full_like(amax, float("nan")), scale)
+    return q.to(torch.int8).reshape(x.shape), scale.reshape(x.shape[:-1]), cols
+
+
+def int8_mm_ref(xq: torch.Tensor, packed_weight: torch.Tensor, colsum: torch.Tensor, out_features: int):
+    """Twin of ``hfquant::int8_mm``: exact int32 xq @ W^T (int64 accumulation)."""
+    if (xq == -128).any():
+        raise RuntimeError("hfquant::int8_mm: xq holds -128; int8 activations must lie in [-127, 127]")
+    w = int8_weight_from_packed(packed_weight, out_features, xq.shape[1])
+    return (xq.to(torch.int64) @ w.to(torch.int64).t()).to(torch.int32)
+
+
+def int8_gemm_ref(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype, out_features: int):
+    """Twin of ``hfquant::int8_gemm``: float(xq @ W^T) * (x_scales[m] * w_scales[n]) + bias[n]."""
+    acc = int8_mm_ref(xq, packed_weight, colsum, out_features).to(torch.float32)
+    y = acc * (x_scales.to(torch.float32)[:, None] * w_scales.to(torch.float32)[None, :])
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, threshold: float, out_features: int):
+    """Twin of ``hfquant::int8_linear``: quantize_act, the int8 GEMM, plus the outlier columns
+    of x * act_scale times the matching weight columns (dequantized) in float32."""
+    K = x.shape[-1]
+    q, s, cols = quantize_act_ref(x, threshold, act_scale)
+    q2 = q.reshape(-1, K)
+    y = int8_gemm_ref(q2, s.reshape(-1), packed_weight, colsum, w_scales, None, torch.float32, out_features)
+    if cols.numel():
+        xf = x.reshape(-1, K).to(torch.float32)
+        if act_scale is not None:
+            xf = xf * act_scale.to(torch.float32)
+        w = int8_weight_from_packed(packed_weight, out_features, K)
+        wo = w[:, cols].to(torch.float32) * w_scales.to(torch.float32)[:, None]
+        y = y + xf[:, cols] @ wo.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

@@ -1,4 +1,4 @@
-"""Finding the layers to quantize and swapping them for QuantLinear."""
+"""Finding the layers to quantize and swapping them for QuantLinear / Int8Linear."""
 from __future__ import annotations
 
 import logging
@@ -6,8 +6,8 @@ import logging
 import torch
 from torch import nn
 
-from .config import HfQuantConfig
-from .nn import QuantLinear
+from .config import ACTIVATION_METHODS, HfQuantConfig
+from .nn import Int8Linear, QuantLinear
 
 logger = logging.getLogger("hfquant")
 
@@ -73,14 +73,18 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     for name, module, transposed in targets:
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
-        scheme = config.scheme_for(name)
         # A tied layer has no weight of its own in a float checkpoint: it is quantized from
         # the parameter it shares once that has loaded (HfQuantQuantizer, after loading).
         from_tied = name in tied and expect_float_weights
-        new = QuantLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
-                          scheme["symmetric"], dtype=w.dtype, device=w.device,
-                          float_weight_shape=tuple(w.shape) if expect_float_weights and not from_tied else None,
-                          float_weight_transposed=transposed)
+        common = dict(dtype=w.dtype, device=w.device, float_weight_transposed=transposed,
+                      float_weight_shape=tuple(w.shape) if expect_float_weights and not from_tied else None)
+        if config.method in ACTIVATION_METHODS:
+            new = Int8Linear(in_f, out_f, module.bias is not None, config.threshold,
+                             smooth=config.is_listed(name, config.smooth_modules), **common)
+        else:
+            scheme = config.scheme_for(name)
+            new = QuantLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
+                              scheme["symmetric"], **common)
         if from_tied:
             new.tied_source = tied[name]
         if name in tied:
@@ -92,8 +96,10 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
 
 
 @torch.no_grad()
-def quantize_in_place(model: nn.Module, config: HfQuantConfig) -> list[str]:
-    """Quantizes the layers of a model in memory (RTN), one layer at a time."""
+def quantize_in_place(model: nn.Module, config: HfQuantConfig,
+                      smooth: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Quantizes the layers of a model in memory (RTN weights), one layer at a time.
+    ``smooth``: {module name: SmoothQuant factors applied inside the op} (activation methods)."""
     check_overrides(model, config)
     targets, kept = find_targets(model, config)
     if not targets:
@@ -104,9 +110,12 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig) -> list[str]:
             untie(model, name)
         if module.weight.device.type == "meta":
             raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
-        scheme = config.scheme_for(name)
-        new = QuantLinear.from_float(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
-                                     transposed=transposed)
+        if config.method in ACTIVATION_METHODS:
+            new = Int8Linear.from_float(module, config.threshold, (smooth or {}).get(name), transposed=transposed)
+        else:
+            scheme = config.scheme_for(name)
+            new = QuantLinear.from_float(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
+                                         transposed=transposed)
         new.pack()
         _set_module(model, name, new)
     return kept

@@ -35,15 +35,6 @@ def _name(v):
     return str(v)
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Forces one kernel path for the test, then restores the one active before."""
-    prev = _C.cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(prev)
-
-
 def make_quantized(N, K, bits, group_size, asym, gen, codes=None, scale=None):
     """Random canonical checkpoint tensors (qweight, scales, zeros) as repack takes them."""
     _, G = ref.group_geometry(group_size, K)

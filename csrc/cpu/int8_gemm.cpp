@@ -1,0 +1,412 @@
+// The int8-activation ops on CPU: weight packing, dynamic per-row activation quantization
+// with LLM.int8() outlier columns, the int8 GEMM (raw int32 or scaled), and the fused
+// linear layer of W8A8 / LLM.int8(). Argument checks and the choice of kernel path are
+// here; the kernels are in int8_gemm_{avx512,avx2,portable}.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/int8_gemm.h"
+
+namespace hfquant::cpu {
+namespace {
+
+using i8::kKG;
+using i8::kTile;
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+i8::Path int8_path() {
+  const Isa isa = active_isa();
+  if ((isa == Isa::Avx512 || isa == Isa::Avx512Bf16) && features().avx512_vnni) return i8::Path::Vnni512;
+  if (isa != Isa::Portable) return i8::Path::Avx2;
+  return i8::Path::Portable;
+}
+
+i8::GemmFn gemm_fn(i8::Path p) {
+  switch (p) {
+#if defined(HFQUANT_X86)
+    case i8::Path::Vnni512: return i8::gemm_vnni512;
+    case i8::Path::Avx2: return i8::gemm_avx2;
+#endif
+    default: return i8::gemm_portable;
+  }
+}
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+DType dtype_of(at::ScalarType t) {
+  return t == at::kBFloat16 ? DType::BF16 : t == at::kHalf ? DType::F16 : DType::F32;
+}
+
+void check_cpu(const char* op, const char* what, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "hfquant::", op, ": ", what, " is on ", t.device(),
+              " but this is the CPU kernel (is the CUDA extension built?)");
+}
+
+// Checks the packed weight and column sums against out_features; returns the view.
+i8::WeightView weight_view(const char* op, const at::Tensor& pw, const at::Tensor& colsum, int64_t N) {
+  check_cpu(op, "packed_weight", pw);
+  check_cpu(op, "colsum", colsum);
+  TORCH_CHECK(N > 0, "hfquant::", op, ": out_features=", N, " must be positive");
+  TORCH_CHECK(pw.scalar_type() == at::kChar && pw.is_contiguous() && pw.dim() == 4 && pw.size(2) == kTile &&
+                  pw.size(3) == kKG,
+              "hfquant::", op, ": packed_weight must be a contiguous int8 tensor [Nt, K/4, 16, 4] from "
+              "hfquant::int8_pack, got ", pw.scalar_type(), " ", pw.sizes());
+  const int64_t Nt = (N + kTile - 1) / kTile;
+  TORCH_CHECK(pw.size(0) == Nt, "hfquant::", op, ": packed_weight has ", pw.size(0), " tiles, expected ", Nt,
+              " for out_features=", N);
+  TORCH_CHECK(pw.size(1) > 0, "hfquant::", op, ": packed_weight has no columns");
+  TORCH_CHECK(colsum.scalar_type() == at::kInt && colsum.is_contiguous() && colsum.dim() == 1 &&
+                  colsum.size(0) == N,
+              "hfquant::", op, ": colsum must be a contiguous int32 tensor [", N, "] from hfquant::int8_pack, got ",
+              colsum.scalar_type(), " ", colsum.sizes());
+  return {pw.data_ptr<int8_t>(), colsum.data_ptr<int32_t>(), N, pw.size(1) * kKG, pw.size(1), Nt};
+}
+
+at::Tensor float_vector(const char* op, const char* what, const at::Tensor& t, int64_t n) {
+  check_cpu(op, what, t);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "hfquant::", op, ": ", what, " has shape ", t.sizes(), ", expected [",
+              n, "]");
+  TORCH_CHECK(t.is_floating_point(), "hfquant::", op, ": ", what, " must be floating point, got ", t.scalar_type());
+  return t.to(at::kFloat).contiguous();
+}
+
+// Runs the GEMM over all rows and tiles. Tasks split the tiles; each task passes all rows
+// over its tiles (their weights stay in cache while the rows stream by).
+void run_gemm(const i8::ActView& a, const i8::WeightView& w, const i8::Epilogue& e) {
+  const i8::GemmFn fn = gemm_fn(int8_path());
+  // At least ~256K multiply-adds per task: small layers at decode run on one thread.
+  const int64_t per_tile = kTile * w.K4 * kKG * std::max<int64_t>(1, a.M);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / per_tile);
+  at::parallel_for(0, w.Nt, grain, [&](int64_t t0, int64_t t1) { fn(a, w, e, 0, a.M, t0, t1); });
+}
+
+// Per-row (per-token) absmax quantization of a [M, K] float matrix (any dtype, row stride
+// ld elements) multiplied by act_scale[k] when given. Columns flagged in `outlier` are
+// left out of the absmax and quantized to 0. Per row: absmax a over the kept columns;
+// non-finite values among them -> scale NaN and codes 0 (the row's output becomes NaN);
+// a = 0 (or so small that 127 / a overflows) -> scale 0 and codes 0; otherwise
+// scale = a / 127 and q = clamp(round_half_even(x * (127 / a)), -127, 127).
+// Writes int8 codes into q (row stride ldq) with `offset` added (0, or 128 for the
+// VNNI path's unsigned bytes), padding columns [K, ldq) with `offset`.
+template <typename T>
+void quantize_rows(const T* x, int64_t ld, int64_t M, int64_t K, const float* act_scale, const uint8_t* outlier,
+                   uint8_t* q, int64_t ldq, uint8_t offset, float* scales) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    std::vector<float> v(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = x + m * ld;
+      for (int64_t k = 0; k < K; ++k) v[k] = act_scale ? float(xr[k]) * act_scale[k] : float(xr[k]);
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        if (outlier && outlier[k]) continue;
+        const float av = std::fabs(v[k]);
+        finite = finite && std::isfinite(av);
+        amax = std::max(amax, av);
+      }
+      uint8_t* qr = q + m * ldq;
+      const float inv = 127.f / amax;
+      if (!finite || amax == 0.f || !std::isfinite(inv)) {
+        scales[m] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+        std::memset(qr, offset, ldq);
+        continue;
+      }
+      scales[m] = amax / 127.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const bool skip = outlier && outlier[k];
+        const float r = skip ? 0.f : std::min(127.f, std::max(-127.f, std::nearbyint(v[k] * inv)));
+        qr[k] = uint8_t(int8_t(int(r))) + offset;
+      }
+      std::memset(qr + K, offset, ldq - K);
+    }
+  });
+}
+
+// Columns k of x (times act_scale) holding a value with !(|x| < threshold): NaN and Inf
+// count as outliers, so they take the floating-point path and propagate as IEEE says.
+template <typename T>
+std::vector<int64_t> find_outliers(const T* x, int64_t ld, int64_t M, int64_t K, const float* act_scale,
+                                   float threshold, std::vector<uint8_t>& mask) {
+  mask.assign(K, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * ld;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = act_scale ? float(xr[k]) * act_scale[k] : float(xr[k]);
+      mask[k] |= uint8_t(!(std::fabs(v) < threshold));
+    }
+  }
+  std::vector<int64_t> cols;
+  for (int64_t k = 0; k < K; ++k)
+    if (mask[k]) cols.push_back(k);
+  return cols;
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    default: f(static_cast<c10::Half*>(nullptr)); break;
+  }
+}
+
+void check_threshold(const char* op, double threshold) {
+  TORCH_CHECK(!std::isnan(threshold) && threshold >= 0, "hfquant::", op, ": threshold=", threshold,
+              " must be >= 0 (0 turns outlier detection off, inf keeps only non-finite values apart)");
+}
+
+void check_x(const char* op, const at::Tensor& x, int64_t K) {
+  check_cpu(op, "x", x);
+  TORCH_CHECK(is_float(x.scalar_type()), "hfquant::", op, ": x must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && (K < 0 || x.size(-1) == K), "hfquant::", op, ": x has last dimension ",
+              x.dim() ? x.size(-1) : 0, ", expected in_features=", K);
+}
+
+// Quantized activations in the layout of the active kernel path.
+struct QuantizedAct {
+  at::Tensor buf;     // uint8 [M, K4*4]
+  at::Tensor scales;  // float32 [M]
+  std::vector<int64_t> outliers;
+};
+
+QuantizedAct quantize_for_gemm(const at::Tensor& x2d, const at::Tensor& act_scale, double threshold, int64_t K4,
+                               bool offset) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  QuantizedAct r;
+  r.buf = at::empty({M, K4 * kKG}, x2d.options().dtype(at::kByte));
+  r.scales = at::empty({M}, x2d.options().dtype(at::kFloat));
+  const float* as = act_scale.defined() ? act_scale.data_ptr<float>() : nullptr;
+  dispatch_float(x2d.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = reinterpret_cast<const T*>(x2d.data_ptr());
+    std::vector<uint8_t> mask;
+    if (threshold > 0) r.outliers = find_outliers(xp, x2d.stride(0), M, K, as, float(threshold), mask);
+    quantize_rows(xp, x2d.stride(0), M, K, as, r.outliers.empty() ? nullptr : mask.data(),
+                  r.buf.data_ptr<uint8_t>(), K4 * kKG, offset ? 128 : 0, r.scales.data_ptr<float>());
+  });
+  return r;
+}
+
+}  // namespace
+
+// qweight int8 [N, K] (values in [-127, 127] or -128) -> (packed int8 [Nt, K4, 16, 4],
+// colsum int32 [N]).
+std::tuple<at::Tensor, at::Tensor> int8_pack_cpu(const at::Tensor& qweight) {
+  check_cpu("int8_pack", "qweight", qweight);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "hfquant::int8_pack: qweight must be int8, got ",
+              qweight.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(0) > 0 && qweight.size(1) > 0,
+              "hfquant::int8_pack: qweight must be a non-empty 2-D [out_features, in_features] tensor, got ",
+              qweight.sizes());
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  const int64_t Nt = (N + kTile - 1) / kTile, K4 = (K + kKG - 1) / kKG;
+  const at::Tensor q = qweight.contiguous();
+  at::Tensor pw = at::zeros({Nt, K4, kTile, kKG}, q.options());
+  at::Tensor colsum = at::empty({N}, q.options().dtype(at::kInt));
+  const int8_t* src = q.data_ptr<int8_t>();
+  int8_t* dst = pw.data_ptr<int8_t>();
+  int32_t* cs = colsum.data_ptr<int32_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t t = n / kTile, c = n % kTile;
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t v = src[n * K + k];
+        dst[((t * K4 + k / kKG) * kTile + c) * kKG + k % kKG] = v;
+        s += v;
+      }
+      cs[n] = s;
+    }
+  });
+  return {pw, colsum};
+}
+
+// x [..., K] float -> (q int8 [..., K], scales float32 [...], outlier_cols int64 [n]).
+// threshold > 0: columns holding any |x * act_scale| >= threshold (or a non-finite value)
+// are outliers, listed in ascending order and quantized to 0 in every row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x, double threshold,
+                                                                const std::optional<at::Tensor>& act_scale) {
+  check_x("quantize_act", x, -1);
+  check_threshold("quantize_act", threshold);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0, "hfquant::quantize_act: x has an empty last dimension");
+  at::Tensor as = act_scale ? float_vector("quantize_act", "act_scale", *act_scale, K) : at::Tensor();
+  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2d.size(0);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto scale_sizes = x.sizes().vec();
+  scale_sizes.pop_back();
+  at::Tensor scales = at::empty(scale_sizes, x.options().dtype(at::kFloat));
+  std::vector<int64_t> cols;
+  if (M > 0) {
+    const float* asp = as.defined() ? as.data_ptr<float>() : nullptr;
+    dispatch_float(x2d.scalar_type(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* xp = reinterpret_cast<const T*>(x2d.data_ptr());
+      std::vector<uint8_t> mask;
+      if (threshold > 0) cols = find_outliers(xp, K, M, K, asp, float(threshold), mask);
+      quantize_rows(xp, K, M, K, asp, cols.empty() ? nullptr : mask.data(),
+                    reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>()), K, 0, scales.data_ptr<float>());
+    });
+  }
+  at::Tensor out_cols = at::empty({int64_t(cols.size())}, x.options().dtype(at::kLong));
+  std::copy(cols.begin(), cols.end(), out_cols.data_ptr<int64_t>());
+  return {q, scales, out_cols};
+}
+
+namespace {
+
+// int8 activations [M, K] from the user -> the kernel's row layout.
+at::Tensor act_rows(const char* op, const at::Tensor& xq, const i8::WeightView& w, bool offset) {
+  check_cpu(op, "xq", xq);
+  TORCH_CHECK(xq.scalar_type() == at::kChar, "hfquant::", op, ": xq must be int8, got ", xq.scalar_type());
+  TORCH_CHECK(xq.dim() == 2, "hfquant::", op, ": xq must be 2-D [M, K], got ", xq.dim(), "-D");
+  const int64_t M = xq.size(0), K = xq.size(1);
+  TORCH_CHECK(K <= w.K4 * kKG && K > w.K4 * kKG - kKG, "hfquant::", op, ": xq has ", K,
+              " columns, but packed_weight holds in_features in (", w.K4 * kKG - kKG, ", ", w.K4 * kKG, "]");
+  at::Tensor buf = at::empty({M, w.K4 * kKG}, xq.options().dtype(at::kByte));
+  const int8_t* src = xq.data_ptr<int8_t>();
+  uint8_t* dst = buf.data_ptr<uint8_t>();
+  const uint8_t off = offset ? 128 : 0;
+  bool has_min = false;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* s = src + m * xq.stride(0);
+    uint8_t* d = dst + m * w.K4 * kKG;
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t v = s[k * xq.stride(1)];
+      has_min |= v == -128;
+      d[k] = uint8_t(v) + off;
+    }
+    std::memset(d + K, off, w.K4 * kKG - K);
+  }
+  TORCH_CHECK(!has_min, "hfquant::", op, ": xq holds -128; int8 activations must lie in [-127, 127] "
+              "(symmetric quantization, as hfquant::quantize_act produces)");
+  return buf;
+}
+
+}  // namespace
+
+// Exact int32 product xq [M, K] @ W^T -> [M, N].
+at::Tensor int8_mm_cpu(const at::Tensor& xq, const at::Tensor& packed_weight, const at::Tensor& colsum,
+                       int64_t out_features) {
+  const i8::WeightView w = weight_view("int8_mm", packed_weight, colsum, out_features);
+  const bool offset = int8_path() == i8::Path::Vnni512;
+  const at::Tensor buf = act_rows("int8_mm", xq, w, offset);
+  const int64_t M = xq.size(0);
+  at::Tensor y = at::empty({M, out_features}, xq.options().dtype(at::kInt));
+  if (M == 0) return y;
+  const i8::ActView a{buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
+  const i8::Epilogue e{y.data_ptr(), true, DType::F32, out_features, nullptr, nullptr, nullptr};
+  run_gemm(a, w, e);
+  return y;
+}
+
+// y = (xq @ W^T) * x_scales[m] * w_scales[n] + bias[n], in out_dtype.
+at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& packed_weight,
+                         const at::Tensor& colsum, const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
+                         at::ScalarType out_dtype, int64_t out_features) {
+  const i8::WeightView w = weight_view("int8_gemm", packed_weight, colsum, out_features);
+  TORCH_CHECK(is_float(out_dtype), "hfquant::int8_gemm: out_dtype must be float32, bfloat16 or float16, got ",
+              out_dtype);
+  const bool offset = int8_path() == i8::Path::Vnni512;
+  const at::Tensor buf = act_rows("int8_gemm", xq, w, offset);
+  const int64_t M = xq.size(0);
+  const at::Tensor xs = float_vector("int8_gemm", "x_scales", x_scales, M);
+  const at::Tensor ws = float_vector("int8_gemm", "w_scales", w_scales, out_features);
+  const at::Tensor b = bias ? float_vector("int8_gemm", "bias", *bias, out_features) : at::Tensor();
+  at::Tensor y = at::empty({M, out_features}, xq.options().dtype(out_dtype));
+  if (M == 0) return y;
+  const i8::ActView a{buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
+  const i8::Epilogue e{y.data_ptr(), false, dtype_of(out_dtype), out_features, xs.data_ptr<float>(),
+                       ws.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr};
+  run_gemm(a, w, e);
+  return y;
+}
+
+// The linear layer of W8A8 (threshold 0) and LLM.int8() (threshold > 0):
+// x [..., K] float -> y [..., N] in x.dtype. x is multiplied by act_scale (the inverse
+// SmoothQuant factors) when given, quantized per row, multiplied with the int8 weights;
+// outlier columns (threshold > 0) are multiplied in fp32 with the matching weight columns
+// dequantized on the fly, and added.
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& colsum,
+                           const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& act_scale, double threshold, int64_t out_features) {
+  const i8::WeightView w = weight_view("int8_linear", packed_weight, colsum, out_features);
+  check_x("int8_linear", x, -1);
+  check_threshold("int8_linear", threshold);
+  const int64_t K = x.size(-1), N = out_features;
+  TORCH_CHECK(K <= w.K4 * kKG && K > w.K4 * kKG - kKG, "hfquant::int8_linear: x has last dimension ", K,
+              ", but packed_weight holds in_features in (", w.K4 * kKG - kKG, ", ", w.K4 * kKG, "]");
+  const at::Tensor ws = float_vector("int8_linear", "w_scales", w_scales, N);
+  const at::Tensor b = bias ? float_vector("int8_linear", "bias", *bias, N) : at::Tensor();
+  const at::Tensor as = act_scale ? float_vector("int8_linear", "act_scale", *act_scale, K) : at::Tensor();
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = N;
+  const at::Tensor x2d = x.reshape({-1, K});
+  const at::Tensor xc = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
+  const int64_t M = xc.size(0);
+  if (M == 0) return at::empty(out_sizes, x.options());
+
+  const bool offset = int8_path() == i8::Path::Vnni512;
+  QuantizedAct qa = quantize_for_gemm(xc, as, threshold, w.K4, offset);
+  const i8::ActView a{qa.buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
+  const bool split = !qa.outliers.empty();
+  // With outliers the int8 part goes to fp32 first; the outlier product and bias are added there.
+  at::Tensor y = at::empty({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
+  const i8::Epilogue e{y.data_ptr(), false, dtype_of(y.scalar_type()), N, qa.scales.data_ptr<float>(),
+                       ws.data_ptr<float>(), (b.defined() && !split) ? b.data_ptr<float>() : nullptr};
+  run_gemm(a, w, e);
+  if (!split) return y.reshape(out_sizes);
+
+  const int64_t n_out = int64_t(qa.outliers.size());
+  at::Tensor cols = at::from_blob(qa.outliers.data(), {n_out}, at::kLong);
+  at::Tensor xo = xc.index_select(1, cols).to(at::kFloat);
+  if (as.defined()) xo.mul_(as.index_select(0, cols));
+  // Weight columns of the outliers, dequantized: wo[n][i] = w[n][cols[i]] * ws[n].
+  at::Tensor wo = at::empty({N, n_out}, x.options().dtype(at::kFloat));
+  float* wop = wo.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* tile = w.w + (n / kTile) * w.K4 * 64 + (n % kTile) * kKG;
+      for (int64_t i = 0; i < n_out; ++i) {
+        const int64_t k = qa.outliers[i];
+        wop[n * n_out + i] = float(tile[(k / kKG) * kTile * kKG + k % kKG]) * wsp[n];
+      }
+    }
+  });
+  y.addmm_(xo, wo.t());
+  if (b.defined()) y.add_(b);
+  return y.to(x.scalar_type()).reshape(out_sizes);
+}
+
+const char* int8_path_name() {
+  switch (int8_path()) {
+    case i8::Path::Vnni512: return "avx512vnni";
+    case i8::Path::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+}  // namespace hfquant::cpu
+
+TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
+  m.impl("int8_pack", &hfquant::cpu::int8_pack_cpu);
+  m.impl("quantize_act", &hfquant::cpu::quantize_act_cpu);
+  m.impl("int8_mm", &hfquant::cpu::int8_mm_cpu);
+  m.impl("int8_gemm", &hfquant::cpu::int8_gemm_cpu);
+  m.impl("int8_linear", &hfquant::cpu::int8_linear_cpu);
+}

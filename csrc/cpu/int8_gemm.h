@@ -1,0 +1,57 @@
+// The int8 x int8 -> int32 GEMM of W8A8 and LLM.int8(): weight layout, views and the
+// per-path kernel entry points. docs/formats.md ("int8 GEMM layout") describes the layout.
+//
+// Weights (from hfquant::int8_pack): int8 [Nt][K4][16][4], Nt = ceil(N/16), K4 = ceil(K/4):
+// for a tile of 16 output channels, 4 consecutive k of each channel form one 32-bit lane
+// and 16 channels one 64-byte row, the operand of one vpdpbusd. Padding is zero.
+// Activations are quantized into rows of K4*4 bytes, zero padded, stored either as int8
+// (AVX2 and portable paths) or as uint8 x + 128 (VNNI: vpdpbusd multiplies unsigned by
+// signed bytes); the VNNI path subtracts 128 * colsum[n] afterwards, exactly.
+#pragma once
+#include <cstdint>
+
+#include "cpu/qlinear.h"  // DType
+
+namespace hfquant::cpu::i8 {
+
+constexpr int64_t kTile = 16;  // output channels per tile
+constexpr int64_t kKG = 4;     // k per 32-bit lane
+
+enum class Path : int8_t { Portable = 0, Avx2 = 1, Vnni512 = 2 };
+
+struct WeightView {
+  const int8_t* w;
+  const int32_t* colsum;  // sum_k w[n][k], [N]
+  int64_t N, K, K4, Nt;
+};
+
+struct ActView {
+  const uint8_t* x;  // [M][K4*4]: int8, or uint8 x + 128 for the VNNI path
+  int64_t ld;        // bytes per row
+  int64_t M;
+};
+
+// What the kernel stores for y[m][n]: the exact int32 dot product, or
+// float(dot) * xs[m] * ws[n] (+ bias[n]) converted to dt. A NaN xs[m] makes the row NaN.
+struct Epilogue {
+  void* y;
+  bool int32_out;
+  DType dt;          // when !int32_out
+  int64_t ldy;       // elements per row of y
+  const float* xs;   // [M] per-row (per-token) scales
+  const float* ws;   // [N] per-channel weight scales
+  const float* bias; // [N] or nullptr
+};
+
+// Computes rows [m0, m1) x tiles [t0, t1) of y.
+using GemmFn = void (*)(const ActView& a, const WeightView& w, const Epilogue& e, int64_t m0, int64_t m1,
+                        int64_t t0, int64_t t1);
+void gemm_portable(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
+void gemm_avx2(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
+void gemm_vnni512(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
+
+}  // namespace hfquant::cpu::i8
+
+namespace hfquant::cpu {
+const char* int8_path_name();  // kernel path of the int8 GEMM under the active ISA
+}
