@@ -12,6 +12,7 @@ never timed.
     python benchmarks/bench_linear.py                       # all shapes, M = 1 8 128
     python benchmarks/bench_linear.py --quick --shapes smollm2-135m --m 1
     python benchmarks/bench_linear.py --isa avx2 --json out.json --write-docs
+    python benchmarks/bench_linear.py --suite int8 --write-docs   # W8A8 / LLM.int8 vs fbgemm, F.linear
 
 Convention: N = out_features, K = in_features; y[M, N] = x[M, K] @ W[N, K]^T.
 """
@@ -48,7 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["all"],
                    help="shape names or model keys from benchmarks/shapes.py (default: all)")
-    p.add_argument("--m", nargs="+", type=int, default=[1, 8, 128], help="rows of x (default: 1 8 128)")
+    p.add_argument("--suite", choices=["weight-only", "int8"], default="weight-only",
+                   help="weight-only: W4/W8 qlinear and their peers; int8: int8 activations (W8A8, LLM.int8 with "
+                        "0.1%% outlier columns) against torch.ao's dynamic quantized Linear and F.linear")
+    p.add_argument("--m", nargs="+", type=int, default=None,
+                   help="rows of x (default: 1 8 128; --suite int8: 1 16 128 512)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     p.add_argument("--group-size", type=int, default=128, help="W4 group size (default: 128)")
     p.add_argument("--quick", action="store_true",
@@ -74,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="section marker label (default: linear-<hfquant isa>, so a full run replaces the "
                         "--quick placeholder of the same kernel path)")
     a = p.parse_args(argv)
+    a.m = a.m or ([1, 16, 128, 512] if a.suite == "int8" else [1, 8, 128])
     quick = a.quick
     a.reps = a.reps or (5 if quick else 21)
     a.min_reps = min(a.reps, 3 if quick else 5)
@@ -107,11 +113,12 @@ import common  # noqa: E402
 import shapes as shapes_mod  # noqa: E402
 from common import MiB, WeightPool, tensor_bytes  # noqa: E402
 
-ACTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+        "fp32o": torch.float32}  # fp32o: x with 0.1% outlier columns (|x| = 20), for LLM.int8
 # Allowed relative Frobenius error against x @ W_ref^T (W_ref: the exact weight the
 # competitor stands for, computed in fp32): room for bf16/fp16 output rounding, while
 # a layout or scale mistake (error ~1) fails. ao dynamic also quantizes x to 8 bits.
-TOL = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
+TOL = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2, "fp32o": 1e-3}
 TOL_DYNAMIC = 5e-2
 
 
@@ -271,6 +278,28 @@ def build_ao_dynamic(ctx: ShapeCtx) -> list[Competitor]:
                        ref_key="dense/fp32", ref=lambda: ctx.w, tol=TOL_DYNAMIC)]
 
 
+def build_hfquant_int8(ctx: ShapeCtx) -> list[Competitor]:
+    # hfquant::int8_linear: x quantized per row to int8 inside the op, exact int32 GEMM,
+    # per-row x per-channel scales; LLM.int8 adds the outlier columns in fp32.
+    from hfquant import ops
+
+    q, N = ctx.w8(), ctx.N
+    pw, cs = ops.int8_pack(q.qweight)
+    ws = q.scales[:, 0].float().contiguous()
+    pool = ctx.pool((pw, cs, ws), tensor_bytes(pw, cs, ws))
+
+    def make(threshold):
+        return lambda x, c: ops.int8_linear(x, c[0], c[1], c[2], None, None, threshold, N)
+
+    common_args = dict(pool=pool, call_bytes=pool.bytes_per_copy, ref_key="w8", ref=q.dequantize)
+    return [Competitor("hfq-w8a8/fp32", "hfquant W8A8", "fp32", fn=make(0.0), tol=TOL_DYNAMIC, peer="ao-dyn/fp32",
+                       **common_args),
+            Competitor("hfq-w8a8/bf16", "hfquant W8A8", "bf16", fn=make(0.0), tol=TOL_DYNAMIC, peer="ao-dyn/fp32",
+                       **common_args),
+            Competitor("hfq-llmint8/fp32o", "hfquant LLM.int8 (t=6)", "fp32o", fn=make(6.0), tol=TOL_DYNAMIC,
+                       peer="hfq-w8a8/fp32", **common_args)]
+
+
 # (builder, [(key, label, act)]) in table order; the list names the rows when a builder fails.
 BUILDERS: list[tuple[Callable[[ShapeCtx], list[Competitor]], list[tuple[str, str, str]]]] = [
     (build_flinear, [("F.linear/fp32", "F.linear", "fp32"), ("F.linear/bf16", "F.linear", "bf16")]),
@@ -281,6 +310,14 @@ BUILDERS: list[tuple[Callable[[ShapeCtx], list[Competitor]], list[tuple[str, str
                       ("int8pack/fp32", "torch int8pack per-ch", "fp32")]),
     (build_ao_dynamic, [("ao-dyn/fp32", "ao dynamic int8 per-ch", "fp32")]),
 ]
+BUILDERS_INT8 = [
+    BUILDERS[0],
+    (lambda ctx: [c for c in build_hfquant(ctx, 8) if c.act == "fp32"], [("hfq-w8/fp32", "hfquant W8 per-ch",
+                                                                          "fp32")]),
+    (build_hfquant_int8, [("hfq-w8a8/fp32", "hfquant W8A8", "fp32"), ("hfq-w8a8/bf16", "hfquant W8A8", "bf16"),
+                          ("hfq-llmint8/fp32o", "hfquant LLM.int8 (t=6)", "fp32o")]),
+    BUILDERS[-1],
+]
 
 
 def short_reason(exc: BaseException) -> str:
@@ -289,9 +326,9 @@ def short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}".replace("|", "/")
 
 
-def build_all(ctx: ShapeCtx) -> list[Competitor]:
+def build_all(ctx: ShapeCtx, suite: str = "weight-only") -> list[Competitor]:
     comps: list[Competitor] = []
-    for build, rows in BUILDERS:
+    for build, rows in (BUILDERS_INT8 if suite == "int8" else BUILDERS):
         try:
             comps += build(ctx)
         except Exception as exc:  # an unavailable peer is reported as n/a, the rest still runs
@@ -382,6 +419,10 @@ SUMMARY_COLS = [("F.linear/fp32", "F.linear fp32"), ("F.linear/bf16", "F.linear 
                 ("hfq-w4/fp32", "hfq W4 fp32"), ("hfq-w4/bf16", "hfq W4 bf16"), ("int4pack/bf16", "int4pack bf16"),
                 ("hfq-w8/fp32", "hfq W8 fp32"), ("hfq-w8/bf16", "hfq W8 bf16"), ("int8pack/bf16", "int8pack bf16"),
                 ("ao-dyn/fp32", "ao dyn int8 fp32")]
+SUMMARY_COLS_INT8 = [("F.linear/fp32", "F.linear fp32"), ("F.linear/bf16", "F.linear bf16"),
+                     ("hfq-w8/fp32", "hfq W8 (weight-only) fp32"), ("ao-dyn/fp32", "ao dyn int8 fp32"),
+                     ("hfq-w8a8/fp32", "hfq W8A8 fp32"), ("hfq-w8a8/bf16", "hfq W8A8 bf16"),
+                     ("hfq-llmint8/fp32o", "hfq LLM.int8 fp32, 0.1% outliers")]
 
 
 def fmt_us(us: float) -> str:
@@ -416,16 +457,17 @@ def case_table(rows: list[dict[str, Any]]) -> str:
                             "× torch peer", "GB/s", "% BW"], out, "llrrrrrrr")
 
 
-def summary_table(results: list[dict[str, Any]], cases: list[tuple[str, int]]) -> str:
+def summary_table(results: list[dict[str, Any]], cases: list[tuple[str, int]], cols=None) -> str:
+    cols = cols or SUMMARY_COLS
     idx = {(r["shape"], r["M"], r["key"]): r for r in results}
     rows = []
     for shape, M in cases:
         cells = []
-        for key, _ in SUMMARY_COLS:
+        for key, _ in cols:
             r = idx.get((shape, M, key))
             cells.append(fmt_us(r["median_us"]) if r and r.get("median_us") is not None else "n/a")
         rows.append([shape, str(M), *cells])
-    return common.md_table(["shape", "M", *[h for _, h in SUMMARY_COLS]], rows)
+    return common.md_table(["shape", "M", *[h for _, h in cols]], rows)
 
 
 def git_describe() -> str:
@@ -455,12 +497,16 @@ def format_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     a = meta["settings"]
     bw = meta["bandwidth"]
     isa = meta["system"].get("hfquant_isa", "n/a")
+    int8 = a.get("suite") == "int8"
+    if int8:
+        isa = f"{isa} (int8 GEMM: {meta['system'].get('hfquant_int8_path', 'n/a')})"
+    what = "Int8 activations (W8A8, LLM.int8)" if int8 else "Linear layers"
     if a["quick"]:
-        title = f"Linear layers, hfquant path {isa}: PLACEHOLDER from a smoke run (`--quick`)"
+        title = f"{what}, hfquant path {isa}: PLACEHOLDER from a smoke run (`--quick`)"
         note = ["", "**Placeholder:** few repetitions and a small cold set; do not quote these numbers. The full run "
                 "(the same command without `--quick`) replaces this section.", ""]
     else:
-        title, note = f"Linear layers, hfquant path {isa}: full run", [""]
+        title, note = f"{what}, hfquant path {isa}: full run", [""]
     lines = [f"### {title}", *note, f"Command: `{meta['command']}`", "", common.header_line(meta["system"]) + ".", "",
              f"Run {meta['date']}, hfquant source {meta['git']}, {meta['wall_s']:.0f} s.",
              load_line(meta.get("other_load"), meta["system"].get("other_pct_before") or 0.0),
@@ -474,14 +520,18 @@ def format_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
              f"round(s), discarded; "
              f"each sample lasts >= {a['target_s'] * 1e3:g} ms. W4 group size {a['group_size']}.",
              "", "Median µs per call (x @ W^T, N = out_features, K = in_features):", "",
-             summary_table(results, meta["cases"]), ""]
+             summary_table(results, meta["cases"], SUMMARY_COLS_INT8 if int8 else SUMMARY_COLS), ""]
     shapes = {s.name: s for s in shapes_mod.SHAPES.values()}
     for shape, M in meta["cases"]:
         rows = [r for r in results if r["shape"] == shape and r["M"] == M]
         lines += [f"#### {shapes[shape].describe()}, M={M}", "", case_table(rows), ""]
+    peers = ("The peer of the hfquant W8A8 rows is torch.ao's dynamic quantized Linear (fbgemm, also W8A8 "
+             "dynamic); of the LLM.int8 row, hfquant W8A8 with fp32 x (the cost of the outlier split). LLM.int8 "
+             "runs on x with 0.1% of its columns (at least one) set to +-20, above the threshold 6."
+             if int8 else "The torch peer of the hfquant W4 rows is torch int4pack with bf16 x, of the W8 rows torch "
+             "int8pack with bf16 x.")
     lines += ["`× F.linear fp32` and `× torch peer` are speed-ups (time of the other / time of this row; > 1 is "
-              "faster). The torch peer of the hfquant W4 rows is torch int4pack with bf16 x, of the W8 rows torch "
-              "int8pack with bf16 x. `weights MB` = bytes of weights and scales one call reads (1 MB = 1e6 B); "
+              f"faster). {peers} `weights MB` = bytes of weights and scales one call reads (1 MB = 1e6 B); "
               "GB/s = that / time; % BW against the measured read bandwidth. IQR = (q3 - q1) / median of the "
               f"samples; `1 call`: slower than {a['slow_call_s']:g} s per call, timed once after one warm-up "
               "call instead of repeated."]
@@ -525,7 +575,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     for shape in selected:
         t_build = time.perf_counter()
         ctx = ShapeCtx(shape, args)
-        comps = build_all(ctx)
+        comps = build_all(ctx, args.suite)
         print(f"{shape.describe()}: built {sum(c.reason is None for c in comps)}/{len(comps)} competitors "
               f"in {time.perf_counter() - t_build:.1f} s", file=sys.stderr)
         for M in args.m:
@@ -533,6 +583,9 @@ def run(args: argparse.Namespace, command: str) -> int:
             gen = torch.Generator().manual_seed(args.seed + M)
             x32 = torch.randn(M, shape.K, generator=gen)
             xs = {name: x32.to(dt) for name, dt in ACTS.items()}
+            cols = torch.randperm(shape.K, generator=gen)[:max(1, round(shape.K / 1000))]
+            xs["fp32o"] = x32.clone()
+            xs["fp32o"][:, cols] = 20.0 * torch.sign(x32[:, cols])
             case = [copy.copy(c) for c in comps]  # per-case status; pools are shared
             ref_out: dict[tuple[str, str], torch.Tensor] = {}
             errs = {c.key: (check(c, ctx, xs[c.act], ref_out) if c.reason is None else None) for c in case}
@@ -565,7 +618,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     settings = {k: getattr(args, k) for k in (
         "quick", "threads", "group_size", "reps", "min_reps", "warmup", "cold_mib", "case_budget_s", "target_s",
-        "slow_call_s", "bw_mib", "bw_reps", "isa", "seed", "m", "shapes")}
+        "slow_call_s", "bw_mib", "bw_reps", "isa", "seed", "m", "shapes", "suite")}
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_describe(),
             "system": info, "settings": settings, "cases": cases,
             "bandwidth": {"start": bw_start, "end": bw_end, "used": bw_used},
@@ -576,7 +629,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     if args.write_docs:
         isa = info.get("hfquant_isa", "none")
-        label = args.docs_label or f"linear-{isa}"
+        label = args.docs_label or (f"int8-{isa}" if args.suite == "int8" else f"linear-{isa}")
         common.write_doc_section(args.docs, label, report, DOC_INTRO)
         print(f"wrote section {label!r} of {args.docs}", file=sys.stderr)
     print(f"total {meta['wall_s']:.0f} s", file=sys.stderr)

@@ -240,6 +240,7 @@ def system_info(threads: int) -> dict[str, Any]:
         info["hfquant_version"] = getattr(_C, "__version__", "?")
         info["cpu_features"] = [k for k, v in feats.items() if v]
         info["hfquant_isa"] = _C.cpu_isa()
+        info["hfquant_int8_path"] = _C.int8_path() if hasattr(_C, "int8_path") else "n/a"
         info["hfquant_isas"] = list(_C.available_isas()) if hasattr(_C, "available_isas") else []
     except Exception as exc:  # the benchmark still runs the torch peers without hfquant
         info["hfquant_error"] = f"{type(exc).__name__}: {exc}"

@@ -1,5 +1,6 @@
-"""Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128`, `hfquant info DIR`,
-`hfquant eval MODEL_DIR`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`."""
+"""Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128` (or
+`--method llm_int8|w8a8 [--smoothquant-alpha A]`), `hfquant info DIR`,
+`hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,17 @@ def _cmd_quantize(args) -> int:
 
     import hfquant
 
+    calibration = {k: v for k, v in (("text", args.calib_text), ("n_samples", args.calib_samples),
+                                     ("seq_len", args.calib_seq_len)) if v is not None}
+    extra = {}
+    if args.method in ("llm_int8", "w8a8"):
+        extra = dict(llm_int8_threshold=args.threshold, smoothquant_alpha=args.smoothquant_alpha,
+                     calibration=calibration)
+    elif args.smoothquant_alpha is not None:
+        raise ValueError("--smoothquant-alpha applies to --method llm_int8 or w8a8")
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                                modules_to_not_convert=args.skip if args.skip is not None else None)
+                                method=args.method,
+                                modules_to_not_convert=args.skip if args.skip is not None else None, **extra)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg)
     model.save_pretrained(args.out_dir)
     try:
@@ -58,6 +68,8 @@ def _cmd_info(args) -> int:
             "symmetric": q.get("symmetric"), "format_version": q.get("format_version"),
             "modules_to_not_convert": q.get("modules_to_not_convert"),
             "modules_override": q.get("modules_override") or {},
+            **({k: q.get(k) for k in ("llm_int8_threshold", "smoothquant_alpha", "smooth_modules")}
+               if q.get("method") in ("llm_int8", "w8a8") else {}),
             "quantized_layers": len(quantized),
             "full_precision_matrices": sorted(kept),
         })
@@ -85,13 +97,26 @@ def _cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
+    dtype = torch.float32
     cfg = None
-    if args.bits:
+    if args.config and args.bits:
+        raise ValueError("give either --config or --bits/--group-size, not both")
+    if args.config:
+        from .evaluate.run_one import CONFIGS
+
+        kind, settings = CONFIGS.get(args.config, (None, None))
+        if kind is None:
+            raise ValueError(f"unknown --config {args.config!r} (use one of {', '.join(CONFIGS)})")
+        if kind == "hfquant":
+            cfg = hfquant.HfQuantConfig(**settings)
+        elif settings.get("dtype") == "bfloat16":
+            dtype = torch.bfloat16
+    elif args.bits:
         cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg, dtype=dtype)
     text = open(args.text, encoding="utf-8").read() if args.text else data.wikitext_test()
     res = {
-        "model": args.model_dir, "config": cfg.to_dict() if cfg else None,
+        "model": args.model_dir, "config": cfg.to_dict() if cfg else str(dtype).removeprefix("torch."),
         "perplexity": perplexity(model, tok, text, max_tokens=args.max_tokens, progress=True),
         "size_on_disk_bytes": size_on_disk(args.model_dir) if cfg is None else None,
         "memory_bytes": model_bytes(model),
@@ -118,14 +143,22 @@ def _cmd_compare(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="hfquant", description="Weight-only INT8/INT4 quantization for transformers")
+    ap = argparse.ArgumentParser(prog="hfquant", description="INT8/INT4 quantization for transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("quantize", help="quantize a model directory (RTN) and save it")
+    q = sub.add_parser("quantize", help="quantize a model directory and save it")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
-    q.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--method", default="rtn", choices=["rtn", "llm_int8", "w8a8"],
+                   help="rtn: weight-only; llm_int8 / w8a8: int8 activations too")
+    q.add_argument("--bits", type=int, default=None, choices=[4, 8], help="default 4 (rtn), 8 (llm_int8, w8a8)")
+    q.add_argument("--group-size", type=int, default=None, help="default 128 (rtn), -1 (llm_int8, w8a8)")
     q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
+    q.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (0: off)")
+    q.add_argument("--smoothquant-alpha", type=float, default=None,
+                   help="calibrate SmoothQuant with this migration strength (0..1) while quantizing")
+    q.add_argument("--calib-text", default=None, help="calibration text file (default: WikiText-2 validation)")
+    q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 32)")
+    q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--skip", nargs="*", default=None, help="modules kept in full precision (default: lm_head)")
     q.set_defaults(fn=_cmd_quantize)
     i = sub.add_parser("info", help="describe a (quantized) checkpoint directory")
@@ -134,6 +167,7 @@ def main(argv=None) -> int:
     i.set_defaults(fn=_cmd_info)
     e = sub.add_parser("eval", help="perplexity, memory and decode speed of a model")
     e.add_argument("model_dir")
+    e.add_argument("--config", default=None, help="a named config of compare (w4g128, w8a8, llm_int8, bf16, ...)")
     e.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize on load first")
     e.add_argument("--group-size", type=int, default=128)
     e.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")

@@ -91,68 +91,6 @@ void run_gemm(const i8::ActView& a, const i8::WeightView& w, const i8::Epilogue&
   at::parallel_for(0, w.Nt, grain, [&](int64_t t0, int64_t t1) { fn(a, w, e, 0, a.M, t0, t1); });
 }
 
-// Per-row (per-token) absmax quantization of a [M, K] float matrix (any dtype, row stride
-// ld elements) multiplied by act_scale[k] when given. Columns flagged in `outlier` are
-// left out of the absmax and quantized to 0. Per row: absmax a over the kept columns;
-// non-finite values among them -> scale NaN and codes 0 (the row's output becomes NaN);
-// a = 0 (or so small that 127 / a overflows) -> scale 0 and codes 0; otherwise
-// scale = a / 127 and q = clamp(round_half_even(x * (127 / a)), -127, 127).
-// Writes int8 codes into q (row stride ldq) with `offset` added (0, or 128 for the
-// VNNI path's unsigned bytes), padding columns [K, ldq) with `offset`.
-template <typename T>
-void quantize_rows(const T* x, int64_t ld, int64_t M, int64_t K, const float* act_scale, const uint8_t* outlier,
-                   uint8_t* q, int64_t ldq, uint8_t offset, float* scales) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / K);
-  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-    std::vector<float> v(K);
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* xr = x + m * ld;
-      for (int64_t k = 0; k < K; ++k) v[k] = act_scale ? float(xr[k]) * act_scale[k] : float(xr[k]);
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t k = 0; k < K; ++k) {
-        if (outlier && outlier[k]) continue;
-        const float av = std::fabs(v[k]);
-        finite = finite && std::isfinite(av);
-        amax = std::max(amax, av);
-      }
-      uint8_t* qr = q + m * ldq;
-      const float inv = 127.f / amax;
-      if (!finite || amax == 0.f || !std::isfinite(inv)) {
-        scales[m] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
-        std::memset(qr, offset, ldq);
-        continue;
-      }
-      scales[m] = amax / 127.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const bool skip = outlier && outlier[k];
-        const float r = skip ? 0.f : std::min(127.f, std::max(-127.f, std::nearbyint(v[k] * inv)));
-        qr[k] = uint8_t(int8_t(int(r))) + offset;
-      }
-      std::memset(qr + K, offset, ldq - K);
-    }
-  });
-}
-
-// Columns k of x (times act_scale) holding a value with !(|x| < threshold): NaN and Inf
-// count as outliers, so they take the floating-point path and propagate as IEEE says.
-template <typename T>
-std::vector<int64_t> find_outliers(const T* x, int64_t ld, int64_t M, int64_t K, const float* act_scale,
-                                   float threshold, std::vector<uint8_t>& mask) {
-  mask.assign(K, 0);
-  for (int64_t m = 0; m < M; ++m) {
-    const T* xr = x + m * ld;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = act_scale ? float(xr[k]) * act_scale[k] : float(xr[k]);
-      mask[k] |= uint8_t(!(std::fabs(v) < threshold));
-    }
-  }
-  std::vector<int64_t> cols;
-  for (int64_t k = 0; k < K; ++k)
-    if (mask[k]) cols.push_back(k);
-  return cols;
-}
-
 template <typename F>
 void dispatch_float(at::ScalarType t, F&& f) {
   switch (t) {
@@ -160,6 +98,97 @@ void dispatch_float(at::ScalarType t, F&& f) {
     case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
     default: f(static_cast<c10::Half*>(nullptr)); break;
   }
+}
+
+const i8::RowFns& row_fns() {
+  switch (int8_path()) {
+#if defined(HFQUANT_X86)
+    case i8::Path::Vnni512: return i8::kRowsAvx512;
+    case i8::Path::Avx2: return i8::kRowsAvx2;
+#endif
+    default: return i8::kRowsPortable;
+  }
+}
+
+// Activations as float32 rows multiplied by act_scale (when given): x itself when it is
+// already float32 with unit column stride and nothing to multiply, else a converted copy.
+struct FloatRows {
+  at::Tensor holder;
+  const float* p;
+  int64_t ld;
+};
+
+FloatRows float_rows(const at::Tensor& x2d, const float* act_scale) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  if (x2d.scalar_type() == at::kFloat && !act_scale && x2d.stride(1) == 1)
+    return {at::Tensor(), x2d.data_ptr<float>(), x2d.stride(0)};
+  at::Tensor buf = at::empty({M, K}, x2d.options().dtype(at::kFloat));
+  float* dst = buf.data_ptr<float>();
+  dispatch_float(x2d.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* src = reinterpret_cast<const T*>(x2d.data_ptr());
+    const int64_t ld = x2d.stride(0), cs = x2d.stride(1);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* xr = src + m * ld;
+        float* d = dst + m * K;
+        if (act_scale) {
+          for (int64_t k = 0; k < K; ++k) d[k] = float(xr[k * cs]) * act_scale[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[k] = float(xr[k * cs]);
+        }
+      }
+    });
+  });
+  return {buf, dst, K};
+}
+
+// Outlier columns (threshold > 0): any row with !(|x| < threshold), NaN and Inf included,
+// so that those take the floating-point path and propagate as IEEE says. Sets mask[k].
+std::vector<int64_t> find_outliers(const FloatRows& x, int64_t M, int64_t K, float threshold,
+                                   std::vector<uint8_t>& mask) {
+  const i8::RowFns& fns = row_fns();
+  std::vector<std::vector<uint8_t>> per_thread(at::get_num_threads());
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    std::vector<uint8_t>& mk = per_thread[at::get_thread_num()];
+    if (mk.empty()) mk.assign(K, 0);
+    for (int64_t m = m0; m < m1; ++m) fns.flag(x.p + m * x.ld, K, threshold, mk.data());
+  });
+  mask.assign(K, 0);
+  for (const auto& mk : per_thread)
+    for (int64_t k = 0; k < int64_t(mk.size()); ++k) mask[k] |= mk[k];
+  std::vector<int64_t> cols;
+  for (int64_t k = 0; k < K; ++k)
+    if (mask[k]) cols.push_back(k);
+  return cols;
+}
+
+// Per-row (per-token) absmax quantization. Columns flagged in `outlier` are left out of
+// the absmax and quantized to 0. Per row: absmax a over the kept columns; a NaN/Inf among
+// them -> scale NaN and codes 0 (the row's output becomes NaN); a = 0 (or so small that
+// 127 / a overflows) -> scale 0 and codes 0; otherwise scale = a / 127 and
+// q = clamp(round_half_even(x * (127 / a)), -127, 127). Writes the codes into q (row
+// stride ldq) with `offset` added (0, or 128 for the VNNI path's unsigned bytes), and
+// pads columns [K, ldq) with `offset`.
+void quantize_rows(const FloatRows& x, int64_t M, int64_t K, const uint8_t* outlier, uint8_t* q, int64_t ldq,
+                   uint8_t offset, float* scales) {
+  const i8::RowFns& fns = row_fns();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = x.p + m * x.ld;
+      uint8_t* qr = q + m * ldq;
+      const float amax = fns.absmax(row, K, outlier);
+      const float inv = 127.f / amax;
+      if (std::isnan(amax) || amax == 0.f || !std::isfinite(inv)) {
+        scales[m] = std::isnan(amax) ? amax : 0.f;
+        std::memset(qr, offset, ldq);
+        continue;
+      }
+      scales[m] = amax / 127.f;
+      fns.quant(row, K, outlier, inv, qr, offset);
+      std::memset(qr + K, offset, ldq - K);
+    }
+  });
 }
 
 void check_threshold(const char* op, double threshold) {
@@ -188,15 +217,11 @@ QuantizedAct quantize_for_gemm(const at::Tensor& x2d, const at::Tensor& act_scal
   QuantizedAct r;
   r.buf = at::empty({M, K4 * kKG}, x2d.options().dtype(at::kByte));
   r.scales = at::empty({M}, x2d.options().dtype(at::kFloat));
-  const float* as = act_scale.defined() ? act_scale.data_ptr<float>() : nullptr;
-  dispatch_float(x2d.scalar_type(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T* xp = reinterpret_cast<const T*>(x2d.data_ptr());
-    std::vector<uint8_t> mask;
-    if (threshold > 0) r.outliers = find_outliers(xp, x2d.stride(0), M, K, as, float(threshold), mask);
-    quantize_rows(xp, x2d.stride(0), M, K, as, r.outliers.empty() ? nullptr : mask.data(),
-                  r.buf.data_ptr<uint8_t>(), K4 * kKG, offset ? 128 : 0, r.scales.data_ptr<float>());
-  });
+  const FloatRows xf = float_rows(x2d, act_scale.defined() ? act_scale.data_ptr<float>() : nullptr);
+  std::vector<uint8_t> mask;
+  if (threshold > 0) r.outliers = find_outliers(xf, M, K, float(threshold), mask);
+  quantize_rows(xf, M, K, r.outliers.empty() ? nullptr : mask.data(), r.buf.data_ptr<uint8_t>(), K4 * kKG,
+                offset ? 128 : 0, r.scales.data_ptr<float>());
   return r;
 }
 
@@ -252,15 +277,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor
   at::Tensor scales = at::empty(scale_sizes, x.options().dtype(at::kFloat));
   std::vector<int64_t> cols;
   if (M > 0) {
-    const float* asp = as.defined() ? as.data_ptr<float>() : nullptr;
-    dispatch_float(x2d.scalar_type(), [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const T* xp = reinterpret_cast<const T*>(x2d.data_ptr());
-      std::vector<uint8_t> mask;
-      if (threshold > 0) cols = find_outliers(xp, K, M, K, asp, float(threshold), mask);
-      quantize_rows(xp, K, M, K, asp, cols.empty() ? nullptr : mask.data(),
-                    reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>()), K, 0, scales.data_ptr<float>());
-    });
+    const FloatRows xf = float_rows(x2d, as.defined() ? as.data_ptr<float>() : nullptr);
+    std::vector<uint8_t> mask;
+    if (threshold > 0) cols = find_outliers(xf, M, K, float(threshold), mask);
+    quantize_rows(xf, M, K, cols.empty() ? nullptr : mask.data(), reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>()),
+                  K, 0, scales.data_ptr<float>());
   }
   at::Tensor out_cols = at::empty({int64_t(cols.size())}, x.options().dtype(at::kLong));
   std::copy(cols.begin(), cols.end(), out_cols.data_ptr<int64_t>());

@@ -50,6 +50,19 @@ void gemm_portable(const ActView&, const WeightView&, const Epilogue&, int64_t, 
 void gemm_avx2(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
 void gemm_vnni512(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
 
+// Row kernels of the activation quantization (float32 rows, K elements):
+//   flag   : mask[k] |= !(|v[k]| < threshold)        (NaN and Inf are flagged)
+//   absmax : max |v[k]| over k with !mask[k] (mask may be null); NaN when one of those
+//            values is NaN or Inf
+//   quant  : q[k] = clamp(round_half_even(v[k] * inv), -127, 127) + offset, 0 + offset
+//            where mask[k]
+struct RowFns {
+  void (*flag)(const float* v, int64_t K, float threshold, uint8_t* mask);
+  float (*absmax)(const float* v, int64_t K, const uint8_t* mask);
+  void (*quant)(const float* v, int64_t K, const uint8_t* mask, float inv, uint8_t* q, uint8_t offset);
+};
+extern const RowFns kRowsPortable, kRowsAvx2, kRowsAvx512;
+
 }  // namespace hfquant::cpu::i8
 
 namespace hfquant::cpu {

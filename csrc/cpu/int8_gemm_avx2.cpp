@@ -10,7 +10,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "cpu/int8_gemm.h"
 #include "cpu/simd_avx2.h"
@@ -115,5 +117,78 @@ void gemm_avx2(const ActView& a, const WeightView& w, const Epilogue& e, int64_t
     }
   }
 }
+
+namespace {
+
+inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
+
+// mask bytes k..k+7 -> all-ones lanes where set
+inline __m256 flagged8(const uint8_t* mask, int64_t k) {
+  int64_t m8;
+  std::memcpy(&m8, mask + k, 8);
+  const __m256i f = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m8));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(f, _mm256_setzero_si256()));
+}
+
+void flag_avx2(const float* v, int64_t K, float threshold, uint8_t* mask) {
+  const __m256 t = _mm256_set1_ps(threshold);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const int bits = _mm256_movemask_ps(_mm256_cmp_ps(abs8(_mm256_loadu_ps(v + k)), t, _CMP_NLT_UQ));
+    for (int i = 0; i < 8; ++i) mask[k + i] |= uint8_t((bits >> i) & 1);
+  }
+  for (; k < K; ++k) mask[k] |= uint8_t(!(std::fabs(v[k]) < threshold));
+}
+
+float absmax_avx2(const float* v, int64_t K, const uint8_t* mask) {
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 a = abs8(_mm256_loadu_ps(v + k));
+    if (mask) a = _mm256_andnot_ps(flagged8(mask, k), a);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));
+    amax = _mm256_max_ps(amax, a);
+  }
+  alignas(32) float m[8];
+  _mm256_store_ps(m, amax);
+  float r = *std::max_element(m, m + 8);
+  bool nonfinite = _mm256_movemask_ps(bad) != 0;
+  for (; k < K; ++k) {
+    if (mask && mask[k]) continue;
+    const float a = std::fabs(v[k]);
+    nonfinite |= !(a <= std::numeric_limits<float>::max());
+    r = std::max(r, a);
+  }
+  return nonfinite ? std::numeric_limits<float>::quiet_NaN() : r;
+}
+
+void quant_avx2(const float* v, int64_t K, const uint8_t* mask, float inv, uint8_t* q, uint8_t offset) {
+  const __m256 s = _mm256_set1_ps(inv);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  const __m256i off = _mm256_set1_epi32(offset);
+  // bytes 0, 4, 8, .. of each 128-bit lane -> the low 4 bytes of that lane
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(v + k), s);
+    if (mask) x = _mm256_andnot_ps(flagged8(mask, k), x);
+    __m256i r = _mm256_cvtps_epi32(x);  // round to nearest even
+    r = _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(r, lo), hi), off);
+    const __m256i b = _mm256_shuffle_epi8(r, pick);
+    const uint32_t w0 = uint32_t(_mm256_extract_epi32(b, 0)), w1 = uint32_t(_mm256_extract_epi32(b, 4));
+    std::memcpy(q + k, &w0, 4);
+    std::memcpy(q + k + 4, &w1, 4);
+  }
+  for (; k < K; ++k) {
+    const float r = (mask && mask[k]) ? 0.f : std::min(127.f, std::max(-127.f, std::nearbyint(v[k] * inv)));
+    q[k] = uint8_t(int8_t(int(r))) + offset;
+  }
+}
+
+}  // namespace
+
+const RowFns kRowsAvx2{flag_avx2, absmax_avx2, quant_avx2};
 
 }  // namespace hfquant::cpu::i8

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "cpu/int8_gemm.h"
 #include "cpu/simd_avx512.h"
@@ -125,5 +126,58 @@ void gemm_vnni512(const ActView& a, const WeightView& w, const Epilogue& e, int6
     }
   }
 }
+
+namespace {
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// Columns flagged in mask (bytes != 0) as a 16-bit mask.
+inline __mmask16 flagged(const uint8_t* mask, int64_t k, __mmask16 keep) {
+  return _mm_mask_test_epi8_mask(keep, _mm_maskz_loadu_epi8(keep, mask + k), _mm_set1_epi8(-1));
+}
+
+void flag_avx512(const float* v, int64_t K, float threshold, uint8_t* mask) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 keep = tail_mask(K - k);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, v + k));
+    const __mmask16 out = _mm512_mask_cmp_ps_mask(keep, a, t, _CMP_NLT_UQ);  // !(a < t)
+    const __m128i old = _mm_maskz_loadu_epi8(keep, mask + k);
+    _mm_mask_storeu_epi8(mask + k, keep, _mm_or_si128(old, _mm_maskz_set1_epi8(out, 1)));
+  }
+}
+
+float absmax_avx512(const float* v, int64_t K, const uint8_t* mask) {
+  __m512 amax = _mm512_setzero_ps();
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  __mmask16 bad = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 keep = tail_mask(K - k);
+    if (mask) keep &= ~flagged(mask, k, keep);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, v + k));
+    bad |= _mm512_mask_cmp_ps_mask(keep, a, big, _CMP_NLE_UQ);  // NaN or Inf
+    amax = _mm512_max_ps(amax, a);
+  }
+  return bad ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(amax);
+}
+
+void quant_avx512(const float* v, int64_t K, const uint8_t* mask, float inv, uint8_t* q, uint8_t offset) {
+  const __m512 s = _mm512_set1_ps(inv);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const __m128i off = _mm_set1_epi8(char(offset));
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 keep = tail_mask(K - k);
+    __mmask16 use = keep;
+    if (mask) use &= ~flagged(mask, k, keep);
+    // cvtps rounds to nearest even (the default MXCSR mode), as round() in the reference
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(use, v + k), s));
+    r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+    _mm_mask_storeu_epi8(q + k, keep, _mm_add_epi8(_mm512_cvtepi32_epi8(r), off));
+  }
+}
+
+}  // namespace
+
+const RowFns kRowsAvx512{flag_avx512, absmax_avx512, quant_avx512};
 
 }  // namespace hfquant::cpu::i8

@@ -4,6 +4,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "cpu/int8_gemm.h"
 
@@ -37,5 +39,33 @@ void gemm_portable(const ActView& a, const WeightView& w, const Epilogue& e, int
     }
   }
 }
+
+namespace {
+
+void flag_portable(const float* v, int64_t K, float threshold, uint8_t* mask) {
+  for (int64_t k = 0; k < K; ++k) mask[k] |= uint8_t(!(std::fabs(v[k]) < threshold));
+}
+
+float absmax_portable(const float* v, int64_t K, const uint8_t* mask) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    if (mask && mask[k]) continue;
+    const float a = std::fabs(v[k]);
+    if (!(a <= std::numeric_limits<float>::max())) return std::numeric_limits<float>::quiet_NaN();
+    amax = std::max(amax, a);
+  }
+  return amax;
+}
+
+void quant_portable(const float* v, int64_t K, const uint8_t* mask, float inv, uint8_t* q, uint8_t offset) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float r = (mask && mask[k]) ? 0.f : std::min(127.f, std::max(-127.f, std::nearbyint(v[k] * inv)));
+    q[k] = uint8_t(int8_t(int(r))) + offset;
+  }
+}
+
+}  // namespace
+
+const RowFns kRowsPortable{flag_portable, absmax_portable, quant_portable};
 
 }  // namespace hfquant::cpu::i8

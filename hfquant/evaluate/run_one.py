@@ -29,6 +29,9 @@ CONFIGS = {
     "w4g128a": ("hfquant", dict(bits=4, group_size=128, symmetric=False)),
     "w4g64a": ("hfquant", dict(bits=4, group_size=64, symmetric=False)),
     "w4g128h8": ("hfquant", dict(bits=4, group_size=128, **HEAD8)),
+    "llm_int8": ("hfquant", dict(method="llm_int8")),
+    "w8a8": ("hfquant", dict(method="w8a8")),
+    "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.5)),
 }
 PEERS = {
     "torchao": {"torchao-int8": ("torchao", {"weights": "int8"}),

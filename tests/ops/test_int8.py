@@ -84,7 +84,7 @@ def test_int8_gemm_matches_ref(isa, M, N, K, out_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 2.5, math.inf])
-def test_quantize_act_matches_ref(dtype, threshold):
+def test_quantize_act_matches_ref(isa, dtype, threshold):
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 7, 300, generator=gen) * 0.5).to(dtype)
     x[1, 2, 17] = 40.0  # an outlier column
@@ -100,7 +100,7 @@ def test_quantize_act_matches_ref(dtype, threshold):
         assert q.abs().max() == 127  # each row's absmax maps to +-127
 
 
-def test_quantize_act_edge_rows():
+def test_quantize_act_edge_rows(isa):
     """All-zero rows, rows that are all outliers, tiny rows and non-finite values."""
     x = torch.randn(6, 64)
     x[0] = 0.0  # all zero -> scale 0, codes 0
@@ -153,7 +153,7 @@ def test_int8_linear_batched_and_strided(isa):
     assert OPS.int8_linear(x[:0], pw, cs, ws, None, None, 0.0, N).shape == (0, 3, N)
 
 
-def test_int8_linear_outliers_exact_in_float():
+def test_int8_linear_outliers_exact_in_float(isa):
     """An outlier column goes through fp32 unquantized: a huge value there does not spoil
     the rest of the row, unlike w8a8."""
     gen = torch.Generator().manual_seed(9)
@@ -170,7 +170,7 @@ def test_int8_linear_outliers_exact_in_float():
     assert err_llm < 0.05 * err_w8a8
 
 
-def test_int8_linear_nonfinite_input():
+def test_int8_linear_nonfinite_input(isa):
     gen = torch.Generator().manual_seed(2)
     _, pw, cs = _packed(16, 32, gen)
     ws = torch.rand(16, generator=gen) * 0.01
