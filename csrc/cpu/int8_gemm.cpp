@@ -209,6 +209,7 @@ struct QuantizedAct {
   at::Tensor buf;     // uint8 [M, K4*4]
   at::Tensor scales;  // float32 [M]
   std::vector<int64_t> outliers;
+  FloatRows xf;       // the float rows that were quantized (x * act_scale)
 };
 
 QuantizedAct quantize_for_gemm(const at::Tensor& x2d, const at::Tensor& act_scale, double threshold, int64_t K4,
@@ -217,11 +218,45 @@ QuantizedAct quantize_for_gemm(const at::Tensor& x2d, const at::Tensor& act_scal
   QuantizedAct r;
   r.buf = at::empty({M, K4 * kKG}, x2d.options().dtype(at::kByte));
   r.scales = at::empty({M}, x2d.options().dtype(at::kFloat));
-  const FloatRows xf = float_rows(x2d, act_scale.defined() ? act_scale.data_ptr<float>() : nullptr);
+  r.xf = float_rows(x2d, act_scale.defined() ? act_scale.data_ptr<float>() : nullptr);
   std::vector<uint8_t> mask;
-  if (threshold > 0) r.outliers = find_outliers(xf, M, K, float(threshold), mask);
-  quantize_rows(xf, M, K, r.outliers.empty() ? nullptr : mask.data(), r.buf.data_ptr<uint8_t>(), K4 * kKG,
+  if (threshold > 0) r.outliers = find_outliers(r.xf, M, K, float(threshold), mask);
+  quantize_rows(r.xf, M, K, r.outliers.empty() ? nullptr : mask.data(), r.buf.data_ptr<uint8_t>(), K4 * kKG,
                 offset ? 128 : 0, r.scales.data_ptr<float>());
+  return r;
+}
+
+// The outlier part of LLM.int8 in float32: x[m][c_i] (already times act_scale) and the
+// weight columns c_i dequantized from the packed int8 layout, wo[i][n] = w[n][c_i] * ws[n].
+struct OutlierPart {
+  at::Tensor xo, wo;  // [M, n_out], [n_out, N]
+  at::Tensor add;     // [M, N] = xo @ wo, precomputed when there are many outliers
+};
+
+// Up to this many outlier columns the epilogue multiplies them in (n_out vector FMAs per
+// 16 outputs); more go through ATen's GEMM first.
+constexpr int64_t kFusedOutliers = 32;
+
+OutlierPart outlier_part(const QuantizedAct& qa, int64_t M, const i8::WeightView& w, const float* ws,
+                         const at::TensorOptions& opts) {
+  const std::vector<int64_t>& cols = qa.outliers;
+  const int64_t n_out = int64_t(cols.size()), N = w.N;
+  OutlierPart r;
+  r.xo = at::empty({M, n_out}, opts.dtype(at::kFloat));
+  r.wo = at::empty({n_out, N}, opts.dtype(at::kFloat));
+  float* xop = r.xo.data_ptr<float>();
+  float* wop = r.wo.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < n_out; ++i) xop[m * n_out + i] = qa.xf.p[m * qa.xf.ld + cols[i]];
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / n_out), [&](int64_t n0, int64_t n1) {
+    for (int64_t i = 0; i < n_out; ++i) {
+      const int64_t k = cols[i];
+      const int64_t in_tile = (k / kKG) * kTile * kKG + k % kKG;
+      for (int64_t n = n0; n < n1; ++n)
+        wop[i * N + n] = float(w.w[(n / kTile) * w.K4 * 64 + (n % kTile) * kKG + in_tile]) * ws[n];
+    }
+  });
+  if (n_out > kFusedOutliers) r.add = at::mm(r.xo, r.wo);
   return r;
 }
 
@@ -384,34 +419,18 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const bool offset = int8_path() == i8::Path::Vnni512;
   QuantizedAct qa = quantize_for_gemm(xc, as, threshold, w.K4, offset);
   const i8::ActView a{qa.buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
-  const bool split = !qa.outliers.empty();
-  // With outliers the int8 part goes to fp32 first; the outlier product and bias are added there.
-  at::Tensor y = at::empty({M, N}, x.options().dtype(split ? at::kFloat : x.scalar_type()));
-  const i8::Epilogue e{y.data_ptr(), false, dtype_of(y.scalar_type()), N, qa.scales.data_ptr<float>(),
-                       ws.data_ptr<float>(), (b.defined() && !split) ? b.data_ptr<float>() : nullptr};
+  // LLM.int8: the outlier columns' product, in fp32, is added in the GEMM's epilogue.
+  OutlierPart op;
+  if (!qa.outliers.empty()) op = outlier_part(qa, M, w, ws.data_ptr<float>(), x.options());
+  const bool fused = !qa.outliers.empty() && !op.add.defined();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const i8::Epilogue e{y.data_ptr(), false, dtype_of(x.scalar_type()), N, qa.scales.data_ptr<float>(),
+                       ws.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                       op.add.defined() ? op.add.data_ptr<float>() : nullptr,
+                       fused ? op.xo.data_ptr<float>() : nullptr, fused ? op.wo.data_ptr<float>() : nullptr,
+                       fused ? int64_t(qa.outliers.size()) : 0};
   run_gemm(a, w, e);
-  if (!split) return y.reshape(out_sizes);
-
-  const int64_t n_out = int64_t(qa.outliers.size());
-  at::Tensor cols = at::from_blob(qa.outliers.data(), {n_out}, at::kLong);
-  at::Tensor xo = xc.index_select(1, cols).to(at::kFloat);
-  if (as.defined()) xo.mul_(as.index_select(0, cols));
-  // Weight columns of the outliers, dequantized: wo[n][i] = w[n][cols[i]] * ws[n].
-  at::Tensor wo = at::empty({N, n_out}, x.options().dtype(at::kFloat));
-  float* wop = wo.data_ptr<float>();
-  const float* wsp = ws.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* tile = w.w + (n / kTile) * w.K4 * 64 + (n % kTile) * kKG;
-      for (int64_t i = 0; i < n_out; ++i) {
-        const int64_t k = qa.outliers[i];
-        wop[n * n_out + i] = float(tile[(k / kKG) * kTile * kKG + k % kKG]) * wsp[n];
-      }
-    }
-  });
-  y.addmm_(xo, wo.t());
-  if (b.defined()) y.add_(b);
-  return y.to(x.scalar_type()).reshape(out_sizes);
+  return y.reshape(out_sizes);
 }
 
 const char* int8_path_name() {

@@ -32,7 +32,9 @@ struct ActView {
 };
 
 // What the kernel stores for y[m][n]: the exact int32 dot product, or
-// float(dot) * xs[m] * ws[n] (+ bias[n]) converted to dt. A NaN xs[m] makes the row NaN.
+// float(dot) * (xs[m] * ws[n]) (+ add[m][n]) (+ sum_i xo[m][i] * wo[i][n]) (+ bias[n])
+// converted to dt, in that order. A NaN xs[m] makes the row NaN. add / xo, wo carry
+// LLM.int8's outlier product: precomputed (many outliers) or fused here (few).
 struct Epilogue {
   void* y;
   bool int32_out;
@@ -41,6 +43,10 @@ struct Epilogue {
   const float* xs;   // [M] per-row (per-token) scales
   const float* ws;   // [N] per-channel weight scales
   const float* bias; // [N] or nullptr
+  const float* add = nullptr;  // [M][ldy] float32 addend or nullptr
+  const float* xo = nullptr;   // [M][n_out] outlier columns of x
+  const float* wo = nullptr;   // [n_out][ldy] matching weight columns, dequantized, transposed
+  int64_t n_out = 0;
 };
 
 // Computes rows [m0, m1) x tiles [t0, t1) of y.

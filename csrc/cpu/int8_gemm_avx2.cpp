@@ -36,22 +36,19 @@ inline void store8(const Epilogue& e, int64_t m, int64_t n0, int64_t valid, __m2
     }
     return;
   }
-  __m256 ws, bias = _mm256_setzero_ps();
-  if (valid == 8) {
-    ws = _mm256_loadu_ps(e.ws + n0);
-    if (e.bias) bias = _mm256_loadu_ps(e.bias + n0);
-  } else {
-    std::fill(fbuf, fbuf + 8, 0.f);
-    std::memcpy(fbuf, e.ws + n0, valid * 4);
-    ws = _mm256_load_ps(fbuf);
-    if (e.bias) {
-      std::memcpy(fbuf, e.bias + n0, valid * 4);
-      bias = _mm256_load_ps(fbuf);
-    }
-  }
-  __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(e.xs[m]), ws));
-  if (e.bias) f = _mm256_add_ps(f, bias);
   const int64_t i = m * e.ldy + n0;
+  // the first `valid` floats at p, zero padded
+  auto load = [&](const float* p) {
+    if (valid == 8) return _mm256_loadu_ps(p);
+    std::fill(fbuf, fbuf + 8, 0.f);
+    std::memcpy(fbuf, p, valid * 4);
+    return _mm256_load_ps(fbuf);
+  };
+  __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(e.xs[m]), load(e.ws + n0)));
+  if (e.add) f = _mm256_add_ps(f, load(e.add + i));
+  for (int64_t j = 0; j < e.n_out; ++j)
+    f = _mm256_fmadd_ps(_mm256_set1_ps(e.xo[m * e.n_out + j]), load(e.wo + j * e.ldy + n0), f);
+  if (e.bias) f = _mm256_add_ps(f, load(e.bias + n0));
   switch (e.dt) {
     case DType::F32:
       if (valid == 8) {

@@ -35,8 +35,11 @@ inline void store16(const Epilogue& e, int64_t m, int64_t n0, __mmask16 keep, __
   }
   __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(dot),
                            _mm512_mul_ps(_mm512_set1_ps(e.xs[m]), _mm512_maskz_loadu_ps(keep, e.ws + n0)));
-  if (e.bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(keep, e.bias + n0));
   const int64_t i = m * e.ldy + n0;
+  if (e.add) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(keep, e.add + i));
+  for (int64_t j = 0; j < e.n_out; ++j)
+    f = _mm512_fmadd_ps(_mm512_set1_ps(e.xo[m * e.n_out + j]), _mm512_maskz_loadu_ps(keep, e.wo + j * e.ldy + n0), f);
+  if (e.bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(keep, e.bias + n0));
   switch (e.dt) {
     case DType::F32: _mm512_mask_storeu_ps(static_cast<float*>(e.y) + i, keep, f); break;
     case DType::BF16: _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.y) + i, keep, bf16_round(f)); break;

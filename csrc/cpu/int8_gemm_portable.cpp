@@ -29,6 +29,8 @@ void gemm_portable(const ActView& a, const WeightView& w, const Epilogue& e, int
           continue;
         }
         float f = float(acc[c]) * (e.xs[m] * e.ws[n]);
+        if (e.add) f += e.add[i];
+        for (int64_t j = 0; j < e.n_out; ++j) f += e.xo[m * e.n_out + j] * e.wo[j * e.ldy + n];
         if (e.bias) f += e.bias[n];
         switch (e.dt) {
           case DType::F32: static_cast<float*>(e.y)[i] = f; break;

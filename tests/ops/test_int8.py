@@ -244,3 +244,24 @@ def test_int8_path_names_follow_isa():
                 assert path == "avx2"
     finally:
         _C.set_cpu_isa(prev)
+
+
+@pytest.mark.parametrize("n_out", [1, 32, 33, 200])
+def test_int8_linear_fused_and_precomputed_outliers(isa, n_out):
+    """Up to 32 outlier columns are multiplied in the GEMM's epilogue, more through a GEMM
+    first: both against the reference."""
+    gen = torch.Generator().manual_seed(n_out)
+    N, K, M = 50, 260, 7
+    w, pw, cs = _packed(N, K, gen)
+    ws = torch.rand(N, generator=gen) * 0.01
+    x = torch.randn(M, K, generator=gen)
+    cols = torch.randperm(K, generator=gen)[:n_out]
+    x[M // 2, cols] = 12.0
+    bias = torch.randn(N, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        _, _, found = OPS.quantize_act(xd, 6.0, None)
+        assert found.numel() == n_out
+        y = OPS.int8_linear(xd, pw, cs, ws, bias, None, 6.0, N)
+        expect = ref.int8_linear_ref(xd, pw, cs, ws, bias, None, 6.0, N)
+        assert_close(y, expect, dtype, scale=float((x.abs() @ (w.float().abs() * ws[:, None]).t()).max()))
