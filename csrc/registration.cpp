@@ -31,4 +31,17 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "int8_linear(Tensor x, Tensor packed_weight, Tensor colsum, Tensor w_scales, Tensor? bias, "
       "Tensor? act_scale, float threshold, int out_features) -> Tensor");
+
+  // --- quantized KV cache (csrc/cpu/kv_cache.cpp): keys per channel, values per token ---
+  // x [..., T, D] -> (codes uint8 [..., T, D*bits/8], scales fp16, mins fp16); params
+  // [..., T/g, D] per channel (keys), [..., T, D/g] per token (values).
+  m.def("kv_quantize(Tensor x, int bits, int group_size, bool per_channel) -> (Tensor, Tensor, Tensor)");
+  // Quantizes x [..., t, D] into preallocated stores at token `offset` (in place).
+  m.def(
+      "kv_append(Tensor x, Tensor(a!) codes, Tensor(b!) scales, Tensor(c!) mins, int offset, int bits, "
+      "int group_size, bool per_channel) -> ()");
+  // The first `length` tokens of the stores in `dtype` (into the start of `out` when given).
+  m.def(
+      "kv_dequantize(Tensor codes, Tensor scales, Tensor mins, int length, int bits, int group_size, "
+      "bool per_channel, ScalarType dtype, Tensor(d!)? out=None) -> Tensor");
 }

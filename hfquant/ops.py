@@ -137,3 +137,46 @@ def int8_linear(x, packed_weight, colsum, w_scales, bias, act_scale, threshold: 
         return ref.int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, threshold, out_features)
     return torch.ops.hfquant.int8_linear(x, packed_weight, colsum, w_scales, bias, act_scale, threshold,
                                          out_features)
+
+
+# --- quantized KV cache ----------------------------------------------------------------------
+@torch.library.register_fake("hfquant::kv_quantize")
+def _kv_quantize_fake(x, bits, group_size, per_channel):
+    *lead, T, D = x.shape
+    p = (T // group_size, D) if per_channel else (T, D // group_size)
+    return (x.new_empty((*lead, T, D * bits // 8), dtype=torch.uint8), x.new_empty((*lead, *p), dtype=torch.float16),
+            x.new_empty((*lead, *p), dtype=torch.float16))
+
+
+@torch.library.register_fake("hfquant::kv_append")
+def _kv_append_fake(x, codes, scales, mins, offset, bits, group_size, per_channel):
+    return None
+
+
+@torch.library.register_fake("hfquant::kv_dequantize")
+def _kv_dequantize_fake(codes, scales, mins, length, bits, group_size, per_channel, dtype, out=None):
+    if out is not None:
+        return out
+    return codes.new_empty((*codes.shape[:-2], length, codes.shape[-1] * 8 // bits), dtype=dtype)
+
+
+def kv_quantize(x: torch.Tensor, bits: int, group_size: int, per_channel: bool):
+    """x [..., T, D] -> (codes uint8 [..., T, D*bits/8], scales fp16, mins fp16)."""
+    if _backend() == "ref":
+        return ref.kv_quantize_ref(x, bits, group_size, per_channel)
+    return torch.ops.hfquant.kv_quantize(x, bits, group_size, per_channel)
+
+
+def kv_append(x, codes, scales, mins, offset: int, bits: int, group_size: int, per_channel: bool) -> None:
+    """Quantizes x [..., t, D] into the stores at token ``offset``, in place."""
+    if _backend() == "ref":
+        return ref.kv_append_ref(x, codes, scales, mins, offset, bits, group_size, per_channel)
+    torch.ops.hfquant.kv_append(x, codes, scales, mins, offset, bits, group_size, per_channel)
+
+
+def kv_dequantize(codes, scales, mins, length: int, bits: int, group_size: int, per_channel: bool,
+                  dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``length`` tokens of the stores in ``dtype`` (written into ``out`` when given)."""
+    if _backend() == "ref":
+        return ref.kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, dtype, out)
+    return torch.ops.hfquant.kv_dequantize(codes, scales, mins, length, bits, group_size, per_channel, dtype, out)

@@ -206,3 +206,96 @@ def int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, thresho
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+# --- quantized KV cache ----------------------------------------------------------------------
+def kv_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [..., D] (0..2^bits-1) -> uint8 [..., D*bits/8]: element d in byte d*bits//8 at bit (d*bits)%8."""
+    per = 8 // bits
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def kv_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*packed.shape[:-1], -1)
+
+
+def _kv_check(op: str, bits: int, group_size: int, T: int, D: int, per_channel: bool) -> None:
+    if bits not in (2, 4, 8):
+        raise RuntimeError(f"hfquant::{op}: bits={bits} is not supported (use 2, 4 or 8)")
+    if group_size <= 0:
+        raise RuntimeError(f"hfquant::{op}: group_size={group_size} must be positive")
+    if per_channel and T % group_size:
+        raise RuntimeError(f"hfquant::{op}: per-channel (key) quantization needs a whole number of "
+                           f"{group_size}-token groups; got {T} tokens")
+    if not per_channel and D % group_size:
+        raise RuntimeError(f"hfquant::{op}: group_size={group_size} does not divide head_dim={D}")
+
+
+def kv_quantize_ref(x: torch.Tensor, bits: int, group_size: int, per_channel: bool):
+    """Twin of ``hfquant::kv_quantize``: asymmetric min/max quantization of x [..., T, D].
+
+    per_channel (keys): groups of group_size tokens of one channel, params [..., T/g, D];
+    else (values): groups of group_size channels of one token, params [..., T, D/g].
+    scale = (max - min) / (2^bits - 1) and min, stored float16; codes from the stored values:
+    clamp(round_half_even((x - min) * (1 / scale)), 0, 2^bits - 1), 0 where scale is 0.
+    A group holding NaN/Inf gets NaN scale and min and codes 0.
+    """
+    *lead, T, D = x.shape
+    _kv_check("kv_quantize", bits, group_size, T, D, per_channel)
+    qmax = (1 << bits) - 1
+    xf = x.to(torch.float32)
+    if per_channel:
+        grp = xf.reshape(*lead, T // group_size, group_size, D)
+        red = -2
+    else:
+        grp = xf.reshape(*lead, T, D // group_size, group_size)
+        red = -1
+    finite = torch.isfinite(grp).all(red)
+    lo, hi = grp.amin(red), grp.amax(red)
+    scale = ((hi - lo) / qmax).to(torch.float16)
+    mn = lo.to(torch.float16)
+    s32 = scale.to(torch.float32)
+    inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+    c = torch.round((grp - mn.to(torch.float32).unsqueeze(red)) * inv.unsqueeze(red)).clamp(0, qmax)
+    c = torch.where(finite.unsqueeze(red), c, torch.zeros_like(c))
+    nan = torch.tensor(float("nan"), dtype=torch.float16)
+    scale = torch.where(finite, scale, nan)
+    mn = torch.where(finite, mn, nan)
+    codes = kv_pack_codes(c.reshape(*lead, T, D).to(torch.int32), bits)
+    return codes, scale, mn
+
+
+def kv_dequantize_ref(codes, scales, mins, length: int, bits: int, group_size: int, per_channel: bool,
+                      dtype: torch.dtype, out=None):
+    """Twin of ``hfquant::kv_dequantize``: the first ``length`` tokens as c * scale + min."""
+    c = kv_unpack_codes(codes[..., :length, :], bits).to(torch.float32)
+    s, m = scales.to(torch.float32), mins.to(torch.float32)
+    if per_channel:
+        s = s.repeat_interleave(group_size, dim=-2)[..., :length, :]
+        m = m.repeat_interleave(group_size, dim=-2)[..., :length, :]
+    else:
+        s = s[..., :length, :].repeat_interleave(group_size, dim=-1)
+        m = m[..., :length, :].repeat_interleave(group_size, dim=-1)
+    y = (c * s + m).to(dtype)
+    if out is None:
+        return y
+    out[..., :length, :] = y
+    return out
+
+
+def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: int, per_channel: bool) -> None:
+    """Twin of ``hfquant::kv_append``: kv_quantize of x written into the stores at token offset."""
+    t = x.shape[-2]
+    c, s, m = kv_quantize_ref(x, bits, group_size, per_channel)
+    codes[..., offset:offset + t, :] = c
+    if per_channel:
+        p0, p1 = offset // group_size, (offset + t) // group_size
+    else:
+        p0, p1 = offset, offset + t
+    scales[..., p0:p1, :] = s
+    mins[..., p0:p1, :] = m

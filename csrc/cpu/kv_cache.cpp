@@ -1,0 +1,297 @@
+// Quantized KV cache ops on CPU (KIVI, Liu et al. 2024): keys per channel, values per token.
+//
+// A state x [..., T, D] (D = head_dim) is quantized asymmetrically to `bits` (8, 4, 2):
+//   per token   (values): groups of g consecutive channels of one token;
+//                          scales/mins [..., T, D/g]
+//   per channel (keys)  : groups of g consecutive tokens of one channel (T a multiple of g);
+//                          scales/mins [..., T/g, D]
+// For a group with minimum lo and maximum hi: scale = (hi - lo) / (2^bits - 1) and min = lo,
+// both stored as float16; codes c = clamp(round_half_even((x - min) * (1 / scale)), 0,
+// 2^bits - 1) computed from the stored (rounded) values, 0 where scale is 0; x' = c * scale +
+// min. Codes are packed along D: element d in byte d * bits / 8, at bit (d * bits) % 8.
+// NaN/Inf in a group make its scale/min NaN (the dequantized group is NaN).
+//
+// kv_append quantizes a block of new tokens straight into preallocated stores at a token
+// offset (the cache grows them by doubling); kv_dequantize writes the states back in the
+// attention's dtype, optionally into the first tokens of a larger buffer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace hfquant::cpu {
+namespace {
+
+void check_scheme(const char* op, int64_t bits, int64_t group_size, int64_t D, int64_t T, bool per_channel) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "hfquant::", op, ": bits=", bits, " is not supported (use 2, 4 or 8)");
+  TORCH_CHECK(group_size > 0, "hfquant::", op, ": group_size=", group_size, " must be positive");
+  TORCH_CHECK(D > 0 && (D * bits) % 8 == 0, "hfquant::", op, ": head_dim=", D, " does not pack into whole bytes at ",
+              bits, " bits");
+  if (per_channel) {
+    TORCH_CHECK(T % group_size == 0, "hfquant::", op, ": per-channel (key) quantization needs a whole number of ",
+                group_size, "-token groups; got ", T, " tokens");
+  } else {
+    TORCH_CHECK(D % group_size == 0, "hfquant::", op, ": group_size=", group_size,
+                " does not divide head_dim=", D);
+  }
+}
+
+// Reads element i of a float tensor of dtype T as float.
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "hfquant::", op, ": states must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+// One group: n values at stride `step` (floats), quantized with the stored scale/min.
+struct GroupParams {
+  c10::Half scale, min;
+  float inv;  // 1 / scale, 0 for a constant group
+};
+
+GroupParams group_params(float lo, float hi, int64_t qmax) {
+  GroupParams g;
+  if (!std::isfinite(lo) || !std::isfinite(hi)) {
+    g.scale = g.min = c10::Half(std::numeric_limits<float>::quiet_NaN());
+    g.inv = 0.f;
+    return g;
+  }
+  g.scale = c10::Half((hi - lo) / float(qmax));
+  g.min = c10::Half(lo);
+  const float s = float(g.scale);
+  g.inv = s > 0.f ? 1.f / s : 0.f;
+  return g;
+}
+
+inline uint8_t code(float x, const GroupParams& g, int64_t qmax) {
+  const float c = std::nearbyint((x - float(g.min)) * g.inv);
+  return uint8_t(std::min(float(qmax), std::max(0.f, c)));
+}
+
+// Quantizes rows [T, D] of one (batch, head) into codes [T, D*bits/8] and params, for
+// tokens [0, T) of x written at token offset `at` of the stores.
+template <typename X>
+void quantize_head(const X* x, int64_t T, int64_t D, int64_t bits, int64_t g, bool per_channel, uint8_t* codes,
+                   c10::Half* scales, c10::Half* mins, int64_t at) {
+  const int64_t qmax = (int64_t(1) << bits) - 1, row_bytes = D * bits / 8, per_byte = 8 / bits;
+  auto put = [&](int64_t t, int64_t d, uint8_t c) {
+    uint8_t& b = codes[(at + t) * row_bytes + d / per_byte];
+    const int shift = int((d % per_byte) * bits);
+    b = uint8_t((b & ~(qmax << shift)) | (c << shift));
+  };
+  if (per_channel) {
+    const int64_t G = D;  // params per token-group row
+    for (int64_t t0 = 0; t0 < T; t0 += g) {
+      const int64_t prow = (at + t0) / g;
+      for (int64_t d = 0; d < D; ++d) {
+        float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+        bool finite = true;
+        for (int64_t t = t0; t < t0 + g; ++t) {
+          const float v = float(x[t * D + d]);
+          finite = finite && std::isfinite(v);
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+        }
+        const GroupParams p = group_params(finite ? lo : NAN, hi, qmax);
+        scales[prow * G + d] = p.scale;
+        mins[prow * G + d] = p.min;
+        for (int64_t t = t0; t < t0 + g; ++t) put(t, d, finite ? code(float(x[t * D + d]), p, qmax) : 0);
+      }
+    }
+  } else {
+    const int64_t G = D / g;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < G; ++j) {
+        const X* xs = x + t * D + j * g;
+        float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+        bool finite = true;
+        for (int64_t i = 0; i < g; ++i) {
+          const float v = float(xs[i]);
+          finite = finite && std::isfinite(v);
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+        }
+        const GroupParams p = group_params(finite ? lo : NAN, hi, qmax);
+        scales[(at + t) * G + j] = p.scale;
+        mins[(at + t) * G + j] = p.min;
+        for (int64_t i = 0; i < g; ++i) put(t, j * g + i, finite ? code(float(xs[i]), p, qmax) : 0);
+      }
+    }
+  }
+}
+
+template <typename Y>
+void dequantize_head(const uint8_t* codes, const c10::Half* scales, const c10::Half* mins, int64_t T, int64_t D,
+                     int64_t bits, int64_t g, bool per_channel, Y* y) {
+  const int64_t qmax = (int64_t(1) << bits) - 1, row_bytes = D * bits / 8, per_byte = 8 / bits;
+  const int64_t G = per_channel ? D : D / g;
+  float s[512], m[512];  // per-row params expanded to channels (D <= 512, checked)
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t prow = per_channel ? t / g : t;
+    if (per_channel ? (t % g == 0) : true) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t j = per_channel ? d : d / g;
+        s[d] = float(scales[prow * G + j]);
+        m[d] = float(mins[prow * G + j]);
+      }
+    }
+    const uint8_t* row = codes + t * row_bytes;
+    Y* out = y + t * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const int c = (row[d / per_byte] >> ((d % per_byte) * bits)) & int(qmax);
+      out[d] = Y(float(c) * s[d] + m[d]);
+    }
+  }
+}
+
+struct Stores {
+  int64_t BH, T, D, row_bytes, prows, G;
+};
+
+// Checks codes/scales/mins of a store holding `T` tokens (capacity) and returns its geometry.
+Stores check_stores(const char* op, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                    int64_t bits, int64_t group_size, bool per_channel) {
+  TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu() && mins.device().is_cpu(), "hfquant::", op,
+              ": CPU kernel called with tensors on ", codes.device());
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() >= 2, "hfquant::", op,
+              ": codes must be a contiguous uint8 tensor [..., T, D*bits/8], got ", codes.scalar_type(), " ",
+              codes.sizes());
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "hfquant::", op, ": bits=", bits, " is not supported (use 2, 4 or 8)");
+  const int64_t T = codes.size(-2), D = codes.size(-1) * 8 / bits;
+  check_scheme(op, bits, group_size, D, T, per_channel);
+  TORCH_CHECK(D <= 512, "hfquant::", op, ": head_dim=", D, " is larger than 512");
+  auto want = codes.sizes().vec();
+  want[want.size() - 2] = per_channel ? T / group_size : T;
+  want.back() = per_channel ? D : D / group_size;
+  for (const auto* t : {&scales, &mins}) {
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->sizes().vec() == want, "hfquant::", op,
+                ": scales and mins must be contiguous float16 ", c10::IntArrayRef(want), ", got ", t->scalar_type(),
+                " ", t->sizes());
+  }
+  const int64_t BH = codes.numel() / std::max<int64_t>(1, T * codes.size(-1));
+  return {BH, T, D, codes.size(-1), want[want.size() - 2], want.back()};
+}
+
+}  // namespace
+
+// Quantizes x [..., T, D] -> (codes uint8 [..., T, D*bits/8], scales fp16, mins fp16).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cpu(const at::Tensor& x, int64_t bits,
+                                                               int64_t group_size, bool per_channel) {
+  TORCH_CHECK(x.device().is_cpu(), "hfquant::kv_quantize: x is on ", x.device(), " but this is the CPU kernel");
+  TORCH_CHECK(x.dim() >= 2, "hfquant::kv_quantize: x must be [..., tokens, head_dim], got ", x.dim(), "-D");
+  const int64_t T = x.size(-2), D = x.size(-1);
+  check_scheme("kv_quantize", bits, group_size, D, T, per_channel);
+  auto cs = x.sizes().vec();
+  cs.back() = D * bits / 8;
+  auto ps = x.sizes().vec();
+  ps[ps.size() - 2] = per_channel ? T / group_size : T;
+  ps.back() = per_channel ? D : D / group_size;
+  at::Tensor codes = at::zeros(cs, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty(ps, x.options().dtype(at::kHalf));
+  at::Tensor mins = at::empty(ps, x.options().dtype(at::kHalf));
+  const at::Tensor xc = x.contiguous();
+  const int64_t BH = T * D ? xc.numel() / (T * D) : 0;
+  const int64_t G = ps.back(), P = ps[ps.size() - 2];
+  dispatch_float(x.scalar_type(), "kv_quantize", [&](auto* tag) {
+    using X = std::remove_pointer_t<decltype(tag)>;
+    const X* xp = xc.data_ptr<X>();
+    at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        quantize_head(xp + b * T * D, T, D, bits, group_size, per_channel, codes.data_ptr<uint8_t>() + b * T * cs.back(),
+                      scales.data_ptr<c10::Half>() + b * P * G, mins.data_ptr<c10::Half>() + b * P * G, 0);
+    });
+  });
+  return {codes, scales, mins};
+}
+
+// Quantizes x [..., t, D] into the stores (capacity T tokens) at token `offset`, in place.
+void kv_append_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                   int64_t offset, int64_t bits, int64_t group_size, bool per_channel) {
+  const Stores s = check_stores("kv_append", codes, scales, mins, bits, group_size, per_channel);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == codes.dim(), "hfquant::kv_append: x must be a CPU tensor [..., t, D] "
+              "with the stores' leading dimensions");
+  const int64_t t = x.size(-2);
+  for (int64_t i = 0; i + 2 < x.dim(); ++i)
+    TORCH_CHECK(x.size(i) == codes.size(i), "hfquant::kv_append: x has shape ", x.sizes(), ", the stores ",
+                codes.sizes());
+  TORCH_CHECK(x.size(-1) == s.D, "hfquant::kv_append: x has head_dim ", x.size(-1), ", the stores ", s.D);
+  TORCH_CHECK(offset >= 0 && offset + t <= s.T, "hfquant::kv_append: tokens [", offset, ", ", offset + t,
+              ") do not fit the stores' capacity of ", s.T);
+  if (per_channel)
+    TORCH_CHECK(offset % group_size == 0 && t % group_size == 0, "hfquant::kv_append: per-channel (key) blocks "
+                "must start and end on ", group_size, "-token boundaries (offset ", offset, ", ", t, " tokens)");
+  const at::Tensor xc = x.contiguous();
+  dispatch_float(x.scalar_type(), "kv_append", [&](auto* tag) {
+    using X = std::remove_pointer_t<decltype(tag)>;
+    const X* xp = xc.data_ptr<X>();
+    at::parallel_for(0, s.BH, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        quantize_head(xp + b * t * s.D, t, s.D, bits, group_size, per_channel,
+                      codes.data_ptr<uint8_t>() + b * s.T * s.row_bytes, scales.data_ptr<c10::Half>() + b * s.prows * s.G,
+                      mins.data_ptr<c10::Half>() + b * s.prows * s.G, offset);
+    });
+  });
+}
+
+// The first `length` tokens of the stores -> [..., length, D] in `dtype`; with `out`
+// given ([..., >= length, D], contiguous), written into its first tokens instead.
+at::Tensor kv_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins, int64_t length,
+                             int64_t bits, int64_t group_size, bool per_channel, at::ScalarType dtype,
+                             const std::optional<at::Tensor>& out) {
+  const Stores s = check_stores("kv_dequantize", codes, scales, mins, bits, group_size, per_channel);
+  TORCH_CHECK(length >= 0 && length <= s.T, "hfquant::kv_dequantize: length=", length, " is outside the stores' ",
+              s.T, " tokens");
+  at::Tensor y;
+  if (out) {
+    y = *out;
+    TORCH_CHECK(y.scalar_type() == dtype && y.is_contiguous() && y.dim() == codes.dim() && y.size(-1) == s.D &&
+                    y.size(-2) >= length,
+                "hfquant::kv_dequantize: out must be a contiguous ", dtype, " tensor [..., >= ", length, ", ", s.D,
+                "], got ", y.scalar_type(), " ", y.sizes());
+    for (int64_t i = 0; i + 2 < y.dim(); ++i)
+      TORCH_CHECK(y.size(i) == codes.size(i), "hfquant::kv_dequantize: out has shape ", y.sizes(), ", the stores ",
+                  codes.sizes());
+  } else {
+    auto sz = codes.sizes().vec();
+    sz[sz.size() - 2] = length;
+    sz.back() = s.D;
+    y = at::empty(sz, codes.options().dtype(dtype));
+  }
+  const int64_t ty = y.size(-2);
+  dispatch_float(dtype, "kv_dequantize", [&](auto* tag) {
+    using Y = std::remove_pointer_t<decltype(tag)>;
+    Y* yp = y.data_ptr<Y>();
+    // (head, block of >= 64 tokens) tasks so that one long head still uses every thread;
+    // per-channel blocks are whole groups
+    const int64_t blk = per_channel ? group_size * ((63 + group_size) / group_size) : 64;
+    const int64_t nb = (length + blk - 1) / blk;
+    at::parallel_for(0, s.BH * nb, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / nb, t0 = (i % nb) * blk, tn = std::min(blk, length - t0);
+        const int64_t pr0 = per_channel ? t0 / group_size : t0;
+        dequantize_head(codes.data_ptr<uint8_t>() + (b * s.T + t0) * s.row_bytes,
+                        scales.data_ptr<c10::Half>() + (b * s.prows + pr0) * s.G,
+                        mins.data_ptr<c10::Half>() + (b * s.prows + pr0) * s.G, tn, s.D, bits,
+                        group_size, per_channel, yp + (b * ty + t0) * s.D);
+      }
+    });
+  });
+  return y;
+}
+
+}  // namespace hfquant::cpu
+
+TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
+  m.impl("kv_quantize", &hfquant::cpu::kv_quantize_cpu);
+  m.impl("kv_append", &hfquant::cpu::kv_append_cpu);
+  m.impl("kv_dequantize", &hfquant::cpu::kv_dequantize_cpu);
+}
