@@ -210,17 +210,18 @@ def int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, thresho
 
 # --- quantized KV cache ----------------------------------------------------------------------
 def kv_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [..., D] (0..2^bits-1) -> uint8 [..., D*bits/8]: element d in byte d*bits//8 at bit (d*bits)%8."""
+    """Codes [..., D] (0..2^bits-1) -> uint8 [..., R], R = D*bits/8, in planes: element d in
+    byte d % R at bit (d // R) * bits."""
     per = 8 // bits
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], per, -1)  # [..., plane, R]
+    shifts = (torch.arange(per, dtype=torch.int32) * bits)[:, None]
+    return (c << shifts).sum(-2).to(torch.uint8)
 
 
 def kv_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    shifts = (torch.arange(per, dtype=torch.int32) * bits)[:, None]
+    c = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [..., plane, R]
     return c.reshape(*packed.shape[:-1], -1)
 
 

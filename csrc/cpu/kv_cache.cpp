@@ -8,7 +8,9 @@
 // For a group with minimum lo and maximum hi: scale = (hi - lo) / (2^bits - 1) and min = lo,
 // both stored as float16; codes c = clamp(round_half_even((x - min) * (1 / scale)), 0,
 // 2^bits - 1) computed from the stored (rounded) values, 0 where scale is 0; x' = c * scale +
-// min. Codes are packed along D: element d in byte d * bits / 8, at bit (d * bits) % 8.
+// min. Codes are packed along D in planes: with R = D * bits / 8 bytes per token, element
+// d sits in byte d % R at bit (d / R) * bits (so each bit plane holds consecutive channels
+// and unpacking is a contiguous, vectorizable loop).
 // NaN/Inf in a group make its scale/min NaN (the dequantized group is NaN).
 //
 // kv_append quantizes a block of new tokens straight into preallocated stores at a token
@@ -22,7 +24,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+
+#include "cpu/cpu_features.h"
 
 namespace hfquant::cpu {
 namespace {
@@ -82,10 +88,10 @@ inline uint8_t code(float x, const GroupParams& g, int64_t qmax) {
 template <typename X>
 void quantize_head(const X* x, int64_t T, int64_t D, int64_t bits, int64_t g, bool per_channel, uint8_t* codes,
                    c10::Half* scales, c10::Half* mins, int64_t at) {
-  const int64_t qmax = (int64_t(1) << bits) - 1, row_bytes = D * bits / 8, per_byte = 8 / bits;
+  const int64_t qmax = (int64_t(1) << bits) - 1, row_bytes = D * bits / 8;
   auto put = [&](int64_t t, int64_t d, uint8_t c) {
-    uint8_t& b = codes[(at + t) * row_bytes + d / per_byte];
-    const int shift = int((d % per_byte) * bits);
+    uint8_t& b = codes[(at + t) * row_bytes + d % row_bytes];
+    const int shift = int((d / row_bytes) * bits);
     b = uint8_t((b & ~(qmax << shift)) | (c << shift));
   };
   if (per_channel) {
@@ -129,28 +135,108 @@ void quantize_head(const X* x, int64_t T, int64_t D, int64_t bits, int64_t g, bo
   }
 }
 
+// float -> Y, round to nearest even (NaN stays NaN); plain integer code for bfloat16 so
+// that the row loops below vectorize.
 template <typename Y>
-void dequantize_head(const uint8_t* codes, const c10::Half* scales, const c10::Half* mins, int64_t T, int64_t D,
-                     int64_t bits, int64_t g, bool per_channel, Y* y) {
-  const int64_t qmax = (int64_t(1) << bits) - 1, row_bytes = D * bits / 8, per_byte = 8 / bits;
-  const int64_t G = per_channel ? D : D / g;
-  float s[512], m[512];  // per-row params expanded to channels (D <= 512, checked)
+inline __attribute__((always_inline)) Y to_dtype(float f) {
+  if constexpr (std::is_same_v<Y, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t r = f != f ? 0x7FC0u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(uint16_t(r), c10::BFloat16::from_bits());
+  } else {
+    return Y(f);
+  }
+}
+
+// One token row: codes (planar, see the top) -> y = c * s[d] + m[d] in Y.
+template <typename Y, int BITS>
+inline __attribute__((always_inline)) void dequant_row(const uint8_t* row, const float* s, const float* m, int64_t D,
+                                                       Y* y) {
+  constexpr int kPer = 8 / BITS, kMask = (1 << BITS) - 1;
+  const int64_t R = D / kPer;
+  for (int slot = 0; slot < kPer; ++slot) {
+    const float* sp = s + slot * R;
+    const float* mp = m + slot * R;
+    Y* yp = y + slot * R;
+    for (int64_t j = 0; j < R; ++j) yp[j] = to_dtype<Y>(float((row[j] >> (slot * BITS)) & kMask) * sp[j] + mp[j]);
+  }
+}
+
+// Tokens [0, T) of one head. Params are expanded to one float per channel once per group
+// of rows (per channel) or per row (per token).
+template <typename Y, int BITS>
+inline __attribute__((always_inline)) void dequant_head_impl(const uint8_t* codes, const c10::Half* scales,
+                                                             const c10::Half* mins, int64_t T, int64_t D, int64_t g,
+                                                             bool per_channel, Y* y) {
+  const int64_t row_bytes = D * BITS / 8, G = per_channel ? D : D / g;
+  float s[512], m[512];  // D <= 512, checked
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t prow = per_channel ? t / g : t;
-    if (per_channel ? (t % g == 0) : true) {
+    if (per_channel && t % g == 0) {
       for (int64_t d = 0; d < D; ++d) {
-        const int64_t j = per_channel ? d : d / g;
-        s[d] = float(scales[prow * G + j]);
-        m[d] = float(mins[prow * G + j]);
+        s[d] = float(scales[(t / g) * G + d]);
+        m[d] = float(mins[(t / g) * G + d]);
+      }
+    } else if (!per_channel) {
+      // G = D / g groups per token: convert G pairs, then fill (vectorized)
+      for (int64_t j = 0; j < G; ++j) {
+        const float sj = float(scales[t * G + j]), mj = float(mins[t * G + j]);
+        for (int64_t d = j * g; d < (j + 1) * g; ++d) {
+          s[d] = sj;
+          m[d] = mj;
+        }
       }
     }
-    const uint8_t* row = codes + t * row_bytes;
-    Y* out = y + t * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const int c = (row[d / per_byte] >> ((d % per_byte) * bits)) & int(qmax);
-      out[d] = Y(float(c) * s[d] + m[d]);
-    }
+    dequant_row<Y, BITS>(codes + t * row_bytes, s, m, D, y + t * D);
   }
+}
+
+template <typename Y>
+inline __attribute__((always_inline)) void dequant_head_bits(const uint8_t* codes, const c10::Half* scales,
+                                                             const c10::Half* mins, int64_t T, int64_t D, int64_t bits,
+                                                             int64_t g, bool per_channel, Y* y) {
+  switch (bits) {
+    case 8: dequant_head_impl<Y, 8>(codes, scales, mins, T, D, g, per_channel, y); break;
+    case 4: dequant_head_impl<Y, 4>(codes, scales, mins, T, D, g, per_channel, y); break;
+    default: dequant_head_impl<Y, 2>(codes, scales, mins, T, D, g, per_channel, y); break;
+  }
+}
+
+// The same code compiled for the SIMD paths (chosen at run time with the rest of the
+// kernels); the loops vectorize, fp contraction is off for the file so every path gives the
+// reference's c * s + m bit for bit.
+template <typename Y>
+void dequant_head_portable(const uint8_t* c, const c10::Half* s, const c10::Half* m, int64_t T, int64_t D,
+                           int64_t bits, int64_t g, bool pc, Y* y) {
+  dequant_head_bits<Y>(c, s, m, T, D, bits, g, pc, y);
+}
+#if defined(HFQUANT_X86)
+template <typename Y>
+__attribute__((target("avx2,fma,f16c"))) void dequant_head_avx2(const uint8_t* c, const c10::Half* s,
+                                                                const c10::Half* m, int64_t T, int64_t D,
+                                                                int64_t bits, int64_t g, bool pc, Y* y) {
+  dequant_head_bits<Y>(c, s, m, T, D, bits, g, pc, y);
+}
+template <typename Y>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void dequant_head_avx512(
+    const uint8_t* c, const c10::Half* s, const c10::Half* m, int64_t T, int64_t D, int64_t bits, int64_t g, bool pc,
+    Y* y) {
+  dequant_head_bits<Y>(c, s, m, T, D, bits, g, pc, y);
+}
+#endif
+
+template <typename Y>
+void dequantize_head(const uint8_t* c, const c10::Half* s, const c10::Half* m, int64_t T, int64_t D, int64_t bits,
+                     int64_t g, bool pc, Y* y) {
+#if defined(HFQUANT_X86)
+  switch (active_isa()) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return dequant_head_avx512<Y>(c, s, m, T, D, bits, g, pc, y);
+    case Isa::Avx2: return dequant_head_avx2<Y>(c, s, m, T, D, bits, g, pc, y);
+    default: break;
+  }
+#endif
+  dequant_head_portable<Y>(c, s, m, T, D, bits, g, pc, y);
 }
 
 struct Stores {

@@ -48,6 +48,42 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512, stride: int =
     return math.exp(nll_sum / max(n_scored, 1))
 
 
+@torch.no_grad()
+def perplexity_with_cache(model, tokenizer, text: str, make_cache, max_length: int = 512, chunk: int = 32,
+                          max_windows: int | None = None, max_tokens: int | None = None,
+                          progress: bool = False) -> float:
+    """Perplexity where attention reads the cache: each disjoint window of ``max_length``
+    tokens is fed in chunks of ``chunk`` tokens through a fresh cache from ``make_cache()``
+    (None: the model's default cache), so every chunk attends to the past as the cache
+    stores it (for a quantized cache: dequantized codes beyond its full-precision window),
+    as it would while generating. Tokens within a chunk see each other in full precision.
+    """
+    if chunk < 1:
+        raise ValueError(f"perplexity_with_cache: chunk={chunk} must be >= 1")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if max_tokens is not None:
+        ids = ids[:, :max_tokens]
+    device = next(model.parameters()).device
+    starts = list(range(0, ids.shape[1] - 1, max_length))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    nll_sum, n_scored = 0.0, 0
+    for begin in tqdm(starts, desc="perplexity (cache in the loop)", disable=not progress):
+        window = ids[:, begin:begin + max_length].to(device)
+        cache = make_cache()
+        kwargs = {} if cache is None else {"cache": cache}
+        logits = []
+        for c0 in range(0, window.shape[1], chunk):
+            out = model(window[:, c0:c0 + chunk], use_cache=True, **kwargs)
+            kwargs = {"cache": (out["cache"] if "cache" in out else out.past_key_values) if cache is None else cache}
+            logits.append(out.logits.float())
+        logits = torch.cat(logits, dim=1)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+        nll_sum += float(loss)
+        n_scored += window.shape[1] - 1
+    return math.exp(nll_sum / max(n_scored, 1))
+
+
 def size_on_disk(path: str | os.PathLike) -> int:
     """Bytes of the weight files (safetensors) of a checkpoint directory."""
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
