@@ -38,7 +38,7 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
     ``tokenizer`` serves calibrating methods (SmoothQuant); by default the one saved beside
     the model is loaded.
     """
-    from .quantizer import HfQuantQuantizer, _make_save_atomic
+    from .quantizer import HfQuantQuantizer, _finish
     from .replace import quantize_in_place
 
     if config is None:
@@ -60,7 +60,7 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
         model.is_quantized = True
         model.quantization_method = "hfquant"
         model.config._is_quantized = True
-        _make_save_atomic(model)
+        _finish(model, config)
     return model
 
 

@@ -37,6 +37,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             None (default) = no smoothing.
         calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32,
             "seq_len": 512} for the calibrating methods.
+        kv_cache_bits: None (default) or 8, 4, 2: ``generate`` (and pipelines) of the loaded
+            model use a QuantizedKVCache with these bits unless a cache is passed.
+        kv_cache_group_size, kv_cache_residual_length: its group size (64) and full-precision
+            window (128 tokens).
         modules_to_not_convert: module names (or name suffixes) kept in full precision;
             defaults to ["lm_head"].
         modules_override: per-module settings, ``{"model.layers.0.mlp.down_proj": {"bits": 8}}``;
@@ -56,6 +60,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         smoothquant_alpha: float | None = None,
         calibration: dict[str, Any] | None = None,
         smooth_modules: list[str] | None = None,
+        kv_cache_bits: int | None = None,
+        kv_cache_group_size: int = 64,
+        kv_cache_residual_length: int = 128,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -77,6 +84,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         # Filled when SmoothQuant runs: modules whose factors are applied inside the op
         # (stored as <module>.smooth) because no previous op could absorb them.
         self.smooth_modules = list(smooth_modules or [])
+        self.kv_cache_bits = kv_cache_bits
+        self.kv_cache_group_size = kv_cache_group_size
+        self.kv_cache_residual_length = kv_cache_residual_length
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
         self.post_init()
@@ -90,6 +100,14 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.method not in SUPPORTED_METHODS:
             raise ValueError(f"HfQuantConfig: method={self.method!r} is not supported (use one of {SUPPORTED_METHODS})")
         _check_scheme("HfQuantConfig", self.bits, self.group_size, self.symmetric)
+        if self.kv_cache_bits is not None:
+            from .kv_cache import _check_args
+
+            try:
+                _check_args(self.kv_cache_bits, self.kv_cache_group_size, self.kv_cache_residual_length)
+            except ValueError as e:
+                raise ValueError(f"HfQuantConfig: kv_cache_bits / kv_cache_group_size / kv_cache_residual_length: "
+                                 f"{e}") from None
         if self.method in ACTIVATION_METHODS:
             self._check_activation_method()
         elif self.smoothquant_alpha is not None:
@@ -178,6 +196,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             d["smoothquant_alpha"] = self.smoothquant_alpha
             d["calibration"] = copy.deepcopy(self.calibration)
             d["smooth_modules"] = list(self.smooth_modules)
+        if self.kv_cache_bits is not None:
+            d["kv_cache_bits"] = self.kv_cache_bits
+            d["kv_cache_group_size"] = self.kv_cache_group_size
+            d["kv_cache_residual_length"] = self.kv_cache_residual_length
         return d
 
     def to_diff_dict(self) -> dict[str, Any]:

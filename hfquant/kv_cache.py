@@ -206,3 +206,25 @@ class QuantizedKVCache(Cache):
     def memory_bytes(self, allocated: bool = False) -> int:
         """Bytes held by the cache (see QuantizedKVLayer.memory_bytes)."""
         return sum(layer.memory_bytes(allocated) for layer in self.layers)
+
+
+def bind_to_generate(model, bits: int, group_size: int = 64, residual_length: int = 128) -> None:
+    """Makes ``model.generate`` (and the pipelines that call it) use a fresh QuantizedKVCache
+    whenever the caller passes no cache. A method bound to this model instance; transformers
+    itself is not patched. The model's attention is checked now, so an unsupported model
+    fails at load time, naming its type."""
+    config = model.config
+    QuantizedKVCache(config, bits, group_size, residual_length)  # validates
+    if getattr(model, "_hfquant_kv_cache", None) is None:
+        import functools
+        import types
+
+        def generate(self, *args, **kwargs):
+            settings = self._hfquant_kv_cache
+            if settings and kwargs.get("cache") is None and kwargs.get("past_key_values") is None \
+                    and kwargs.get("use_cache", True):
+                kwargs["cache"] = QuantizedKVCache(self.config, *settings)
+            return functools.partial(type(self).generate, self)(*args, **kwargs)
+
+        model.generate = types.MethodType(generate, model)
+    model._hfquant_kv_cache = (bits, group_size, residual_length)

@@ -115,7 +115,7 @@ class HfQuantQuantizer(HfQuantizer):
             runtime = smooth_model(model, config)
             config.smooth_modules = sorted(runtime)
             self.modules_to_not_convert = quantize_in_place(model, config, smooth=runtime)
-            _make_save_atomic(model)
+            _finish(model, config)
             return model
         for name, module in model.named_modules():
             if not isinstance(module, PackedLinear):
@@ -142,7 +142,7 @@ class HfQuantQuantizer(HfQuantizer):
                     )
             module.validate(name)
             module.pack()
-        _make_save_atomic(model)
+        _finish(model, config)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -166,6 +166,16 @@ class HfQuantQuantizer(HfQuantizer):
             if isinstance(module, PackedLinear):
                 _set_module(model, name, module.to_linear(dtype))
         return model
+
+
+def _finish(model, config: HfQuantConfig) -> None:
+    """What every loaded hfquant model gets: an atomic save_pretrained, and the quantized KV
+    cache for generate when the config asks for one."""
+    _make_save_atomic(model)
+    if config.kv_cache_bits is not None:
+        from .kv_cache import bind_to_generate
+
+        bind_to_generate(model, config.kv_cache_bits, config.kv_cache_group_size, config.kv_cache_residual_length)
 
 
 def _first_quantized(model) -> str | None:
