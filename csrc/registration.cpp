@@ -40,8 +40,12 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "kv_append(Tensor x, Tensor(a!) codes, Tensor(b!) scales, Tensor(c!) mins, int offset, int bits, "
       "int group_size, bool per_channel) -> ()");
-  // The first `length` tokens of the stores in `dtype` (into the start of `out` when given).
+  // The first `length` tokens of the stores in `dtype`.
   m.def(
       "kv_dequantize(Tensor codes, Tensor scales, Tensor mins, int length, int bits, int group_size, "
-      "bool per_channel, ScalarType dtype, Tensor(d!)? out=None) -> Tensor");
+      "bool per_channel, ScalarType dtype) -> Tensor");
+  // The same written into the first `length` tokens of `out` (in its dtype).
+  m.def(
+      "kv_dequantize_into(Tensor codes, Tensor scales, Tensor mins, Tensor(a!) out, int length, int bits, "
+      "int group_size, bool per_channel) -> ()");
 }

@@ -8,7 +8,7 @@ in full precision; older tokens are flushed into packed int8/int4/int2 stores in
 ``group_size`` tokens (a block is one key group: keys are quantized per channel over the
 tokens of a block, values per token over groups of ``group_size`` channels). Quantization
 happens once per token, straight into preallocated stores (``hfquant::kv_append``); each
-step the stores are dequantized into the attention's dtype (``hfquant::kv_dequantize``)
+step the stores are dequantized into the attention's dtype (``hfquant::kv_dequantize_into``)
 in front of the full-precision window. Beam search reorders the stores exactly (rows of
 codes move, nothing is requantized).
 """
@@ -93,7 +93,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         out = torch.empty(*like.shape[:-2], total, like.shape[-1], dtype=self.dtype, device=self.device)
         if self._qlen:
             c, s, m = self._stores[key]
-            ops.kv_dequantize(c, s, m, self._qlen, self.bits, self.group_size, per_channel, self.dtype, out)
+            ops.kv_dequantize_into(c, s, m, out, self._qlen, self.bits, self.group_size, per_channel)
         return out
 
     # -- the cache protocol -------------------------------------------------------------------

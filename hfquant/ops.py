@@ -154,10 +154,13 @@ def _kv_append_fake(x, codes, scales, mins, offset, bits, group_size, per_channe
 
 
 @torch.library.register_fake("hfquant::kv_dequantize")
-def _kv_dequantize_fake(codes, scales, mins, length, bits, group_size, per_channel, dtype, out=None):
-    if out is not None:
-        return out
+def _kv_dequantize_fake(codes, scales, mins, length, bits, group_size, per_channel, dtype):
     return codes.new_empty((*codes.shape[:-2], length, codes.shape[-1] * 8 // bits), dtype=dtype)
+
+
+@torch.library.register_fake("hfquant::kv_dequantize_into")
+def _kv_dequantize_into_fake(codes, scales, mins, out, length, bits, group_size, per_channel):
+    return None
 
 
 def kv_quantize(x: torch.Tensor, bits: int, group_size: int, per_channel: bool):
@@ -175,8 +178,16 @@ def kv_append(x, codes, scales, mins, offset: int, bits: int, group_size: int, p
 
 
 def kv_dequantize(codes, scales, mins, length: int, bits: int, group_size: int, per_channel: bool,
-                  dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The first ``length`` tokens of the stores in ``dtype`` (written into ``out`` when given)."""
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The first ``length`` tokens of the stores in ``dtype``."""
     if _backend() == "ref":
-        return ref.kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, dtype, out)
-    return torch.ops.hfquant.kv_dequantize(codes, scales, mins, length, bits, group_size, per_channel, dtype, out)
+        return ref.kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, dtype)
+    return torch.ops.hfquant.kv_dequantize(codes, scales, mins, length, bits, group_size, per_channel, dtype)
+
+
+def kv_dequantize_into(codes, scales, mins, out: torch.Tensor, length: int, bits: int, group_size: int,
+                       per_channel: bool) -> None:
+    """The first ``length`` tokens of the stores written into the first tokens of ``out``."""
+    if _backend() == "ref":
+        return ref.kv_dequantize_into_ref(codes, scales, mins, out, length, bits, group_size, per_channel)
+    torch.ops.hfquant.kv_dequantize_into(codes, scales, mins, out, length, bits, group_size, per_channel)

@@ -222,7 +222,7 @@ def kv_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     shifts = (torch.arange(per, dtype=torch.int32) * bits)[:, None]
     c = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [..., plane, R]
-    return c.reshape(*packed.shape[:-1], -1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 def _kv_check(op: str, bits: int, group_size: int, T: int, D: int, per_channel: bool) -> None:
@@ -272,7 +272,7 @@ def kv_quantize_ref(x: torch.Tensor, bits: int, group_size: int, per_channel: bo
 
 
 def kv_dequantize_ref(codes, scales, mins, length: int, bits: int, group_size: int, per_channel: bool,
-                      dtype: torch.dtype, out=None):
+                      dtype: torch.dtype):
     """Twin of ``hfquant::kv_dequantize``: the first ``length`` tokens as c * scale + min."""
     c = kv_unpack_codes(codes[..., :length, :], bits).to(torch.float32)
     s, m = scales.to(torch.float32), mins.to(torch.float32)
@@ -282,11 +282,13 @@ def kv_dequantize_ref(codes, scales, mins, length: int, bits: int, group_size: i
     else:
         s = s[..., :length, :].repeat_interleave(group_size, dim=-1)
         m = m[..., :length, :].repeat_interleave(group_size, dim=-1)
-    y = (c * s + m).to(dtype)
-    if out is None:
-        return y
-    out[..., :length, :] = y
-    return out
+    return (c * s + m).to(dtype)
+
+
+def kv_dequantize_into_ref(codes, scales, mins, out, length: int, bits: int, group_size: int,
+                           per_channel: bool) -> None:
+    """Twin of ``hfquant::kv_dequantize_into``: kv_dequantize written into out[..., :length, :]."""
+    out[..., :length, :] = kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, out.dtype)
 
 
 def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: int, per_channel: bool) -> None:

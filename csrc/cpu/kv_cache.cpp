@@ -14,8 +14,9 @@
 // NaN/Inf in a group make its scale/min NaN (the dequantized group is NaN).
 //
 // kv_append quantizes a block of new tokens straight into preallocated stores at a token
-// offset (the cache grows them by doubling); kv_dequantize writes the states back in the
-// attention's dtype, optionally into the first tokens of a larger buffer.
+// offset (the cache grows them); kv_dequantize returns the states in the attention's dtype,
+// kv_dequantize_into writes them into the first tokens of a larger buffer. Scales and
+// minimums are float16: states beyond +-65504 make their group +-inf.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -328,32 +329,24 @@ void kv_append_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   });
 }
 
-// The first `length` tokens of the stores -> [..., length, D] in `dtype`; with `out`
-// given ([..., >= length, D], contiguous), written into its first tokens instead.
-at::Tensor kv_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins, int64_t length,
-                             int64_t bits, int64_t group_size, bool per_channel, at::ScalarType dtype,
-                             const std::optional<at::Tensor>& out) {
-  const Stores s = check_stores("kv_dequantize", codes, scales, mins, bits, group_size, per_channel);
-  TORCH_CHECK(length >= 0 && length <= s.T, "hfquant::kv_dequantize: length=", length, " is outside the stores' ",
-              s.T, " tokens");
-  at::Tensor y;
-  if (out) {
-    y = *out;
-    TORCH_CHECK(y.scalar_type() == dtype && y.is_contiguous() && y.dim() == codes.dim() && y.size(-1) == s.D &&
-                    y.size(-2) >= length,
-                "hfquant::kv_dequantize: out must be a contiguous ", dtype, " tensor [..., >= ", length, ", ", s.D,
-                "], got ", y.scalar_type(), " ", y.sizes());
-    for (int64_t i = 0; i + 2 < y.dim(); ++i)
-      TORCH_CHECK(y.size(i) == codes.size(i), "hfquant::kv_dequantize: out has shape ", y.sizes(), ", the stores ",
-                  codes.sizes());
-  } else {
-    auto sz = codes.sizes().vec();
-    sz[sz.size() - 2] = length;
-    sz.back() = s.D;
-    y = at::empty(sz, codes.options().dtype(dtype));
-  }
+namespace {
+
+// Writes the first `length` tokens of the stores into the first tokens of y [..., >= length, D].
+void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                     const at::Tensor& y, int64_t length, int64_t bits, int64_t group_size, bool per_channel) {
+  const Stores s = check_stores(op, codes, scales, mins, bits, group_size, per_channel);
+  TORCH_CHECK(length >= 0 && length <= s.T, "hfquant::", op, ": length=", length, " is outside the stores' ", s.T,
+              " tokens");
+  const at::ScalarType dtype = y.scalar_type();
+  TORCH_CHECK(y.device().is_cpu() && y.is_contiguous() && y.dim() == codes.dim() && y.size(-1) == s.D &&
+                  y.size(-2) >= length,
+              "hfquant::", op, ": out must be a contiguous CPU tensor [..., >= ", length, ", ", s.D, "], got ",
+              y.sizes());
+  for (int64_t i = 0; i + 2 < y.dim(); ++i)
+    TORCH_CHECK(y.size(i) == codes.size(i), "hfquant::", op, ": out has shape ", y.sizes(), ", the stores ",
+                codes.sizes());
   const int64_t ty = y.size(-2);
-  dispatch_float(dtype, "kv_dequantize", [&](auto* tag) {
+  dispatch_float(dtype, op, [&](auto* tag) {
     using Y = std::remove_pointer_t<decltype(tag)>;
     Y* yp = y.data_ptr<Y>();
     // (head, block of >= 64 tokens) tasks so that one long head still uses every thread;
@@ -371,7 +364,31 @@ at::Tensor kv_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, 
       }
     });
   });
+}
+
+}  // namespace
+
+// The first `length` tokens of the stores -> a new [..., length, D] tensor in `dtype`.
+at::Tensor kv_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins, int64_t length,
+                             int64_t bits, int64_t group_size, bool per_channel, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "hfquant::kv_dequantize: dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(codes.dim() >= 2, "hfquant::kv_dequantize: codes must be [..., T, D*bits/8], got ", codes.sizes());
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "hfquant::kv_dequantize: bits=", bits,
+              " is not supported (use 2, 4 or 8)");
+  auto sz = codes.sizes().vec();
+  sz[sz.size() - 2] = std::max<int64_t>(0, std::min<int64_t>(length, codes.size(-2)));
+  sz.back() = codes.size(-1) * 8 / bits;
+  at::Tensor y = at::empty(sz, codes.options().dtype(dtype));
+  dequantize_into("kv_dequantize", codes, scales, mins, y, length, bits, group_size, per_channel);
   return y;
+}
+
+// The same into the first `length` tokens of `out` [..., >= length, D] (its dtype), in place.
+void kv_dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                            const at::Tensor& out, int64_t length, int64_t bits, int64_t group_size,
+                            bool per_channel) {
+  dequantize_into("kv_dequantize_into", codes, scales, mins, out, length, bits, group_size, per_channel);
 }
 
 }  // namespace hfquant::cpu
@@ -380,4 +397,5 @@ TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
   m.impl("kv_quantize", &hfquant::cpu::kv_quantize_cpu);
   m.impl("kv_append", &hfquant::cpu::kv_append_cpu);
   m.impl("kv_dequantize", &hfquant::cpu::kv_dequantize_cpu);
+  m.impl("kv_dequantize_into", &hfquant::cpu::kv_dequantize_into_cpu);
 }
