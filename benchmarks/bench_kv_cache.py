@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [n, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base_ppl - 1):+.2f}%", f"{r['agree']:.0%}"
                  + ("" if r["first_diff"] is None else f" (first diff at {r['first_diff']})")]
         b = mem.get((n, Lmax))
-        cells.append(f"{b:.0f} ({b / mem[(fp, Lmax)] * 0.5 if (fp, Lmax) in mem else float('nan'):.2f}x bf16)"
-                     if b is not None else "n/a")
+        bf16 = mem[(fp, Lmax)] * 2 / 4 if (fp, Lmax) in mem else float("nan")  # fp32 cache -> bf16
+        cells.append(f"{b:.0f} ({b / bf16:.2f}x bf16)" if b is not None else "n/a")
         for L in a.contexts:
             cells.append(f"{speed[(n, L)]:.1f} ({speed[(n, L)] / speed[(fp, L)]:.2f}x)")
         table.append(cells)

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--isa", default=None,
                    help="force hfquant's kernel path (hfquant._C.set_cpu_isa), e.g. avx2; with avx2 torch is "
                         "capped to AVX2 as well (see --no-cap-torch)")
+    p.add_argument("--int8-path", default=None,
+                   help="--suite int8: force hfquant's int8 kernel (avx512vnni, avxvnni, avx2, portable)")
     p.add_argument("--no-cap-torch", action="store_true",
                    help="with --isa avx2: leave torch's kernels on their native ISA")
     p.add_argument("--reps", type=int, default=None, help="max timed repetitions per case (default 21, quick 5)")
@@ -550,6 +552,14 @@ def run(args: argparse.Namespace, command: str) -> int:
         except Exception as exc:
             print(f"--isa {args.isa}: {short_reason(exc)}", file=sys.stderr)
             return 2
+    if args.int8_path:
+        try:
+            from hfquant._ext import _C
+
+            _C.set_int8_path(args.int8_path)
+        except Exception as exc:
+            print(f"--int8-path {args.int8_path}: {short_reason(exc)}", file=sys.stderr)
+            return 2
     try:
         selected = shapes_mod.select(args.shapes)
     except ValueError as exc:
@@ -618,7 +628,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
     settings = {k: getattr(args, k) for k in (
         "quick", "threads", "group_size", "reps", "min_reps", "warmup", "cold_mib", "case_budget_s", "target_s",
-        "slow_call_s", "bw_mib", "bw_reps", "isa", "seed", "m", "shapes", "suite")}
+        "slow_call_s", "bw_mib", "bw_reps", "isa", "seed", "m", "shapes", "suite", "int8_path")}
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_describe(),
             "system": info, "settings": settings, "cases": cases,
             "bandwidth": {"start": bw_start, "end": bw_end, "used": bw_used},
@@ -629,7 +639,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     if args.write_docs:
         isa = info.get("hfquant_isa", "none")
-        label = args.docs_label or (f"int8-{isa}" if args.suite == "int8" else f"linear-{isa}")
+        int8 = info.get("hfquant_int8_path", "none")
+        label = args.docs_label or (f"int8-{isa}-{int8}" if args.suite == "int8" else f"linear-{isa}")
         common.write_doc_section(args.docs, label, report, DOC_INTRO)
         print(f"wrote section {label!r} of {args.docs}", file=sys.stderr)
     print(f"total {meta['wall_s']:.0f} s", file=sys.stderr)

@@ -39,7 +39,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", [](const std::string& name) { hfquant::cpu::set_active_isa(name); },
         "Force a kernel path (for tests and benchmarks); raises if this CPU cannot run it.");
   m.def("int8_path", []() { return std::string(hfquant::cpu::int8_path_name()); },
-        "The int8 GEMM kernel under the active kernel path: avx512vnni, avx2 or portable.");
+        "The int8 GEMM kernel in use: avx512vnni, avxvnni, avx2 or portable (from the active kernel path "
+        "unless forced).");
+  m.def("set_int8_path", [](const std::string& name) { hfquant::cpu::set_int8_path(name); },
+        "Force an int8 GEMM kernel (for tests and benchmarks); 'auto' follows the active kernel path.");
+  m.def("available_int8_paths", []() { return hfquant::cpu::available_int8_paths(); },
+        "int8 GEMM kernels this CPU can run, best first.");
   m.def("available_isas", []() {
     std::vector<std::string> out;
     for (auto isa : hfquant::cpu::available_isas()) out.emplace_back(hfquant::cpu::isa_name(isa));

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -25,17 +26,44 @@ using i8::kTile;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// -1: follow the active ISA; else a forced i8::Path (set_int8_path).
+std::atomic<int> g_forced_path{-1};
+
+bool can_run(i8::Path p) {
+  const Features& f = features();
+  switch (p) {
+    case i8::Path::Vnni512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni;
+    case i8::Path::AvxVnni: return f.avx2 && f.fma && f.f16c && f.avx_vnni;
+    case i8::Path::Avx2: return f.avx2 && f.fma && f.f16c;
+    default: return true;
+  }
+}
+
+// The fastest integer dot product under the active ISA: AVX-512 VNNI, AVX-VNNI (VEX
+// vpdpbusd on 256 bits), AVX2 (vpmaddubsw), portable C++.
 i8::Path int8_path() {
+  const int forced = g_forced_path.load(std::memory_order_relaxed);
+  if (forced >= 0) return i8::Path(forced);
   const Isa isa = active_isa();
-  if ((isa == Isa::Avx512 || isa == Isa::Avx512Bf16) && features().avx512_vnni) return i8::Path::Vnni512;
-  if (isa != Isa::Portable) return i8::Path::Avx2;
-  return i8::Path::Portable;
+  if ((isa == Isa::Avx512 || isa == Isa::Avx512Bf16) && can_run(i8::Path::Vnni512)) return i8::Path::Vnni512;
+  if (isa == Isa::Portable) return i8::Path::Portable;
+  return can_run(i8::Path::AvxVnni) ? i8::Path::AvxVnni : i8::Path::Avx2;
+}
+
+const char* path_name(i8::Path p) {
+  switch (p) {
+    case i8::Path::Vnni512: return "avx512vnni";
+    case i8::Path::AvxVnni: return "avxvnni";
+    case i8::Path::Avx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 i8::GemmFn gemm_fn(i8::Path p) {
   switch (p) {
 #if defined(HFQUANT_X86)
     case i8::Path::Vnni512: return i8::gemm_vnni512;
+    case i8::Path::AvxVnni: return i8::gemm_avxvnni;
     case i8::Path::Avx2: return i8::gemm_avx2;
 #endif
     default: return i8::gemm_portable;
@@ -104,6 +132,7 @@ const i8::RowFns& row_fns() {
   switch (int8_path()) {
 #if defined(HFQUANT_X86)
     case i8::Path::Vnni512: return i8::kRowsAvx512;
+    case i8::Path::AvxVnni:
     case i8::Path::Avx2: return i8::kRowsAvx2;
 #endif
     default: return i8::kRowsPortable;
@@ -367,7 +396,7 @@ at::Tensor act_rows(const char* op, const at::Tensor& xq, const i8::WeightView& 
 at::Tensor int8_mm_cpu(const at::Tensor& xq, const at::Tensor& packed_weight, const at::Tensor& colsum,
                        int64_t out_features) {
   const i8::WeightView w = weight_view("int8_mm", packed_weight, colsum, out_features);
-  const bool offset = int8_path() == i8::Path::Vnni512;
+  const bool offset = i8::offset_activations(int8_path());
   const at::Tensor buf = act_rows("int8_mm", xq, w, offset);
   const int64_t M = xq.size(0);
   at::Tensor y = at::empty({M, out_features}, xq.options().dtype(at::kInt));
@@ -385,7 +414,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& x_scales, const
   const i8::WeightView w = weight_view("int8_gemm", packed_weight, colsum, out_features);
   TORCH_CHECK(is_float(out_dtype), "hfquant::int8_gemm: out_dtype must be float32, bfloat16 or float16, got ",
               out_dtype);
-  const bool offset = int8_path() == i8::Path::Vnni512;
+  const bool offset = i8::offset_activations(int8_path());
   const at::Tensor buf = act_rows("int8_gemm", xq, w, offset);
   const int64_t M = xq.size(0);
   const at::Tensor xs = float_vector("int8_gemm", "x_scales", x_scales, M);
@@ -424,7 +453,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const int64_t M = xc.size(0);
   if (M == 0) return at::empty(out_sizes, x.options());
 
-  const bool offset = int8_path() == i8::Path::Vnni512;
+  const bool offset = i8::offset_activations(int8_path());
   QuantizedAct qa = quantize_for_gemm(xc, as, threshold, w.K4, offset);
   const i8::ActView a{qa.buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
   // LLM.int8: the outlier columns' product, in fp32, is added in the GEMM's epilogue.
@@ -441,12 +470,34 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   return y.reshape(out_sizes);
 }
 
-const char* int8_path_name() {
-  switch (int8_path()) {
-    case i8::Path::Vnni512: return "avx512vnni";
-    case i8::Path::Avx2: return "avx2";
-    default: return "portable";
+const char* int8_path_name() { return path_name(int8_path()); }
+
+void set_int8_path(const std::string& name) {
+  if (name == "auto") {
+    g_forced_path = -1;
+    return;
   }
+  for (i8::Path p : {i8::Path::Vnni512, i8::Path::AvxVnni, i8::Path::Avx2, i8::Path::Portable}) {
+    if (name != path_name(p)) continue;
+#if !defined(HFQUANT_X86)
+    TORCH_CHECK(p == i8::Path::Portable, "hfquant: int8 path '", name, "' is not built on this architecture");
+#endif
+    TORCH_CHECK(can_run(p), "hfquant: this CPU cannot run the int8 path '", name, "'");
+    g_forced_path = int(p);
+    return;
+  }
+  TORCH_CHECK(false, "hfquant: unknown int8 path '", name, "' (use auto, avx512vnni, avxvnni, avx2 or portable)");
+}
+
+std::vector<std::string> available_int8_paths() {
+  std::vector<std::string> out;
+  for (i8::Path p : {i8::Path::Vnni512, i8::Path::AvxVnni, i8::Path::Avx2, i8::Path::Portable}) {
+#if !defined(HFQUANT_X86)
+    if (p != i8::Path::Portable) continue;
+#endif
+    if (can_run(p)) out.emplace_back(path_name(p));
+  }
+  return out;
 }
 
 }  // namespace hfquant::cpu

@@ -9,6 +9,8 @@
 // signed bytes); the VNNI path subtracts 128 * colsum[n] afterwards, exactly.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "cpu/qlinear.h"  // DType
 
@@ -17,7 +19,7 @@ namespace hfquant::cpu::i8 {
 constexpr int64_t kTile = 16;  // output channels per tile
 constexpr int64_t kKG = 4;     // k per 32-bit lane
 
-enum class Path : int8_t { Portable = 0, Avx2 = 1, Vnni512 = 2 };
+enum class Path : int8_t { Portable = 0, Avx2 = 1, AvxVnni = 2, Vnni512 = 3 };
 
 struct WeightView {
   const int8_t* w;
@@ -54,7 +56,11 @@ using GemmFn = void (*)(const ActView& a, const WeightView& w, const Epilogue& e
                         int64_t t0, int64_t t1);
 void gemm_portable(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
 void gemm_avx2(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
+void gemm_avxvnni(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
 void gemm_vnni512(const ActView&, const WeightView&, const Epilogue&, int64_t, int64_t, int64_t, int64_t);
+
+// Activations as unsigned bytes x + 128 (the VNNI paths) rather than int8.
+inline bool offset_activations(Path p) { return p == Path::Vnni512 || p == Path::AvxVnni; }
 
 // Row kernels of the activation quantization (float32 rows, K elements):
 //   flag   : mask[k] |= !(|v[k]| < threshold)        (NaN and Inf are flagged)
@@ -73,4 +79,8 @@ extern const RowFns kRowsPortable, kRowsAvx2, kRowsAvx512;
 
 namespace hfquant::cpu {
 const char* int8_path_name();  // kernel path of the int8 GEMM under the active ISA
+// Forces an int8 kernel path ("auto" restores the choice from the active ISA); raises if
+// this CPU cannot run it.
+void set_int8_path(const std::string& name);
+std::vector<std::string> available_int8_paths();  // best first
 }

@@ -43,14 +43,14 @@ def test_int8_pack_matches_ref_and_inverts(N, K):
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_int8_mm_is_exact(isa, M, N, K):
+def test_int8_mm_is_exact(i8path, M, N, K):
     gen = torch.Generator().manual_seed(M * 7 + N * 13 + K)
     w, pw, cs = _packed(N, K, gen, lo=-128)  # -128 weights are allowed
     xq = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
     assert torch.equal(OPS.int8_mm(xq, pw, cs, N), ref.int8_mm_ref(xq, pw, cs, N))
 
 
-def test_int8_mm_extreme_values_exact(isa):
+def test_int8_mm_extreme_values_exact(i8path):
     """All-max products: 127 * 127 * K and 127 * -128 * K are exact (no int16 saturation)."""
     K, N = 1000, 20
     for wv, xv in [(127, 127), (-128, 127), (-128, -127), (127, -127)]:
@@ -68,7 +68,7 @@ def test_int8_mm_extreme_values_exact(isa):
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
-def test_int8_gemm_matches_ref(isa, M, N, K, out_dtype):
+def test_int8_gemm_matches_ref(i8path, M, N, K, out_dtype):
     gen = torch.Generator().manual_seed(M + N + K)
     w, pw, cs = _packed(N, K, gen)
     xq = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
@@ -84,7 +84,7 @@ def test_int8_gemm_matches_ref(isa, M, N, K, out_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 2.5, math.inf])
-def test_quantize_act_matches_ref(isa, dtype, threshold):
+def test_quantize_act_matches_ref(i8path, dtype, threshold):
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 7, 300, generator=gen) * 0.5).to(dtype)
     x[1, 2, 17] = 40.0  # an outlier column
@@ -100,7 +100,7 @@ def test_quantize_act_matches_ref(isa, dtype, threshold):
         assert q.abs().max() == 127  # each row's absmax maps to +-127
 
 
-def test_quantize_act_edge_rows(isa):
+def test_quantize_act_edge_rows(i8path):
     """All-zero rows, rows that are all outliers, tiny rows and non-finite values."""
     x = torch.randn(6, 64)
     x[0] = 0.0  # all zero -> scale 0, codes 0
@@ -125,7 +125,7 @@ def test_quantize_act_edge_rows(isa):
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_int8_linear_matches_ref(isa, M, N, K, dtype, threshold):
+def test_int8_linear_matches_ref(i8path, M, N, K, dtype, threshold):
     gen = torch.Generator().manual_seed(M * 3 + N + K)
     w, pw, cs = _packed(N, K, gen)
     ws = torch.rand(N, generator=gen) * 0.01
@@ -140,7 +140,7 @@ def test_int8_linear_matches_ref(isa, M, N, K, dtype, threshold):
         assert_close(y, expect, dtype, scale=float((x.float().abs() @ (w.float().abs() * ws[:, None]).t()).max()))
 
 
-def test_int8_linear_batched_and_strided(isa):
+def test_int8_linear_batched_and_strided(i8path):
     gen = torch.Generator().manual_seed(5)
     N, K = 40, 96
     _, pw, cs = _packed(N, K, gen)
@@ -153,7 +153,7 @@ def test_int8_linear_batched_and_strided(isa):
     assert OPS.int8_linear(x[:0], pw, cs, ws, None, None, 0.0, N).shape == (0, 3, N)
 
 
-def test_int8_linear_outliers_exact_in_float(isa):
+def test_int8_linear_outliers_exact_in_float(i8path):
     """An outlier column goes through fp32 unquantized: a huge value there does not spoil
     the rest of the row, unlike w8a8."""
     gen = torch.Generator().manual_seed(9)
@@ -170,7 +170,7 @@ def test_int8_linear_outliers_exact_in_float(isa):
     assert err_llm < 0.05 * err_w8a8
 
 
-def test_int8_linear_nonfinite_input(isa):
+def test_int8_linear_nonfinite_input(i8path):
     gen = torch.Generator().manual_seed(2)
     _, pw, cs = _packed(16, 32, gen)
     ws = torch.rand(16, generator=gen) * 0.01
@@ -230,38 +230,26 @@ def test_ops_reject_bad_arguments():
             fn()
 
 
-def test_int8_path_names_follow_isa():
+def test_int8_path_follows_isa_unless_forced():
     prev = _C.cpu_isa()
+    feats = _C.cpu_features()
     try:
         for isa in _C.available_isas():
             _C.set_cpu_isa(isa)
             path = _C.int8_path()
             if isa == "portable":
                 assert path == "portable"
-            elif isa.startswith("avx512") and _C.cpu_features()["avx512_vnni"]:
+            elif isa.startswith("avx512") and feats["avx512_vnni"]:
                 assert path == "avx512vnni"
             else:
-                assert path == "avx2"
+                assert path == ("avxvnni" if feats["avx_vnni"] else "avx2")
+            _C.set_int8_path("portable")
+            assert _C.int8_path() == "portable"
+            _C.set_int8_path("auto")
+            assert _C.int8_path() == path
     finally:
         _C.set_cpu_isa(prev)
-
-
-@pytest.mark.parametrize("n_out", [1, 32, 33, 200])
-def test_int8_linear_fused_and_precomputed_outliers(isa, n_out):
-    """Up to 32 outlier columns are multiplied in the GEMM's epilogue, more through a GEMM
-    first: both against the reference."""
-    gen = torch.Generator().manual_seed(n_out)
-    N, K, M = 50, 260, 7
-    w, pw, cs = _packed(N, K, gen)
-    ws = torch.rand(N, generator=gen) * 0.01
-    x = torch.randn(M, K, generator=gen)
-    cols = torch.randperm(K, generator=gen)[:n_out]
-    x[M // 2, cols] = 12.0
-    bias = torch.randn(N, generator=gen)
-    for dtype in (torch.float32, torch.bfloat16):
-        xd = x.to(dtype)
-        _, _, found = OPS.quantize_act(xd, 6.0, None)
-        assert found.numel() == n_out
-        y = OPS.int8_linear(xd, pw, cs, ws, bias, None, 6.0, N)
-        expect = ref.int8_linear_ref(xd, pw, cs, ws, bias, None, 6.0, N)
-        assert_close(y, expect, dtype, scale=float((x.abs() @ (w.float().abs() * ws[:, None]).t()).max()))
+        _C.set_int8_path("auto")
+    with pytest.raises(RuntimeError, match="unknown int8 path 'sse9'"):
+        _C.set_int8_path("sse9")
+    assert "portable" in _C.available_int8_paths()
