@@ -3,8 +3,9 @@ transformers' own quantized cache (optimum-quanto backend, when installed), in o
 
 * perplexity with the cache in the loop (hfquant.evaluate.perplexity_with_cache: windows of
   512 tokens fed in chunks of 32, so attention reads the past as the cache stores it);
-* greedy agreement: share of 64 greedy tokens equal to the full-precision cache's, after a
-  prompt long enough (384 tokens) that most of the past is quantized;
+* greedy agreement: share of 64 greedy tokens equal to the full-precision cache's, after
+  prompts long enough (384 tokens) that most of the past is quantized, over several prompts
+  (one prompt says little: a near tie flips at the smallest perturbation);
 * cache bytes per token at the longest context (scales and the residual window included);
 * decode tokens/s at several contexts: each cache is prefilled once, then every repetition
   decodes --new-tokens more tokens greedily into it (the context grows by that much per
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per timing (default 32, quick 8)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per kind (default 5, quick 2)")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows of 512 (default 8, quick 2)")
+    p.add_argument("--prompts", type=int, default=None, help="greedy-agreement prompts (default 8, quick 2)")
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     a.new_tokens = a.new_tokens or (8 if a.quick else 32)
     a.reps = a.reps or (2 if a.quick else 5)
     a.windows = a.windows or (2 if a.quick else 8)
+    a.prompts = a.prompts or (2 if a.quick else 8)
     command = "python benchmarks/bench_kv_cache.py" + "".join(" " + shlex.quote(x) for x in
                                                               (sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(a.threads)
@@ -106,21 +109,28 @@ def main(argv: list[str] | None = None) -> int:
 
     # quality
     rows = []
-    prompt = tok(text[:20000], return_tensors="pt").input_ids[:, :384]
-    ref_tokens = None
+    all_ids = tok(text, return_tensors="pt").input_ids
+    # prompts of 384 tokens from spread-out places of the text (most of each is quantized)
+    step = (all_ids.shape[1] - 384) // a.prompts
+    prompts = [all_ids[:, i * step:i * step + 384] for i in range(a.prompts)]
+    ref_tokens: list[list[int]] = []
     for name, make in ks.items():
         ppl = perplexity_with_cache(model, tok, text, make, max_windows=a.windows)
-        cache = make()
-        toks = decode(model, cache, prefill(model, prompt, cache), 64)
-        ref_tokens = ref_tokens or toks
-        agree = sum(x == y for x, y in zip(toks, ref_tokens)) / len(toks)
-        first_diff = next((i for i, (x, y) in enumerate(zip(toks, ref_tokens)) if x != y), None)
-        rows.append({"kind": name, "ppl": ppl, "agree": agree, "first_diff": first_diff})
-        print(f"{name}: ppl {ppl:.3f}, greedy agreement {agree:.0%}", file=sys.stderr, flush=True)
+        agree, first = [], []
+        for i, prompt in enumerate(prompts):
+            cache = make()
+            toks = decode(model, cache, prefill(model, prompt, cache), 64)
+            if len(ref_tokens) < len(prompts):
+                ref_tokens.append(toks)
+            agree.append(sum(x == y for x, y in zip(toks, ref_tokens[i])) / len(toks))
+            first.append(next((j for j, (x, y) in enumerate(zip(toks, ref_tokens[i])) if x != y), 64))
+        rows.append({"kind": name, "ppl": ppl, "agree": statistics.mean(agree),
+                     "first_diff": statistics.median(first), "identical": sum(f == 64 for f in first)})
+        print(f"{name}: ppl {ppl:.3f}, greedy agreement {statistics.mean(agree):.0%}", file=sys.stderr, flush=True)
     base_ppl = rows[0]["ppl"]
 
     # speed (and memory at each context)
-    ids = tok(text, return_tensors="pt").input_ids
+    ids = all_ids
     speed: dict[tuple[str, int], float] = {}
     mem: dict[tuple[str, int], float] = {}
     for L in a.contexts:
@@ -151,23 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for r in rows:
         n = r["kind"]
-        cells = [n, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base_ppl - 1):+.2f}%", f"{r['agree']:.0%}"
-                 + ("" if r["first_diff"] is None else f" (first diff at {r['first_diff']})")]
+        cells = [n, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / base_ppl - 1):+.2f}%",
+                 f"{r['agree']:.0%}, median first difference at token {r['first_diff']:g}, "
+                 f"{r['identical']}/{a.prompts} identical"]
         b = mem.get((n, Lmax))
         bf16 = mem[(fp, Lmax)] * 2 / 4 if (fp, Lmax) in mem else float("nan")  # fp32 cache -> bf16
         cells.append(f"{b:.0f} ({b / bf16:.2f}x bf16)" if b is not None else "n/a")
         for L in a.contexts:
             cells.append(f"{speed[(n, L)]:.1f} ({speed[(n, L)] / speed[(fp, L)]:.2f}x)")
         table.append(cells)
-    header = ["cache", "perplexity", "vs fp", "greedy agreement (64 tokens)", f"bytes/token at {Lmax}",
+    header = ["cache", "perplexity", "vs fp", f"greedy agreement (64 tokens, {a.prompts} prompts)", f"bytes/token at {Lmax}",
               *[f"decode tok/s @ {L}" for L in a.contexts]]
     body = "\n".join([
         "### Quantized KV cache" + (" (PLACEHOLDER: --quick smoke run)" if a.quick else ""), "",
         f"Command: `{command}`", "", common.header_line(info) + ".", "",
         f"Default model (SmolLM2-135M, fp32 weights, 30 layers x 3 kv heads x head_dim 64); residual window "
         f"{a.residual} tokens for every quantized cache. Perplexity: WikiText-2 test, {a.windows} windows of 512 "
-        "tokens fed in chunks of 32 through the cache. Greedy agreement: 64 tokens after a 384-token WikiText "
-        "prompt, against the fp cache. Bytes/token: the cache's tensors (codes, fp16 scales and mins, residual "
+        "tokens fed in chunks of 32 through the cache. Greedy agreement: 64 tokens after each of "
+        f"{a.prompts} 384-token prompts spread over WikiText-2 test, against the fp cache (share of equal tokens, "
+        "median position of the first different token, prompts with all 64 equal). Bytes/token: the cache's tensors (codes, fp16 scales and mins, residual "
         f"window) / context at {Lmax} tokens; the bf16 ratio is against the fp32 DynamicCache halved. Decode: "
         f"median of {a.reps} interleaved runs of {a.new_tokens} greedy tokens into the prefilled cache (after one "
         "warm-up run; the context grows by that much per run); "
