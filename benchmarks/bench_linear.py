@@ -544,21 +544,15 @@ def format_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace, command: str) -> int:
     torch.set_num_threads(args.threads)
-    if args.isa:
+    for flag, value, setter in (("--isa", args.isa, "set_cpu_isa"), ("--int8-path", args.int8_path, "set_int8_path")):
+        if not value:
+            continue
         try:
             from hfquant._ext import _C
 
-            _C.set_cpu_isa(args.isa)
+            getattr(_C, setter)(value)
         except Exception as exc:
-            print(f"--isa {args.isa}: {short_reason(exc)}", file=sys.stderr)
-            return 2
-    if args.int8_path:
-        try:
-            from hfquant._ext import _C
-
-            _C.set_int8_path(args.int8_path)
-        except Exception as exc:
-            print(f"--int8-path {args.int8_path}: {short_reason(exc)}", file=sys.stderr)
+            print(f"{flag} {value}: {short_reason(exc)}", file=sys.stderr)
             return 2
     try:
         selected = shapes_mod.select(args.shapes)
