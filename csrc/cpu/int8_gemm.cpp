@@ -111,8 +111,8 @@ at::Tensor float_vector(const char* op, const char* what, const at::Tensor& t, i
 
 // Runs the GEMM over all rows and tiles. Tasks split the tiles; each task passes all rows
 // over its tiles (their weights stay in cache while the rows stream by).
-void run_gemm(const i8::ActView& a, const i8::WeightView& w, const i8::Epilogue& e) {
-  const i8::GemmFn fn = gemm_fn(int8_path());
+void run_gemm(i8::Path path, const i8::ActView& a, const i8::WeightView& w, const i8::Epilogue& e) {
+  const i8::GemmFn fn = gemm_fn(path);
   // At least ~256K multiply-adds per task: small layers at decode run on one thread.
   const int64_t per_tile = kTile * w.K4 * kKG * std::max<int64_t>(1, a.M);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / per_tile);
@@ -128,8 +128,8 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
-const i8::RowFns& row_fns() {
-  switch (int8_path()) {
+const i8::RowFns& row_fns(i8::Path path) {
+  switch (path) {
 #if defined(HFQUANT_X86)
     case i8::Path::Vnni512: return i8::kRowsAvx512;
     case i8::Path::AvxVnni:
@@ -174,9 +174,8 @@ FloatRows float_rows(const at::Tensor& x2d, const float* act_scale) {
 
 // Outlier columns (threshold > 0): any row with !(|x| < threshold), NaN and Inf included,
 // so that those take the floating-point path and propagate as IEEE says. Sets mask[k].
-std::vector<int64_t> find_outliers(const FloatRows& x, int64_t M, int64_t K, float threshold,
-                                   std::vector<uint8_t>& mask) {
-  const i8::RowFns& fns = row_fns();
+std::vector<int64_t> find_outliers(const i8::RowFns& fns, const FloatRows& x, int64_t M, int64_t K,
+                                   float threshold, std::vector<uint8_t>& mask) {
   std::vector<std::vector<uint8_t>> per_thread(at::get_num_threads());
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
     std::vector<uint8_t>& mk = per_thread[at::get_thread_num()];
@@ -199,9 +198,8 @@ std::vector<int64_t> find_outliers(const FloatRows& x, int64_t M, int64_t K, flo
 // q = clamp(round_half_even(x * (127 / a)), -127, 127). Writes the codes into q (row
 // stride ldq) with `offset` added (0, or 128 for the VNNI path's unsigned bytes), and
 // pads columns [K, ldq) with `offset`.
-void quantize_rows(const FloatRows& x, int64_t M, int64_t K, const uint8_t* outlier, uint8_t* q, int64_t ldq,
-                   uint8_t offset, float* scales) {
-  const i8::RowFns& fns = row_fns();
+void quantize_rows(const i8::RowFns& fns, const FloatRows& x, int64_t M, int64_t K, const uint8_t* outlier,
+                   uint8_t* q, int64_t ldq, uint8_t offset, float* scales) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x.p + m * x.ld;
@@ -241,17 +239,18 @@ struct QuantizedAct {
   FloatRows xf;       // the float rows that were quantized (x * act_scale)
 };
 
-QuantizedAct quantize_for_gemm(const at::Tensor& x2d, const at::Tensor& act_scale, double threshold, int64_t K4,
-                               bool offset) {
+QuantizedAct quantize_for_gemm(i8::Path path, const at::Tensor& x2d, const at::Tensor& act_scale, double threshold,
+                               int64_t K4) {
+  const i8::RowFns& fns = row_fns(path);
   const int64_t M = x2d.size(0), K = x2d.size(1);
   QuantizedAct r;
   r.buf = at::empty({M, K4 * kKG}, x2d.options().dtype(at::kByte));
   r.scales = at::empty({M}, x2d.options().dtype(at::kFloat));
   r.xf = float_rows(x2d, act_scale.defined() ? act_scale.data_ptr<float>() : nullptr);
   std::vector<uint8_t> mask;
-  if (threshold > 0) r.outliers = find_outliers(r.xf, M, K, float(threshold), mask);
-  quantize_rows(r.xf, M, K, r.outliers.empty() ? nullptr : mask.data(), r.buf.data_ptr<uint8_t>(), K4 * kKG,
-                offset ? 128 : 0, r.scales.data_ptr<float>());
+  if (threshold > 0) r.outliers = find_outliers(fns, r.xf, M, K, float(threshold), mask);
+  quantize_rows(fns, r.xf, M, K, r.outliers.empty() ? nullptr : mask.data(), r.buf.data_ptr<uint8_t>(), K4 * kKG,
+                i8::offset_activations(path) ? 128 : 0, r.scales.data_ptr<float>());
   return r;
 }
 
@@ -351,8 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor
   if (M > 0) {
     const FloatRows xf = float_rows(x2d, as.defined() ? as.data_ptr<float>() : nullptr);
     std::vector<uint8_t> mask;
-    if (threshold > 0) cols = find_outliers(xf, M, K, float(threshold), mask);
-    quantize_rows(xf, M, K, cols.empty() ? nullptr : mask.data(), reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>()),
+    const i8::RowFns& fns = row_fns(int8_path());
+    if (threshold > 0) cols = find_outliers(fns, xf, M, K, float(threshold), mask);
+    quantize_rows(fns, xf, M, K, cols.empty() ? nullptr : mask.data(), reinterpret_cast<uint8_t*>(q.data_ptr<int8_t>()),
                   K, 0, scales.data_ptr<float>());
   }
   at::Tensor out_cols = at::empty({int64_t(cols.size())}, x.options().dtype(at::kLong));
@@ -396,14 +396,14 @@ at::Tensor act_rows(const char* op, const at::Tensor& xq, const i8::WeightView& 
 at::Tensor int8_mm_cpu(const at::Tensor& xq, const at::Tensor& packed_weight, const at::Tensor& colsum,
                        int64_t out_features) {
   const i8::WeightView w = weight_view("int8_mm", packed_weight, colsum, out_features);
-  const bool offset = i8::offset_activations(int8_path());
-  const at::Tensor buf = act_rows("int8_mm", xq, w, offset);
+  const i8::Path path = int8_path();  // once per call: the layout and the kernel must agree
+  const at::Tensor buf = act_rows("int8_mm", xq, w, i8::offset_activations(path));
   const int64_t M = xq.size(0);
   at::Tensor y = at::empty({M, out_features}, xq.options().dtype(at::kInt));
   if (M == 0) return y;
   const i8::ActView a{buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
   const i8::Epilogue e{y.data_ptr(), true, DType::F32, out_features, nullptr, nullptr, nullptr};
-  run_gemm(a, w, e);
+  run_gemm(path, a, w, e);
   return y;
 }
 
@@ -414,8 +414,8 @@ at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& x_scales, const
   const i8::WeightView w = weight_view("int8_gemm", packed_weight, colsum, out_features);
   TORCH_CHECK(is_float(out_dtype), "hfquant::int8_gemm: out_dtype must be float32, bfloat16 or float16, got ",
               out_dtype);
-  const bool offset = i8::offset_activations(int8_path());
-  const at::Tensor buf = act_rows("int8_gemm", xq, w, offset);
+  const i8::Path path = int8_path();  // once per call: the layout and the kernel must agree
+  const at::Tensor buf = act_rows("int8_gemm", xq, w, i8::offset_activations(path));
   const int64_t M = xq.size(0);
   const at::Tensor xs = float_vector("int8_gemm", "x_scales", x_scales, M);
   const at::Tensor ws = float_vector("int8_gemm", "w_scales", w_scales, out_features);
@@ -425,7 +425,7 @@ at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& x_scales, const
   const i8::ActView a{buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
   const i8::Epilogue e{y.data_ptr(), false, dtype_of(out_dtype), out_features, xs.data_ptr<float>(),
                        ws.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr};
-  run_gemm(a, w, e);
+  run_gemm(path, a, w, e);
   return y;
 }
 
@@ -453,8 +453,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const int64_t M = xc.size(0);
   if (M == 0) return at::empty(out_sizes, x.options());
 
-  const bool offset = i8::offset_activations(int8_path());
-  QuantizedAct qa = quantize_for_gemm(xc, as, threshold, w.K4, offset);
+  const i8::Path path = int8_path();  // once per call: the layout and the kernel must agree
+  QuantizedAct qa = quantize_for_gemm(path, xc, as, threshold, w.K4);
   const i8::ActView a{qa.buf.data_ptr<uint8_t>(), w.K4 * kKG, M};
   // LLM.int8: the outlier columns' product, in fp32, is added in the GEMM's epilogue.
   OutlierPart op;
@@ -466,7 +466,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
                        op.add.defined() ? op.add.data_ptr<float>() : nullptr,
                        fused ? op.xo.data_ptr<float>() : nullptr, fused ? op.wo.data_ptr<float>() : nullptr,
                        fused ? int64_t(qa.outliers.size()) : 0};
-  run_gemm(a, w, e);
+  run_gemm(path, a, w, e);
   return y.reshape(out_sizes);
 }
 
