@@ -46,10 +46,10 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
     elif kwargs:
         raise ValueError("quantize_model: pass either a config or keyword settings, not both")
     runtime = None
-    if config.calibrates:
-        from .algorithms.smoothquant import smooth_model
+    if config.needs_float_model:
+        from .algorithms.smoothquant import prepare_float_model
 
-        runtime = smooth_model(model, config, tokenizer)
+        runtime = prepare_float_model(model, config, tokenizer)
         config.smooth_modules = sorted(runtime)
     kept = quantize_in_place(model, config, smooth=runtime)
     if hasattr(model, "config") and hasattr(model, "save_pretrained"):

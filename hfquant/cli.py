@@ -19,7 +19,7 @@ def _cmd_quantize(args) -> int:
     extra = {}
     if args.method in ("llm_int8", "w8a8"):
         extra = dict(llm_int8_threshold=args.threshold, smoothquant_alpha=args.smoothquant_alpha,
-                     calibration=calibration)
+                     calibration=calibration, fold_norms=args.fold_norms)
     elif args.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha applies to --method llm_int8 or w8a8")
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     q.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (0: off)")
     q.add_argument("--smoothquant-alpha", type=float, default=None,
                    help="calibrate SmoothQuant with this migration strength (0..1) while quantizing")
+    q.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="move pre-norm scales into the next layers first (default: on for llm_int8, off for w8a8)")
     q.add_argument("--calib-text", default=None, help="calibration text file (default: WikiText-2 validation)")
     q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 32)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")

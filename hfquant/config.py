@@ -35,6 +35,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         smoothquant_alpha: for "w8a8"/"llm_int8": calibrate SmoothQuant factors with this
             migration strength (0..1, 0.5 is the paper's default) while loading a float model;
             None (default) = no smoothing.
+        fold_norms: for "w8a8"/"llm_int8" without SmoothQuant: move the scale weights of
+            the pre-norms (RMSNorm/LayerNorm before q/k/v and gate/up) into the weights that
+            follow them, so that per-token int8 quantization sees the normalised residual
+            stream rather than channels the norm amplified. Exact for the float model, no
+            calibration. Default: True for "llm_int8" (measured +0.47% instead of +1.50% on
+            the default model), False for "w8a8" (+3.41% instead of +3.15%); False gives
+            the plain published schemes.
         calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32,
             "seq_len": 512} for the calibrating methods.
         kv_cache_bits: None (default) or 8, 4, 2: ``generate`` (and pipelines) of the loaded
@@ -58,6 +65,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         llm_int8_threshold: float = 6.0,
         smoothquant_alpha: float | None = None,
+        fold_norms: bool | None = None,
         calibration: dict[str, Any] | None = None,
         smooth_modules: list[str] | None = None,
         kv_cache_bits: int | None = None,
@@ -80,6 +88,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.method = method
         self.llm_int8_threshold = llm_int8_threshold
         self.smoothquant_alpha = smoothquant_alpha
+        self.fold_norms = (method == "llm_int8") if fold_norms is None else fold_norms
         self.calibration = {**DEFAULT_CALIBRATION, **(calibration or {})}
         # Filled when SmoothQuant runs: modules whose factors are applied inside the op
         # (stored as <module>.smooth) because no previous op could absorb them.
@@ -140,6 +149,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
             raise ValueError(f"HfQuantConfig: llm_int8_threshold={t!r} must be a number >= 0 "
                              "(0 turns outlier detection off)")
+        if not isinstance(self.fold_norms, bool):
+            raise ValueError(f"HfQuantConfig: fold_norms must be True or False, got {self.fold_norms!r}")
         a = self.smoothquant_alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
             raise ValueError(f"HfQuantConfig: smoothquant_alpha={a!r} must be a number in [0, 1] (or None)")
@@ -160,9 +171,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         return float(self.llm_int8_threshold) if self.method == "llm_int8" else 0.0
 
     @property
-    def calibrates(self) -> bool:
-        """Whether loading a float model runs a calibration (needs the whole float model first)."""
-        return self.method in ACTIVATION_METHODS and self.smoothquant_alpha is not None
+    def needs_float_model(self) -> bool:
+        """Whether quantizing needs the whole float model first (SmoothQuant calibration, or
+        the norm-scale fold), instead of quantizing each weight as it loads."""
+        return self.method in ACTIVATION_METHODS and (self.smoothquant_alpha is not None or self.fold_norms)
 
     def scheme_for(self, module_name: str) -> dict[str, Any]:
         """The bits / group_size / symmetric that apply to one module."""
@@ -194,6 +206,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.method in ACTIVATION_METHODS:
             d["llm_int8_threshold"] = self.llm_int8_threshold
             d["smoothquant_alpha"] = self.smoothquant_alpha
+            d["fold_norms"] = self.fold_norms
             d["calibration"] = copy.deepcopy(self.calibration)
             d["smooth_modules"] = list(self.smooth_modules)
         if self.kv_cache_bits is not None:

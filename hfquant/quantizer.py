@@ -78,8 +78,8 @@ class HfQuantQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        if self.quantization_config.calibrates and not self.pre_quantized:
-            # Calibration needs the float model: the layers are quantized after loading.
+        if self.quantization_config.needs_float_model and not self.pre_quantized:
+            # Calibration / norm folding need the float model: the layers are quantized after loading.
             return model
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
                                                          expect_float_weights=not self.pre_quantized)
@@ -109,10 +109,10 @@ class HfQuantQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
-        if config.calibrates and not self.pre_quantized:
-            from .algorithms.smoothquant import smooth_model
+        if config.needs_float_model and not self.pre_quantized:
+            from .algorithms.smoothquant import prepare_float_model
 
-            runtime = smooth_model(model, config)
+            runtime = prepare_float_model(model, config)
             config.smooth_modules = sorted(runtime)
             self.modules_to_not_convert = quantize_in_place(model, config, smooth=runtime)
             _finish(model, config)

@@ -283,6 +283,46 @@ def apply_smoothquant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: fl
     return runtime
 
 
+def fold_norm_scales(model: nn.Module, skip: list[str] | tuple[str, ...] = ("lm_head",)) -> dict[str, Tensor]:
+    """Moves the scale weights of the pre-norms into the linear layers they feed, without
+    calibration: for q/k/v (input_layernorm) and gate/up (post_attention_layernorm),
+    s = |norm weight| (floored at 1e-3 of its largest entry) goes through the SmoothQuant
+    folding of apply_smoothquant, so the norm outputs x / s (the normalised residual
+    stream) and the weights hold W * s. The float model computes the same function; the
+    int8 activation quantizers then no longer see channels amplified by the norm's scale.
+    Returns the run-time factors of apply_smoothquant (empty where every norm folds)."""
+    absmax: dict[str, Tensor] = {}
+    for name, layer in model.named_modules():
+        for norm_name, parent_name, targets in (("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),
+                                                 ("post_attention_layernorm", "mlp", ("gate_proj", "up_proj"))):
+            norm, parent = getattr(layer, norm_name, None), getattr(layer, parent_name, None)
+            w = getattr(norm, "weight", None)
+            mods = [getattr(parent, t, None) for t in targets]
+            if not isinstance(w, Tensor) or not all(isinstance(m, nn.Linear) for m in mods):
+                continue
+            if not _folds_into_norm(norm):
+                continue
+            g = w.detach().float().abs()
+            g = g.clamp_min(1e-3 * float(g.max()) if float(g.max()) > 0 else 1.0)
+            for t in targets:
+                absmax[f"{name}.{parent_name}.{t}" if name else f"{parent_name}.{t}"] = g
+    absmax = {n: a for n, a in absmax.items() if not _matches(n, list(skip))}
+    if not absmax:
+        return {}
+    return apply_smoothquant(model, absmax, alpha=1.0, skip=skip)
+
+
+def prepare_float_model(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> dict[str, Tensor]:
+    """What an activation method does to the float model before its layers are quantized:
+    SmoothQuant when ``smoothquant_alpha`` is set, else the norm-scale fold when
+    ``fold_norms`` is on. Returns the run-time factors (for ``<module>.smooth``)."""
+    if config.smoothquant_alpha is not None:
+        return smooth_model(model, config, tokenizer)
+    if config.fold_norms:
+        return fold_norm_scales(model, skip=list(config.modules_to_not_convert))
+    return {}
+
+
 def smooth_model(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> dict[str, Tensor]:
     """SmoothQuant as HfQuantConfig asks for it: calibrates on ``config.calibration`` (text,
     n_samples, seq_len), folds the factors into the model and returns the run-time ones
