@@ -45,13 +45,7 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
         config = HfQuantConfig(**kwargs)
     elif kwargs:
         raise ValueError("quantize_model: pass either a config or keyword settings, not both")
-    runtime = None
-    if config.needs_float_model:
-        from .algorithms.smoothquant import prepare_float_model
-
-        runtime = prepare_float_model(model, config, tokenizer)
-        config.smooth_modules = sorted(runtime)
-    kept = quantize_in_place(model, config, smooth=runtime)
+    kept = quantize_in_place(model, config, tokenizer)
     if hasattr(model, "config") and hasattr(model, "save_pretrained"):
         model.config.quantization_config = config
         quantizer = HfQuantQuantizer(config, pre_quantized=True)

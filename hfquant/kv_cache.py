@@ -62,6 +62,10 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self._stores = {}
         self.is_initialized = True
 
+    def _param_rows(self, tokens: int, per_channel: bool) -> int:
+        """Rows of scales/mins for `tokens` tokens: one per group of tokens (keys) or per token."""
+        return tokens // self.group_size if per_channel else tokens
+
     def _capacity(self) -> int:
         return self._stores["k"][0].shape[-2] if self._stores else 0
 
@@ -74,14 +78,14 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         new_cap = -(-max(need, cap + cap // 4) // g) * g
         for key, like, per_channel in (("k", like_k, True), ("v", like_v, False)):
             *lead, _, D = like.shape
-            p_rows = new_cap // g if per_channel else new_cap
+            p_rows = self._param_rows(new_cap, per_channel)
             p_cols = D if per_channel else D // g
             new = [torch.zeros(*lead, new_cap, D * self.bits // 8, dtype=torch.uint8, device=like.device),
                    torch.zeros(*lead, p_rows, p_cols, dtype=torch.float16, device=like.device),
                    torch.zeros(*lead, p_rows, p_cols, dtype=torch.float16, device=like.device)]
             if cap:
                 old = self._stores[key]
-                q_rows = self._qlen // g if per_channel else self._qlen
+                q_rows = self._param_rows(self._qlen, per_channel)
                 new[0][..., :self._qlen, :] = old[0][..., :self._qlen, :]
                 new[1][..., :q_rows, :] = old[1][..., :q_rows, :]
                 new[2][..., :q_rows, :] = old[2][..., :q_rows, :]
@@ -165,7 +169,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
             if allocated:
                 total += c.nbytes + s.nbytes + m.nbytes
             else:
-                rows = self._qlen // self.group_size if per_channel else self._qlen
+                rows = self._param_rows(self._qlen, per_channel)
                 total += c[..., :self._qlen, :].nbytes + 2 * s[..., :rows, :].nbytes
         return total
 

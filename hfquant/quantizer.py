@@ -110,11 +110,7 @@ class HfQuantQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         if config.needs_float_model and not self.pre_quantized:
-            from .algorithms.smoothquant import prepare_float_model
-
-            runtime = prepare_float_model(model, config)
-            config.smooth_modules = sorted(runtime)
-            self.modules_to_not_convert = quantize_in_place(model, config, smooth=runtime)
+            self.modules_to_not_convert = quantize_in_place(model, config)
             _finish(model, config)
             return model
         for name, module in model.named_modules():

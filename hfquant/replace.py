@@ -96,14 +96,22 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
 
 
 @torch.no_grad()
-def quantize_in_place(model: nn.Module, config: HfQuantConfig,
-                      smooth: dict[str, torch.Tensor] | None = None) -> list[str]:
+def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> list[str]:
     """Quantizes the layers of a model in memory (RTN weights), one layer at a time.
-    ``smooth``: {module name: SmoothQuant factors applied inside the op} (activation methods)."""
+
+    Activation methods that need the float model first (SmoothQuant, the norm-scale fold)
+    prepare it here; their run-time factors are listed in ``config.smooth_modules`` and
+    stored in the layers. ``tokenizer`` serves SmoothQuant's calibration."""
     check_overrides(model, config)
     targets, kept = find_targets(model, config)
     if not targets:
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    smooth: dict[str, torch.Tensor] = {}
+    if config.needs_float_model:
+        from .algorithms.smoothquant import prepare_float_model
+
+        smooth = prepare_float_model(model, config, tokenizer)
+        config.smooth_modules = sorted(smooth)
     tied = tied_sources(model)
     for name, module, transposed in targets:
         if name in tied:
@@ -111,7 +119,7 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig,
         if module.weight.device.type == "meta":
             raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
         if config.method in ACTIVATION_METHODS:
-            new = Int8Linear.from_float(module, config.threshold, (smooth or {}).get(name), transposed=transposed)
+            new = Int8Linear.from_float(module, config.threshold, smooth.get(name), transposed=transposed)
         else:
             scheme = config.scheme_for(name)
             new = QuantLinear.from_float(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/aten_util.h"
 #include "cpu/cpu_features.h"
 #include "cpu/int8_gemm.h"
 
@@ -23,8 +24,6 @@ namespace {
 
 using i8::kKG;
 using i8::kTile;
-
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // -1: follow the active ISA; else a forced i8::Path (set_int8_path).
 std::atomic<int> g_forced_path{-1};
@@ -70,12 +69,6 @@ i8::GemmFn gemm_fn(i8::Path p) {
   }
 }
 
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-DType dtype_of(at::ScalarType t) {
-  return t == at::kBFloat16 ? DType::BF16 : t == at::kHalf ? DType::F16 : DType::F32;
-}
-
 void check_cpu(const char* op, const char* what, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "hfquant::", op, ": ", what, " is on ", t.device(),
               " but this is the CPU kernel (is the CUDA extension built?)");
@@ -119,15 +112,6 @@ void run_gemm(i8::Path path, const i8::ActView& a, const i8::WeightView& w, cons
   at::parallel_for(0, w.Nt, grain, [&](int64_t t0, int64_t t1) { fn(a, w, e, 0, a.M, t0, t1); });
 }
 
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    default: f(static_cast<c10::Half*>(nullptr)); break;
-  }
-}
-
 const i8::RowFns& row_fns(i8::Path path) {
   switch (path) {
 #if defined(HFQUANT_X86)
@@ -153,7 +137,7 @@ FloatRows float_rows(const at::Tensor& x2d, const float* act_scale) {
     return {at::Tensor(), x2d.data_ptr<float>(), x2d.stride(0)};
   at::Tensor buf = at::empty({M, K}, x2d.options().dtype(at::kFloat));
   float* dst = buf.data_ptr<float>();
-  dispatch_float(x2d.scalar_type(), [&](auto* tag) {
+  dispatch_float(x2d.scalar_type(), "int8 activation quantization", "x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* src = reinterpret_cast<const T*>(x2d.data_ptr());
     const int64_t ld = x2d.stride(0), cs = x2d.stride(1);

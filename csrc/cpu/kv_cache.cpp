@@ -29,6 +29,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu/aten_util.h"
 #include "cpu/cpu_features.h"
 
 namespace hfquant::cpu {
@@ -45,17 +46,6 @@ void check_scheme(const char* op, int64_t bits, int64_t group_size, int64_t D, i
   } else {
     TORCH_CHECK(D % group_size == 0, "hfquant::", op, ": group_size=", group_size,
                 " does not divide head_dim=", D);
-  }
-}
-
-// Reads element i of a float tensor of dtype T as float.
-template <typename F>
-void dispatch_float(at::ScalarType t, const char* op, F&& f) {
-  switch (t) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "hfquant::", op, ": states must be float32, bfloat16 or float16, got ", t);
   }
 }
 
@@ -288,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cpu(const at::Tensor&
   const at::Tensor xc = x.contiguous();
   const int64_t BH = T * D ? xc.numel() / (T * D) : 0;
   const int64_t G = ps.back(), P = ps[ps.size() - 2];
-  dispatch_float(x.scalar_type(), "kv_quantize", [&](auto* tag) {
+  dispatch_float(x.scalar_type(), "kv_quantize", "states", [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;
     const X* xp = xc.data_ptr<X>();
     at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
@@ -317,7 +307,7 @@ void kv_append_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     TORCH_CHECK(offset % group_size == 0 && t % group_size == 0, "hfquant::kv_append: per-channel (key) blocks "
                 "must start and end on ", group_size, "-token boundaries (offset ", offset, ", ", t, " tokens)");
   const at::Tensor xc = x.contiguous();
-  dispatch_float(x.scalar_type(), "kv_append", [&](auto* tag) {
+  dispatch_float(x.scalar_type(), "kv_append", "states", [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;
     const X* xp = xc.data_ptr<X>();
     at::parallel_for(0, s.BH, 1, [&](int64_t b0, int64_t b1) {
@@ -346,7 +336,7 @@ void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& 
     TORCH_CHECK(y.size(i) == codes.size(i), "hfquant::", op, ": out has shape ", y.sizes(), ", the stores ",
                 codes.sizes());
   const int64_t ty = y.size(-2);
-  dispatch_float(dtype, op, [&](auto* tag) {
+  dispatch_float(dtype, op, "out", [&](auto* tag) {
     using Y = std::remove_pointer_t<decltype(tag)>;
     Y* yp = y.data_ptr<Y>();
     // (head, block of >= 64 tokens) tasks so that one long head still uses every thread;

@@ -10,13 +10,12 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/aten_util.h"
 #include "cpu/cpu_features.h"
 #include "cpu/qlinear.h"
 
 namespace hfquant::cpu {
 namespace {
-
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Effective group length and group count for a (validated) group_size.
 void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
@@ -94,10 +93,6 @@ IsaFns fns_for(Isa isa) {
 #endif
     default: return {gemv_portable, prepare_portable, dequant_tiles_portable};
   }
-}
-
-DType dtype_of(at::ScalarType t) {
-  return t == at::kBFloat16 ? DType::BF16 : t == at::kHalf ? DType::F16 : DType::F32;
 }
 
 }  // namespace
@@ -231,7 +226,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
               " must be positive");
   TORCH_CHECK(x.device().is_cpu(), "hfquant::qlinear: x is on ", x.device(),
               " but this is the CPU kernel (is the CUDA extension built?)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+  TORCH_CHECK(is_float(x.scalar_type()),
               "hfquant::qlinear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::qlinear: x has last dimension ",
               x.dim() ? x.size(-1) : 0, ", expected in_features=", K);
