@@ -35,7 +35,7 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
 
     Works for any nn.Module. For a transformers model the result saves with
     ``save_pretrained`` and reloads with ``from_pretrained`` like one quantized on load.
-    ``tokenizer`` serves calibrating methods (SmoothQuant); by default the one saved beside
+    ``tokenizer`` serves calibrating methods (SmoothQuant, GPTQ, AWQ); by default the one saved beside
     the model is loaded.
     """
     from .quantizer import HfQuantQuantizer, _finish

@@ -1,5 +1,5 @@
 """Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128` (or
-`--method llm_int8|w8a8 [--smoothquant-alpha A]`), `hfquant info DIR`,
+`--method gptq|awq`, `--method llm_int8|w8a8 [--smoothquant-alpha A]`), `hfquant info DIR`,
 `hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`."""
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ def _cmd_quantize(args) -> int:
                      calibration=calibration, fold_norms=args.fold_norms)
     elif args.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha applies to --method llm_int8 or w8a8")
+    if args.method in ("gptq", "awq"):
+        extra = dict(calibration=calibration, **{k: v for k, v in (("act_order", args.act_order), ("damp", args.damp),
+                                                                    ("clip_search", args.clip_search))
+                                                   if v is not None})
+    elif args.act_order is not None or args.damp is not None or args.clip_search is not None:
+        raise ValueError("--act-order, --damp and --clip-search apply to --method gptq (and --clip-search to awq)")
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                                 method=args.method,
                                 modules_to_not_convert=args.skip if args.skip is not None else None, **extra)
@@ -70,6 +76,8 @@ def _cmd_info(args) -> int:
             "modules_override": q.get("modules_override") or {},
             **({k: q.get(k) for k in ("llm_int8_threshold", "smoothquant_alpha", "smooth_modules")}
                if q.get("method") in ("llm_int8", "w8a8") else {}),
+            **({k: q[k] for k in ("act_order", "damp", "clip_search", "calibration") if k in q}
+               if q.get("method") in ("gptq", "awq") else {}),
             "quantized_layers": len(quantized),
             "full_precision_matrices": sorted(kept),
         })
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a model directory and save it")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
-    q.add_argument("--method", default="rtn", choices=["rtn", "llm_int8", "w8a8"],
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "llm_int8", "w8a8"],
                    help="rtn: weight-only; llm_int8 / w8a8: int8 activations too")
     q.add_argument("--bits", type=int, default=None, choices=[4, 8], help="default 4 (rtn), 8 (llm_int8, w8a8)")
     q.add_argument("--group-size", type=int, default=None, help="default 128 (rtn), -1 (llm_int8, w8a8)")
@@ -158,8 +166,14 @@ def main(argv=None) -> int:
                    help="calibrate SmoothQuant with this migration strength (0..1) while quantizing")
     q.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
                    help="move pre-norm scales into the next layers first (default: on for llm_int8, off for w8a8)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: columns by decreasing Hessian diagonal, permutation stored (default on)")
+    q.add_argument("--damp", type=float, default=None, help="gptq: Hessian dampening relative to its mean diagonal "
+                   "(default 0.01)")
+    q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq/awq: search a clipped range per group (default on)")
     q.add_argument("--calib-text", default=None, help="calibration text file (default: WikiText-2 validation)")
-    q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 32)")
+    q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 32; 128 for gptq/awq)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--skip", nargs="*", default=None, help="modules kept in full precision (default: lm_head)")
     q.set_defaults(fn=_cmd_quantize)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -9,11 +10,15 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn", "llm_int8", "w8a8")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8")
 # Methods that quantize activations too (int8 per token at run time): int8 per-channel
 # symmetric weights only.
 ACTIVATION_METHODS = ("llm_int8", "w8a8")
+# Weight-only methods calibrated on data, layer by layer, after the float model has loaded.
+CALIBRATED_METHODS = ("gptq", "awq")
 DEFAULT_CALIBRATION = {"text": None, "n_samples": 32, "seq_len": 512}
+# GPTQ and AWQ calibrate on more windows by default (the papers' 128)
+DEFAULT_CALIBRATED_SAMPLES = 128
 DEFAULT_SKIP = ["lm_head"]
 
 
@@ -27,7 +32,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             Default: 128 for "rtn", -1 for the activation methods.
         symmetric: symmetric codes (no zero point) or asymmetric with a per-group zero point.
         method: "rtn" (weight-only, round to nearest, quantized while the weights load);
-            "w8a8" (int8 weights per channel, int8 activations per token, quantized at run
+            "gptq" (weight-only, GPTQ: second-order error compensation calibrated layer by
+            layer on ``calibration`` text after the float model loaded); "awq" (weight-only,
+            activation-aware per-channel scaling searched on calibration text, folded into
+            the previous op, then round to nearest); "w8a8" (int8 weights per channel, int8 activations per token, quantized at run
             time); "llm_int8" (as w8a8, but input columns holding a value with
             |x| >= llm_int8_threshold are multiplied in floating point: LLM.int8()).
         llm_int8_threshold: outlier threshold of "llm_int8" (default 6.0); 0 turns outlier
@@ -42,8 +50,13 @@ class HfQuantConfig(QuantizationConfigMixin):
             calibration. Default: True for "llm_int8" (measured +0.47% instead of +1.50% on
             the default model), False for "w8a8" (+3.41% instead of +3.15%); False gives
             the plain published schemes.
-        calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32,
-            "seq_len": 512} for the calibrating methods.
+        calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32 (128 for
+            gptq/awq), "seq_len": 512} for the calibrating methods.
+        act_order: for "gptq": process columns by decreasing Hessian diagonal and store the
+            permutation (``<module>.perm``); default True.
+        damp: for "gptq": dampening added to the Hessian diagonal, relative to its mean (0.01).
+        clip_search: for "gptq"/"awq": choose each group's range by a grid search that may clip
+            it (GPTQ's mse grid; AWQ's clipping search on calibration outputs); default True.
         kv_cache_bits: None (default) or 8, 4, 2: ``generate`` (and pipelines) of the loaded
             model use a QuantizedKVCache with these bits unless a cache is passed.
         kv_cache_group_size, kv_cache_residual_length: its group size (64) and full-precision
@@ -71,6 +84,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         kv_cache_bits: int | None = None,
         kv_cache_group_size: int = 64,
         kv_cache_residual_length: int = 128,
+        act_order: bool = True,
+        damp: float = 0.01,
+        clip_search: bool = True,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -89,7 +105,13 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.llm_int8_threshold = llm_int8_threshold
         self.smoothquant_alpha = smoothquant_alpha
         self.fold_norms = (method == "llm_int8") if fold_norms is None else fold_norms
-        self.calibration = {**DEFAULT_CALIBRATION, **(calibration or {})}
+        defaults = dict(DEFAULT_CALIBRATION)
+        if method in CALIBRATED_METHODS:
+            defaults["n_samples"] = DEFAULT_CALIBRATED_SAMPLES
+        self.calibration = {**defaults, **(calibration or {})}
+        self.act_order = act_order
+        self.damp = damp
+        self.clip_search = clip_search
         # Filled when SmoothQuant runs: modules whose factors are applied inside the op
         # (stored as <module>.smooth) because no previous op could absorb them.
         self.smooth_modules = list(smooth_modules or [])
@@ -119,7 +141,9 @@ class HfQuantConfig(QuantizationConfigMixin):
                                  f"{e}") from None
         if self.method in ACTIVATION_METHODS:
             self._check_activation_method()
-        elif self.smoothquant_alpha is not None:
+        elif self.method in CALIBRATED_METHODS:
+            self._check_calibrated_method()
+        if self.method not in ACTIVATION_METHODS and self.smoothquant_alpha is not None:
             raise ValueError(f"HfQuantConfig: smoothquant_alpha applies to methods {ACTIVATION_METHODS}, "
                              f"not {self.method!r}")
         if not isinstance(self.modules_to_not_convert, list) or not all(
@@ -154,7 +178,23 @@ class HfQuantConfig(QuantizationConfigMixin):
         a = self.smoothquant_alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
             raise ValueError(f"HfQuantConfig: smoothquant_alpha={a!r} must be a number in [0, 1] (or None)")
+        self._check_calibration()
+        if not isinstance(self.smooth_modules, list) or not all(isinstance(n, str) for n in self.smooth_modules):
+            raise ValueError("HfQuantConfig: smooth_modules must be a list of module names")
+
+    def _check_calibrated_method(self) -> None:
+        self._check_calibration()
+        for key in ("act_order", "clip_search"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"HfQuantConfig: {key} must be True or False, got {getattr(self, key)!r}")
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+            raise ValueError(f"HfQuantConfig: damp={d!r} must be a number in (0, 1]")
+
+    def _check_calibration(self) -> None:
         c = self.calibration
+        if not isinstance(c, dict):
+            raise ValueError(f"HfQuantConfig: calibration must be a dict, got {c!r}")
         if set(c) - set(DEFAULT_CALIBRATION):
             raise ValueError(f"HfQuantConfig: calibration has unknown key(s) {sorted(set(c) - set(DEFAULT_CALIBRATION))}"
                              f" (use {sorted(DEFAULT_CALIBRATION)})")
@@ -162,8 +202,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             v = c[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"HfQuantConfig: calibration[{key!r}]={v!r} must be a positive integer")
-        if not isinstance(self.smooth_modules, list) or not all(isinstance(n, str) for n in self.smooth_modules):
-            raise ValueError("HfQuantConfig: smooth_modules must be a list of module names")
+        t = c["text"]
+        if t is not None and not isinstance(t, (str, os.PathLike)):
+            raise ValueError(f"HfQuantConfig: calibration['text'] must be a file path or None, got {t!r}")
 
     @property
     def threshold(self) -> float:
@@ -174,6 +215,8 @@ class HfQuantConfig(QuantizationConfigMixin):
     def needs_float_model(self) -> bool:
         """Whether quantizing needs the whole float model first (SmoothQuant calibration, or
         the norm-scale fold), instead of quantizing each weight as it loads."""
+        if self.method in CALIBRATED_METHODS:
+            return True
         return self.method in ACTIVATION_METHODS and (self.smoothquant_alpha is not None or self.fold_norms)
 
     def scheme_for(self, module_name: str) -> dict[str, Any]:
@@ -209,6 +252,12 @@ class HfQuantConfig(QuantizationConfigMixin):
             d["fold_norms"] = self.fold_norms
             d["calibration"] = copy.deepcopy(self.calibration)
             d["smooth_modules"] = list(self.smooth_modules)
+        if self.method in CALIBRATED_METHODS:
+            d["calibration"] = copy.deepcopy(self.calibration)
+            d["clip_search"] = self.clip_search
+            if self.method == "gptq":
+                d["act_order"] = self.act_order
+                d["damp"] = self.damp
         if self.kv_cache_bits is not None:
             d["kv_cache_bits"] = self.kv_cache_bits
             d["kv_cache_group_size"] = self.kv_cache_group_size
@@ -224,7 +273,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             sq = "" if self.smoothquant_alpha is None else f"-sq{self.smoothquant_alpha:g}"
             return f"{self.method}{sq}"
         g = "c" if self.group_size == -1 else f"g{self.group_size}"
-        return f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
+        name = f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
+        return name if self.method == "rtn" else f"{self.method}-{name}"
 
 
 def _name_matches(name: str, key: str) -> bool:

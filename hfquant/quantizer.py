@@ -101,7 +101,7 @@ class HfQuantQuantizer(HfQuantizer):
         if self.pre_quantized:
             # Saying True for the quantized tensors only skips transformers' generic shape
             # check: they are validated after loading, with the tensor named in the error.
-            return tensor_name in ("qweight", "scales", "zeros", "smooth")
+            return tensor_name in ("qweight", "scales", "zeros", "smooth", "perm")
         return tensor_name == "weight"
 
     def get_quantize_ops(self):
@@ -127,7 +127,7 @@ class HfQuantQuantizer(HfQuantizer):
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
-            for key in ("qweight", "scales", "zeros", "smooth"):
+            for key in ("qweight", "scales", "zeros", "smooth", "perm"):
                 t = getattr(module, key, None)
                 if t is None:
                     continue

@@ -84,7 +84,7 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
         else:
             scheme = config.scheme_for(name)
             new = QuantLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
-                              scheme["symmetric"], **common)
+                              scheme["symmetric"], act_order=_act_order(config), **common)
         if from_tied:
             new.tied_source = tied[name]
         if name in tied:
@@ -95,9 +95,16 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     return kept
 
 
+def _act_order(config: HfQuantConfig) -> bool:
+    """Whether the method's layers carry a column permutation (GPTQ act-order); layers
+    that GPTQ did not reach (outside the decoder blocks) get the identity."""
+    return config.method == "gptq" and config.act_order
+
+
 @torch.no_grad()
 def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> list[str]:
-    """Quantizes the layers of a model in memory (RTN weights), one layer at a time.
+    """Quantizes the layers of a model in memory, one layer at a time: RTN, or GPTQ / AWQ
+    calibrated on ``config.calibration`` first.
 
     Activation methods that need the float model first (SmoothQuant, the norm-scale fold)
     prepare it here; their run-time factors are listed in ``config.smooth_modules`` and
@@ -107,7 +114,16 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
     if not targets:
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
     smooth: dict[str, torch.Tensor] = {}
-    if config.needs_float_model:
+    gptq = {}
+    if config.method == "gptq":
+        from .algorithms.gptq import gptq_model
+
+        gptq = gptq_model(model, config, targets, tokenizer)
+    elif config.method == "awq":
+        from .algorithms.awq import awq_model
+
+        awq_model(model, config, targets, tokenizer)
+    elif config.needs_float_model:
         from .algorithms.smoothquant import prepare_float_model
 
         smooth = prepare_float_model(model, config, tokenizer)
@@ -120,10 +136,13 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
             raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
         if config.method in ACTIVATION_METHODS:
             new = Int8Linear.from_float(module, config.threshold, smooth.get(name), transposed=transposed)
+        elif name in gptq:
+            new = QuantLinear.from_quantized(gptq[name].quantized, module.bias, gptq[name].perm,
+                                             act_order=_act_order(config))
         else:
             scheme = config.scheme_for(name)
             new = QuantLinear.from_float(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
-                                         transposed=transposed)
+                                         transposed=transposed, act_order=_act_order(config))
         new.pack()
         _set_module(model, name, new)
     return kept

@@ -65,3 +65,23 @@ def run_calibration(model: nn.Module, batches, desc: str = "calibrating") -> Non
             model(batch.to(device), **kwargs)
     finally:
         model.train(was_training)
+
+
+def model_tokenizer(model: nn.Module, tokenizer=None, what: str = "calibration"):
+    """``tokenizer``, or the one saved beside the model (its name_or_path)."""
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 (any loading failure means: no tokenizer there)
+        raise ValueError(f"hfquant: {what} needs the model's tokenizer, and none loads from {source!r} ({e}); "
+                         "pass tokenizer=... to quantize_model") from e
+
+
+def config_batches(model: nn.Module, config, tokenizer=None, what: str = "calibration") -> list[torch.LongTensor]:
+    """The calibration windows HfQuantConfig.calibration asks for, tokenized with the model's tokenizer."""
+    c = config.calibration
+    return calibration_batches(model_tokenizer(model, tokenizer, what), c["text"], c["n_samples"], c["seq_len"])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import HfQuantConfig
 from ..replace import _is_conv1d
-from .calibration import calibration_batches, run_calibration
+from .calibration import config_batches, run_calibration
 
 _matches = HfQuantConfig.is_listed
 
@@ -327,17 +327,7 @@ def smooth_model(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> dic
     """SmoothQuant as HfQuantConfig asks for it: calibrates on ``config.calibration`` (text,
     n_samples, seq_len), folds the factors into the model and returns the run-time ones
     (for ``<module>.smooth``). The tokenizer defaults to the one saved beside the model."""
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as e:  # noqa: BLE001 (any loading failure means: no tokenizer there)
-            raise ValueError(f"hfquant: SmoothQuant calibration needs the model's tokenizer, and none loads from "
-                             f"{source!r} ({e}); pass tokenizer=... to quantize_model") from e
-    c = config.calibration
-    batches = calibration_batches(tokenizer, c["text"], c["n_samples"], c["seq_len"])
+    batches = config_batches(model, config, tokenizer, "SmoothQuant calibration")
     skip = list(config.modules_to_not_convert)
     absmax = collect_input_absmax(model, batches)
     absmax = {n: a for n, a in absmax.items() if not _matches(n, skip)}

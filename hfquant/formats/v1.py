@@ -53,6 +53,66 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(N, G, g)
 
 
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(lowest, highest) stored code: symmetric 4-bit 0..15 (value + 8), symmetric 8-bit
+    -127..127 (the value itself), asymmetric 0..2^bits - 1."""
+    if symmetric:
+        return (0, 15) if bits == 4 else (-127, 127)
+    return 0, (1 << bits) - 1
+
+
+@torch.no_grad()
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                 clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero code of each group of ``w`` [..., g] (float32): (s [...], z [...]),
+    both float32, s already rounded to ``scale_dtype``. A weight is stored as
+    clamp(round(w / s) + z, *code_range) and stands for (code - z) * s.
+
+    Symmetric: s = max|w| / qmax (7 or 127), z = 8 (4-bit) or 0 (8-bit). Asymmetric: the
+    range [min(w, 0), max(w, 0)] spread over 2^bits - 1 steps, z = round(-min / s).
+    ``clip`` (a factor in (0, 1], scalar or per group) shrinks that range first (the
+    clipping searches of GPTQ and AWQ)."""
+    w = w.to(torch.float32)
+    if symmetric:
+        qmax = 7 if bits == 4 else 127
+        s = (w.abs().amax(dim=-1) * clip / qmax).to(scale_dtype).to(torch.float32)
+        z = torch.full_like(s, 8.0 if bits == 4 else 0.0)
+        return s, z
+    qmax = (1 << bits) - 1
+    lo = torch.clamp(w.amin(dim=-1), max=0.0) * clip
+    hi = torch.clamp(w.amax(dim=-1), min=0.0) * clip
+    s = ((hi - lo) / qmax).to(scale_dtype).to(torch.float32)
+    z = torch.clamp(torch.round(-lo / torch.where(s > 0, s, torch.ones_like(s))), 0, qmax)
+    return s, z
+
+
+def quantize_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Codes (float32, integral) of ``w`` [..., g] with the group parameters s, z [...]
+    (broadcast over the last dim); a zero scale gives code z."""
+    lo, hi = code_range(bits, symmetric)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.clamp(torch.round(w.to(torch.float32) / safe[..., None]) + z[..., None], lo, hi)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Integral codes [N, K] (from quantize_codes) -> the qweight tensor of format v1."""
+    if bits == 4:
+        return pack_int4(codes.to(torch.uint8)).contiguous()
+    return codes.to(torch.int8 if symmetric else torch.uint8).contiguous()
+
+
+@torch.no_grad()
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  scale_dtype: torch.dtype | None = None, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """The float32 weight [N, K] that quantize_rtn's tensors stand for (quantize, then
+    dequantize), without packing; ``clip`` [N, G] or scalar as in group_params."""
+    N, K = weight.shape
+    w = _grouped(weight.to(torch.float32), group_size)
+    s, z = group_params(w, bits, symmetric, scale_dtype or weight.dtype, clip)
+    dq = (quantize_codes(w, s, z, bits, symmetric) - z[..., None]) * s[..., None]
+    return dq.reshape(N, -1)[:, :K]
+
+
 @torch.no_grad()
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                  scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
@@ -70,29 +130,11 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     N, K = weight.shape
     scale_dtype = scale_dtype or weight.dtype
     w = _grouped(weight.detach().to(torch.float32), group_size)  # [N, G, g]
-    if symmetric:
-        qmax = 7 if bits == 4 else 127
-        s = (w.abs().amax(dim=-1) / qmax).to(scale_dtype).to(torch.float32)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.clamp(torch.round(w / safe[..., None]), -qmax - (1 if bits == 4 else 0), qmax)
-        zeros = None
-        if bits == 4:
-            codes = (q + 8).to(torch.uint8).reshape(N, -1)[:, :K]
-            qweight = pack_int4(codes)
-        else:
-            qweight = q.to(torch.int8).reshape(N, -1)[:, :K].contiguous()
-    else:
-        qmax = (1 << bits) - 1
-        lo = torch.clamp(w.amin(dim=-1), max=0.0)
-        hi = torch.clamp(w.amax(dim=-1), min=0.0)
-        s = ((hi - lo) / qmax).to(scale_dtype).to(torch.float32)
-        safe = torch.where(s > 0, s, torch.ones_like(s))
-        z = torch.clamp(torch.round(-lo / safe), 0, qmax)
-        q = torch.clamp(torch.round(w / safe[..., None]) + z[..., None], 0, qmax)
-        codes = q.to(torch.uint8).reshape(N, -1)[:, :K]
-        qweight = pack_int4(codes) if bits == 4 else codes.contiguous()
-        zeros = z.to(torch.uint8)
-    return QuantizedWeight(qweight.contiguous(), s.to(scale_dtype).contiguous(), zeros, bits, group_size, K)
+    s, z = group_params(w, bits, symmetric, scale_dtype)
+    codes = quantize_codes(w, s, z, bits, symmetric).reshape(N, -1)[:, :K]
+    zeros = None if symmetric else z.to(torch.uint8)
+    return QuantizedWeight(pack_codes(codes, bits, symmetric), s.to(scale_dtype).contiguous(), zeros, bits,
+                           group_size, K)
 
 
 def codes_and_zeros(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, in_features: int):

@@ -14,13 +14,17 @@ class QuantLinear(PackedLinear):
     """A Linear layer whose weight is stored as format v1 tensors (qweight, scales, zeros).
 
     The kernel layout (packed_weight, packed_scales) comes from ``hfquant::repack``.
+    With ``act_order`` (GPTQ's act-order), the stored columns are the input columns in the
+    order ``perm`` (int32 [in_features]): stored column j holds input column perm[j], and
+    the layer reads its input as x[..., perm].
     """
 
-    _state_order = ("qweight", "scales", "zeros", "bias")
+    _state_order = ("qweight", "scales", "zeros", "perm", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  symmetric: bool, dtype: torch.dtype = torch.float32, device=None,
-                 float_weight_shape: tuple[int, int] | None = None, float_weight_transposed: bool = False):
+                 float_weight_shape: tuple[int, int] | None = None, float_weight_transposed: bool = False,
+                 act_order: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -37,12 +41,16 @@ class QuantLinear(PackedLinear):
             self.zeros = None
         else:
             self.register_buffer("zeros", torch.empty(out_features, G, dtype=torch.uint8, device=device))
+        if act_order:
+            self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        else:
+            self.perm = None
         self._init_bias_and_placeholder(bias, dtype, device, float_weight_shape)
 
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_float(cls, linear: nn.Module, bits: int, group_size: int, symmetric: bool,
-                   transposed: bool = False) -> "QuantLinear":
+                   transposed: bool = False, act_order: bool = False) -> "QuantLinear":
         """Quantizes an nn.Linear (or a Conv1D-style [in, out] weight with transposed=True)."""
         w = linear.weight.detach()
         if transposed:
@@ -50,10 +58,25 @@ class QuantLinear(PackedLinear):
         out_features, in_features = w.shape
         q = formats.quantize_rtn(w, bits, group_size, symmetric)
         mod = cls(in_features, out_features, linear.bias is not None, bits, group_size, symmetric,
-                  dtype=w.dtype, device=w.device)
+                  dtype=w.dtype, device=w.device, act_order=act_order)
         mod.load_quantized(q.qweight, q.scales, q.zeros)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
+    @classmethod
+    def from_quantized(cls, q: "formats.QuantizedWeight", bias: torch.Tensor | None, perm: torch.Tensor | None = None,
+                       act_order: bool = False) -> "QuantLinear":
+        """A layer holding already-quantized tensors (GPTQ's result, say). ``act_order``
+        gives the layer a ``perm`` (identity when ``perm`` is None)."""
+        out_features = q.qweight.shape[0]
+        mod = cls(q.in_features, out_features, bias is not None, q.bits, q.group_size, q.zeros is None,
+                  dtype=q.scales.dtype, device=q.qweight.device, act_order=act_order or perm is not None)
+        mod.load_quantized(q.qweight, q.scales, q.zeros)
+        if perm is not None:
+            mod.perm = perm.to(torch.int32).contiguous()
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
         return mod
 
     def load_quantized(self, qweight, scales, zeros) -> None:
@@ -64,8 +87,16 @@ class QuantLinear(PackedLinear):
         self._packed = False
 
     def validate(self, name: str = "") -> None:
-        formats.validate(name or type(self).__name__, self._canonical_qweight(), self.scales, self.zeros,
+        name = name or type(self).__name__
+        formats.validate(name, self._canonical_qweight(), self.scales, self.zeros,
                          self.bits, self.group_size, self.in_features, self.out_features, self.symmetric)
+        if self.perm is not None:
+            p = self.perm
+            if p.dtype != torch.int32 or tuple(p.shape) != (self.in_features,):
+                raise ValueError(f"hfquant: {name}.perm has shape {tuple(p.shape)} and dtype {p.dtype}; expected "
+                                 f"({self.in_features},) torch.int32")
+            if not torch.equal(torch.sort(p.long()).values, torch.arange(self.in_features, device=p.device)):
+                raise ValueError(f"hfquant: {name}.perm is not a permutation of 0..{self.in_features - 1}")
 
     # -- kernel layout ----------------------------------------------------------------
     def _kernel_tensors(self) -> dict[str, torch.Tensor]:
@@ -80,14 +111,20 @@ class QuantLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._packed:
             self.pack()
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         return ops.qlinear(x, self.packed_weight, self.packed_scales, self.bias, self.bits, self.group_size,
                            self.out_features, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return formats.dequantize(self._canonical_qweight(), self.scales, self.zeros, self.bits, self.group_size,
-                                  self.in_features, dtype or self.scales.dtype)
+        w = formats.dequantize(self._canonical_qweight(), self.scales, self.zeros, self.bits, self.group_size,
+                               self.in_features, dtype or self.scales.dtype)
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm.long())]
+        return w
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, {g}, {'symmetric' if self.symmetric else 'asymmetric'}")
+                f"bits={self.bits}, {g}, {'symmetric' if self.symmetric else 'asymmetric'}"
+                f"{', act_order' if self.perm is not None else ''}")

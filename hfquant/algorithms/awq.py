@@ -1,0 +1,267 @@
+"""AWQ-style activation-aware weight quantization (Lin et al., 2024).
+
+Weights that meet large activations matter most. For layers that read the same input x,
+scaling input channel j of their weights by s_j (and dividing x_j by s_j where x is
+produced, which is exact) changes how precisely round-to-nearest keeps each channel:
+channels with s_j > 1 get finer steps. AWQ searches s = mean|x|^a / mean|w~|^(1-a)
+(w~: the weights normalised by their group maximum), normalised to geometric mean 1, over
+a grid of a in [0, 1), and keeps the a whose quantized layers reproduce the float outputs
+best on calibration tokens. Then, per group of weights, it searches a clipping factor of
+the quantization range that minimises the group's output error (not for q/k_proj, as in
+the paper's code). Both are folded into the float model (norm weights, v_proj / up_proj
+rows, clipped weights); the layers are then rounded to nearest as usual, so the checkpoint
+is plain format v1.
+
+The scales are folded where the previous op can absorb them, with the rules of
+SmoothQuant (algorithms/smoothquant.py): input_layernorm -> q/k/v, v_proj -> o_proj (one
+factor per kv channel under grouped-query attention), post_attention_layernorm ->
+gate/up, up_proj -> down_proj. Layers without such a previous op get only the clipping.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from ..formats.v1 import _grouped, fake_quantize
+from .smoothquant import _attention_geometry, _folds_into_norm
+
+logger = logging.getLogger("hfquant")
+
+GRID = 20            # scale exponents a = 0, 1/20, ..., 19/20
+CLIP_STEPS = 20      # clipping factors 1, 0.95, ..., 0.5
+CLIP_MIN = 0.5
+
+
+class _InputStats:
+    """Mean |x| per channel and the second moment X^T X / tokens (float64 sums) of one
+    layer input over all calibration tokens. Output errors of a weight change D are then
+    tr(D M D^T) (the squared error per token, averaged), for any D, without the tokens."""
+
+    def __init__(self, k: int, device=None):
+        self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.xtx = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        self.abs_sum += x.abs().sum(0).double()
+        self.xtx += (x.t() @ x).double()
+        self.tokens += x.shape[0]
+
+    def mean_abs(self) -> Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def moment(self) -> Tensor:
+        return (self.xtx / max(self.tokens, 1)).float()
+
+    def divide(self, s: Tensor) -> None:
+        """The statistics of x / s."""
+        s = s.double().to(self.xtx.device)
+        self.abs_sum /= s
+        self.xtx /= s[:, None] * s[None, :]
+
+
+def _output_error(D: Tensor, M: Tensor) -> float:
+    """Mean squared output error tr(D M D^T) of a weight change D [N, K]."""
+    return float(((D @ M) * D).sum())
+
+
+def _weight(m: nn.Module, transposed: bool) -> Tensor:
+    return m.weight.t() if transposed else m.weight
+
+
+def _normalised_weight_mean(w: Tensor, group_size: int) -> Tensor:
+    """Mean over output rows of |w| / max|w in its group| per input channel [K]."""
+    N, K = w.shape
+    g = _grouped(w.abs().float(), group_size)
+    g = g / (g.amax(-1, keepdim=True) + 1e-6)
+    return g.reshape(N, -1)[:, :K].mean(0)
+
+
+def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict, scale_dtype,
+                  tie: tuple[int, int, int] | None = None) -> tuple[Tensor, float, float]:
+    """The AWQ scale search for layers with weights [N_i, K] that read one input whose
+    second moment is M [K, K] and mean |x| per channel x_mean [K].
+
+    ``tie`` = (n_kv, rep, hd): the K channels are n_kv groups of rep heads of hd channels
+    whose factors must agree per (kv, channel) (o_proj under grouped-query attention).
+    Returns (s [K], best exponent, output error at it relative to the output power)."""
+    W = torch.cat([w.detach().float() for w in weights])
+    denom = max(_output_error(W, M), 1e-30)
+    w_mean = torch.stack([_normalised_weight_mean(w, scheme["group_size"]) for w in weights]).mean(0)
+    xm, wm = x_mean.float(), w_mean
+    if tie is not None:
+        n_kv, rep, hd = tie
+        xm = xm.view(n_kv, rep, hd).mean(1).reshape(-1)
+        wm = wm.view(n_kv, rep, hd).mean(1).reshape(-1)
+    best = (None, 0.0, float("inf"))
+    for i in range(GRID):
+        a = i / GRID
+        s = (xm.pow(a) / (wm.pow(1 - a) + 1e-4)).clamp_min(1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        if tie is not None:
+            s = s.view(n_kv, 1, hd).expand(n_kv, rep, hd).reshape(-1)
+        if not torch.isfinite(s).all():
+            continue
+        Wq = fake_quantize(W * s, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype) / s
+        err = _output_error(Wq - W, M) / denom
+        if err < best[2]:
+            best = (s, a, err)
+    if best[0] is None:
+        return torch.ones_like(x_mean), 0.0, float("nan")
+    return best
+
+
+def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype) -> Tensor:
+    """Per group clipping factor [N, G] in [CLIP_MIN, 1] minimising the group's own output
+    error d_g M_gg d_g^T (d_g: the group's rounding error, M_gg: its block of the input's
+    second moment M [K, K])."""
+    N, K = w.shape
+    w = w.detach().float()
+    gs = K if scheme["group_size"] == -1 else scheme["group_size"]
+    wg = _grouped(w, scheme["group_size"])  # [N, G, g]
+    G = wg.shape[1]
+    Mp = torch.zeros(G * gs, G * gs, dtype=torch.float32, device=M.device)
+    Mp[:K, :K] = M.float()
+    blocks = torch.stack([Mp[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(G)])  # [G, g, g]
+    best_err = torch.full((N, G), float("inf"), device=w.device)
+    best_c = torch.ones(N, G, device=w.device)
+    for i in range(int(CLIP_STEPS * (1 - CLIP_MIN)) + 1):
+        c = 1.0 - i / CLIP_STEPS
+        dq = _grouped(fake_quantize(w, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype, c),
+                      scheme["group_size"])
+        d = wg - dq
+        err = (torch.einsum("ngk,gkj->ngj", d, blocks) * d).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_c = torch.where(better, torch.full_like(best_c, c), best_c)
+    return best_c
+
+
+def _clip_weight(m: nn.Module, transposed: bool, c: Tensor, scheme: dict) -> None:
+    """Clamps the weight to its clipped group ranges, so that round-to-nearest of the result
+    uses exactly the clipped scales."""
+    w = _weight(m, transposed).detach().float()
+    N, K = w.shape
+    wg = _grouped(w, scheme["group_size"])
+    if scheme["symmetric"]:
+        hi = wg.abs().amax(-1) * c
+        lo = -hi
+    else:
+        lo = wg.amin(-1).clamp(max=0.0) * c
+        hi = wg.amax(-1).clamp(min=0.0) * c
+    wc = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None]).reshape(N, -1)[:, :K]
+    with torch.no_grad():
+        m.weight.copy_((wc.t() if transposed else wc).to(m.weight.dtype))
+
+
+def _scale_groups(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, str, list[str], tuple | None]]:
+    """(previous op, kind, [linear names inside the block], tie) for the foldable groups."""
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    norm1 = getattr(block, "input_layernorm", None)
+    norm2 = getattr(block, "post_attention_layernorm", None)
+    pre_norms = (norm1 is not None and norm2 is not None and not hasattr(block, "pre_feedforward_layernorm")
+                 and not hasattr(block, "post_feedforward_layernorm"))
+    groups = []
+    if attn is not None:
+        if pre_norms and _folds_into_norm(norm1) and all(isinstance(getattr(attn, p, None), nn.Linear)
+                                                        for p in ("q_proj", "k_proj", "v_proj")):
+            groups.append((norm1, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None))
+        v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
+        geometry = _attention_geometry(model, attn)
+        if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and geometry is not None:
+            n_heads, n_kv, hd = geometry
+            if v.out_features == n_kv * hd and o.in_features == n_heads * hd:
+                groups.append((v, "linear", ["self_attn.o_proj"], (n_kv, n_heads // n_kv, hd)))
+    if mlp is not None:
+        gate, up, down = (getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj"))
+        if pre_norms and _folds_into_norm(norm2) and isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
+            groups.append((norm2, "norm", ["mlp.gate_proj", "mlp.up_proj"], None))
+        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
+            groups.append((up, "linear", ["mlp.down_proj"], None))
+    return groups
+
+
+@torch.no_grad()
+def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, bool, dict]],
+              clip_search: bool) -> dict[str, float]:
+    """AWQ of one decoder block, in place on its float weights. ``targets``: {name inside
+    the block: (module, transposed, scheme)}. Returns {name: chosen exponent} of the
+    scaled layers."""
+    from .layerwise import hooked_pass
+
+    stats: dict[str, _InputStats] = {}
+    last: list = [None, None]
+
+    def observe(name, x):
+        if x is last[0]:
+            stats[name] = last[1]
+            return
+        st = stats.get(name) or _InputStats(x.shape[-1], x.device)
+        st.add(x)
+        stats[name] = st
+        last[0], last[1] = x, st
+
+    hooked_pass(block, inputs, {n: m for n, (m, _, _) in targets.items()}, observe)
+    chosen: dict[str, float] = {}
+    for prev, kind, names, tie in _scale_groups(model, block):
+        if not all(n in targets and n in stats for n in names):
+            continue
+        mods = [targets[n] for n in names]
+        schemes = {tuple(sorted(sc.items())) for _, _, sc in mods}
+        if len(schemes) != 1 or any(t for _, t, _ in mods):
+            continue  # one search needs one scheme; Conv1D blocks are not of this layout
+        scheme = mods[0][2]
+        st = stats[names[0]]
+        s, a, err = search_scales(st.moment(), st.mean_abs(), [m.weight for m, _, _ in mods], scheme,
+                                  prev.weight.dtype, tie)
+        if tie is not None:
+            n_kv, rep, hd = tie
+            s_prev = s.view(n_kv, rep, hd)[:, 0, :].reshape(-1)
+        else:
+            s_prev = s
+        # fold: previous op's output (norm weight and bias, or linear rows) / s; layers' columns * s
+        prev.weight.copy_((prev.weight.float() / (s_prev if kind == "norm" else s_prev[:, None])).to(prev.weight.dtype))
+        if isinstance(getattr(prev, "bias", None), Tensor):
+            prev.bias.copy_((prev.bias.float() / s_prev).to(prev.bias.dtype))
+        for m, _, _ in mods:
+            m.weight.copy_((m.weight.float() * s).to(m.weight.dtype))
+        for n in names:
+            chosen[n] = a
+        # the layers now see x / s (q/k/v share one stats object: update each once)
+        for st in {id(stats[n]): stats[n] for n in names}.values():
+            st.divide(s)
+    if clip_search:
+        for n, (m, transposed, scheme) in targets.items():
+            if n.endswith(("q_proj", "k_proj")) or n not in stats:
+                continue
+            c = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype)
+            _clip_weight(m, transposed, c, scheme)
+    return chosen
+
+
+def awq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, float]:
+    """AWQ of every target layer inside the model's decoder blocks, block by block, as
+    HfQuantConfig asks; changes the float model in place (the caller then rounds it).
+    Returns {module name: chosen scale exponent}."""
+    from .calibration import config_batches
+    from .layerwise import calibrate_blocks, linear_layers
+
+    batches = config_batches(model, config, tokenizer, "AWQ calibration")
+    by_id = {id(m): (name, transposed) for name, m, transposed in targets}
+    chosen: dict[str, float] = {}
+
+    def process(index, block_name, block, inputs):
+        todo = {}
+        for n, m in linear_layers(block).items():
+            hit = by_id.get(id(m))
+            if hit is not None:
+                todo[n] = (m, hit[1], config.scheme_for(hit[0]))
+        for n, a in awq_block(model, block, inputs, todo, config.clip_search).items():
+            chosen[f"{block_name}.{n}"] = a
+
+    calibrate_blocks(model, batches, process, desc="AWQ", propagate_quantized=False)
+    logger.info("hfquant: AWQ scaled %d layers", len(chosen))
+    return chosen
