@@ -6,7 +6,9 @@ produced, which is exact) changes how precisely round-to-nearest keeps each chan
 channels with s_j > 1 get finer steps. AWQ searches s = mean|x|^a / mean|w~|^(1-a)
 (w~: the weights normalised by their group maximum), normalised to geometric mean 1, over
 a grid of a in [0, 1), and keeps the a whose quantized layers reproduce the float outputs
-best on calibration tokens. Then, per group of weights, it searches a clipping factor of
+best on calibration tokens: for the layers after a norm (q/k/v, gate/up) the output of the
+attention / MLP module that holds them (on the first calibration windows), for o_proj and
+down_proj their own output (over all windows, through the input's second moment). Then, per group of weights, it searches a clipping factor of
 the quantization range that minimises the group's output error (not for q/k_proj, as in
 the paper's code). Both are folded into the float model (norm weights, v_proj / up_proj
 rows, clipped weights); the layers are then rounded to nearest as usual, so the checkpoint
@@ -20,6 +22,7 @@ gate/up, up_proj -> down_proj. Layers without such a previous op get only the cl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ logger = logging.getLogger("hfquant")
 GRID = 20            # scale exponents a = 0, 1/20, ..., 19/20
 CLIP_STEPS = 20      # clipping factors 1, 0.95, ..., 0.5
 CLIP_MIN = 0.5
+LOSS_WINDOWS = 4     # calibration windows on which the attention / MLP output error is measured
 
 
 class _InputStats:
@@ -81,15 +85,19 @@ def _normalised_weight_mean(w: Tensor, group_size: int) -> Tensor:
 
 
 def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict, scale_dtype,
-                  tie: tuple[int, int, int] | None = None) -> tuple[Tensor, float, float]:
+                  tie: tuple[int, int, int] | None = None,
+                  loss: Callable[[list[Tensor]], float] | None = None) -> tuple[Tensor, float, float]:
     """The AWQ scale search for layers with weights [N_i, K] that read one input whose
     second moment is M [K, K] and mean |x| per channel x_mean [K].
 
     ``tie`` = (n_kv, rep, hd): the K channels are n_kv groups of rep heads of hd channels
     whose factors must agree per (kv, channel) (o_proj under grouped-query attention).
-    Returns (s [K], best exponent, output error at it relative to the output power)."""
+    ``loss(weights)``: the error of the module that holds the layers (attention, MLP) with
+    these effective weights; by default the layers' own output error tr(D M D^T).
+    Returns (s [K], best exponent, error at it relative to the float output power)."""
     W = torch.cat([w.detach().float() for w in weights])
-    denom = max(_output_error(W, M), 1e-30)
+    sizes = [w.shape[0] for w in weights]
+    denom = max(_output_error(W, M), 1e-30) if loss is None else 1.0
     w_mean = torch.stack([_normalised_weight_mean(w, scheme["group_size"]) for w in weights]).mean(0)
     xm, wm = x_mean.float(), w_mean
     if tie is not None:
@@ -106,7 +114,7 @@ def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict
         if not torch.isfinite(s).all():
             continue
         Wq = fake_quantize(W * s, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype) / s
-        err = _output_error(Wq - W, M) / denom
+        err = (_output_error(Wq - W, M) if loss is None else loss(list(Wq.split(sizes)))) / denom
         if err < best[2]:
             best = (s, a, err)
     if best[0] is None:
@@ -184,12 +192,37 @@ def _scale_groups(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, s
     return groups
 
 
+def _first(out) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _module_loss(module: nn.Module, calls: list, layers: list[nn.Module]) -> Callable[[list[Tensor]], float]:
+    """Mean squared error of ``module``'s output on the recorded ``calls`` when ``layers``
+    compute with the given weights instead of their own, relative to the float output's
+    mean square (the module's weights are restored after each evaluation)."""
+    ref = [_first(module(*a, **k)).float() for a, k in calls]
+    power = sum(float(r.pow(2).mean()) for r in ref) / len(ref)
+
+    def loss(weights: list[Tensor]) -> float:
+        saved = [m.weight.detach().clone() for m in layers]
+        try:
+            for m, w in zip(layers, weights):
+                m.weight.copy_(w.to(m.weight.dtype))
+            err = sum(float((_first(module(*a, **k)).float() - r).pow(2).mean()) for (a, k), r in zip(calls, ref))
+        finally:
+            for m, w in zip(layers, saved):
+                m.weight.copy_(w)
+        return err / len(ref) / max(power, 1e-30)
+
+    return loss
+
+
 @torch.no_grad()
 def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, bool, dict]],
-              clip_search: bool) -> dict[str, float]:
+              clip_search: bool) -> tuple[dict[str, float], list]:
     """AWQ of one decoder block, in place on its float weights. ``targets``: {name inside
-    the block: (module, transposed, scheme)}. Returns {name: chosen exponent} of the
-    scaled layers."""
+    the block: (module, transposed, scheme)}. Returns ({name: chosen exponent} of the
+    scaled layers, the float block's outputs on ``inputs``)."""
     from .layerwise import hooked_pass
 
     stats: dict[str, _InputStats] = {}
@@ -204,7 +237,20 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         stats[name] = st
         last[0], last[1] = x, st
 
-    hooked_pass(block, inputs, {n: m for n, (m, _, _) in targets.items()}, observe)
+    # the inputs of the attention and MLP modules on the first windows, for the norm groups' loss
+    inspect = {n: getattr(block, n) for n in ("self_attn", "mlp") if isinstance(getattr(block, n, None), nn.Module)}
+    seen: dict[str, list] = {n: [] for n in inspect}
+    handles = []
+    for n, mod in inspect.items():
+        def pre(module, args, kw, n=n):
+            if len(seen[n]) < LOSS_WINDOWS:
+                seen[n].append((args, kw))
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        outputs = hooked_pass(block, inputs, {n: m for n, (m, _, _) in targets.items()}, observe)
+    finally:
+        for h in handles:
+            h.remove()
     chosen: dict[str, float] = {}
     for prev, kind, names, tie in _scale_groups(model, block):
         if not all(n in targets and n in stats for n in names):
@@ -215,8 +261,11 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
             continue  # one search needs one scheme; Conv1D blocks are not of this layout
         scheme = mods[0][2]
         st = stats[names[0]]
+        owner = names[0].split(".")[0]
+        loss = _module_loss(inspect[owner], seen[owner], [m for m, _, _ in mods]) \
+            if kind == "norm" and seen.get(owner) else None
         s, a, err = search_scales(st.moment(), st.mean_abs(), [m.weight for m, _, _ in mods], scheme,
-                                  prev.weight.dtype, tie)
+                                  prev.weight.dtype, tie, loss)
         if tie is not None:
             n_kv, rep, hd = tie
             s_prev = s.view(n_kv, rep, hd)[:, 0, :].reshape(-1)
@@ -239,7 +288,7 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
                 continue
             c = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype)
             _clip_weight(m, transposed, c, scheme)
-    return chosen
+    return chosen, outputs
 
 
 def awq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, float]:
@@ -259,9 +308,11 @@ def awq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, fl
             hit = by_id.get(id(m))
             if hit is not None:
                 todo[n] = (m, hit[1], config.scheme_for(hit[0]))
-        for n, a in awq_block(model, block, inputs, todo, config.clip_search).items():
+        scaled, outputs = awq_block(model, block, inputs, todo, config.clip_search)
+        for n, a in scaled.items():
             chosen[f"{block_name}.{n}"] = a
+        return outputs
 
-    calibrate_blocks(model, batches, process, desc="AWQ", propagate_quantized=False)
+    calibrate_blocks(model, batches, process, desc="AWQ")
     logger.info("hfquant: AWQ scaled %d layers", len(chosen))
     return chosen

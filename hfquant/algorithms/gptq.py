@@ -234,7 +234,7 @@ def gptq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, G
         for n, r in gptq_block(block, inputs, todo, config.damp, config.act_order, config.clip_search).items():
             results[f"{block_name}.{n}"] = r
 
-    calibrate_blocks(model, batches, process, desc="GPTQ", propagate_quantized=True)
+    calibrate_blocks(model, batches, process, desc="GPTQ")
     if results:
         errs = torch.tensor([r.error for r in results.values()])
         logger.info("hfquant: GPTQ quantized %d layers; relative output error median %.3g, max %.3g",

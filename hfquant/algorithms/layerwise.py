@@ -100,10 +100,11 @@ def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 
 
 def hooked_pass(block: nn.Module, inputs, modules: dict[str, nn.Module],
-                observe: Callable[[str, Tensor], None]) -> None:
+                observe: Callable[[str, Tensor], None]) -> list[tuple[tuple, dict]]:
     """Runs the block over ``inputs`` with ``observe(name, x)`` called on the input x of
     each module of ``modules`` (the very tensor the module gets, so layers that read the
-    same input see the same object); hooks removed after."""
+    same input see the same object); hooks removed after. Returns the block's outputs as
+    the next block's inputs (as run_block)."""
     handles = []
 
     def make(name):
@@ -115,20 +116,23 @@ def hooked_pass(block: nn.Module, inputs, modules: dict[str, nn.Module],
     try:
         for n, m in modules.items():
             handles.append(m.register_forward_pre_hook(make(n), with_kwargs=True))
+        outs = []
         with torch.no_grad():
             for args, kw in inputs:
-                block(*args, **kw)
+                outs.append(((_hidden(block(*args, **kw)),) + tuple(args[1:]), kw))
     finally:
         for h in handles:
             h.remove()
+    return outs
 
 
-def calibrate_blocks(model: nn.Module, batches, process_block: Callable[[int, str, nn.Module, list], None],
-                     desc: str, propagate_quantized: bool = True) -> None:
+def calibrate_blocks(model: nn.Module, batches, process_block: Callable[[int, str, nn.Module, list], list | None],
+                     desc: str) -> None:
     """Runs ``process_block(index, block_name, block, inputs)`` for every decoder block in
-    order, with ``inputs`` the block's (args, kwargs) per window. The next block's inputs
-    come from running this block after ``process_block`` changed it (``propagate_quantized``,
-    GPTQ's choice) or before (the float block's outputs, AWQ's choice)."""
+    order, with ``inputs`` the block's (args, kwargs) per window. When it returns None, the
+    next block's inputs come from running the block as ``process_block`` left it (GPTQ:
+    quantized); otherwise it returns them itself (AWQ: the float block's outputs, from the
+    pass that collected its statistics)."""
     prefix, blocks = decoder_blocks(model)
     was_training = model.training
     model.eval()
@@ -136,11 +140,7 @@ def calibrate_blocks(model: nn.Module, batches, process_block: Callable[[int, st
         inputs = capture_block_inputs(model, blocks, batches)
         for i, block in enumerate(tqdm(blocks, desc=desc)):
             name = f"{prefix}.{i}" if prefix else str(i)
-            if not propagate_quantized:
-                outputs = run_block(block, inputs)
-            process_block(i, name, block, inputs)
-            if propagate_quantized:
-                outputs = run_block(block, inputs)
-            inputs = outputs
+            outputs = process_block(i, name, block, inputs)
+            inputs = run_block(block, inputs) if outputs is None else outputs
     finally:
         model.train(was_training)

@@ -158,7 +158,9 @@ def test_awq_scaling_keeps_the_float_block_and_lowers_the_quantized_error(small_
     def run(clip: bool):
         block = copy.deepcopy(blocks[2])
         targets = {n: (m, False, scheme) for n, m in linear_layers(block).items()}
-        chosen = awq_block(small_model, block, block_inputs, targets, clip_search=clip)
+        chosen, outputs = awq_block(small_model, block, block_inputs, targets, clip_search=clip)
+        # the outputs it returns are the float block's
+        assert torch.equal(torch.cat([a[0] for a, _ in outputs]), ref)
         return block, targets, chosen
 
     scaled, targets, chosen = run(clip=False)
