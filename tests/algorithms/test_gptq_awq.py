@@ -287,3 +287,25 @@ def test_calibrated_method_bad_input(model_dir, tokenizer, tmp_path):
                 quantize_model(model, cfg, tokenizer=tokenizer)
             # nothing was touched
             assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_quantize_gptq_and_flag_errors(model_dir, tokenizer, tmp_path, capsys):
+    from hfquant.cli import main
+
+    src = tmp_path / "src"
+    AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=2).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    rc = main(["quantize", str(src), str(out), "--method", "gptq", "--group-size", "64", "--no-act-order",
+               "--damp", "0.05", "--calib-samples", "2", "--calib-seq-len", "32"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "gptq" in printed and "act_order" in printed
+    again = AutoModelForCausalLM.from_pretrained(out)
+    q = again.config.quantization_config
+    assert (q.method, q.act_order, q.damp, q.group_size) == ("gptq", False, 0.05, 64)
+    assert q.calibration == {"text": None, "n_samples": 2, "seq_len": 32}
+    assert all(m.perm is None for m in again.modules() if isinstance(m, QuantLinear))
+    rc = main(["quantize", str(src), str(tmp_path / "bad"), "--damp", "0.1"])
+    assert rc == 2 and "--damp" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
