@@ -100,7 +100,7 @@ def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_featu
     seg = v.reshape(Np, U, KU)
     out = torch.zeros(Np, U, CUDA_SEG_BYTES, dtype=torch.int32, device=dev)
     idx = byte.to(dev).expand(Np, U, KU)
-    out.scatter_add_(2, idx, seg << shift.to(dev))  # the nibbles of a byte never overlap
+    out.scatter_add_(2, idx, seg << shift.to(device=dev, dtype=torch.int32))  # nibbles of a byte never overlap
     w = out.reshape(Np, U * CUDA_SEG_BYTES).to(torch.uint8)
     P = 1 if zeros is None else 2
     ps = torch.zeros(G, P, Np, dtype=torch.float32, device=dev)

@@ -28,7 +28,7 @@ namespace {
 std::atomic<int64_t>& gemm_min_m_ref() {
   static std::atomic<int64_t> v = [] {
     const char* e = std::getenv("HFQUANT_CUDA_GEMM_MIN_M");
-    return e && *e ? int64_t(std::atoll(e)) : int64_t(32);
+    return e && *e ? int64_t(std::atoll(e)) : int64_t(65);
   }();
   return v;
 }

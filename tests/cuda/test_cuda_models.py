@@ -66,7 +66,10 @@ def test_cpu_checkpoint_loads_on_gpu_and_back(float_dir, tmp_path, name):
     with torch.no_grad():
         got = gpu(ids.cuda()).logits
     assert layer._packed and layer.packed_weight.device.type == "cuda" and layer.packed_weight.dim() == 2
-    assert _rel_err(got, want) < 2e-3, name
+    # weight-only: the same float weights as on the CPU, fp32 sums in another order;
+    # int8 activations: a last-bit difference upstream can move an activation code by one
+    tol = 1e-2 if cfg.method in ("llm_int8", "w8a8") else 2e-3
+    assert _rel_err(got, want) < tol, name
     # greedy generate on the GPU
     out = gpu.generate(ids[:1].cuda(), max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 37 + 8) and out.device.type == "cuda"
@@ -98,8 +101,9 @@ def test_modules_move_and_match(dtype):
             assert _rel_err(y_gpu, y_cpu) < tol, type(mod).__name__
             assert torch.equal(mod.state_dict()["qweight"].cpu(), qweight)
             assert torch.equal(mod.dequantize_weight().cpu(), mod.to("cpu").dequantize_weight())
-            # compile on the GPU
+            # compile on the GPU (packed first: packing is eager, once per layer)
             mod.to("cuda")
+            mod(x.cuda())
             fn = torch.compile(mod, fullgraph=True)
             assert _rel_err(fn(x.cuda()), y_gpu) < 1e-6
             mod.to("cpu")
