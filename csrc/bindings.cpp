@@ -4,6 +4,9 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_gemm.h"
+#ifdef HFQUANT_CUDA
+#include "cuda/gemm_switch.h"
+#endif
 
 #ifndef HFQUANT_VERSION
 #define HFQUANT_VERSION "0.0.0"
@@ -16,6 +19,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = HFQUANT_VERSION;
 #ifdef HFQUANT_CUDA
   m.attr("cuda_built") = true;
+  m.def("cuda_gemm_min_m", []() { return hfquant::cuda::gemm_min_m(); },
+        "Smallest M at which bf16/fp16 qlinear on CUDA dequantizes the weight and calls cuBLAS instead of "
+        "the mma.sync kernel (HFQUANT_CUDA_GEMM_MIN_M overrides).");
+  m.def("set_cuda_gemm_min_m", [](int64_t v) { hfquant::cuda::set_gemm_min_m(v); },
+        "Sets that threshold (for tests and benchmarks).");
 #else
   m.attr("cuda_built") = false;
 #endif

@@ -15,7 +15,16 @@ codes move, nothing is requantized).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import BaseQuantizedLayer, Cache
+from transformers.cache_utils import Cache
+
+try:
+    from transformers.cache_utils import BaseQuantizedLayer
+except ImportError:  # older transformers: hfquant imports, only this cache is unavailable
+
+    class BaseQuantizedLayer:  # type: ignore[no-redef]
+        def __init__(self, *args, **kwargs):
+            raise ImportError("hfquant.QuantizedKVCache needs a transformers release with "
+                              "cache_utils.BaseQuantizedLayer (5.24 has it)")
 
 from . import ops
 

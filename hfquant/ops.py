@@ -24,6 +24,12 @@ def _repack_fake(qweight, scales, zeros, bits, group_size, in_features):
     torch._check(bits in (4, 8), lambda: f"hfquant::repack: bits={bits} is not supported (use 4 or 8)")
     N = qweight.shape[0]
     gs, G = ref.group_geometry(group_size, in_features)
+    if qweight.device.type == "cuda":  # the CUDA layout (ref.repack_cuda_ref)
+        Np = ref._round_up(N, ref.CUDA_ROW_PAD)
+        Kp = ref._round_up(in_features, ref.cuda_seg_k(bits))
+        w = qweight.new_empty((Np, Kp * bits // 8), dtype=torch.uint8)
+        sb = scales.new_empty((G, 1 if zeros is None else 2, Np), dtype=torch.float32)
+        return w, sb
     Kp = ref._round_up(in_features, ref.K_ALIGN)
     T = -(-N // _NR)
     unit = 32 if bits == 4 else 16
@@ -47,7 +53,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
 
     qweight: 4-bit uint8 [N, ceil(K/2)]; 8-bit int8 [N, K] (symmetric) or uint8 [N, K] (asymmetric).
     scales: floating [N, G]; zeros: uint8 [N, G] or None (symmetric).
-    Returns packed_weight uint8 [T, Kp/32 or Kp/16, 4, 16] and packed_scales float32 [T, G, 2, 4].
+    Returns packed_weight uint8 [T, Kp/32 or Kp/16, 4, 16] and packed_scales float32 [T, G, 2, 4]
+    on the CPU; on CUDA packed_weight uint8 [Np, Kp*bits/8] and packed_scales float32
+    [G, 1 or 2, Np] (docs/formats.md, "Kernel layout").
     """
     if _backend() == "ref":
         return ref.repack_ref(qweight, scales, zeros, bits, group_size, in_features)
@@ -73,6 +81,10 @@ _I8 = (ref.I8_TILE, ref.I8_KG)
 def _int8_pack_fake(qweight):
     torch._check(qweight.dim() == 2, lambda: "hfquant::int8_pack: qweight must be 2-D")
     N, K = qweight.shape
+    if qweight.device.type == "cuda":  # the CUDA layout (ref.int8_pack_cuda_ref)
+        pad = ref.I8_CUDA_PAD
+        return (qweight.new_empty((ref._round_up(N, pad), ref._round_up(K, pad)), dtype=torch.int8),
+                qweight.new_empty((N,), dtype=torch.int32))
     return (qweight.new_empty((-(-N // _I8[0]), -(-K // _I8[1]), _I8[0], _I8[1]), dtype=torch.int8),
             qweight.new_empty((N,), dtype=torch.int32))
 
@@ -103,7 +115,8 @@ def _int8_linear_fake(x, packed_weight, colsum, w_scales, bias, act_scale, thres
 
 
 def int8_pack(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N])."""
+    """int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N]);
+    on CUDA packed int8 [round_up(N, 16), round_up(K, 16)] (row-major, zero padded)."""
     if _backend() == "ref":
         return ref.int8_pack_ref(qweight)
     return torch.ops.hfquant.int8_pack(qweight)

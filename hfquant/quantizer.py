@@ -28,6 +28,28 @@ logger = logging.getLogger("hfquant")
 MARKER_DTYPE = torch.uint8
 
 
+def check_cuda_devices(devices) -> None:
+    """Raises unless every device named (``cuda``, ``cuda:1``, ``1``) is a visible GPU of compute
+    capability 8.0 or newer, the kernels' minimum."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"hfquant: device_map places layers on {sorted(map(str, devices))}, but torch sees no "
+                         "CUDA device")
+    for d in devices:
+        d = str(d)
+        idx = int(d) if d.isdigit() else (torch.device(d).index if d.startswith("cuda") else None)
+        if d.startswith(("mps", "xpu", "npu", "hpu")):
+            raise ValueError(f"hfquant: device {d} is not supported (CPU and CUDA only)")
+        idx = torch.cuda.current_device() if idx is None else idx
+        if idx >= torch.cuda.device_count():
+            raise ValueError(f"hfquant: device_map names GPU {idx}, but only {torch.cuda.device_count()} are visible")
+        major, minor = torch.cuda.get_device_capability(idx)
+        if major < 8:
+            raise ValueError(
+                f"hfquant: GPU {idx} ({torch.cuda.get_device_name(idx)}) has compute capability {major}.{minor}; "
+                "the CUDA kernels need 8.0 or newer (Ampere, Ada, Hopper). Load on the CPU instead."
+            )
+
+
 class HfQuantQuantize(ConversionOps):
     """Quantize-on-load: one float checkpoint weight -> qweight, scales (and zeros)."""
 
@@ -67,12 +89,16 @@ class HfQuantQuantizer(HfQuantizer):
             devices = {str(device_map)}
         else:
             devices = set()
-        gpu = [d for d in devices if d not in ("cpu", "disk", "auto") and not d.startswith("cpu")]
+        gpu = [d for d in devices if d not in ("cpu", "disk", "auto", "meta") and not d.startswith("cpu")]
+        if "auto" in devices and torch.cuda.is_available():
+            gpu.append("cuda")
         if gpu and not _ext._C.cuda_built:
             raise ValueError(
                 f"hfquant: device_map places layers on {sorted(gpu)}, but this hfquant build has no CUDA "
-                "kernels; load on the CPU (device_map=None or 'cpu')"
+                "kernels; load on the CPU (device_map=None or 'cpu'), or rebuild with HFQUANT_CUDA=1"
             )
+        if gpu:
+            check_cuda_devices(gpu)
 
     def update_dtype(self, dtype):
         return dtype

@@ -34,13 +34,80 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric:
 
 
 def codes_from_packed(packed_weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Kernel layout -> unsigned codes v [T*4, Kp] (int32), rows and k in natural order."""
+    """Kernel layout -> unsigned codes v [rows, Kp] (int32), rows and k in natural order.
+
+    Takes the CPU layout (4-D) and the CUDA layout (2-D, see ``repack_cuda_ref``)."""
+    if packed_weight.dim() == 2:
+        return _codes_from_cuda_layout(packed_weight, bits)
     T = packed_weight.shape[0]
     w = packed_weight.to(torch.int32)
     if bits == 4:
         v = torch.stack([w & 0x0F, w >> 4], dim=3)  # [T, U, 4, 2, 16]
         return v.permute(0, 2, 1, 3, 4).reshape(T * NR, -1)
     return w.permute(0, 2, 1, 3).reshape(T * NR, -1)
+
+
+# --- the CUDA kernel layout (csrc/cuda/qlinear_layout.cuh, docs/formats.md) ----------------
+CUDA_ROW_PAD = 64  # rows padded to a multiple of this
+CUDA_SEG_BYTES = 64  # one 16-byte load per lane t of 4: a row segment
+
+
+def cuda_seg_k(bits: int) -> int:
+    """k per 64-byte row segment of the CUDA layout: 128 (4-bit) or 64 (8-bit)."""
+    return 128 if bits == 4 else 64
+
+
+def _cuda_code_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For k = 0..seg_k-1 of a segment: (byte in the segment, bit shift) of its code."""
+    kk = torch.arange(cuda_seg_k(bits))
+    if bits == 4:
+        j, r = kk // 32, kk % 32
+        t, p = (r % 8) // 2, r // 8 + 4 * (r % 2)
+        return 16 * t + 4 * j + p // 2, 4 * (p % 2)
+    j, r = kk // 16, kk % 16
+    t, b = (r % 8) // 2, r % 2 + 2 * (r // 8)
+    return 16 * t + 4 * j + b, torch.zeros_like(kk)
+
+
+def _codes_from_cuda_layout(packed_weight: torch.Tensor, bits: int) -> torch.Tensor:
+    Np, ldw = packed_weight.shape
+    U = ldw // CUDA_SEG_BYTES
+    byte, shift = (t.to(packed_weight.device) for t in _cuda_code_positions(bits))
+    seg = packed_weight.to(torch.int32).reshape(Np, U, CUDA_SEG_BYTES)
+    v = (seg[..., byte] >> shift) & ((1 << bits) - 1)  # [Np, U, seg_k]
+    return v.reshape(Np, U * cuda_seg_k(bits))
+
+
+def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
+    """Twin of ``hfquant::repack`` on CUDA: canonical tensors -> the CUDA kernel layout.
+
+    packed_weight uint8 [Np, Kp*bits/8] (Np = round_up(N, 64), Kp = round_up(K, 128 | 64)),
+    codes permuted inside each 64-byte row segment so that one 16-byte load per lane holds
+    the mma.m16n8k16 B fragments; packed_scales float32 [G, P, Np]: plane 0 the scales,
+    plane 1 (asymmetric only, P = 2) the zero points; padding is 0.
+    """
+    K = in_features
+    N = qweight.shape[0]
+    dev = qweight.device
+    _, G = group_geometry(group_size, K)
+    Np = _round_up(N, CUDA_ROW_PAD)
+    KU = cuda_seg_k(bits)
+    Kp = _round_up(K, KU)
+    U = Kp // KU
+    v = torch.zeros(Np, Kp, dtype=torch.int32, device=dev)
+    v[:N, :K] = unpack_codes(qweight, bits, K, zeros is not None)
+    byte, shift = _cuda_code_positions(bits)
+    seg = v.reshape(Np, U, KU)
+    out = torch.zeros(Np, U, CUDA_SEG_BYTES, dtype=torch.int32, device=dev)
+    idx = byte.to(dev).expand(Np, U, KU)
+    out.scatter_add_(2, idx, seg << shift.to(device=dev, dtype=torch.int32))  # nibbles of a byte never overlap
+    w = out.reshape(Np, U * CUDA_SEG_BYTES).to(torch.uint8)
+    P = 1 if zeros is None else 2
+    ps = torch.zeros(G, P, Np, dtype=torch.float32, device=dev)
+    ps[:, 0, :N] = scales.to(torch.float32).t()
+    if zeros is not None:
+        ps[:, 1, :N] = zeros.to(torch.float32).t()
+    return w, ps
 
 
 def qweight_from_packed(packed_weight: torch.Tensor, bits: int, out_features: int, in_features: int,
@@ -55,7 +122,11 @@ def qweight_from_packed(packed_weight: torch.Tensor, bits: int, out_features: in
 
 
 def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
-    """Twin of ``hfquant::repack``: canonical tensors -> (packed_weight, packed_scales)."""
+    """Twin of ``hfquant::repack``: canonical tensors -> (packed_weight, packed_scales).
+
+    CUDA tensors get the CUDA kernel layout (``repack_cuda_ref``), like the op."""
+    if qweight.is_cuda:
+        return repack_cuda_ref(qweight, scales, zeros, bits, group_size, in_features)
     K = in_features
     N = qweight.shape[0]
     gs, G = group_geometry(group_size, K)
@@ -86,17 +157,25 @@ def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: 
 
 def dequantize_packed_ref(packed_weight, packed_scales, bits: int, group_size: int, out_features: int,
                           in_features: int) -> torch.Tensor:
-    """The float32 weight [N, K] that a packed pair stands for: (v - z) * s."""
-    T = packed_weight.shape[0]
+    """The float32 weight [N, K] that a packed pair (CPU or CUDA layout) stands for: (v - z) * s."""
     K = in_features
-    Kp = _round_up(K, K_ALIGN)
     gs, G = group_geometry(group_size, K)
     v = codes_from_packed(packed_weight, bits)
+    Kp = v.shape[1]
+    gidx = torch.clamp(torch.arange(Kp, device=v.device) // gs, max=G - 1)
+    if packed_weight.dim() == 2:  # CUDA layout: [G, P, Np]
+        s = packed_scales[:, 0, :].t()
+        if packed_scales.shape[1] == 2:
+            z = packed_scales[:, 1, :].t()
+        else:
+            z = torch.full_like(s, 8.0 if bits == 4 else 128.0)
+        wf = (v.to(torch.float32) - z[:, gidx]) * s[:, gidx]
+        return wf[:out_features, :K]
+    T = packed_weight.shape[0]
     sb = packed_scales.permute(0, 3, 1, 2).reshape(T * NR, G, 2)  # [Np, G, 2]
     off = 128.0 if bits == 4 else 0.0
     s = sb[..., 0]
     sz = sb[..., 1] - off * s  # s * z
-    gidx = torch.clamp(torch.arange(Kp) // gs, max=G - 1)
     wf = v.to(torch.float32) * s[:, gidx] - sz[:, gidx]
     return wf[:out_features, :K]
 
@@ -117,7 +196,11 @@ I8_KG = 4  # k per 32-bit lane
 
 
 def int8_pack_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of ``hfquant::int8_pack``: int8 [N, K] -> (int8 [Nt, K4, 16, 4], colsum int32 [N])."""
+    """Twin of ``hfquant::int8_pack``: int8 [N, K] -> (int8 [Nt, K4, 16, 4], colsum int32 [N]).
+
+    CUDA tensors get the CUDA layout (``int8_pack_cuda_ref``), like the op."""
+    if qweight.is_cuda:
+        return int8_pack_cuda_ref(qweight)
     N, K = qweight.shape
     Nt, K4 = -(-N // I8_TILE), -(-K // I8_KG)
     w = torch.zeros(Nt * I8_TILE, K4 * I8_KG, dtype=torch.int8)
@@ -127,10 +210,24 @@ def int8_pack_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_weight_from_packed(packed_weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """int8 [N, K] weights rebuilt exactly from the int8 GEMM layout."""
+    """int8 [N, K] weights rebuilt exactly from the int8 GEMM layout (CPU 4-D or CUDA 2-D)."""
+    if packed_weight.dim() == 2:  # CUDA: row-major W zero padded to [round_up(N, 16), round_up(K, 16)]
+        return packed_weight[:out_features, :in_features].contiguous()
     Nt, K4 = packed_weight.shape[:2]
     w = packed_weight.permute(0, 2, 1, 3).reshape(Nt * I8_TILE, K4 * I8_KG)
     return w[:out_features, :in_features].contiguous()
+
+
+I8_CUDA_PAD = 16  # the CUDA int8 layout pads N and K to multiples of this
+
+
+def int8_pack_cuda_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``hfquant::int8_pack`` on CUDA: int8 [N, K] -> (int8 [round_up(N,16), round_up(K,16)]
+    zero padded, colsum int32 [N])."""
+    N, K = qweight.shape
+    w = torch.zeros(_round_up(N, I8_CUDA_PAD), _round_up(K, I8_CUDA_PAD), dtype=torch.int8, device=qweight.device)
+    w[:N, :K] = qweight
+    return w, qweight.to(torch.int32).sum(1, dtype=torch.int32)
 
 
 def _check_threshold(op: str, threshold: float) -> None:
@@ -157,13 +254,13 @@ def quantize_act_ref(x: torch.Tensor, threshold: float = 0.0, act_scale: torch.T
     if threshold > 0:
         mask = (~(x2.abs() < threshold)).any(0)
     else:
-        mask = torch.zeros(K, dtype=torch.bool)
+        mask = torch.zeros(K, dtype=torch.bool, device=x.device)
     cols = mask.nonzero().flatten()
     kept = x2.masked_fill(mask, 0.0)
     a = kept.abs()
     bad = ~torch.isfinite(a).all(1)
-    amax = a.amax(1) if K else torch.zeros(x2.shape[0])
-    inv = torch.tensor(127.0, dtype=torch.float32) / amax
+    amax = a.amax(1) if K else torch.zeros(x2.shape[0], device=x.device)
+    inv = torch.tensor(127.0, dtype=torch.float32, device=x.device) / amax
     zero = (amax == 0) | torch.isinf(inv)
     q = torch.round(kept * inv[:, None]).clamp(-127, 127)
     q[bad | zero] = 0
@@ -177,7 +274,8 @@ def int8_mm_ref(xq: torch.Tensor, packed_weight: torch.Tensor, colsum: torch.Ten
     if (xq == -128).any():
         raise RuntimeError("hfquant::int8_mm: xq holds -128; int8 activations must lie in [-127, 127]")
     w = int8_weight_from_packed(packed_weight, out_features, xq.shape[1])
-    return (xq.to(torch.int64) @ w.to(torch.int64).t()).to(torch.int32)
+    # (int64 matmul runs on the CPU only)
+    return (xq.cpu().to(torch.int64) @ w.cpu().to(torch.int64).t()).to(torch.int32).to(xq.device)
 
 
 def int8_gemm_ref(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype, out_features: int):
@@ -214,13 +312,13 @@ def kv_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     byte d % R at bit (d // R) * bits."""
     per = 8 // bits
     c = codes.to(torch.int32).reshape(*codes.shape[:-1], per, -1)  # [..., plane, R]
-    shifts = (torch.arange(per, dtype=torch.int32) * bits)[:, None]
+    shifts = (torch.arange(per, dtype=torch.int32, device=codes.device) * bits)[:, None]
     return (c << shifts).sum(-2).to(torch.uint8)
 
 
 def kv_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
-    shifts = (torch.arange(per, dtype=torch.int32) * bits)[:, None]
+    shifts = (torch.arange(per, dtype=torch.int32, device=packed.device) * bits)[:, None]
     c = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [..., plane, R]
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
@@ -264,7 +362,7 @@ def kv_quantize_ref(x: torch.Tensor, bits: int, group_size: int, per_channel: bo
     inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
     c = torch.round((grp - mn.to(torch.float32).unsqueeze(red)) * inv.unsqueeze(red)).clamp(0, qmax)
     c = torch.where(finite.unsqueeze(red), c, torch.zeros_like(c))
-    nan = torch.tensor(float("nan"), dtype=torch.float16)
+    nan = torch.tensor(float("nan"), dtype=torch.float16, device=x.device)
     scale = torch.where(finite, scale, nan)
     mn = torch.where(finite, mn, nan)
     codes = kv_pack_codes(c.reshape(*lead, T, D).to(torch.int32), bits)

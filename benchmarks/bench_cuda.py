@@ -1,0 +1,268 @@
+"""CUDA linear-layer benchmark: hfquant's kernels beside torch's own GPU paths.
+
+    python benchmarks/bench_cuda.py [--quick] [--json out.json]
+
+Shapes N x K (out_features x in_features, y = x @ W^T) of Llama-2-7B: 4096x4096,
+4096x11008 (down_proj), 11008x4096 (gate/up_proj). Per (shape, M) every method runs in
+the same process, interleaved round by round; each round times `inner` calls with CUDA
+events, each call on a different copy of the weights (more bytes of copies than the
+50 MB L2 holds, so the weights come from HBM as in a real decode step); the figure is the
+median over rounds. Achieved bandwidth counts the bytes a call must read (weights,
+scales, x) and write (y); it is compared with the card's nominal HBM figure and with a
+measured device-to-device copy.
+
+Timing: CUDA graphs of the calls (GPU time; a Python loop of small calls measures the
+host instead), except for the ops that synchronize with the host (LLM.int8's outlier
+count, int8_gemm's input check) and the path comparison, which run eagerly.
+
+Methods: bf16 F.linear (cuBLAS); hfquant qlinear W4 g128 (bf16 x); torch._weight_int4pack_mm
+(tinygemm, W4 g128) where this torch runs it; hfquant int8_gemm (pre-quantized int8 x) and
+torch._int_mm (int32 out, no scaling); hfquant int8_linear W8A8 and LLM.int8() (threshold
+6, the activation quantization, outlier split and scaling included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import hfquant.ops  # noqa: F401
+from hfquant import ref
+from hfquant._ext import _C
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+L2_BYTES = 50 << 20
+NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
+
+
+def nominal_hbm(name: str) -> float | None:
+    if "H100" in name and "PCIe" in name:
+        return 2.0e12
+    for k, v in NOMINAL_HBM.items():
+        if k in name:
+            return v
+    return None
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, math.ceil(3 * L2_BYTES / max(1, nbytes)))
+
+
+def time_methods(methods: dict, rounds: int, inner: int, eager: tuple[str, ...] = ()) -> dict[str, float]:
+    """methods: name -> list of call closures, one per weight copy. Median seconds per call.
+
+    Each round replays a CUDA graph of `inner` calls (GPU time, as a decode loop under
+    graphs sees it); methods named in `eager` (ops that synchronize with the host: the
+    LLM.int8 outlier count, int8_gemm's input check) are timed as plain calls."""
+    times = {k: [] for k in methods}
+    graphs = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fns in methods.values():  # warm up (cuBLAS handles, heuristics) outside capture
+            for f in fns[:2]:
+                f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for name, fns in methods.items():
+        if name in eager:
+            continue
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(inner):
+                fns[i % len(fns)]()
+        graphs[name] = g
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, fns in methods.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            if name in graphs:
+                graphs[name].replay()
+            else:
+                for i in range(inner):
+                    fns[i % len(fns)]()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+EAGER = ("hfquant int8_gemm", "hfquant LLM.int8")
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def w4_setup(N, K, gen):
+    """W4 g128 symmetric weights: hfquant's CUDA layout, and tinygemm's where it works."""
+    G = K // 128
+    v = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.int32)
+    qweight = (v[:, 0::2] | (v[:, 1::2] << 4)).to(torch.uint8)
+    scales = (torch.rand(N, G, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+    pw, ps = torch.ops.hfquant.repack(qweight.cuda(), scales.cuda(), None, 4, 128, K)
+    tiny = None
+    try:
+        wt = torch._convert_weight_to_int4pack(qweight.cuda(), 8)
+        sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).contiguous().cuda()  # [G, N, 2]
+        x = torch.randn(1, K, dtype=torch.bfloat16, device="cuda")
+        torch._weight_int4pack_mm(x, wt, 128, sz)
+        tiny = (wt, sz)
+    except Exception as exc:  # noqa: BLE001 - report, do not fail
+        print(f"  torch._weight_int4pack_mm unavailable: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+    return pw, ps, tiny
+
+
+def bench_w4(results, rounds, inner, ms, quick=False):
+    gen = torch.Generator().manual_seed(0)
+    for N, K in SHAPES:
+        pw, ps, tiny = w4_setup(N, K, gen)
+        w4_bytes = pw.numel() + ps.numel() * 4
+        n4 = copies_for(w4_bytes)
+        pws = [(pw.clone(), ps.clone()) for _ in range(n4)]
+        tinys = [(tiny[0].clone(), tiny[1].clone()) for _ in range(n4)] if tiny else None
+        wb = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02
+        nb = copies_for(wb.numel() * 2)
+        wbs = [wb.clone() for _ in range(nb)]
+        for M in ms:
+            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            methods = {
+                "bf16 F.linear": [lambda w=w: F.linear(x, w) for w in wbs],
+                "hfquant W4 g128": [lambda p=p: torch.ops.hfquant.qlinear(x, p[0], p[1], None, 4, 128, N, K)
+                                    for p in pws],
+            }
+            if M > 1 and not quick:  # the kernel's column-block width, forced (HFQUANT_CUDA_QLINEAR_WN)
+                for wn in (1, 2, 4):
+                    def call(p, wn=wn):
+                        os.environ["HFQUANT_CUDA_QLINEAR_WN"] = str(wn)
+                        try:
+                            return torch.ops.hfquant.qlinear(x, p[0], p[1], None, 4, 128, N, K)
+                        finally:
+                            del os.environ["HFQUANT_CUDA_QLINEAR_WN"]
+                    methods[f"hfquant W4 wn={wn}"] = [lambda p=p, c=call: c(p) for p in pws]
+            if tinys:
+                methods["torch int4pack_mm"] = [lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1])
+                                                for t in tinys]
+            t = time_methods(methods, rounds, inner)
+            io = (M * K + M * N) * 2
+            for name, sec in t.items():
+                nbytes = {"bf16 F.linear": N * K * 2,
+                          "torch int4pack_mm": N * K // 2 + (K // 128) * N * 4}.get(name, w4_bytes) + io
+                results.append(dict(kind="W4 g128", N=N, K=K, M=M, method=name, us=sec * 1e6,
+                                    gbps=nbytes / sec / 1e9, speedup=t["bf16 F.linear"] / sec))
+        del pws, tinys, wbs
+        torch.cuda.empty_cache()
+
+
+def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
+    gen = torch.Generator().manual_seed(1)
+    for N, K in SHAPES:
+        w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).cuda()
+        pw, cs = torch.ops.hfquant.int8_pack(w)
+        ws = torch.rand(N, device="cuda") * 0.01
+        n8 = copies_for(pw.numel())
+        pws = [pw.clone() for _ in range(n8)]
+        wts = [p[:N, :K].t() for p in pws]  # [K, N] column-major views for torch._int_mm
+        wb = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02
+        wbs = [wb.clone() for _ in range(copies_for(wb.numel() * 2))]
+        for M in sorted(set(ms_gemm) | set(ms_llm)):
+            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            methods = {"bf16 F.linear": [lambda w=w: F.linear(x, w) for w in wbs]}
+            if M in ms_gemm:
+                xq, xs, _ = torch.ops.hfquant.quantize_act(x, 0.0)
+                methods["hfquant int8_gemm"] = [
+                    lambda p=p: torch.ops.hfquant.int8_gemm(xq, xs, p, cs, ws, None, torch.bfloat16, N) for p in pws]
+                methods["torch._int_mm"] = [lambda t=t: torch._int_mm(xq, t) for t in wts]
+                methods["hfquant W8A8 linear"] = [
+                    lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N) for p in pws]
+            if M in ms_llm:
+                xo = x.clone()
+                xo[:, torch.randperm(K, generator=gen)[:6].cuda()] = 20.0  # six outlier columns
+                methods["hfquant LLM.int8"] = [
+                    lambda p=p: torch.ops.hfquant.int8_linear(xo, p, cs, ws, None, None, 6.0, N) for p in pws]
+            t = time_methods(methods, rounds, inner, EAGER)
+            for name, sec in t.items():
+                results.append(dict(kind="int8", N=N, K=K, M=M, method=name, us=sec * 1e6,
+                                    tflops=2 * M * N * K / sec / 1e12, speedup=t["bf16 F.linear"] / sec))
+        del pws, wts, wbs
+        torch.cuda.empty_cache()
+
+
+def bench_w4_large_m(results, rounds, inner):
+    """The bf16/fp16 path switch of qlinear: mma.sync kernel vs dequantize + cuBLAS."""
+    gen = torch.Generator().manual_seed(2)
+    N, K = 4096, 4096
+    pw, ps, _ = w4_setup(N, K, gen)
+    wb = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    prev = _C.cuda_gemm_min_m()
+    for M in (16, 32, 48, 64, 128, 256, 512, 2048):
+        x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+
+        def run(min_m):
+            _C.set_cuda_gemm_min_m(min_m)
+            return torch.ops.hfquant.qlinear(x, pw, ps, None, 4, 128, N, K)
+
+        t = time_methods({"bf16 F.linear": [lambda: F.linear(x, wb)],
+                          "W4 mma kernel": [lambda: run(1 << 30)],
+                          "W4 dequant+cuBLAS": [lambda: run(0)]}, rounds, inner)
+        for name, sec in t.items():
+            results.append(dict(kind="W4 path", N=N, K=K, M=M, method=name, us=sec * 1e6,
+                                speedup=t["bf16 F.linear"] / sec))
+    _C.set_cuda_gemm_min_m(prev)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not (torch.cuda.is_available() and _C.cuda_built):
+        sys.exit("bench_cuda: needs a GPU and hfquant built with HFQUANT_CUDA=1")
+    rounds, inner = (5, 10) if args.quick else (15, 20)
+    name = torch.cuda.get_device_name()
+    hbm, copy_bw = nominal_hbm(name), copy_bandwidth()
+    print(f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+          f"nominal HBM {hbm / 1e12 if hbm else float('nan'):.2f} TB/s; measured copy {copy_bw / 1e12:.2f} TB/s")
+    results: list[dict] = []
+    bench_w4(results, rounds, inner, [1, 16], args.quick)
+    bench_int8(results, rounds, inner, [256, 1024, 4096], [512, 2048])
+    if not args.quick:
+        bench_w4_large_m(results, rounds, inner)
+    print("\n| kind | N x K | M | method | us | achieved | vs bf16 |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
+    for r in results:
+        if "gbps" in r:
+            frac = f" ({r['gbps'] * 1e9 / hbm:.0%} of HBM)" if hbm else ""
+            ach = f"{r['gbps'] / 1e3:.2f} TB/s{frac}"
+        elif "tflops" in r:
+            ach = f"{r['tflops']:.0f} TFLOP/s"
+        else:
+            ach = ""
+        print(f"| {r['kind']} | {r['N']}x{r['K']} | {r['M']} | {r['method']} | {r['us']:.1f} | {ach} | "
+              f"{r['speedup']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, nominal_hbm=hbm,
+                           copy_bw=copy_bw, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+// Instantiations of the qlinear mma kernel for __nv_bfloat16 activations (one file per dtype so
+// that they compile in parallel).
+#define HFQUANT_QLINEAR_KERNEL_IMPL
+#include "cuda/qlinear_kernel.cuh"
+
+namespace hfquant::cuda {
+HFQUANT_INSTANTIATE_QLINEAR(__nv_bfloat16)
+}  // namespace hfquant::cuda
