@@ -1,4 +1,7 @@
-"""Named, versioned packed layouts. ``v1`` is checkpoint format version 1 (docs/formats.md)."""
+"""Named, versioned packed layouts. ``v1`` is checkpoint format version 1 (docs/formats.md);
+``lut`` holds the tensors of weight clustering (method "kmeans") in the same version."""
+from .lut import dequantize_lut, pack_indices, unpack_indices, validate_lut
 from .v1 import QuantizedWeight, dequantize, pack_int4, quantize_rtn, unpack_int4, validate
 
-__all__ = ["QuantizedWeight", "dequantize", "pack_int4", "quantize_rtn", "unpack_int4", "validate"]
+__all__ = ["QuantizedWeight", "dequantize", "dequantize_lut", "pack_indices", "pack_int4", "quantize_rtn",
+           "unpack_indices", "unpack_int4", "validate", "validate_lut"]
