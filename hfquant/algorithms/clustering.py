@@ -28,6 +28,7 @@ method leaves it None (all ones).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,24 @@ def kmeans_rows(x: torch.Tensor, k: int, importance: torch.Tensor | None = None,
     cwx = torch.cat([zero, (ws.double() * xs.double()).cumsum(1)], 1)
     last = member.sum(1).long()[:, None]  # members are the first `last` sorted entries
     rows = torch.arange(B, device=dev)  # global row of each working row
+    return _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Clustering runs in one intra-op thread: the Lloyd loop is ~25 small ops ([rows, k]) per
+    iteration, and with several threads each pays a fork/join; on the default model with 2
+    threads on a busy 2-core machine that measured 2-5x slower than one thread (quantize on
+    load works through layers one at a time, so there is no other work to overlap)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter):
     out = cents.clone()
     a_cents = cents
     bounds = None
@@ -210,10 +229,11 @@ def kmeans_quantize(weight: torch.Tensor, bits: int, group_size: int = -1, impor
     valid = _grouped(torch.ones(N, K, dtype=torch.bool, device=w.device), group_size, False) \
         if group_size != -1 and K % group_size else None
     imp = None if importance is None else _grouped(importance.detach().to(torch.float32), group_size, 0.0)
-    cents, iters = kmeans_rows(x, k, imp, valid, init=init, max_iter=max_iter, seed=seed)
-    # round to the stored dtype, keep sorted (rounding is monotone), assign to the stored values
-    cents = cents.to(codebook_dtype).to(torch.float32)
-    assign = assign_nearest(x, cents)
+    with _one_thread():
+        cents, iters = kmeans_rows(x, k, imp, valid, init=init, max_iter=max_iter, seed=seed)
+        # round to the stored dtype, keep sorted (rounding is monotone), assign to the stored values
+        cents = cents.to(codebook_dtype).to(torch.float32)
+        assign = assign_nearest(x, cents)
     G = x.shape[0] // N
     indices = assign.reshape(N, -1)[:, :K]
     return KMeansResult(indices.contiguous(), cents.reshape(N, G, k).to(codebook_dtype).contiguous(), iters)
