@@ -74,14 +74,14 @@ def _edit(src, dst, fn):
 
 @pytest.mark.parametrize("name,fn,match", [
     ("nan_codebook", lambda sd: sd["model.layers.29.mlp.gate_proj.codebook"].__setitem__((3, 0, 2), float("nan")),
-     r"model\.layers\.4\.mlp\.gate_proj\.codebook contains NaN"),
+     r"model\.layers\.29\.mlp\.gate_proj\.codebook contains NaN"),
     ("codebook_shape", lambda sd: sd.update({"model.layers.0.self_attn.q_proj.codebook": torch.zeros(576, 1, 8)}),
-     r"model\.layers\.2\.self_attn\.q_proj"),
+     r"model\.layers\.0\.self_attn\.q_proj"),
     ("qweight_dtype", lambda sd: sd.update({"model.layers.1.mlp.up_proj.qweight":
                                             sd["model.layers.1.mlp.up_proj.qweight"].to(torch.int16)}),
      r"model\.layers\.1\.mlp\.up_proj\.qweight"),
     ("missing_codebook", lambda sd: sd.pop("model.layers.28.self_attn.v_proj.codebook"),
-     r"model\.layers\.5\.self_attn\.v_proj\.codebook"),
+     r"model\.layers\.28\.self_attn\.v_proj\.codebook"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v and "\\" not in v else None)
 def test_malformed_kmeans_checkpoint_errors(km_saved, tmp_path, name, fn, match):
     _, out = km_saved
