@@ -86,7 +86,8 @@ def _kmeanspp_init(x: torch.Tensor, wt: torch.Tensor, k: int, gen: torch.Generat
 
 @torch.no_grad()
 def kmeans_rows(x: torch.Tensor, k: int, importance: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                init: str = "uniform", max_iter: int = 100, seed: int = 0) -> tuple[torch.Tensor, int]:
+                init: str = "uniform", max_iter: int = 100, seed: int = 0,
+                keep_range: bool = False) -> tuple[torch.Tensor, int]:
     """Lloyd's k-means on every row of x [B, n] at once.
 
     importance: [B, n] >= 0 or None; valid: bool [B, n] (False = padding, ignored) or None.
@@ -128,7 +129,7 @@ def kmeans_rows(x: torch.Tensor, k: int, importance: torch.Tensor | None = None,
     cwx = torch.cat([zero, (ws.double() * xs.double()).cumsum(1)], 1)
     last = member.sum(1).long()[:, None]  # members are the first `last` sorted entries
     rows = torch.arange(B, device=dev)  # global row of each working row
-    return _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter)
+    return _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter, keep_range)
 
 
 @contextlib.contextmanager
@@ -145,7 +146,7 @@ def _one_thread():
         torch.set_num_threads(prev)
 
 
-def _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter):
+def _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter, keep_range=False):
     out = cents.clone()
     a_cents = cents
     bounds = None
@@ -181,6 +182,11 @@ def _lloyd(cents, xsv, xs, ws, cw, cwx, last, rows, max_iter):
             slot = empty[er].to(torch.int8).argmax(1)  # first empty cluster of the row
             ok = best_err > 0  # nothing to gain where every weight is already exact
             new[er[ok], slot[ok]] = xr[ok, best[ok]]
+        if keep_range:
+            # the outermost centroids stay on the row's minimum and maximum (as the uniform
+            # grid's ends do), so the largest weights are kept exactly
+            new[:, 0] = xs[:, 0]
+            new[:, -1] = xs.gather(1, (last - 1).clamp_min(0)).squeeze(1)
         # means of ordered runs are ordered; a kept or moved centroid may not be
         a_cents = torch.sort(new, dim=1)[0] if (sw <= 0).any() else new
     out[rows] = a_cents
@@ -197,7 +203,7 @@ def assign_nearest(x: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def kmeans_quantize(weight: torch.Tensor, bits: int, group_size: int = -1, importance: torch.Tensor | None = None,
                     init: str = "uniform", max_iter: int = 100, seed: int = 0,
-                    codebook_dtype: torch.dtype | None = None) -> KMeansResult:
+                    codebook_dtype: torch.dtype | None = None, keep_range: bool = False) -> KMeansResult:
     """Clusters a float weight [N, K] into 2^bits centroids per row (group_size -1) or per row
     and group of ``group_size`` consecutive inputs.
 
@@ -230,7 +236,8 @@ def kmeans_quantize(weight: torch.Tensor, bits: int, group_size: int = -1, impor
         if group_size != -1 and K % group_size else None
     imp = None if importance is None else _grouped(importance.detach().to(torch.float32), group_size, 0.0)
     with _one_thread():
-        cents, iters = kmeans_rows(x, k, imp, valid, init=init, max_iter=max_iter, seed=seed)
+        cents, iters = kmeans_rows(x, k, imp, valid, init=init, max_iter=max_iter, seed=seed,
+                                   keep_range=keep_range)
         # round to the stored dtype, keep sorted (rounding is monotone), assign to the stored values
         cents = cents.to(codebook_dtype).to(torch.float32)
         assign = assign_nearest(x, cents)

@@ -127,7 +127,7 @@ def test_lut_linear_realistic_shape(isa):
         idx, tab = torch.ops.hfquant.lut_repack(qw, cb, bits, gs, K)
         w = ref.lut_dequantize_packed_ref(idx, tab, gs, K).double()
         bias = torch.randn(N, generator=gen)
-        for M in (1, 5, 40):
+        for M in (1, 5, 40, 130):
             x = torch.randn(M, K, generator=gen)
             y = torch.ops.hfquant.lut_linear(x, idx, tab, bias, bits, gs, N, K)
             check(y, x, idx, tab, bias, bits, gs, N, K, torch.float32, f"{isa} {bits}bit g{gs} M={M}", w=w)
