@@ -125,3 +125,12 @@ def test_kmeans_rejects_bad_arguments(kwargs, match):
         kmeans_quantize(torch.randn(8, 64), **args)
     with pytest.raises(ValueError, match="NaN or Inf"):
         kmeans_quantize(torch.full((2, 4), float("nan")), 4)
+
+
+def test_keep_range_pins_outer_centroids(weights):
+    w = weights[LAYERS[2]][:32]
+    for gs in (-1, 64):  # 576 = 9 x 64
+        r = kmeans_quantize(w, 3, gs, keep_range=True)
+        g = w.shape[1] if gs == -1 else gs
+        wg = w.reshape(w.shape[0], -1, g)
+        assert torch.equal(r.codebook[..., 0], wg.amin(-1)) and torch.equal(r.codebook[..., -1], wg.amax(-1))
