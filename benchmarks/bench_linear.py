@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["all"],
                    help="shape names or model keys from benchmarks/shapes.py (default: all)")
-    p.add_argument("--suite", choices=["weight-only", "int8"], default="weight-only",
+    p.add_argument("--suite", choices=["weight-only", "int8", "lut"], default="weight-only",
                    help="weight-only: W4/W8 qlinear and their peers; int8: int8 activations (W8A8, LLM.int8 with "
                         "0.1%% outlier columns) against torch.ao's dynamic quantized Linear and F.linear")
     p.add_argument("--m", nargs="+", type=int, default=None,
@@ -208,6 +208,28 @@ def build_hfquant(ctx: ShapeCtx, bits: int) -> list[Competitor]:
             for act in ("fp32", "bf16", "fp16")]
 
 
+def build_hfquant_lut(ctx: ShapeCtx, bits: int, gs: int = -1) -> list[Competitor]:
+    """Weight clustering: k-means codebooks (per row) and the LUT kernel."""
+    from hfquant import ops
+    from hfquant.algorithms.clustering import kmeans_quantize
+    from hfquant.formats import dequantize_lut, pack_indices
+
+    N, K = ctx.N, ctx.K
+    r = kmeans_quantize(ctx.w, bits, gs, max_iter=10)
+    qw = pack_indices(r.indices, bits)
+    idx, tab = ops.lut_repack(qw, r.codebook, bits, gs, K)
+    pool = ctx.pool((idx, tab), tensor_bytes(idx, tab))
+
+    def fn(x, c):
+        return ops.lut_linear(x, c[0], c[1], None, bits, gs, N, K)
+
+    return [Competitor(f"hfq-lut{bits}/{act}", f"hfquant k-means {bits}-bit {group_label(gs)}", act, fn=fn,
+                       pool=pool, call_bytes=pool.bytes_per_copy, ref_key=f"lut{bits}",
+                       ref=lambda: dequantize_lut(qw, r.codebook, bits, gs, K, torch.float32), tol=TOL[act],
+                       peer="hfq-w4/" + act)
+            for act in ("fp32", "bf16")]
+
+
 def int4pack_group(K: int, gs: int) -> int:
     """Group size for torch's int4pack: ours if K is a multiple of it, else the largest smaller one dividing K."""
     if gs != -1 and K % gs == 0:
@@ -312,6 +334,12 @@ BUILDERS: list[tuple[Callable[[ShapeCtx], list[Competitor]], list[tuple[str, str
                       ("int8pack/fp32", "torch int8pack per-ch", "fp32")]),
     (build_ao_dynamic, [("ao-dyn/fp32", "ao dynamic int8 per-ch", "fp32")]),
 ]
+BUILDERS_LUT = [
+    BUILDERS[0],
+    (lambda ctx: build_hfquant(ctx, 4), [(f"hfq-w4/{a}", "hfquant W4", a) for a in ("fp32", "bf16", "fp16")]),
+    (lambda ctx: build_hfquant_lut(ctx, 4), [(f"hfq-lut4/{a}", "hfquant k-means 4-bit", a) for a in ("fp32", "bf16")]),
+    (lambda ctx: build_hfquant_lut(ctx, 3), [(f"hfq-lut3/{a}", "hfquant k-means 3-bit", a) for a in ("fp32", "bf16")]),
+]
 BUILDERS_INT8 = [
     BUILDERS[0],
     (lambda ctx: [c for c in build_hfquant(ctx, 8) if c.act == "fp32"], [("hfq-w8/fp32", "hfquant W8 per-ch",
@@ -330,7 +358,7 @@ def short_reason(exc: BaseException) -> str:
 
 def build_all(ctx: ShapeCtx, suite: str = "weight-only") -> list[Competitor]:
     comps: list[Competitor] = []
-    for build, rows in (BUILDERS_INT8 if suite == "int8" else BUILDERS):
+    for build, rows in {"int8": BUILDERS_INT8, "lut": BUILDERS_LUT}.get(suite, BUILDERS):
         try:
             comps += build(ctx)
         except Exception as exc:  # an unavailable peer is reported as n/a, the rest still runs
@@ -421,6 +449,10 @@ SUMMARY_COLS = [("F.linear/fp32", "F.linear fp32"), ("F.linear/bf16", "F.linear 
                 ("hfq-w4/fp32", "hfq W4 fp32"), ("hfq-w4/bf16", "hfq W4 bf16"), ("int4pack/bf16", "int4pack bf16"),
                 ("hfq-w8/fp32", "hfq W8 fp32"), ("hfq-w8/bf16", "hfq W8 bf16"), ("int8pack/bf16", "int8pack bf16"),
                 ("ao-dyn/fp32", "ao dyn int8 fp32")]
+SUMMARY_COLS_LUT = [("F.linear/fp32", "F.linear fp32"), ("F.linear/bf16", "F.linear bf16"),
+                    ("hfq-w4/fp32", "hfq W4 fp32"), ("hfq-w4/bf16", "hfq W4 bf16"),
+                    ("hfq-lut4/fp32", "hfq k-means 4-bit fp32"), ("hfq-lut4/bf16", "hfq k-means 4-bit bf16"),
+                    ("hfq-lut3/fp32", "hfq k-means 3-bit fp32")]
 SUMMARY_COLS_INT8 = [("F.linear/fp32", "F.linear fp32"), ("F.linear/bf16", "F.linear bf16"),
                      ("hfq-w8/fp32", "hfq W8 (weight-only) fp32"), ("ao-dyn/fp32", "ao dyn int8 fp32"),
                      ("hfq-w8a8/fp32", "hfq W8A8 fp32"), ("hfq-w8a8/bf16", "hfq W8A8 bf16"),
@@ -502,7 +534,9 @@ def format_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     int8 = a.get("suite") == "int8"
     if int8:
         isa = f"{isa} (int8 GEMM: {meta['system'].get('hfquant_int8_path', 'n/a')})"
-    what = "Int8 activations (W8A8, LLM.int8)" if int8 else "Linear layers"
+    lut = a.get("suite") == "lut"
+    what = "Int8 activations (W8A8, LLM.int8)" if int8 else ("Weight clustering (LUT kernel)" if lut else
+                                                             "Linear layers")
     if a["quick"]:
         title = f"{what}, hfquant path {isa}: PLACEHOLDER from a smoke run (`--quick`)"
         note = ["", "**Placeholder:** few repetitions and a small cold set; do not quote these numbers. The full run "
@@ -522,7 +556,7 @@ def format_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
              f"round(s), discarded; "
              f"each sample lasts >= {a['target_s'] * 1e3:g} ms. W4 group size {a['group_size']}.",
              "", "Median µs per call (x @ W^T, N = out_features, K = in_features):", "",
-             summary_table(results, meta["cases"], SUMMARY_COLS_INT8 if int8 else SUMMARY_COLS), ""]
+             summary_table(results, meta["cases"], SUMMARY_COLS_INT8 if int8 else SUMMARY_COLS_LUT if lut else SUMMARY_COLS), ""]
     shapes = {s.name: s for s in shapes_mod.SHAPES.values()}
     for shape, M in meta["cases"]:
         rows = [r for r in results if r["shape"] == shape and r["M"] == M]
@@ -530,7 +564,9 @@ def format_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     peers = ("The peer of the hfquant W8A8 rows is torch.ao's dynamic quantized Linear (fbgemm, also W8A8 "
              "dynamic); of the LLM.int8 row, hfquant W8A8 with fp32 x (the cost of the outlier split). LLM.int8 "
              "runs on x with 0.1% of its columns (at least one) set to +-20, above the threshold 6."
-             if int8 else "The torch peer of the hfquant W4 rows is torch int4pack with bf16 x, of the W8 rows torch "
+             if int8 else "The peer of the k-means (LUT kernel) rows is hfquant W4 with the same x dtype; their "
+             "codebooks are per output row (16 or 8 fp32 entries), indices 4 bits per weight in the kernel layout "
+             "whatever the bits." if lut else "The torch peer of the hfquant W4 rows is torch int4pack with bf16 x, of the W8 rows torch "
              "int8pack with bf16 x.")
     lines += ["`× F.linear fp32` and `× torch peer` are speed-ups (time of the other / time of this row; > 1 is "
               f"faster). {peers} `weights MB` = bytes of weights and scales one call reads (1 MB = 1e6 B); "
@@ -634,7 +670,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     if args.write_docs:
         isa = info.get("hfquant_isa", "none")
         int8 = info.get("hfquant_int8_path", "none")
-        label = args.docs_label or (f"int8-{isa}-{int8}" if args.suite == "int8" else f"linear-{isa}")
+        label = args.docs_label or (f"int8-{isa}-{int8}" if args.suite == "int8" else
+                                    f"lut-{isa}" if args.suite == "lut" else f"linear-{isa}")
         common.write_doc_section(args.docs, label, report, DOC_INTRO)
         print(f"wrote section {label!r} of {args.docs}", file=sys.stderr)
     print(f"total {meta['wall_s']:.0f} s", file=sys.stderr)

@@ -48,4 +48,14 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "kv_dequantize_into(Tensor codes, Tensor scales, Tensor mins, Tensor(a!) out, int length, int bits, "
       "int group_size, bool per_channel) -> ()");
+
+  // --- weight clustering (method "kmeans"; csrc/cpu/lut_linear.cpp, layout in lut_linear.h) ---
+  // Checkpoint tensors (qweight uint8 [N, ceil(K*bits/8)] bit-stream indices, codebook
+  // [N, G, 2^bits]) -> (packed indices uint8 [N, Kp/2], one nibble per index; packed
+  // codebook float32 [N, G, 16]).
+  m.def("lut_repack(Tensor qweight, Tensor codebook, int bits, int group_size, int in_features) -> (Tensor, Tensor)");
+  // y = x @ W^T + bias, W[n, k] = codebook[n, k / group_size, index(n, k)], from lut_repack's layout.
+  m.def(
+      "lut_linear(Tensor x, Tensor packed_indices, Tensor packed_codebook, Tensor? bias, int bits, int group_size, "
+      "int out_features, int in_features) -> Tensor");
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 from . import _ext  # noqa: F401  (loads the native ops)
 from .config import HfQuantConfig
 from .kv_cache import QuantizedKVCache
-from .nn import Int8Linear, QuantLinear
+from .nn import Int8Linear, LutLinear, QuantLinear
 
 __version__ = _ext._C.__version__
 
@@ -58,4 +58,4 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
     return model
 
 
-__all__ = ["HfQuantConfig", "Int8Linear", "QuantLinear", "QuantizedKVCache", "quantize_model", "__version__"]
+__all__ = ["HfQuantConfig", "Int8Linear", "LutLinear", "QuantLinear", "QuantizedKVCache", "quantize_model", "__version__"]

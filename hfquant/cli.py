@@ -1,5 +1,5 @@
 """Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128` (or
-`--method gptq|awq`, `--method llm_int8|w8a8 [--smoothquant-alpha A]`), `hfquant info DIR`,
+`--method gptq|awq`, `--method llm_int8|w8a8 [--smoothquant-alpha A]`, or `--method kmeans --bits 4`), `hfquant info DIR`,
 `hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`."""
 from __future__ import annotations
 
@@ -156,10 +156,12 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a model directory and save it")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "llm_int8", "w8a8"],
-                   help="rtn: weight-only; llm_int8 / w8a8: int8 activations too")
-    q.add_argument("--bits", type=int, default=None, choices=[4, 8], help="default 4 (rtn), 8 (llm_int8, w8a8)")
-    q.add_argument("--group-size", type=int, default=None, help="default 128 (rtn), -1 (llm_int8, w8a8)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans"],
+                   help="rtn: weight-only; gptq / awq: weight-only, calibrated; llm_int8 / w8a8: int8 activations "
+                        "too; kmeans: weight clustering (2^bits centroids per row or group)")
+    q.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8],
+                   help="default 4 (rtn, gptq, awq, kmeans), 8 (llm_int8, w8a8); 2 and 3 for kmeans only")
+    q.add_argument("--group-size", type=int, default=None, help="default 128 (rtn, gptq, awq), -1 (llm_int8, w8a8, kmeans)")
     q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
     q.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (0: off)")
     q.add_argument("--smoothquant-alpha", type=float, default=None,

@@ -10,7 +10,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans")
 # Methods that quantize activations too (int8 per token at run time): int8 per-channel
 # symmetric weights only.
 ACTIVATION_METHODS = ("llm_int8", "w8a8")
@@ -20,6 +20,9 @@ DEFAULT_CALIBRATION = {"text": None, "n_samples": 32, "seq_len": 512}
 # GPTQ and AWQ calibrate on more windows by default (the papers' 128)
 DEFAULT_CALIBRATED_SAMPLES = 128
 DEFAULT_SKIP = ["lm_head"]
+# Weight clustering ("kmeans"): 2^bits centroids per row (group_size -1) or per row and group.
+KMEANS_BITS = (2, 3, 4)
+KMEANS_INITS = ("uniform", "quantile", "kmeans++")
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -65,6 +68,16 @@ class HfQuantConfig(QuantizationConfigMixin):
             defaults to ["lm_head"].
         modules_override: per-module settings, ``{"model.layers.0.mlp.down_proj": {"bits": 8}}``;
             keys are module names (exact, or a suffix after a dot).
+
+    Weight clustering, ``method="kmeans"`` (data-free, quantized while the weights load):
+    bits 2, 3 or 4 give 2^bits centroids per output row (group_size -1, the default for
+    this method) or per row and group (32..256); each weight is stored as the index of its
+    centroid and the layer runs a lookup-table kernel. ``symmetric`` does not apply.
+        kmeans_init: "uniform" (default: the asymmetric round-to-nearest grid, which Lloyd's
+            iterations only improve), "quantile" or "kmeans++" (seeded with kmeans_seed).
+        kmeans_max_iter: cap on Lloyd iterations (default 100; they stop when no
+            assignment changes).
+        kmeans_seed: seed of the "kmeans++" initialisation (default 0).
     """
 
     def __init__(
@@ -87,6 +100,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         act_order: bool = True,
         damp: float = 0.01,
         clip_search: bool = True,
+        kmeans_init: str = "uniform",
+        kmeans_max_iter: int = 100,
+        kmeans_seed: int = 0,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -97,6 +113,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         if bits is None:
             bits = 8 if method in ACTIVATION_METHODS else 4
         self.bits = bits
+        if group_size is None and method == "kmeans":
+            group_size = -1
         if group_size is None:
             group_size = -1 if method in ACTIVATION_METHODS else 128
         self.group_size = group_size
@@ -118,6 +136,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.kv_cache_bits = kv_cache_bits
         self.kv_cache_group_size = kv_cache_group_size
         self.kv_cache_residual_length = kv_cache_residual_length
+        self.kmeans_init = kmeans_init
+        self.kmeans_max_iter = kmeans_max_iter
+        self.kmeans_seed = kmeans_seed
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
         self.post_init()
@@ -130,7 +151,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             )
         if self.method not in SUPPORTED_METHODS:
             raise ValueError(f"HfQuantConfig: method={self.method!r} is not supported (use one of {SUPPORTED_METHODS})")
-        _check_scheme("HfQuantConfig", self.bits, self.group_size, self.symmetric)
+        check = _check_kmeans_scheme if self.method == "kmeans" else _check_scheme
+        check("HfQuantConfig", self.bits, self.group_size, self.symmetric)
+        if self.method == "kmeans":
+            self._check_kmeans()
         if self.kv_cache_bits is not None:
             from .kv_cache import _check_args
 
@@ -159,7 +183,7 @@ class HfQuantConfig(QuantizationConfigMixin):
                     f"bits, group_size, symmetric; got {over!r}"
                 )
             s = self.scheme_for(name)
-            _check_scheme(f"HfQuantConfig: modules_override[{name!r}]", s["bits"], s["group_size"], s["symmetric"])
+            check(f"HfQuantConfig: modules_override[{name!r}]", s["bits"], s["group_size"], s["symmetric"])
 
     def _check_activation_method(self) -> None:
         m = self.method
@@ -205,6 +229,16 @@ class HfQuantConfig(QuantizationConfigMixin):
         t = c["text"]
         if t is not None and not isinstance(t, (str, os.PathLike)):
             raise ValueError(f"HfQuantConfig: calibration['text'] must be a file path or None, got {t!r}")
+
+    def _check_kmeans(self) -> None:
+        if self.kmeans_init not in KMEANS_INITS:
+            raise ValueError(f"HfQuantConfig: kmeans_init={self.kmeans_init!r} is not supported "
+                             f"(use one of {KMEANS_INITS})")
+        for key in ("kmeans_max_iter", "kmeans_seed"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "kmeans_max_iter" else 0):
+                raise ValueError(f"HfQuantConfig: {key}={v!r} must be an integer >= "
+                                 f"{1 if key == 'kmeans_max_iter' else 0}")
 
     @property
     def threshold(self) -> float:
@@ -258,6 +292,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             if self.method == "gptq":
                 d["act_order"] = self.act_order
                 d["damp"] = self.damp
+        if self.method == "kmeans":
+            d["kmeans_init"] = self.kmeans_init
+            d["kmeans_max_iter"] = self.kmeans_max_iter
+            d["kmeans_seed"] = self.kmeans_seed
         if self.kv_cache_bits is not None:
             d["kv_cache_bits"] = self.kv_cache_bits
             d["kv_cache_group_size"] = self.kv_cache_group_size
@@ -273,6 +311,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             sq = "" if self.smoothquant_alpha is None else f"-sq{self.smoothquant_alpha:g}"
             return f"{self.method}{sq}"
         g = "c" if self.group_size == -1 else f"g{self.group_size}"
+        if self.method == "kmeans":
+            return f"km{self.bits}{g}"
         name = f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
         return name if self.method == "rtn" else f"{self.method}-{name}"
 
@@ -288,3 +328,13 @@ def _check_scheme(where: str, bits, group_size, symmetric) -> None:
         raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
     if not isinstance(symmetric, bool):
         raise ValueError(f"{where}: symmetric must be True or False, got {symmetric!r}")
+
+
+def _check_kmeans_scheme(where: str, bits, group_size, symmetric) -> None:
+    if isinstance(bits, bool) or bits not in KMEANS_BITS:
+        raise ValueError(f"{where}: bits={bits!r} is not supported by method 'kmeans' (use one of {KMEANS_BITS})")
+    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
+    if symmetric is not True:
+        raise ValueError(f"{where}: symmetric={symmetric!r} does not apply to method 'kmeans' (codebooks have no "
+                         "zero point); leave it True")

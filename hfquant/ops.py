@@ -204,3 +204,47 @@ def kv_dequantize_into(codes, scales, mins, out: torch.Tensor, length: int, bits
     if _backend() == "ref":
         return ref.kv_dequantize_into_ref(codes, scales, mins, out, length, bits, group_size, per_channel)
     torch.ops.hfquant.kv_dequantize_into(codes, scales, mins, out, length, bits, group_size, per_channel)
+
+
+# --- weight clustering (LUT kernel) -----------------------------------------------------------
+@torch.library.register_fake("hfquant::lut_repack")
+def _lut_repack_fake(qweight, codebook, bits, group_size, in_features):
+    torch._check(bits in (2, 3, 4), lambda: f"hfquant::lut_repack: bits={bits} is not supported (use 2, 3 or 4)")
+    N = qweight.shape[0]
+    _, G = ref.lut_group_geometry(group_size, in_features)
+    Kp = ref._round_up(in_features, ref.LUT_UNIT_K)
+    return (qweight.new_empty((N, Kp // 2), dtype=torch.uint8),
+            codebook.new_empty((N, G, ref.LUT_TABLE), dtype=torch.float32))
+
+
+@torch.library.register_fake("hfquant::lut_linear")
+def _lut_linear_fake(x, packed_indices, packed_codebook, bias, bits, group_size, out_features, in_features):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"hfquant::lut_linear: x has last dimension {x.shape[-1]}, expected {in_features}")
+    torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"hfquant::lut_linear: x must be float32, bfloat16 or float16, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def lut_repack(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int,
+               in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered-weight checkpoint tensors -> the LUT kernel layout (docs/formats.md).
+
+    qweight: uint8 [N, ceil(K * bits / 8)] (bit-stream indices); codebook: floating
+    [N, G, 2^bits]. Returns packed indices uint8 [N, Kp/2] (one nibble per index, Kp =
+    round_up(K, 32)) and the packed codebook float32 [N, G, 16] (zero padded).
+    """
+    if _backend() == "ref":
+        return ref.lut_repack_ref(qweight, codebook, bits, group_size, in_features)
+    return torch.ops.hfquant.lut_repack(qweight, codebook, bits, group_size, in_features)
+
+
+def lut_linear(x: torch.Tensor, packed_indices: torch.Tensor, packed_codebook: torch.Tensor,
+               bias: torch.Tensor | None, bits: int, group_size: int, out_features: int,
+               in_features: int) -> torch.Tensor:
+    """y = x @ W^T + bias, W[n, k] = codebook[n, group(k), index(n, k)]; x float32/bfloat16/float16 [..., K]."""
+    if _backend() == "ref":
+        return ref.lut_linear_ref(x, packed_indices, packed_codebook, bias, bits, group_size, out_features,
+                                  in_features)
+    return torch.ops.hfquant.lut_linear(x, packed_indices, packed_codebook, bias, bits, group_size, out_features,
+                                        in_features)

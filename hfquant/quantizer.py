@@ -16,7 +16,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import _ext, formats
 from .config import HfQuantConfig
-from .nn import PackedLinear
+from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
 
 logger = logging.getLogger("hfquant")
@@ -61,6 +61,8 @@ class HfQuantQuantize(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         module, tensor_name = get_module_from_name(model, target_key)
         w = value.t() if module.float_weight_transposed else value
+        if isinstance(module, LutLinear):
+            return self._convert_lut(module, w, target_key, tensor_name, missing_keys)
         q = formats.quantize_rtn(w, module.bits, module.group_size, module.symmetric,
                                  scale_dtype=module.scales.dtype)
         prefix = target_key[: -len(tensor_name)]
@@ -68,6 +70,16 @@ class HfQuantQuantize(ConversionOps):
         if q.zeros is not None:
             out[prefix + "zeros"] = q.zeros
         # The float weight was a placeholder: drop it so it is neither materialised nor reported missing.
+        del module._parameters["weight"]
+        if missing_keys is not None:
+            missing_keys.discard(target_key)
+        return out
+
+    @staticmethod
+    def _convert_lut(module, w, target_key, tensor_name, missing_keys):
+        # weight clustering (method "kmeans"): qweight + codebook
+        prefix = target_key[: -len(tensor_name)]
+        out = {prefix + k: v for k, v in module.quantize_float(w).items()}
         del module._parameters["weight"]
         if missing_keys is not None:
             missing_keys.discard(target_key)
@@ -113,7 +125,7 @@ class HfQuantQuantizer(HfQuantizer):
         if tied:
             missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             model._keys_to_ignore_on_load_missing = missing | {
-                "^" + re.escape(n) + r"\.(qweight|scales|zeros)$" for n in tied}
+                "^" + re.escape(n) + r"\.(qweight|scales|zeros|codebook)$" for n in tied}
         if self.pre_quantized:
             first = _first_quantized(model)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
@@ -127,7 +139,7 @@ class HfQuantQuantizer(HfQuantizer):
         if self.pre_quantized:
             # Saying True for the quantized tensors only skips transformers' generic shape
             # check: they are validated after loading, with the tensor named in the error.
-            return tensor_name in ("qweight", "scales", "zeros", "smooth", "perm")
+            return tensor_name in ("qweight", "scales", "zeros", "smooth", "perm", "codebook")
         return tensor_name == "weight"
 
     def get_quantize_ops(self):
@@ -143,6 +155,13 @@ class HfQuantQuantizer(HfQuantizer):
             if not isinstance(module, PackedLinear):
                 continue
             source = getattr(module, "tied_source", None)
+            if source is not None and isinstance(module, LutLinear):
+                w = model.get_parameter(source).detach()
+                t = module.quantize_float(w.t() if module.float_weight_transposed else w)
+                module.load_quantized(t["qweight"], t["codebook"])
+                del module.tied_source
+                module.pack()
+                continue
             if source is not None:
                 w = model.get_parameter(source).detach()
                 q = formats.quantize_rtn(w.t() if module.float_weight_transposed else w, module.bits,
@@ -153,7 +172,7 @@ class HfQuantQuantizer(HfQuantizer):
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
-            for key in ("qweight", "scales", "zeros", "smooth", "perm"):
+            for key in ("qweight", "scales", "zeros", "smooth", "perm", "codebook"):
                 t = getattr(module, key, None)
                 if t is None:
                     continue

@@ -400,3 +400,63 @@ def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: in
         p0, p1 = offset, offset + t
     scales[..., p0:p1, :] = s
     mins[..., p0:p1, :] = m
+
+
+# --- weight clustering (LUT kernel, csrc/cpu/lut_linear.h) -----------------------------------
+LUT_UNIT_K = 32  # k per 16-byte unit of a row of the kernel layout
+LUT_TABLE = 16  # table entries per (row, group)
+
+
+def lut_group_geometry(group_size: int, in_features: int) -> tuple[int, int]:
+    """(group length in k, groups per row) of the LUT layout; one codebook per row = one group."""
+    if group_size == -1:
+        return _round_up(in_features, LUT_UNIT_K), 1
+    return group_size, -(-in_features // group_size)
+
+
+def lut_repack_ref(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int, in_features: int):
+    """Twin of ``hfquant::lut_repack``: (qweight, codebook) -> (indices uint8 [N, Kp/2], table fp32 [N, G, 16])."""
+    from .formats.lut import unpack_indices
+
+    N, K = qweight.shape[0], in_features
+    Kp = _round_up(K, LUT_UNIT_K)
+    v = torch.zeros(N, Kp, dtype=torch.int64)
+    v[:, :K] = unpack_indices(qweight, bits, K)
+    u = v.reshape(N, Kp // 32, 2, 16)
+    idx = (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(N, Kp // 2).to(torch.uint8)
+    tab = torch.zeros(N, codebook.shape[1], LUT_TABLE, dtype=torch.float32)
+    tab[:, :, : 1 << bits] = codebook.to(torch.float32)
+    return idx, tab
+
+
+def lut_indices_from_packed(packed_indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Kernel layout -> indices int64 [N, K] (a permutation of nibbles)."""
+    N = packed_indices.shape[0]
+    w = packed_indices.to(torch.int64).reshape(N, -1, 16)
+    return torch.stack([w & 0x0F, w >> 4], dim=2).reshape(N, -1)[:, :in_features]
+
+
+def lut_qweight_from_packed(packed_indices: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The canonical qweight rebuilt exactly from the kernel layout."""
+    from .formats.lut import pack_indices
+
+    return pack_indices(lut_indices_from_packed(packed_indices, in_features), bits)
+
+
+def lut_dequantize_packed_ref(packed_indices, packed_codebook, group_size: int, in_features: int) -> torch.Tensor:
+    """The float32 weight [N, K] a LUT kernel layout stands for."""
+    idx = lut_indices_from_packed(packed_indices, in_features)
+    N = idx.shape[0]
+    gs, G = lut_group_geometry(group_size, in_features)
+    gidx = (torch.arange(in_features) // gs).expand(N, -1)
+    return packed_codebook[torch.arange(N)[:, None], gidx, idx]
+
+
+def lut_linear_ref(x, packed_indices, packed_codebook, bias, bits: int, group_size: int, out_features: int,
+                   in_features: int) -> torch.Tensor:
+    """Twin of ``hfquant::lut_linear``: x @ W^T + bias, accumulated in float64, in x.dtype."""
+    w = lut_dequantize_packed_ref(packed_indices, packed_codebook, group_size, in_features)
+    y = x.to(torch.float64) @ w.to(torch.float64).t()
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import ACTIVATION_METHODS, HfQuantConfig
-from .nn import Int8Linear, QuantLinear
+from .nn import Int8Linear, LutLinear, QuantLinear
 
 logger = logging.getLogger("hfquant")
 
@@ -81,6 +81,10 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
         if config.method in ACTIVATION_METHODS:
             new = Int8Linear(in_f, out_f, module.bias is not None, config.threshold,
                              smooth=config.is_listed(name, config.smooth_modules), **common)
+        elif config.method == "kmeans":
+            scheme = config.scheme_for(name)
+            new = LutLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
+                            **_kmeans_settings(config), **common)
         else:
             scheme = config.scheme_for(name)
             new = QuantLinear(in_f, out_f, module.bias is not None, scheme["bits"], scheme["group_size"],
@@ -139,6 +143,10 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         elif name in gptq:
             new = QuantLinear.from_quantized(gptq[name].quantized, module.bias, gptq[name].perm,
                                              act_order=_act_order(config))
+        elif config.method == "kmeans":
+            scheme = config.scheme_for(name)
+            new = LutLinear.from_float(module, scheme["bits"], scheme["group_size"], transposed=transposed,
+                                       **_kmeans_settings(config))
         else:
             scheme = config.scheme_for(name)
             new = QuantLinear.from_float(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
@@ -146,3 +154,8 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         new.pack()
         _set_module(model, name, new)
     return kept
+
+
+def _kmeans_settings(config: HfQuantConfig) -> dict:
+    return dict(kmeans_init=config.kmeans_init, kmeans_max_iter=config.kmeans_max_iter,
+                kmeans_seed=config.kmeans_seed)

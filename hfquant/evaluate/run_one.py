@@ -32,6 +32,8 @@ CONFIGS = {
     "llm_int8": ("hfquant", dict(method="llm_int8")),
     "w8a8": ("hfquant", dict(method="w8a8")),
     "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.5)),
+    "km4": ("hfquant", dict(method="kmeans", bits=4)),
+    "km3": ("hfquant", dict(method="kmeans", bits=3)),
 }
 PEERS = {
     "torchao": {"torchao-int8": ("torchao", {"weights": "int8"}),

@@ -1,5 +1,6 @@
 from .base import PackedLinear
 from .int8_linear import Int8Linear
+from .lut_linear import LutLinear
 from .quant_linear import QuantLinear
 
-__all__ = ["Int8Linear", "PackedLinear", "QuantLinear"]
+__all__ = ["Int8Linear", "LutLinear", "PackedLinear", "QuantLinear"]
