@@ -46,6 +46,13 @@ CONFIGS = {
     "gptq-w4c": ("GPTQ W4 per channel symmetric (act-order)", dict(bits=4, group_size=-1, method="gptq"), "rtn-w4c"),
     "gptq-w4g128-noact": ("GPTQ W4 g128 symmetric, no act-order",
                           dict(bits=4, group_size=128, method="gptq", act_order=False), "rtn-w4g128"),
+    # 3-bit (bit-stream codes on disk, run on the 4-bit kernels)
+    "rtn-w3g128a": ("RTN W3 g128 asymmetric", dict(bits=3, group_size=128, symmetric=False), None),
+    "gptq-w3g128a": ("GPTQ W3 g128 asymmetric (act-order)",
+                     dict(bits=3, group_size=128, symmetric=False, method="gptq"), "rtn-w3g128a"),
+    "rtn-w3g128": ("RTN W3 g128 symmetric", dict(bits=3, group_size=128), None),
+    "gptq-w3g128": ("GPTQ W3 g128 symmetric (act-order)", dict(bits=3, group_size=128, method="gptq"),
+                    "rtn-w3g128"),
     # the model in bf16 (embedding and norms bf16 on disk), as peers' 4-bit checkpoints are
     "bf16": ("bf16 model", "bf16", None),
     "rtn-w4g128-bf16": ("RTN W4 g128 symmetric, bf16 model", dict(bits=4, group_size=128), None),
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
+    p.add_argument("--section", default="accuracy-calib", help="docs section to (re)write")
+    p.add_argument("--title", default="Calibrated weight-only methods: GPTQ, AWQ")
     args = p.parse_args(argv)
     command = "python benchmarks/accuracy_calib.py" + "".join(" " + shlex.quote(a) for a in
                                                               (sys.argv[1:] if argv is None else argv))
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     table = common.md_table(["config", "perplexity", "vs fp32", "RTN gap recovered", "size on disk MB",
                              "load + quantize s"], rows)
     body = "\n".join([
-        "### Calibrated weight-only methods: GPTQ, AWQ", "",
+        f"### {args.title}", "",
         f"Command: `{command}`", "",
         f"Model {Path(model_dir).name}; WikiText-2 raw test, first {args.windows} windows of 512 tokens (stride 512); "
         f"GPTQ/AWQ calibrated on {args.samples} windows of 512 tokens of WikiText-2 validation; "
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32 rows, 57 MB in the bf16 rows."])
     print(body)
     if args.write_docs:
-        common.write_doc_section(args.docs, "accuracy-calib", body, DOC_INTRO)
+        common.write_doc_section(args.docs, args.section, body, DOC_INTRO)
     return 0
 
 

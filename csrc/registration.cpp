@@ -12,6 +12,11 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "qlinear(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor? bias, int bits, "
       "int group_size, int out_features, int in_features) -> Tensor");
+  // Rows `ids` of the weight in that layout, in `dtype`: [..., in_features] (the lookup of a
+  // quantized embedding, which may share its tensors with a tied output projection).
+  m.def(
+      "qembedding(Tensor ids, Tensor packed_weight, Tensor packed_scales, int bits, int group_size, "
+      "int out_features, int in_features, ScalarType dtype) -> Tensor");
 
   // --- int8 activations (W8A8, LLM.int8()); layout in csrc/cpu/int8_gemm.h ---
   // int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N]).

@@ -8,7 +8,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 FORMAT_VERSION = 1
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans")
 # Methods that quantize activations too (int8 per token at run time): int8 per-channel
@@ -23,13 +23,16 @@ DEFAULT_SKIP = ["lm_head"]
 # Weight clustering ("kmeans"): 2^bits centroids per row (group_size -1) or per row and group.
 KMEANS_BITS = (2, 3, 4)
 KMEANS_INITS = ("uniform", "quantile", "kmeans++")
+# Methods whose layers are QuantLinear (format v1 weights): they can quantize embeddings too.
+EMBEDDING_METHODS = ("rtn", "gptq", "awq")
 
 
 class HfQuantConfig(QuantizationConfigMixin):
     """Quantization settings, validated on construction.
 
     Args:
-        bits: 4 or 8. Default: 4 for "rtn", 8 for the activation methods.
+        bits: 2, 3, 4 or 8. Default: 4 for "rtn", 8 for the activation methods. 2- and
+            3-bit codes are stored as bit streams and run on the 4-bit kernels.
         group_size: -1 (one scale per output channel) or 32, 64, 128, 256. The last group
             of a row may be shorter when it does not divide the layer's in_features.
             Default: 128 for "rtn", -1 for the activation methods.
@@ -68,6 +71,13 @@ class HfQuantConfig(QuantizationConfigMixin):
             defaults to ["lm_head"].
         modules_override: per-module settings, ``{"model.layers.0.mlp.down_proj": {"bits": 8}}``;
             keys are module names (exact, or a suffix after a dot).
+        quantize_embeddings: also quantize the token embeddings (nn.Embedding) with the
+            scheme that applies to them (``scheme_for``; override per module as for linear
+            layers). A tied lm_head then shares the quantized table (TiedQuantLinear: one
+            copy, the output projection runs the W4/W8 GEMV on it) whether or not it is in
+            modules_to_not_convert. Methods rtn, gptq, awq, mixed. Default False.
+        tied_modules: filled while quantizing: {lm_head name: embedding name} of the output
+            projections that share a quantized embedding (so reloading can rebuild the tie).
 
     Weight clustering, ``method="kmeans"`` (data-free, quantized while the weights load):
     bits 2, 3 or 4 give 2^bits centroids per output row (group_size -1, the default for
@@ -103,6 +113,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         kmeans_init: str = "uniform",
         kmeans_max_iter: int = 100,
         kmeans_seed: int = 0,
+        quantize_embeddings: bool = False,
+        tied_modules: dict[str, str] | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -139,6 +151,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.kmeans_init = kmeans_init
         self.kmeans_max_iter = kmeans_max_iter
         self.kmeans_seed = kmeans_seed
+        self.quantize_embeddings = quantize_embeddings
+        self.tied_modules = dict(tied_modules or {})
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
         self.post_init()
@@ -170,6 +184,17 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.method not in ACTIVATION_METHODS and self.smoothquant_alpha is not None:
             raise ValueError(f"HfQuantConfig: smoothquant_alpha applies to methods {ACTIVATION_METHODS}, "
                              f"not {self.method!r}")
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ValueError(f"HfQuantConfig: quantize_embeddings must be True or False, got "
+                             f"{self.quantize_embeddings!r}")
+        if self.quantize_embeddings and self.method not in EMBEDDING_METHODS:
+            raise ValueError(f"HfQuantConfig: quantize_embeddings is supported with methods {EMBEDDING_METHODS}, "
+                             f"not {self.method!r}")
+        if not isinstance(self.tied_modules, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.tied_modules.items()):
+            raise ValueError("HfQuantConfig: tied_modules must be a dict {lm_head name: embedding name}")
+        if self.tied_modules and not self.quantize_embeddings:
+            raise ValueError("HfQuantConfig: tied_modules is set but quantize_embeddings is False")
         if not isinstance(self.modules_to_not_convert, list) or not all(
             isinstance(m, str) for m in self.modules_to_not_convert
         ):
@@ -296,6 +321,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             d["kmeans_init"] = self.kmeans_init
             d["kmeans_max_iter"] = self.kmeans_max_iter
             d["kmeans_seed"] = self.kmeans_seed
+        if self.quantize_embeddings:
+            d["quantize_embeddings"] = True
+            d["tied_modules"] = dict(self.tied_modules)
         if self.kv_cache_bits is not None:
             d["kv_cache_bits"] = self.kv_cache_bits
             d["kv_cache_group_size"] = self.kv_cache_group_size

@@ -73,6 +73,28 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
                                      in_features)
 
 
+@torch.library.register_fake("hfquant::qembedding")
+def _qembedding_fake(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features, dtype):
+    torch._check(ids.dtype in (torch.int64, torch.int32),
+                 lambda: f"hfquant::qembedding: ids must be int64 or int32, got {ids.dtype}")
+    return packed_scales.new_empty((*ids.shape, in_features), dtype=dtype)
+
+
+def qembedding(ids: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor, bits: int,
+               group_size: int, out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` (int64/int32 [...]) of the weight [out_features, in_features] held in the
+    kernel layout (from ``repack``), dequantized to ``dtype``: [..., in_features]. The lookup
+    of a quantized token embedding, which may share its tensors with a tied lm_head.
+
+    On CUDA tensors this runs the pure-torch twin (it gathers and decodes only the rows
+    asked for); there is no fused CUDA kernel for it yet."""
+    if _backend() == "ref" or packed_weight.device.type == "cuda":
+        return ref.qembedding_ref(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features,
+                                  dtype)
+    return torch.ops.hfquant.qembedding(ids, packed_weight, packed_scales, bits, group_size, out_features,
+                                        in_features, dtype)
+
+
 # --- int8 activations ---------------------------------------------------------------------
 _I8 = (ref.I8_TILE, ref.I8_KG)
 

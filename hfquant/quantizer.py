@@ -203,9 +203,20 @@ class HfQuantQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         from .replace import _set_module
 
+        from .nn import TiedQuantLinear
+
+        heads = {}
         for name, module in list(model.named_modules()):
-            if isinstance(module, PackedLinear):
+            if isinstance(module, TiedQuantLinear):
+                heads[name] = module.source_name
+            elif isinstance(module, PackedLinear):
                 _set_module(model, name, module.to_linear(dtype))
+        for head, emb in heads.items():
+            # the float lm_head shares the float embedding's weight again
+            source = model.get_submodule(emb)
+            lin = torch.nn.Linear(source.embedding_dim, source.num_embeddings, bias=False, device="meta")
+            lin.weight = source.weight
+            _set_module(model, head, lin)
         return model
 
 

@@ -180,6 +180,41 @@ def dequantize_packed_ref(packed_weight, packed_scales, bits: int, group_size: i
     return wf[:out_features, :K]
 
 
+def qembedding_ref(ids, packed_weight, packed_scales, bits: int, group_size: int, out_features: int,
+                   in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Twin of ``hfquant::qembedding``: rows ``ids`` [...] of the weight a packed pair (CPU or
+    CUDA layout) stands for, (v - z) * s in float32 exactly as ``formats.dequantize`` computes
+    it from the checkpoint tensors, then cast to ``dtype``: [..., K]. Decodes only those rows."""
+    K = in_features
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"hfquant::qembedding: ids must be int64 or int32, got {ids.dtype}")
+    flat = ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= out_features):
+        bad = flat[(flat < 0) | (flat >= out_features)][0]
+        raise ValueError(f"hfquant::qembedding: id {int(bad)} is out of range for {out_features} rows")
+    gs, G = group_geometry(group_size, K)
+    if packed_weight.dim() == 2:  # CUDA layout: rows in order, scales [G, P, Np]
+        v = _codes_from_cuda_layout(packed_weight[flat], bits)
+        s = packed_scales[:, 0, flat].t()
+        z = packed_scales[:, 1, flat].t() if packed_scales.shape[1] == 2 else torch.full_like(s, 8.0 if bits == 4
+                                                                                             else 128.0)
+    else:  # CPU layout: tiles of NR rows
+        t, r = flat // NR, flat % NR
+        rows = packed_weight[t, :, r, :].to(torch.int32)  # [n, U, 16]
+        if bits == 4:
+            v = torch.stack([rows & 0x0F, rows >> 4], dim=2).reshape(flat.numel(), -1)
+        else:
+            v = rows.reshape(flat.numel(), -1)
+        sb = packed_scales[t, :, :, r]  # [n, G, 2]
+        off = 128.0 if bits == 4 else 0.0
+        s = sb[..., 0]
+        # the layout holds s * (z + off); z is integral and comes back exactly
+        z = torch.where(s > 0, torch.round(sb[..., 1] / torch.where(s > 0, s, 1.0)) - off, 0.0)
+    gidx = torch.clamp(torch.arange(v.shape[1], device=v.device) // gs, max=G - 1)
+    w = (v.to(torch.float32) - z[:, gidx]) * s[:, gidx]
+    return w[:, :K].to(dtype).reshape(*ids.shape, K)
+
+
 def qlinear_ref(x, packed_weight, packed_scales, bias, bits: int, group_size: int, out_features: int,
                 in_features: int) -> torch.Tensor:
     """Twin of ``hfquant::qlinear``: x @ dequant(W)^T + bias, accumulated in float64."""

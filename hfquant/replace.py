@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .config import ACTIVATION_METHODS, HfQuantConfig
-from .nn import Int8Linear, LutLinear, QuantLinear
+from .nn import Int8Linear, LutLinear, QuantEmbedding, QuantLinear, TiedQuantLinear
+from .nn.embedding import check_embedding
 
 logger = logging.getLogger("hfquant")
 
@@ -52,6 +53,47 @@ def find_targets(model: nn.Module, config: HfQuantConfig) -> tuple[list[tuple[st
     return targets, kept
 
 
+def embedding_targets(model: nn.Module, config: HfQuantConfig) -> list[tuple[str, nn.Embedding]]:
+    """The nn.Embedding layers to quantize (config.quantize_embeddings, not skipped)."""
+    if not config.quantize_embeddings:
+        return []
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and not config.is_skipped(name):
+            try:
+                check_embedding(module)
+            except ValueError as e:
+                logger.warning("hfquant: %s stays in full precision: %s", name, e)
+                continue
+            out.append((name, module))
+    return out
+
+
+def tied_heads(model: nn.Module, config: HfQuantConfig, embeds, pre_quantized: bool) -> dict[str, str]:
+    """{linear layer: embedding} of the output projections that share a quantized embedding:
+    from the checkpoint's config when reloading, else the model's tied weights."""
+    if pre_quantized:
+        heads = dict(config.tied_modules)
+        names = {n for n, _ in model.named_modules()}
+        bad = [f"{h} -> {e}" for h, e in heads.items() if h not in names or e not in names]
+        if bad:
+            raise ValueError(f"hfquant: tied_modules names modules the model does not have: {', '.join(bad)}")
+        return heads
+    names = {n for n, _ in embeds}
+    return {h: src.removesuffix(".weight") for h, src in tied_sources(model).items()
+            if src.removesuffix(".weight") in names}
+
+
+def _tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
+    for head, emb in heads.items():
+        source = model.get_submodule(emb)
+        if not isinstance(source, QuantEmbedding):
+            raise ValueError(f"hfquant: {head} is tied to {emb}, which is not a quantized embedding")
+        untie(model, head)
+        _set_module(model, head, TiedQuantLinear(source, emb))
+        logger.info("hfquant: %s shares the quantized table of %s", head, emb)
+
+
 def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
     names = [n for n, _ in model.named_modules()]
     for key in config.modules_override:
@@ -69,6 +111,10 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     """Swaps target layers for empty QuantLinear modules (on the module's device, usually meta)."""
     check_overrides(model, config)
     targets, kept = find_targets(model, config)
+    embeds = embedding_targets(model, config)
+    heads = tied_heads(model, config, embeds, pre_quantized=not expect_float_weights)
+    targets = [t for t in targets if t[0] not in heads]
+    kept = [k for k in kept if k not in heads]
     tied = tied_sources(model)
     for name, module, transposed in targets:
         w = module.weight
@@ -96,6 +142,15 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
         _set_module(model, name, new)
     if not targets:
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    for name, module in embeds:
+        scheme = config.scheme_for(name)
+        w = module.weight
+        _set_module(model, name, QuantEmbedding(
+            module.num_embeddings, module.embedding_dim, scheme["bits"], scheme["group_size"], scheme["symmetric"],
+            dtype=w.dtype, device=w.device, padding_idx=module.padding_idx,
+            float_weight_shape=tuple(w.shape) if expect_float_weights else None))
+    _tie_heads(model, heads)
+    config.tied_modules = heads
     return kept
 
 
@@ -115,6 +170,10 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
     stored in the layers. ``tokenizer`` serves SmoothQuant's calibration."""
     check_overrides(model, config)
     targets, kept = find_targets(model, config)
+    embeds = embedding_targets(model, config)
+    heads = tied_heads(model, config, embeds, pre_quantized=False)
+    targets = [t for t in targets if t[0] not in heads]
+    kept = [k for k in kept if k not in heads]
     if not targets:
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
     smooth: dict[str, torch.Tensor] = {}
@@ -153,6 +212,15 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
                                          transposed=transposed, act_order=_act_order(config))
         new.pack()
         _set_module(model, name, new)
+    for name, module in embeds:
+        if module.weight.device.type == "meta":
+            raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
+        scheme = config.scheme_for(name)
+        new = QuantEmbedding.from_embedding(module, scheme["bits"], scheme["group_size"], scheme["symmetric"])
+        new.pack()
+        _set_module(model, name, new)
+    _tie_heads(model, heads)
+    config.tied_modules = heads
     return kept
 
 

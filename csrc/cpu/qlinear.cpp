@@ -3,6 +3,7 @@
 // the packed weights per call) and the blocked path for large M (dequantize a block of
 // rows into a small buffer, then the BLAS GEMM of ATen on it).
 #include <ATen/ATen.h>
+#include <type_traits>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -322,9 +323,94 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   return y.reshape(out_sizes);
 }
 
+// Rows of the weight in the kernel layout: the lookup of a quantized embedding (the token
+// embedding stored as an [N = vocab, K = dim] weight, possibly shared with a tied lm_head).
+// ids          : int64 or int32 [...], each in [0, N)
+// packed_weight: uint8 [T, Kp/32 (4-bit) or Kp/16 (8-bit), 4, 16]   (from repack)
+// packed_scales: float32 [T, G, 2, 4]                                (from repack)
+// returns      : dtype [..., K], row ids[i] of (v - z) * s in fp32 (as formats.dequantize), cast once
+at::Tensor qembedding_cpu(const at::Tensor& ids, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                          int64_t bits, int64_t group_size, int64_t out_features, int64_t in_features,
+                          at::ScalarType dtype) {
+  check_bits_group("qembedding", bits, group_size);
+  const int64_t N = out_features, K = in_features;
+  TORCH_CHECK(N > 0 && K > 0, "hfquant::qembedding: out_features=", N, " and in_features=", K,
+              " must be positive");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "hfquant::qembedding: ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device().is_cpu(), "hfquant::qembedding: ids is on ", ids.device(),
+              " but this is the CPU kernel");
+  TORCH_CHECK(is_float(dtype), "hfquant::qembedding: dtype must be float32, bfloat16 or float16, got ", dtype);
+  int64_t gs, G;
+  group_geometry(group_size, K, gs, G);
+  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR;
+  const int64_t U = Kp / (bits == 4 ? 32 : 16);
+  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
+                  packed_weight.device().is_cpu(),
+              "hfquant::qembedding: packed_weight must be a contiguous uint8 CPU tensor (from hfquant::repack)");
+  TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == T && packed_weight.size(1) == U &&
+                  packed_weight.size(2) == kNR && packed_weight.size(3) == 16,
+              "hfquant::qembedding: packed_weight has shape ", packed_weight.sizes(), ", expected [", T, ", ", U,
+              ", 4, 16] for bits=", bits, ", out_features=", N, ", in_features=", K);
+  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
+                  packed_scales.device().is_cpu(),
+              "hfquant::qembedding: packed_scales must be a contiguous float32 CPU tensor (from hfquant::repack)");
+  TORCH_CHECK(packed_scales.dim() == 4 && packed_scales.size(0) == T && packed_scales.size(1) == G &&
+                  packed_scales.size(2) == 2 && packed_scales.size(3) == kNR,
+              "hfquant::qembedding: packed_scales has shape ", packed_scales.sizes(), ", expected [", T, ", ", G,
+              ", 2, 4] for group_size=", group_size, ", in_features=", K);
+
+  const at::Tensor idx = ids.to(at::kLong).contiguous();
+  const int64_t n_ids = idx.numel();
+  const int64_t* id = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_ids; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < N, "hfquant::qembedding: id ", id[i], " at position ", i,
+                " is out of range for ", N, " rows");
+  }
+  auto out_sizes = ids.sizes().vec();
+  out_sizes.push_back(K);
+  at::Tensor out = at::empty(out_sizes, ids.options().dtype(dtype));
+  if (n_ids == 0) return out;
+  const uint8_t* pw = packed_weight.data_ptr<uint8_t>();
+  const float* sb = packed_scales.data_ptr<float>();
+  const float off = bits == 4 ? 128.f : 0.f;
+  const int64_t tile_bytes = U * kNR * 16;
+  dispatch_float(dtype, "qembedding", "dtype", [&](auto* tag) {
+    using T_out = std::remove_pointer_t<decltype(tag)>;
+    T_out* o = out.data_ptr<T_out>();
+    at::parallel_for(0, n_ids, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = id[i], t = n / kNR, r = n % kNR;
+        const uint8_t* tw = pw + t * tile_bytes + r * 16;  // row r of unit u at tw + u * 4 * 16
+        T_out* dst = o + i * K;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* sg = sb + (t * G + g) * 2 * kNR;
+          // the layout holds s and s * (z + off); z is integral, so it is recovered exactly and
+          // the row is (v - z) * s, bit for bit what the checkpoint tensors stand for
+          const float s = sg[r];
+          const float z = s > 0.f ? std::nearbyint(sg[kNR + r] / s) - off : 0.f;
+          const int64_t k1 = std::min(K, (g + 1) * gs);
+          for (int64_t k = g * gs; k < k1; ++k) {
+            int v;
+            if (bits == 4) {
+              const uint8_t b = tw[(k / 32) * kNR * 16 + (k % 16)];
+              v = (k % 32) < 16 ? (b & 0x0F) : (b >> 4);
+            } else {
+              v = tw[(k / 16) * kNR * 16 + (k % 16)];
+            }
+            dst[k] = static_cast<T_out>((static_cast<float>(v) - z) * s);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace hfquant::cpu
 
 TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
   m.impl("repack", &hfquant::cpu::repack_cpu);
   m.impl("qlinear", &hfquant::cpu::qlinear_cpu);
+  m.impl("qembedding", &hfquant::cpu::qembedding_cpu);
 }

@@ -14,36 +14,21 @@ from __future__ import annotations
 
 import torch
 
-from .v1 import num_groups
+from .v1 import num_groups, pack_bits, packed_columns, unpack_bits
 
 LUT_BITS = (2, 3, 4)
-
-
-def packed_columns(in_features: int, bits: int) -> int:
-    return -(-in_features * bits // 8)
 
 
 def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     """Indices [N, K] (any integer dtype, 0 .. 2^bits - 1) -> uint8 [N, ceil(K * bits / 8)]."""
     if bits not in LUT_BITS:
         raise ValueError(f"pack_indices: bits={bits} is not supported (use one of {LUT_BITS})")
-    N, K = indices.shape
-    K8 = -(-K // 8) * 8
-    v = torch.nn.functional.pad(indices.to(torch.int64), (0, K8 - K)).reshape(N, K8 // 8, 8)
-    # 8 indices = `bits` bytes of one little-endian integer
-    word = (v << (bits * torch.arange(8, device=v.device))).sum(-1)  # [N, K8/8]
-    out = (word[..., None] >> (8 * torch.arange(bits, device=v.device))) & 0xFF  # [N, K8/8, bits]
-    return out.reshape(N, -1)[:, :packed_columns(K, bits)].to(torch.uint8).contiguous()
+    return pack_bits(indices, bits)
 
 
 def unpack_indices(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of pack_indices: uint8 [N, ceil(K * bits / 8)] -> int64 indices [N, K]."""
-    N = qweight.shape[0]
-    K8 = -(-in_features // 8) * 8
-    b = torch.nn.functional.pad(qweight.to(torch.int64), (0, K8 * bits // 8 - qweight.shape[1]))
-    word = (b.reshape(N, K8 // 8, bits) << (8 * torch.arange(bits, device=b.device))).sum(-1)
-    v = (word[..., None] >> (bits * torch.arange(8, device=b.device))) & ((1 << bits) - 1)
-    return v.reshape(N, K8)[:, :in_features]
+    return unpack_bits(qweight, bits, in_features)
 
 
 @torch.no_grad()

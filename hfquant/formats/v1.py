@@ -2,10 +2,15 @@
 
 - ``qweight``: 8-bit symmetric int8 [N, K] (-127..127); 8-bit asymmetric uint8 [N, K];
   4-bit uint8 [N, ceil(K/2)], element k of a row in byte k//2, low nibble for even k;
-  4-bit symmetric codes are the values offset by 8 (0..15), asymmetric codes 0..15.
+  3-bit and 2-bit uint8 [N, ceil(K * bits / 8)], each row a little-endian bit stream
+  (code k in bits [bits*k, bits*k + bits) of the row, stream bit j = bit j % 8 of byte
+  j // 8; so 2-bit: byte k // 4, bits 2 (k % 4); unused high bits of the last byte zero).
+  The 4-bit layout is the same bit stream with bits = 4.
+  Symmetric b-bit codes (b < 8) are the values offset by 2^(b-1) (4-bit: 0..15, value + 8),
+  asymmetric codes 0..2^b - 1.
 - ``scales``: [N, G] in the model's float dtype, G = ceil(K / group_size) (1 per channel).
-- ``zeros``: uint8 [N, G], asymmetric only (0..15 / 0..255).
-Weight = (code - zero) * scale, with zero = 8 (4-bit) / 0 (8-bit int8) when symmetric.
+- ``zeros``: uint8 [N, G], asymmetric only (0..2^b - 1).
+Weight = (code - zero) * scale, with zero = 2^(b-1) (b < 8) / 0 (8-bit int8) when symmetric.
 """
 from __future__ import annotations
 
@@ -22,6 +27,11 @@ class QuantizedWeight:
     bits: int
     group_size: int
     in_features: int
+
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+# bits stored as a bit stream of codes (pack_bits); 4-bit is the nibble layout, the same stream
+STREAM_BITS = (2, 3, 4)
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -43,6 +53,39 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
 
 
+def packed_columns(in_features: int, bits: int) -> int:
+    """Bytes per row of a bit-stream packed row of ``in_features`` codes."""
+    return -(-in_features * bits // 8)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [N, K] (any integer dtype, 0 .. 2^bits - 1) -> uint8 [N, ceil(K * bits / 8)],
+    each row a little-endian bit stream (8 codes = ``bits`` bytes)."""
+    if bits not in STREAM_BITS:
+        raise ValueError(f"pack_bits: bits={bits} is not supported (use one of {STREAM_BITS})")
+    N, K = codes.shape
+    K8 = -(-K // 8) * 8
+    v = torch.nn.functional.pad(codes.to(torch.int64), (0, K8 - K)).reshape(N, K8 // 8, 8)
+    word = (v << (bits * torch.arange(8, device=v.device))).sum(-1)  # [N, K8/8]
+    out = (word[..., None] >> (8 * torch.arange(bits, device=v.device))) & 0xFF  # [N, K8/8, bits]
+    return out.reshape(N, -1)[:, :packed_columns(K, bits)].to(torch.uint8).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 [N, ceil(K * bits / 8)] -> int64 codes [N, K]."""
+    N = packed.shape[0]
+    K8 = -(-in_features // 8) * 8
+    b = torch.nn.functional.pad(packed.to(torch.int64), (0, K8 * bits // 8 - packed.shape[1]))
+    word = (b.reshape(N, K8 // 8, bits) << (8 * torch.arange(bits, device=b.device))).sum(-1)
+    v = (word[..., None] >> (bits * torch.arange(8, device=b.device))) & ((1 << bits) - 1)
+    return v.reshape(N, K8)[:, :in_features]
+
+
+def symmetric_zero(bits: int) -> int:
+    """The implicit zero code of a symmetric scheme: 2^(bits-1) below 8 bits, 0 for int8."""
+    return 0 if bits == 8 else 1 << (bits - 1)
+
+
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, K] -> [N, G, g] with the ragged last group zero padded."""
     N, K = w.shape
@@ -54,10 +97,10 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(lowest, highest) stored code: symmetric 4-bit 0..15 (value + 8), symmetric 8-bit
-    -127..127 (the value itself), asymmetric 0..2^bits - 1."""
-    if symmetric:
-        return (0, 15) if bits == 4 else (-127, 127)
+    """(lowest, highest) stored code: symmetric b-bit (b < 8) 0..2^b - 1 (value + 2^(b-1)),
+    symmetric 8-bit -127..127 (the value itself), asymmetric 0..2^bits - 1."""
+    if symmetric and bits == 8:
+        return -127, 127
     return 0, (1 << bits) - 1
 
 
@@ -68,15 +111,16 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch
     both float32, s already rounded to ``scale_dtype``. A weight is stored as
     clamp(round(w / s) + z, *code_range) and stands for (code - z) * s.
 
-    Symmetric: s = max|w| / qmax (7 or 127), z = 8 (4-bit) or 0 (8-bit). Asymmetric: the
+    Symmetric: s = max|w| / qmax (2^(b-1) - 1: 1, 3, 7, 127), z = 2^(b-1) (b < 8) or 0
+    (8-bit). Asymmetric: the
     range [min(w, 0), max(w, 0)] spread over 2^bits - 1 steps, z = round(-min / s).
     ``clip`` (a factor in (0, 1], scalar or per group) shrinks that range first (the
     clipping searches of GPTQ and AWQ)."""
     w = w.to(torch.float32)
     if symmetric:
-        qmax = 7 if bits == 4 else 127
+        qmax = (1 << (bits - 1)) - 1
         s = (w.abs().amax(dim=-1) * clip / qmax).to(scale_dtype).to(torch.float32)
-        z = torch.full_like(s, 8.0 if bits == 4 else 0.0)
+        z = torch.full_like(s, float(symmetric_zero(bits)))
         return s, z
     qmax = (1 << bits) - 1
     lo = torch.clamp(w.amin(dim=-1), max=0.0) * clip
@@ -98,6 +142,8 @@ def pack_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Integral codes [N, K] (from quantize_codes) -> the qweight tensor of format v1."""
     if bits == 4:
         return pack_int4(codes.to(torch.uint8)).contiguous()
+    if bits in STREAM_BITS:
+        return pack_bits(codes, bits)
     return codes.to(torch.int8 if symmetric else torch.uint8).contiguous()
 
 
@@ -139,11 +185,17 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
 
 def codes_and_zeros(qweight: torch.Tensor, zeros: torch.Tensor | None, bits: int, in_features: int):
     """Codes [N, K] (int32) and zero points [N, G] or [N, 1] (int32) of format v1 tensors."""
-    codes = (unpack_int4(qweight, in_features) if bits == 4 else qweight).to(torch.int32)
+    if bits == 4:
+        codes = unpack_int4(qweight, in_features)
+    elif bits in STREAM_BITS:
+        codes = unpack_bits(qweight, bits, in_features)
+    else:
+        codes = qweight
+    codes = codes.to(torch.int32)
     if zeros is not None:
         return codes, zeros.to(torch.int32)
-    # symmetric: 4-bit codes are the value + 8; int8 values are their own codes
-    return codes, torch.full((qweight.shape[0], 1), 8 if bits == 4 else 0, dtype=torch.int32,
+    # symmetric: b-bit codes are the value + 2^(b-1); int8 values are their own codes
+    return codes, torch.full((qweight.shape[0], 1), symmetric_zero(bits), dtype=torch.int32,
                              device=qweight.device)
 
 
@@ -165,8 +217,10 @@ def validate(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torc
              group_size: int, in_features: int, out_features: int, symmetric: bool) -> None:
     """Raises ValueError naming the tensor when loaded tensors do not fit format v1."""
     G = num_groups(in_features, group_size)
-    if bits == 4:
-        want_q = ((out_features, (in_features + 1) // 2), torch.uint8)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"hfquant: {name}: bits={bits} is not supported (use one of {SUPPORTED_BITS})")
+    if bits in STREAM_BITS:
+        want_q = ((out_features, packed_columns(in_features, bits)), torch.uint8)
     else:
         want_q = ((out_features, in_features), torch.int8 if symmetric else torch.uint8)
     if tuple(qweight.shape) != want_q[0] or qweight.dtype != want_q[1]:
@@ -196,6 +250,11 @@ def validate(name: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torc
                 f"hfquant: {name}.zeros has shape {tuple(zeros.shape)} and dtype {zeros.dtype}; "
                 f"expected ({out_features}, {G}) torch.uint8"
             )
-        if bits == 4 and (zeros > 15).any():
-            raise ValueError(f"hfquant: {name}.zeros holds values above 15, out of range for 4-bit")
+        if bits < 8 and (zeros > (1 << bits) - 1).any():
+            raise ValueError(f"hfquant: {name}.zeros holds values above {(1 << bits) - 1}, out of range for "
+                             f"{bits}-bit")
+    if bits in (2, 3) and in_features * bits % 8:
+        # the unused high bits of each row's last byte must be zero (nothing else decodes there)
+        if (qweight[:, -1] >> (in_features * bits % 8)).any():
+            raise ValueError(f"hfquant: {name}.qweight has nonzero padding bits after the last code of a row")
 

@@ -5,15 +5,19 @@ import torch
 from torch import nn
 
 from .. import formats, ops
-from ..formats.v1 import num_groups
-from ..ref import qweight_from_packed
+from ..formats.v1 import STREAM_BITS, num_groups, pack_bits, pack_int4, packed_columns, symmetric_zero, unpack_bits
+from ..ref import codes_from_packed, qweight_from_packed
 from .base import PackedLinear
 
 
 class QuantLinear(PackedLinear):
     """A Linear layer whose weight is stored as format v1 tensors (qweight, scales, zeros).
 
-    The kernel layout (packed_weight, packed_scales) comes from ``hfquant::repack``.
+    The kernel layout (packed_weight, packed_scales) comes from ``hfquant::repack``. 2- and
+    3-bit layers (bit-stream codes on disk) run on the 4-bit kernel: their codes and zero
+    points fit a nibble, so at load they are repacked as asymmetric 4-bit codes with the same
+    scales, and compute exactly what the 2/3-bit tensors stand for (in memory they take the
+    4-bit kernel's space).
     With ``act_order`` (GPTQ's act-order), the stored columns are the input columns in the
     order ``perm`` (int32 [in_features]): stored column j holds input column perm[j], and
     the layer reads its input as x[..., perm].
@@ -33,7 +37,7 @@ class QuantLinear(PackedLinear):
         self.symmetric = symmetric
         self.float_weight_transposed = float_weight_transposed
         G = num_groups(in_features, group_size)
-        qcols = (in_features + 1) // 2 if bits == 4 else in_features
+        qcols = packed_columns(in_features, bits) if bits in STREAM_BITS else in_features
         qdtype = torch.int8 if (bits == 8 and symmetric) else torch.uint8
         self.register_buffer("qweight", torch.empty(out_features, qcols, dtype=qdtype, device=device))
         self.register_buffer("scales", torch.empty(out_features, G, dtype=dtype, device=device))
@@ -99,11 +103,26 @@ class QuantLinear(PackedLinear):
                 raise ValueError(f"hfquant: {name}.perm is not a permutation of 0..{self.in_features - 1}")
 
     # -- kernel layout ----------------------------------------------------------------
+    @property
+    def kernel_bits(self) -> int:
+        """The bits of the kernel layout: 4 for 2/3/4-bit layers, 8 for 8-bit."""
+        return 8 if self.bits == 8 else 4
+
     def _kernel_tensors(self) -> dict[str, torch.Tensor]:
-        pw, ps = ops.repack(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+        qweight, zeros = self.qweight, self.zeros
+        if self.bits < 4:
+            # 2/3-bit codes as asymmetric 4-bit codes (the same values, one per nibble)
+            qweight = pack_int4(unpack_bits(qweight, self.bits, self.in_features).to(torch.uint8))
+            if zeros is None:
+                zeros = torch.full(self.scales.shape, symmetric_zero(self.bits), dtype=torch.uint8,
+                                   device=qweight.device)
+        pw, ps = ops.repack(qweight, self.scales, zeros, self.kernel_bits, self.group_size, self.in_features)
         return {"packed_weight": pw, "packed_scales": ps}
 
     def _qweight_from_kernel(self) -> torch.Tensor:
+        if self.bits < 4:
+            codes = codes_from_packed(self.packed_weight, 4)[:self.out_features, :self.in_features]
+            return pack_bits(codes, self.bits)
         return qweight_from_packed(self.packed_weight, self.bits, self.out_features, self.in_features,
                                    self.symmetric)
 
@@ -113,7 +132,7 @@ class QuantLinear(PackedLinear):
             self.pack()
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        return ops.qlinear(x, self.packed_weight, self.packed_scales, self.bias, self.bits, self.group_size,
+        return ops.qlinear(x, self.packed_weight, self.packed_scales, self.bias, self.kernel_bits, self.group_size,
                            self.out_features, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

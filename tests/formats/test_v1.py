@@ -8,7 +8,8 @@ from hfquant.ref import qweight_from_packed
 
 SHAPES = [(1, 1), (3, 17), (17, 64), (37, 300), (64, 576)]
 SCHEMES = [(4, -1, True), (4, 32, True), (4, 128, False), (4, 64, False), (8, -1, True), (8, 128, False),
-           (8, 32, True)]
+           (8, 32, True), (3, 128, True), (3, -1, False), (3, 32, False), (2, 64, True), (2, 128, False),
+           (2, -1, False)]
 
 
 def _id(s):
@@ -42,13 +43,58 @@ def test_quantize_dequantize_error_bound(shape, scheme):
     assert G == (1 if gs == -1 else -(-shape[1] // gs))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=_id)
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s[0] >= 4], ids=_id)
 def test_kernel_layout_roundtrip_exact(scheme):
     bits, gs, sym = scheme
     w = torch.randn(37, 300, generator=torch.Generator().manual_seed(2))
     q = formats.quantize_rtn(w, bits, gs, sym)
     pw, _ = ref.repack_ref(q.qweight, q.scales, q.zeros, bits, gs, 300)
     assert torch.equal(qweight_from_packed(pw, bits, 37, 300, sym), q.qweight)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bit_stream_roundtrip(shape, bits):
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 1 << bits, shape, generator=g)
+    packed = formats.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], -(-shape[1] * bits // 8))
+    assert torch.equal(formats.unpack_bits(packed, bits, shape[1]), codes)
+    # code k occupies stream bits [bits*k, bits*k + bits), stream bit j = bit j%8 of byte j//8
+    row = packed[0].tolist()
+    for k in range(shape[1]):
+        v = sum(((row[(bits * k + i) // 8] >> ((bits * k + i) % 8)) & 1) << i for i in range(bits))
+        assert v == int(codes[0, k])
+    if bits == 4:  # the 4-bit stream is the nibble layout
+        assert torch.equal(packed, formats.pack_int4(codes.to(torch.uint8)))
+
+
+@pytest.mark.parametrize("bits,sym", [(2, True), (3, True), (2, False), (3, False)])
+def test_low_bit_grid(bits, sym):
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(4))
+    q = formats.quantize_rtn(w, bits, 128, sym)
+    codes, z = formats.codes_and_zeros(q.qweight, q.zeros, bits, 256)
+    z = z.repeat_interleave(128, dim=1) if z.shape[1] == 2 else z
+    assert int(codes.min()) >= 0 and int(codes.max()) <= (1 << bits) - 1
+    if sym:
+        # symmetric: values -(2^(b-1) - 1) .. 2^(b-1) - 1 around the implicit zero 2^(b-1)
+        assert (z == 1 << (bits - 1)).all()
+        assert int(codes.min()) >= 1
+        assert len({int(v) for v in (codes - z).unique()}) <= (1 << bits) - 1
+
+
+def test_low_bit_validate_rejects_padding_and_zeros():
+    w = torch.randn(4, 13, generator=torch.Generator().manual_seed(5))
+    q = formats.quantize_rtn(w, 3, -1, False)
+    formats.validate("m", q.qweight, q.scales, q.zeros, 3, -1, 13, 4, False)
+    bad = q.qweight.clone()
+    bad[:, -1] |= 0x80  # 13 * 3 = 39 bits: bit 7 of byte 4 is padding
+    with pytest.raises(ValueError, match="padding bits"):
+        formats.validate("m", bad, q.scales, q.zeros, 3, -1, 13, 4, False)
+    with pytest.raises(ValueError, match="above 7"):
+        formats.validate("m", q.qweight, q.scales, torch.full_like(q.zeros, 8), 3, -1, 13, 4, False)
+    with pytest.raises(ValueError, match=r"m\.qweight has shape"):
+        formats.validate("m", q.qweight[:, :-1], q.scales, q.zeros, 3, -1, 13, 4, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -140,7 +140,7 @@ def _edit_tensors(path, edit):
     ("nan_scales", lambda p: _edit_tensors(p, lambda sd: sd["model.layers.4.mlp.gate_proj.scales"].fill_(float("nan"))),
      r"model\.layers\.4\.mlp\.gate_proj\.scales contains NaN"),
     ("unknown_format_version", lambda p: _edit_config(p, format_version=7), "format_version=7"),
-    ("bad_bits", lambda p: _edit_config(p, bits=3), "bits=3"),
+    ("bad_bits", lambda p: _edit_config(p, bits=5), "bits=5"),
     ("truncated", lambda p: _truncate(os.path.join(p, "model.safetensors")), r"(?i)safetensors|header|incomplete|deserializ"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v and "\\" not in v else None)
 def test_malformed_checkpoint_errors(w8_saved, tmp_path, name, fn, match):

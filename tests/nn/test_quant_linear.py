@@ -6,7 +6,8 @@ from torch import nn
 import hfquant
 from hfquant.nn import QuantLinear
 
-SCHEMES = [(4, 128, True), (4, 64, False), (4, -1, True), (8, -1, True), (8, 32, False)]
+SCHEMES = [(4, 128, True), (4, 64, False), (4, -1, True), (8, -1, True), (8, 32, False), (3, 128, False),
+           (3, -1, True), (2, 64, False), (2, 128, True)]
 
 
 @pytest.mark.parametrize("bits,gs,sym", SCHEMES, ids=lambda v: str(v))
@@ -24,13 +25,14 @@ def test_matches_dequantized_linear(bits, gs, sym, dtype):
         assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
 
 
-def test_state_dict_is_stable_across_packing():
+@pytest.mark.parametrize("bits,sym", [(4, False), (3, False), (3, True), (2, False), (2, True)])
+def test_state_dict_is_stable_across_packing(bits, sym):
     torch.manual_seed(0)
-    q = QuantLinear.from_float(nn.Linear(64, 8), 4, 32, False)
+    q = QuantLinear.from_float(nn.Linear(61, 8), bits, 32, sym)
     before = {k: v.clone() for k, v in q.state_dict().items()}
     q.pack()
     after = q.state_dict()
-    assert list(before) == list(after) == ["qweight", "scales", "zeros", "bias"]
+    assert list(before) == list(after) == ["qweight", "scales"] + (["zeros"] if not sym else []) + ["bias"]
     for k in before:
         assert torch.equal(before[k], after[k])
     assert "qweight" not in dict(q.named_buffers())  # one copy of the codes in memory
@@ -78,7 +80,7 @@ def test_quantize_model_errors():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "bits=3"),
+    (dict(bits=5), "bits=5"),
     (dict(group_size=48), "group_size=48"),
     (dict(group_size=0), "group_size=0"),
     (dict(symmetric="yes"), "symmetric"),
