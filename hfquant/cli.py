@@ -22,10 +22,18 @@ def _cmd_quantize(args) -> int:
                      calibration=calibration, fold_norms=args.fold_norms)
     elif args.smoothquant_alpha is not None:
         raise ValueError("--smoothquant-alpha applies to --method llm_int8 or w8a8")
-    if args.method in ("gptq", "awq"):
+    if args.method in ("gptq", "awq", "mixed"):
         extra = dict(calibration=calibration, **{k: v for k, v in (("act_order", args.act_order), ("damp", args.damp),
                                                                     ("clip_search", args.clip_search))
                                                    if v is not None})
+    if args.method == "mixed":
+        extra.update({k: v for k, v in (("target_bits", args.target_bits), ("mixed_bits", args.mixed_bits),
+                                        ("sensitivity", args.sensitivity), ("mixed_base", args.mixed_base))
+                      if v is not None})
+    elif any(v is not None for v in (args.target_bits, args.mixed_bits, args.sensitivity, args.mixed_base)):
+        raise ValueError("--target-bits, --mixed-bits, --sensitivity and --mixed-base apply to --method mixed")
+    if args.quantize_embeddings is not None:
+        extra["quantize_embeddings"] = args.quantize_embeddings
     elif args.act_order is not None or args.damp is not None or args.clip_search is not None:
         raise ValueError("--act-order, --damp and --clip-search apply to --method gptq (and --clip-search to awq)")
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
@@ -38,7 +46,7 @@ def _cmd_quantize(args) -> int:
     except (OSError, ValueError) as exc:
         print(f"note: no tokenizer copied ({exc})", file=sys.stderr)
     print(f"wrote {args.out_dir} ({cfg.short_name})")
-    return _cmd_info(argparse.Namespace(model_dir=args.out_dir, json=False))
+    return _cmd_info(argparse.Namespace(model_dir=args.out_dir, json=False, plot_bits=args.plot_bits))
 
 
 def _cmd_info(args) -> int:
@@ -78,15 +86,27 @@ def _cmd_info(args) -> int:
                if q.get("method") in ("llm_int8", "w8a8") else {}),
             **({k: q[k] for k in ("act_order", "damp", "clip_search", "calibration") if k in q}
                if q.get("method") in ("gptq", "awq") else {}),
+            **({k: q[k] for k in ("target_bits", "mixed_bits", "sensitivity", "mixed_base", "calibration") if k in q}
+               if q.get("method") == "mixed" else {}),
+            **({"quantize_embeddings": True, "tied_modules": q.get("tied_modules") or {}}
+               if q.get("quantize_embeddings") else {}),
             "quantized_layers": len(quantized),
             "full_precision_matrices": sorted(kept),
         })
+        from .evaluate.bits_plot import bits_summary, checkpoint_bits, plot_bits
+
+        entries = checkpoint_bits(path)
+        info["bits_per_layer"] = bits_summary(entries)
+        if getattr(args, "plot_bits", None):
+            info["bits_plot"] = plot_bits(entries, args.plot_bits, title=f"{os.path.basename(os.path.abspath(path))}")
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
             if k == "full_precision_matrices":
                 print(f"{k}: {len(v)}" + (f" ({', '.join(v[:6])}{', ...' if len(v) > 6 else ''})" if v else ""))
+            elif k == "modules_override" and q and q.get("method") == "mixed":
+                print(f"{k}: {len(v)} entries (bits per layer chosen by mixed precision)")
             elif k == "size_on_disk_bytes":
                 print(f"size_on_disk: {v / 2**20:.1f} MiB ({v} bytes)")
             else:
@@ -156,11 +176,22 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a model directory and save it")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans"],
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans", "mixed"],
                    help="rtn: weight-only; gptq / awq: weight-only, calibrated; llm_int8 / w8a8: int8 activations "
-                        "too; kmeans: weight clustering (2^bits centroids per row or group)")
+                        "too; kmeans: weight clustering (2^bits centroids per row or group); mixed: bits per layer "
+                        "from sensitivity under --target-bits")
     q.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8],
-                   help="default 4 (rtn, gptq, awq, kmeans), 8 (llm_int8, w8a8); 2 and 3 for kmeans only")
+                   help="default 4 (rtn, gptq, awq, kmeans), 8 (llm_int8, w8a8); 2 and 3 for rtn, gptq, awq, kmeans")
+    q.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the token embedding too (a tied lm_head shares it); default on for mixed")
+    q.add_argument("--target-bits", type=float, default=None,
+                   help="mixed: stored bits per weight, scales and embeddings included (default 4.5)")
+    q.add_argument("--mixed-bits", type=int, nargs="+", default=None, help="mixed: bit widths to choose from "
+                   "(default 2 3 4 8)")
+    q.add_argument("--sensitivity", choices=["fisher", "variance"], default=None,
+                   help="mixed: fisher (calibrated, default) or variance (data free)")
+    q.add_argument("--mixed-base", choices=["rtn", "gptq"], default=None, help="mixed: quantizer per layer (rtn)")
+    q.add_argument("--plot-bits", default=None, metavar="PNG", help="write the bits-per-layer plot here")
     q.add_argument("--group-size", type=int, default=None, help="default 128 (rtn, gptq, awq), -1 (llm_int8, w8a8, kmeans)")
     q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
     q.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (0: off)")
@@ -182,6 +213,7 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="describe a (quantized) checkpoint directory")
     i.add_argument("model_dir")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--plot-bits", default=None, metavar="PNG", help="write a plot of the bits per layer")
     i.set_defaults(fn=_cmd_info)
     e = sub.add_parser("eval", help="perplexity, memory and decode speed of a model")
     e.add_argument("model_dir")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any
 
@@ -10,7 +11,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans")
+SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans", "mixed")
 # Methods that quantize activations too (int8 per token at run time): int8 per-channel
 # symmetric weights only.
 ACTIVATION_METHODS = ("llm_int8", "w8a8")
@@ -24,7 +25,12 @@ DEFAULT_SKIP = ["lm_head"]
 KMEANS_BITS = (2, 3, 4)
 KMEANS_INITS = ("uniform", "quantile", "kmeans++")
 # Methods whose layers are QuantLinear (format v1 weights): they can quantize embeddings too.
-EMBEDDING_METHODS = ("rtn", "gptq", "awq")
+EMBEDDING_METHODS = ("rtn", "gptq", "awq", "mixed")
+# Mixed precision ("mixed"): bits per layer from sensitivity under an average-bits budget.
+MIXED_SENSITIVITIES = ("fisher", "variance")
+MIXED_BASES = ("rtn", "gptq")
+DEFAULT_MIXED_BITS = [2, 3, 4, 8]
+DEFAULT_MIXED_SAMPLES = 16
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -79,6 +85,18 @@ class HfQuantConfig(QuantizationConfigMixin):
         tied_modules: filled while quantizing: {lm_head name: embedding name} of the output
             projections that share a quantized embedding (so reloading can rebuild the tie).
 
+    Mixed precision, ``method="mixed"`` (calibrated after the float model loads): each layer
+    (and, by default, the token embedding with a tied lm_head) gets bits from ``mixed_bits``
+    so that the stored bits per weight (codes, scales and zero points, embeddings included)
+    average at most ``target_bits``, choosing where quantization hurts least
+    (algorithms/mixed.py). The choice is written into ``modules_override`` (user entries
+    there are kept fixed), so the checkpoint reloads without calibration.
+        target_bits: the budget in stored bits per weight (default 4.5).
+        mixed_bits: the bit widths to choose from (default [2, 3, 4, 8]).
+        sensitivity: "fisher" (default: loss change estimated from one forward/backward pass
+            over ``calibration``, 16 windows by default) or "variance" (data free).
+        mixed_base: how each layer is quantized at its bits: "rtn" (default) or "gptq".
+
     Weight clustering, ``method="kmeans"`` (data-free, quantized while the weights load):
     bits 2, 3 or 4 give 2^bits centroids per output row (group_size -1, the default for
     this method) or per row and group (32..256); each weight is stored as the index of its
@@ -113,8 +131,12 @@ class HfQuantConfig(QuantizationConfigMixin):
         kmeans_init: str = "uniform",
         kmeans_max_iter: int = 100,
         kmeans_seed: int = 0,
-        quantize_embeddings: bool = False,
+        quantize_embeddings: bool | None = None,
         tied_modules: dict[str, str] | None = None,
+        target_bits: float = 4.5,
+        mixed_bits: list[int] | None = None,
+        sensitivity: str = "fisher",
+        mixed_base: str = "rtn",
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -138,6 +160,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         defaults = dict(DEFAULT_CALIBRATION)
         if method in CALIBRATED_METHODS:
             defaults["n_samples"] = DEFAULT_CALIBRATED_SAMPLES
+        if method == "mixed":
+            defaults["n_samples"] = DEFAULT_CALIBRATED_SAMPLES if mixed_base == "gptq" else DEFAULT_MIXED_SAMPLES
         self.calibration = {**defaults, **(calibration or {})}
         self.act_order = act_order
         self.damp = damp
@@ -151,7 +175,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.kmeans_init = kmeans_init
         self.kmeans_max_iter = kmeans_max_iter
         self.kmeans_seed = kmeans_seed
-        self.quantize_embeddings = quantize_embeddings
+        self.quantize_embeddings = (method == "mixed") if quantize_embeddings is None else quantize_embeddings
+        self.target_bits = target_bits
+        self.mixed_bits = list(DEFAULT_MIXED_BITS if mixed_bits is None else mixed_bits)
+        self.sensitivity = sensitivity
+        self.mixed_base = mixed_base
         self.tied_modules = dict(tied_modules or {})
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
@@ -181,6 +209,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             self._check_activation_method()
         elif self.method in CALIBRATED_METHODS:
             self._check_calibrated_method()
+        elif self.method == "mixed":
+            self._check_mixed()
         if self.method not in ACTIVATION_METHODS and self.smoothquant_alpha is not None:
             raise ValueError(f"HfQuantConfig: smoothquant_alpha applies to methods {ACTIVATION_METHODS}, "
                              f"not {self.method!r}")
@@ -240,6 +270,23 @@ class HfQuantConfig(QuantizationConfigMixin):
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
             raise ValueError(f"HfQuantConfig: damp={d!r} must be a number in (0, 1]")
 
+    def _check_mixed(self) -> None:
+        t = self.target_bits
+        mb = self.mixed_bits
+        if not isinstance(mb, (list, tuple)) or not mb or any(isinstance(b, bool) or b not in SUPPORTED_BITS
+                                                              for b in mb) or len(set(mb)) != len(mb):
+            raise ValueError(f"HfQuantConfig: mixed_bits={mb!r} must be a list of distinct bit widths among "
+                             f"{SUPPORTED_BITS}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < min(mb):
+            raise ValueError(f"HfQuantConfig: target_bits={t!r} is impossible: every layer takes at least "
+                             f"{min(mb)} bits per weight (plus scales) with mixed_bits={mb}")
+        if self.sensitivity not in MIXED_SENSITIVITIES:
+            raise ValueError(f"HfQuantConfig: sensitivity={self.sensitivity!r} is not supported "
+                             f"(use one of {MIXED_SENSITIVITIES})")
+        if self.mixed_base not in MIXED_BASES:
+            raise ValueError(f"HfQuantConfig: mixed_base={self.mixed_base!r} is not supported (use one of {MIXED_BASES})")
+        self._check_calibrated_method()
+
     def _check_calibration(self) -> None:
         c = self.calibration
         if not isinstance(c, dict):
@@ -274,7 +321,7 @@ class HfQuantConfig(QuantizationConfigMixin):
     def needs_float_model(self) -> bool:
         """Whether quantizing needs the whole float model first (SmoothQuant calibration, or
         the norm-scale fold), instead of quantizing each weight as it loads."""
-        if self.method in CALIBRATED_METHODS:
+        if self.method in CALIBRATED_METHODS or self.method == "mixed":
             return True
         return self.method in ACTIVATION_METHODS and (self.smoothquant_alpha is not None or self.fold_norms)
 
@@ -317,6 +364,16 @@ class HfQuantConfig(QuantizationConfigMixin):
             if self.method == "gptq":
                 d["act_order"] = self.act_order
                 d["damp"] = self.damp
+        if self.method == "mixed":
+            d["calibration"] = copy.deepcopy(self.calibration)
+            d["target_bits"] = self.target_bits
+            d["mixed_bits"] = list(self.mixed_bits)
+            d["sensitivity"] = self.sensitivity
+            d["mixed_base"] = self.mixed_base
+            d["clip_search"] = self.clip_search
+            if self.mixed_base == "gptq":
+                d["act_order"] = self.act_order
+                d["damp"] = self.damp
         if self.method == "kmeans":
             d["kmeans_init"] = self.kmeans_init
             d["kmeans_max_iter"] = self.kmeans_max_iter
@@ -341,6 +398,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         g = "c" if self.group_size == -1 else f"g{self.group_size}"
         if self.method == "kmeans":
             return f"km{self.bits}{g}"
+        if self.method == "mixed":
+            base = "" if self.mixed_base == "rtn" else f"-{self.mixed_base}"
+            return f"mixed{self.target_bits:g}{g}{'' if self.symmetric else 'a'}{base}"
         name = f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
         return name if self.method == "rtn" else f"{self.method}-{name}"
 

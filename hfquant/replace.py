@@ -154,10 +154,14 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     return kept
 
 
+def _uses_gptq(config: HfQuantConfig) -> bool:
+    return config.method == "gptq" or (config.method == "mixed" and config.mixed_base == "gptq")
+
+
 def _act_order(config: HfQuantConfig) -> bool:
     """Whether the method's layers carry a column permutation (GPTQ act-order); layers
     that GPTQ did not reach (outside the decoder blocks) get the identity."""
-    return config.method == "gptq" and config.act_order
+    return _uses_gptq(config) and config.act_order
 
 
 @torch.no_grad()
@@ -178,7 +182,11 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
     smooth: dict[str, torch.Tensor] = {}
     gptq = {}
-    if config.method == "gptq":
+    if config.method == "mixed":
+        from .algorithms.mixed import allocate_bits
+
+        allocate_bits(model, config, targets, embeds, heads, tokenizer)
+    if _uses_gptq(config):
         from .algorithms.gptq import gptq_model
 
         gptq = gptq_model(model, config, targets, tokenizer)
@@ -186,7 +194,7 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         from .algorithms.awq import awq_model
 
         awq_model(model, config, targets, tokenizer)
-    elif config.needs_float_model:
+    elif config.method in ACTIVATION_METHODS and config.needs_float_model:
         from .algorithms.smoothquant import prepare_float_model
 
         smooth = prepare_float_model(model, config, tokenizer)
