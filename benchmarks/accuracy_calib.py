@@ -53,6 +53,21 @@ CONFIGS = {
     "rtn-w3g128": ("RTN W3 g128 symmetric", dict(bits=3, group_size=128), None),
     "gptq-w3g128": ("GPTQ W3 g128 symmetric (act-order)", dict(bits=3, group_size=128, method="gptq"),
                     "rtn-w3g128"),
+    # token embedding (tied lm_head shares it) quantized too: every weight counted
+    "rtn-w4g128-e4": ("RTN W4 g128 symmetric, embedding W4", dict(bits=4, group_size=128, quantize_embeddings=True),
+                      None),
+    "rtn-w4g128a-e4": ("RTN W4 g128 asymmetric, embedding W4",
+                       dict(bits=4, group_size=128, symmetric=False, quantize_embeddings=True), None),
+    "rtn-w4g128a-e8": ("RTN W4 g128 asymmetric, embedding W8 g128",
+                       dict(bits=4, group_size=128, symmetric=False, quantize_embeddings=True,
+                            modules_override={"embed_tokens": {"bits": 8}}), None),
+    "mixed4.5a": ("Mixed 4.5 stored bits/weight (RTN, asymmetric g128, embedding included)",
+                  dict(method="mixed", target_bits=4.5, group_size=128, symmetric=False), None),
+    "mixed4.5": ("Mixed 4.5 stored bits/weight (RTN, symmetric g128, embedding included)",
+                 dict(method="mixed", target_bits=4.5, group_size=128), None),
+    "mixed4.5a-gptq": ("Mixed 4.5 stored bits/weight (GPTQ, asymmetric g128, embedding included)",
+                       dict(method="mixed", target_bits=4.5, group_size=128, symmetric=False, mixed_base="gptq"),
+                       None),
     # the model in bf16 (embedding and norms bf16 on disk), as peers' 4-bit checkpoints are
     "bf16": ("bf16 model", "bf16", None),
     "rtn-w4g128-bf16": ("RTN W4 g128 symmetric, bf16 model", dict(bits=4, group_size=128), None),
@@ -73,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     p.add_argument("--section", default="accuracy-calib", help="docs section to (re)write")
+    p.add_argument("--mixed-samples", type=int, default=16, help="calibration windows of mixed (rtn) (default 16)")
+    p.add_argument("--plot-dir", type=Path, default=None, help="write the bits-per-layer plot of mixed configs here")
     p.add_argument("--title", default="Calibrated weight-only methods: GPTQ, AWQ")
     args = p.parse_args(argv)
     command = "python benchmarks/accuracy_calib.py" + "".join(" " + shlex.quote(a) for a in
@@ -95,13 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = None
         dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
         if isinstance(settings, dict):
-            extra = {"calibration": {"n_samples": args.samples, "seq_len": 512}} if settings.get("method") else {}
+            samples = args.mixed_samples if settings.get("method") == "mixed" and \
+                settings.get("mixed_base", "rtn") == "rtn" else args.samples
+            extra = {"calibration": {"n_samples": samples, "seq_len": 512}} if settings.get("method") else {}
             cfg = hfquant.HfQuantConfig(**settings, **extra)
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=dtype)
         quant_s = time.perf_counter() - t
+        if name == "fp32":  # the size ratios' denominator: the parameters in bf16 (tied ones once)
+            bf16_bytes = 2 * sum(p.numel() for p in model.parameters())
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
             size = size_on_disk(d)
+            if args.plot_dir and isinstance(settings, dict) and settings.get("method") == "mixed":
+                from hfquant.evaluate.bits_plot import bits_summary, checkpoint_bits, plot_bits
+
+                entries = checkpoint_bits(d)
+                png = plot_bits(entries, str(args.plot_dir / f"bits_{name}.png"), title=label)
+                print(f"{name}: {bits_summary(entries)}; plot {png}", file=sys.stderr)
         ppl = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
         ppls[name] = ppl
         base = base or ppl
@@ -109,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         if rtn in ppls and ppls[rtn] > base:
             recovered = f"{100 * (ppls[rtn] - ppl) / (ppls[rtn] - base):.0f}%"
         rows.append([label, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f}%", recovered, f"{size / 1e6:.1f}",
-                     f"{quant_s:.0f}"])
+                     f"{size / bf16_bytes:.3f}", f"{quant_s:.0f}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
         del model
     table = common.md_table(["config", "perplexity", "vs fp32", "RTN gap recovered", "size on disk MB",
-                             "load + quantize s"], rows)
+                             "x bf16 size", "load + quantize s"], rows)
     body = "\n".join([
         f"### {args.title}", "",
         f"Command: `{command}`", "",

@@ -160,3 +160,25 @@ def test_mixed_fisher_real_model(model_dir, tokenizer, wikitext, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(again(**x).logits, model(**x).logits)
+
+
+def test_mixed_cli_and_bits_plot(tmp_path, capsys):
+    from hfquant.cli import main
+
+    src = tmp_path / "tiny"
+    _tiny_llama().save_pretrained(src)
+    out = tmp_path / "out"
+    png = tmp_path / "bits.png"
+    rc = main(["quantize", str(src), str(out), "--method", "mixed", "--sensitivity", "variance", "--target-bits", "4",
+               "--group-size", "32", "--asymmetric", "--plot-bits", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "method: mixed" in text and "target_bits: 4.0" in text and "bits_per_layer:" in text
+    assert "quantize_embeddings: True" in text
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(again.lm_head, TiedQuantLinear)
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--target-bits", "4"]) == 2
+    assert "--target-bits, --mixed-bits, --sensitivity and --mixed-base apply to --method mixed" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
