@@ -96,7 +96,7 @@ def test_torch_compile_fullgraph():
     (dict(method="kmeans", kmeans_init="random"), "kmeans_init='random'"),
     (dict(method="kmeans", kmeans_max_iter=0), "kmeans_max_iter=0"),
     (dict(method="kmeans", modules_override={"x": {"bits": 8}}), "bits=8"),
-    (dict(method="rtn", bits=3), "bits=3"),
+    (dict(method="rtn", bits=6), "bits=6"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
