@@ -14,7 +14,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from . import _ext, formats
+from . import _ext, checkpoint, formats
 from .config import HfQuantConfig
 from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
@@ -115,7 +115,9 @@ class HfQuantQuantizer(HfQuantizer):
     def update_dtype(self, dtype):
         return dtype
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            checkpoint.check_safetensors_only(checkpoint_files)
         if self.quantization_config.needs_float_model and not self.pre_quantized:
             # Calibration / norm folding need the float model: the layers are quantized after loading.
             return model
@@ -130,6 +132,7 @@ class HfQuantQuantizer(HfQuantizer):
             first = _first_quantized(model)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignore | {"^" + re.escape(first + ".weight") + "$"}
+            checkpoint.check_keys(model, checkpoint_files)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
