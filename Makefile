@@ -71,27 +71,32 @@ bench-cuda:
 
 # Nightly-style kernel fuzzing: >= 10,000 hypothesis cases per native op against ref.py,
 # and random byte mutations of real checkpoints (tests/reliability, docs/reliability.md).
+# FUZZ_EXAMPLES=<n> sets another budget (cases per test); the counts go to fuzz-report.json.
 fuzz: install
-	HFQUANT_FUZZ=nightly $(PY) -m pytest -q -p no:randomly tests/reliability/test_fuzz_ops.py \
-	    tests/reliability/test_fuzz_checkpoint.py
+	rm -f fuzz-report.json
+	HFQUANT_FUZZ=nightly HFQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HFQUANT_FUZZ_REPORT=$(abspath fuzz-report.json) \
+	    $(PY) -m pytest -q tests/reliability/test_fuzz_ops.py tests/reliability/test_fuzz_checkpoint.py
 
 # The extension built with AddressSanitizer + UBSan (a separate venv sharing .venv's
-# packages, its own build dir), then the op tests under it. Python itself is not
-# instrumented: libasan is preloaded; leaks are not checked (the interpreter's own).
+# packages, its own build dir; the Python sources are this checkout's), then the op tests
+# and the op fuzzing under it. Python itself is not instrumented: libasan is preloaded
+# (with libstdc++, so that the interceptor of C++ throws finds it: TORCH_CHECK errors
+# must reach Python as exceptions); leaks are not checked (the interpreter's own).
 ASAN_VENV := .venv-asan
 ASAN_PY := $(ASAN_VENV)/bin/python
-LIBASAN = $(shell $${CXX:-g++} -print-file-name=libasan.so)
+ASAN_PRELOAD = $(shell $${CXX:-g++} -print-file-name=libasan.so) $(shell $${CXX:-g++} -print-file-name=libstdc++.so)
 
 $(ASAN_VENV)/.built: $(STAMP_DEPS) $(SOURCES)
 	test -x $(ASAN_PY) || $(PYTHON) -m venv $(ASAN_VENV)
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 	    "$$($(ASAN_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/hfquant-deps.pth"
 	$(ASAN_PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall -C build-dir=build/asan \
-	    -C cmake.define.HFQUANT_SANITIZE=ON -C cmake.define.HFQUANT_CUDA=OFF .
+	    -C cmake.define.HFQUANT_SANITIZE=ON -C cmake.define.HFQUANT_CUDA=OFF -e .
 	touch $@
 
 asan-test: $(ASAN_VENV)/.built
-	cd tests && LD_PRELOAD=$(LIBASAN) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 $(ASAN_PY) -c "import hfquant._C as c, os; assert os.path.getsize(c.__file__) > 0; print('ASan build:', c.__file__)"
+	cd tests && LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    ../$(ASAN_VENV)/bin/python -m pytest -q -p no:cacheprovider ops reliability/test_fuzz_ops.py
 

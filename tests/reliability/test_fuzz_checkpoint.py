@@ -33,6 +33,8 @@ settings.register_profile("ckpt-nightly", max_examples=3000, deadline=None, data
                           suppress_health_check=_HC, print_blob=True)
 PROFILE = os.environ.get("HFQUANT_FUZZ", "quick")
 FUZZ = settings.get_profile(f"ckpt-{PROFILE}")
+if os.environ.get("HFQUANT_FUZZ_EXAMPLES"):  # an explicit budget (cases per test)
+    FUZZ = settings(FUZZ, max_examples=int(os.environ["HFQUANT_FUZZ_EXAMPLES"]))
 OUTCOMES: Counter = Counter()
 CLEAN = (ValueError, OSError, SafetensorError)
 SCHEMES = {"w4g32a": dict(bits=4, group_size=32, symmetric=False), "w8": dict(bits=8, group_size=-1),

@@ -9,8 +9,8 @@ arguments a kernel refuses (empty layers, out-of-range zero points or activation
 codebooks) raise a RuntimeError naming the op, never crash.
 
 HFQUANT_FUZZ picks the budget: "quick" (default, the regular suite: a few seconds per op)
-or "nightly" (`make fuzz`: 10,000 cases per op). HFQUANT_FUZZ_REPORT=<file> writes the
-number of cases run per op as JSON.
+or "nightly" (`make fuzz`: 10,000 cases per op); HFQUANT_FUZZ_EXAMPLES=<n> sets the cases
+per test directly. HFQUANT_FUZZ_REPORT=<file> writes the number of cases run per op as JSON.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ settings.register_profile("nightly", max_examples=10_000, deadline=None, databas
                           print_blob=True)
 PROFILE = os.environ.get("HFQUANT_FUZZ", "quick")
 FUZZ = settings.get_profile(PROFILE)
+if os.environ.get("HFQUANT_FUZZ_EXAMPLES"):  # an explicit budget (cases per test)
+    FUZZ = settings(FUZZ, max_examples=int(os.environ["HFQUANT_FUZZ_EXAMPLES"]))
 
 ISAS = _C.available_isas()
 I8_PATHS = _C.available_int8_paths()
