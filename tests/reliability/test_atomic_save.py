@@ -33,7 +33,7 @@ def _fail_on_call(monkeypatch, n, exc):
     return calls
 
 
-@pytest.fixture(scope="module", params=["w4g128", "kmeans"])
+@pytest.fixture(scope="module", params=["w4g128"])
 def model(request, checkpoints):
     return AutoModelForCausalLM.from_pretrained(checkpoints[request.param])
 

@@ -26,8 +26,8 @@ def test_quantize_on_load_peak_memory(bench, tmp_path):
     assert 0.1e9 < n < 0.15e9
     m = bench.measure(tmp_path / "wide", cfg, {"bits": 4, "group_size": 128})
     assert m["finite"] and m["n_quantized"] == 6 * 7 + 0  # every projection; lm_head kept in bf16
-    # the quantized layers hold ~4.1 bits per weight; embeddings and lm_head stay bf16
-    assert m["model_bytes"] < 0.25 * 2 * n
+    # the quantized layers hold ~4.1 bits per weight
+    assert m["model_bytes"] < 0.45 * 2 * n  # 29% of the parameters (embedding, lm_head) stay bf16
     assert m["growth_anon"] <= m["bound"], (
         f"heap grew by {m['growth_anon'] / 2**20:.0f} MiB while loading, above 1.3 x (quantized model "
         f"{m['model_bytes'] / 2**20:.0f} MiB + one layer {m['layer_bytes'] / 2**20:.0f} MiB)")
