@@ -8,7 +8,7 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.hfquant-built
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all install demo test bench bench-quick bench-e2e bench-cuda cuda-check clean
+.PHONY: all install demo test bench bench-quick bench-e2e bench-cuda cuda-check clean fuzz asan-test bench-memory
 
 all: install
 
@@ -16,7 +16,7 @@ $(STAMP_DEPS):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "transformers>=5.0" safetensors accelerate tqdm gguf pytest matplotlib \
-	    scikit-build-core pybind11 ninja "cmake>=3.26" numpy
+	    scikit-build-core pybind11 ninja "cmake>=3.26" numpy hypothesis
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(SOURCES)
@@ -69,5 +69,40 @@ bench-cuda:
 	HFQUANT_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PYTHON) benchmarks/bench_cuda.py
 
+# Nightly-style kernel fuzzing: >= 10,000 hypothesis cases per native op against ref.py,
+# and random byte mutations of real checkpoints (tests/reliability, docs/reliability.md).
+# FUZZ_EXAMPLES=<n> sets another budget (cases per test); the counts go to fuzz-report.json.
+fuzz: install
+	rm -f fuzz-report.json
+	HFQUANT_FUZZ=nightly HFQUANT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HFQUANT_FUZZ_REPORT=$(abspath fuzz-report.json) \
+	    $(PY) -m pytest -q tests/reliability/test_fuzz_ops.py tests/reliability/test_fuzz_checkpoint.py
+
+# The extension built with AddressSanitizer + UBSan (a separate venv sharing .venv's
+# packages, its own build dir; the Python sources are this checkout's), then the op tests
+# and the op fuzzing under it. Python itself is not instrumented: libasan is preloaded
+# (with libstdc++, so that the interceptor of C++ throws finds it: TORCH_CHECK errors
+# must reach Python as exceptions); leaks are not checked (the interpreter's own).
+ASAN_VENV := .venv-asan
+ASAN_PY := $(ASAN_VENV)/bin/python
+ASAN_PRELOAD = $(shell $${CXX:-g++} -print-file-name=libasan.so) $(shell $${CXX:-g++} -print-file-name=libstdc++.so)
+
+$(ASAN_VENV)/.built: $(STAMP_DEPS) $(SOURCES)
+	test -x $(ASAN_PY) || $(PYTHON) -m venv $(ASAN_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	    "$$($(ASAN_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/hfquant-deps.pth"
+	$(ASAN_PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall -C build-dir=build/asan \
+	    -C cmake.define.HFQUANT_SANITIZE=ON -C cmake.define.HFQUANT_CUDA=OFF -e .
+	touch $@
+
+asan-test: $(ASAN_VENV)/.built
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 $(ASAN_PY) -c "import hfquant._C as c, os; assert os.path.getsize(c.__file__) > 0; print('ASan build:', c.__file__)"
+	cd tests && LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    ../$(ASAN_VENV)/bin/python -m pytest -q -p no:cacheprovider ops reliability/test_fuzz_ops.py
+
+# Peak RSS of quantize-on-load of a synthetic ~1.5B-parameter Llama (several GB of disk).
+bench-memory: install
+	$(PY) benchmarks/bench_memory.py --write-docs
+
 clean:
-	rm -rf build $(VENV) .cache
+	rm -rf build $(VENV) $(ASAN_VENV) .cache

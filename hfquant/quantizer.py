@@ -14,7 +14,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from . import _ext, formats
+from . import _ext, checkpoint, formats
 from .config import HfQuantConfig
 from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
@@ -50,6 +50,46 @@ def check_cuda_devices(devices) -> None:
             )
 
 
+def _load_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_trim()
+
+
+def release_freed_memory() -> None:
+    """Hands the heap pages freed by quantizing one weight back to the OS. glibc keeps them
+    otherwise: after the first large block is freed it serves blocks up to that size from
+    its heaps, which it seldom shrinks, so the float32 temporaries of every layer would
+    stay resident and quantize-on-load would peak near the float model's size."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+# Rows quantized at a time while loading: quantize_rtn's float32 temporaries stay ~4 MB
+# each however large the layer (rows are quantized independently, so the result is the same).
+_ROW_BLOCK_ELEMENTS = 1 << 20
+
+
+def _quantize_rtn_by_rows(w, bits, group_size, symmetric, scale_dtype):
+    rows = max(1, _ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    if w.shape[0] <= rows:
+        return formats.quantize_rtn(w, bits, group_size, symmetric, scale_dtype=scale_dtype)
+    parts = [formats.quantize_rtn(w[i:i + rows], bits, group_size, symmetric, scale_dtype=scale_dtype)
+             for i in range(0, w.shape[0], rows)]
+    zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
+    return formats.QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                                   zeros, bits, group_size, w.shape[1])
+
+
 class HfQuantQuantize(ConversionOps):
     """Quantize-on-load: one float checkpoint weight -> qweight, scales (and zeros)."""
 
@@ -63,8 +103,7 @@ class HfQuantQuantize(ConversionOps):
         w = value.t() if module.float_weight_transposed else value
         if isinstance(module, LutLinear):
             return self._convert_lut(module, w, target_key, tensor_name, missing_keys)
-        q = formats.quantize_rtn(w, module.bits, module.group_size, module.symmetric,
-                                 scale_dtype=module.scales.dtype)
+        q = _quantize_rtn_by_rows(w, module.bits, module.group_size, module.symmetric, module.scales.dtype)
         prefix = target_key[: -len(tensor_name)]
         out = {prefix + "qweight": q.qweight, prefix + "scales": q.scales}
         if q.zeros is not None:
@@ -73,6 +112,8 @@ class HfQuantQuantize(ConversionOps):
         del module._parameters["weight"]
         if missing_keys is not None:
             missing_keys.discard(target_key)
+        del q, w, value
+        release_freed_memory()
         return out
 
     @staticmethod
@@ -83,6 +124,8 @@ class HfQuantQuantize(ConversionOps):
         del module._parameters["weight"]
         if missing_keys is not None:
             missing_keys.discard(target_key)
+        del w
+        release_freed_memory()
         return out
 
 
@@ -115,7 +158,9 @@ class HfQuantQuantizer(HfQuantizer):
     def update_dtype(self, dtype):
         return dtype
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            checkpoint.check_safetensors_only(checkpoint_files)
         if self.quantization_config.needs_float_model and not self.pre_quantized:
             # Calibration / norm folding need the float model: the layers are quantized after loading.
             return model
@@ -130,6 +175,7 @@ class HfQuantQuantizer(HfQuantizer):
             first = _first_quantized(model)
             ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignore | {"^" + re.escape(first + ".weight") + "$"}
+            checkpoint.check_keys(model, checkpoint_files)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -183,6 +229,7 @@ class HfQuantQuantizer(HfQuantizer):
                     )
             module.validate(name)
             module.pack()
+            release_freed_memory()
         _finish(model, config)
         return model
 

@@ -346,7 +346,7 @@ def kv_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes [..., D] (0..2^bits-1) -> uint8 [..., R], R = D*bits/8, in planes: element d in
     byte d % R at bit (d // R) * bits."""
     per = 8 // bits
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], per, -1)  # [..., plane, R]
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], per, codes.shape[-1] // per)  # [..., plane, R]
     shifts = (torch.arange(per, dtype=torch.int32, device=codes.device) * bits)[:, None]
     return (c << shifts).sum(-2).to(torch.uint8)
 
