@@ -159,7 +159,7 @@ def _cmd_compare(args) -> int:
     doc = compare(args.model_dir, configs=args.configs, peers=args.peers, text=args.text,
                   max_tokens=args.max_tokens, out=args.out, threads=args.threads, new_tokens=args.new_tokens,
                   prompt_tokens=args.prompt_tokens, repeats=args.repeats, watts_per_core=args.watts_per_core,
-                  window=args.window, stride=args.stride, command=command)
+                  window=args.window, stride=args.stride, command=command, timeout=args.timeout)
     failed = [r["config"] for r in doc["results"] if not r.get("ok")]
     print(f"wrote {os.path.join(args.out, 'report.md')}, results.json and {len(doc['plots'])} plot(s)"
           + (f"; n/a: {', '.join(failed)}" if failed else ""))
@@ -228,6 +228,8 @@ def main(argv=None) -> int:
     c.add_argument("--new-tokens", type=int, default=64, help="decode tokens per measurement")
     c.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
     c.add_argument("--repeats", type=int, default=3, help="speed measurements per config (median)")
+    c.add_argument("--timeout", type=float, default=None,
+                   help="seconds one config may take; a config over it is reported as n/a (timed out)")
     c.add_argument("--watts-per-core", type=float, default=10.0,
                    help="assumed power of a busy core for the energy estimate when RAPL is not readable")
     c.set_defaults(fn=_cmd_compare)

@@ -112,7 +112,7 @@ def compare(model_dir: str, configs: str = DEFAULT_CONFIGS, peers: str | None = 
             max_tokens: int = 16384, out: str = "report", threads: int | None = None, new_tokens: int = 64,
             prompt_tokens: int = 512, repeats: int = 3, watts_per_core: float = 10.0,
             progress: bool = True, window: int = 512, stride: int | None = None,
-            command: str | None = None) -> dict:
+            command: str | None = None, timeout: float | None = None) -> dict:
     """Run every config in its own process, write report.md, results.json and plots to ``out``.
 
     Checked before any config runs (a clear error, nothing measured): the config names, the
@@ -145,7 +145,7 @@ def compare(model_dir: str, configs: str = DEFAULT_CONFIGS, peers: str | None = 
     bar = tqdm(names, desc="compare", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        results.append(run_config(name, worker_args))
+        results.append(run_config(name, worker_args, timeout=timeout))
     for name, why in skipped.items():
         results.append({"config": name, "ok": False, "error": why})
     doc = {
@@ -155,7 +155,7 @@ def compare(model_dir: str, configs: str = DEFAULT_CONFIGS, peers: str | None = 
         "machine": _cpu_name(), "cpu_features": _cpu_features(), "python": platform.python_version(),
         "load_average": _loadavg(),
         "wall_seconds": time.perf_counter() - t0,
-        "settings": {k: v for k, v in worker_args.items() if k != "model_dir"},
+        "settings": dict({k: v for k, v in worker_args.items() if k != "model_dir"}, timeout_per_config=timeout),
         "text": text or "WikiText-2 test (hfquant.data.wikitext_test)",
         "warnings": warnings,
         "results": results,

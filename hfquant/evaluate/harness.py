@@ -48,6 +48,21 @@ def write_text_task(folder: str, texts: list[str], name: str = "hfquant_text") -
     return folder
 
 
+def prefix_token_id(model, tokenizer) -> int | None:
+    """The token the harness puts before each document: the tokenizer's BOS (else EOS), else
+    the model config's. A tokenizer without special tokens (a checkpoint converted from GGUF)
+    would otherwise make the harness fail; on the command line give
+    ``--model_args pretrained=OUT,prefix_token_id=ID``."""
+    for src in (tokenizer, getattr(model, "config", None)):
+        for attr in ("bos_token_id", "eos_token_id"):
+            v = getattr(src, attr, None)
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if isinstance(v, int):
+                return v
+    return None
+
+
 def simple_evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None, batch_size: int = 1,
                     max_length: int | None = None, **kwargs) -> dict:
     """``lm_eval.simple_evaluate`` on an already loaded (quantized) model: the harness's
@@ -58,7 +73,8 @@ def simple_evaluate(model, tokenizer, tasks: list[str], include_path: str | None
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ImportError("hfquant.evaluate.harness needs lm-evaluation-harness: pip install lm-eval") from exc
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+              prefix_token_id=prefix_token_id(model, tokenizer))
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, **kwargs)
 
