@@ -41,14 +41,15 @@ bench-e2e: install
 
 # `hfquant compare` with the peers that install from the package registry (torchao, quanto,
 # bitsandbytes, hqq) and lm-evaluation-harness (docs/evaluation.md); the report goes to
-# report-compare/ (copy its tables into docs/benchmarks.md by hand).
+# report-compare/; `python benchmarks/compare_docs.py report-compare` copies it into docs/benchmarks.md.
 COMPARE_ARGS ?= --configs fp32,bf16,w8,w4g128,llm_int8,kv4 --peers torchao,quanto,bnb,hqq --max-tokens 32768 \
     --threads 2 --out report-compare
 compare-deps: install
 	$(PIP) install -q "torchao==0.14.1" optimum-quanto bitsandbytes hqq lm-eval
 
 bench-compare: compare-deps
-	$(VENV)/bin/hfquant compare $(shell $(PY) -c "from hfquant import data; print(data.default_model_dir())") \
+	$(PY) -c "from hfquant import data; data.default_model_dir()"
+	$(VENV)/bin/hfquant compare .cache/smollm2-135m-float32 \
 	    $(COMPARE_ARGS)
 
 bench-quick: install

@@ -69,25 +69,29 @@ def text_tokens(model_dir: str, text: str | None, max_tokens: int) -> int:
 
 
 def parse_configs(configs: str, peers: str | None) -> tuple[list[str], dict[str, str]]:
-    """Config names to run, and peer configs skipped (name -> why). Unknown names raise ValueError."""
+    """Config names to run, and peer configs skipped (name -> why). ``configs`` may name single
+    peer configs too (``torchao-int4g64``); ``peers`` adds all configs of each peer library.
+    Unknown names raise ValueError."""
     names = [c.strip() for c in configs.split(",") if c.strip()]
-    bad = [c for c in names if c not in CONFIGS]
+    bad = [c for c in names if c not in ALL_CONFIGS]
     if bad:
-        raise ValueError(f"unknown config(s) {', '.join(map(repr, bad))}; valid: {', '.join(CONFIGS)}")
+        raise ValueError(f"unknown config(s) {', '.join(map(repr, bad))}; valid: {', '.join(ALL_CONFIGS)}")
     if not names:
         raise ValueError(f"no configs given; valid: {', '.join(CONFIGS)}")
-    skipped = {}
+    peer_of = {name: p for p, cfgs in PEERS.items() for name in cfgs}
     for p in [p.strip() for p in (peers or "").split(",") if p.strip()]:
         if p not in PEERS:
             raise ValueError(f"unknown peer {p!r}; valid: {', '.join(PEERS)}")
-        installed = peer_installed(p)
-        for name in PEERS[p]:
-            if installed:
-                names.append(name)
-            else:
-                skipped[name] = (f"peer {p}: {PEER_MODULES[p]} is not installed (pip install {PEER_PACKAGES[p]}); "
-                                 "the other configs ran")
-    return list(dict.fromkeys(names)), skipped
+        names += list(PEERS[p])
+    run, skipped = [], {}
+    for name in dict.fromkeys(names):
+        p = peer_of.get(name)
+        if p is None or peer_installed(p):
+            run.append(name)
+        else:
+            skipped[name] = (f"peer {p}: {PEER_MODULES[p]} is not installed (pip install {PEER_PACKAGES[p]}); "
+                             "the other configs ran")
+    return run, skipped
 
 
 def run_config(name: str, worker_args: dict, timeout: float | None = None) -> dict:
@@ -149,7 +153,7 @@ def compare(model_dir: str, configs: str = DEFAULT_CONFIGS, peers: str | None = 
     for name, why in skipped.items():
         results.append({"config": name, "ok": False, "error": why})
     doc = {
-        "model_dir": os.path.abspath(model_dir),
+        "model_dir": model_dir,  # as given (the report does not spell out the machine's paths)
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _cpu_name(), "cpu_features": _cpu_features(), "python": platform.python_version(),

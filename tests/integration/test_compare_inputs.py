@@ -90,3 +90,11 @@ def test_unknown_peer_is_named(model_dir, tmp_path, capsys):
     assert main(["compare", model_dir, "--peers", "gguf", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "gguf" in err and "bnb" in err and "hqq" in err
+
+
+def test_single_peer_configs_can_be_named_and_missing_ones_are_skipped(monkeypatch):
+    run, skipped = compare_mod.parse_configs("fp32,torchao-int4g64", "bnb")
+    assert run[0] == "fp32" and set(run + list(skipped)) == {"fp32", "torchao-int4g64", "bnb-int8", "bnb-nf4"}
+    monkeypatch.setitem(compare_mod.PEER_MODULES, "bnb", "hfquant_no_such_peer_module")
+    run, skipped = compare_mod.parse_configs("fp32,bnb-nf4", None)
+    assert run == ["fp32"] and "pip install bitsandbytes" in skipped["bnb-nf4"]
