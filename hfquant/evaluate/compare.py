@@ -282,9 +282,8 @@ def render_report(doc: dict) -> str:
           [[r["config"], _mb(r["peak_rss_load_bytes"]), _ratio(r["peak_rss_load_bytes"], bl),
             _mb(r["peak_rss_inference_bytes"]), _ratio(r["peak_rss_inference_bytes"], bi)] for r in ok])
     if ok:
-        L += [f"Load/quantize peak: the process's peak resident memory (ru_maxrss) after loading the model and "
-              f"running a one-token forward, imports included ({_mb(ok[0].get('rss_after_imports_bytes'))} MB "
-              "before loading). The forward touches every weight, so a plain checkpoint, which is mmap'd and "
+        L += [f"Load/quantize peak: the process's peak resident memory ({ok[0].get('peak_rss_load_method')}; "
+              f"{_mb(ok[0].get('rss_after_imports_bytes'))} MB resident before loading). The forward touches every weight, so a plain checkpoint, which is mmap'd and "
               "whose pages count only once read, is counted in full. Inference peak: "
               f"{ok[0].get('peak_rss_inference_method')}: freed heap is handed back to the system, the kernel's "
               "high-water mark is reset to the resident memory at that point (model, tokenizer, tokenized text, "

@@ -59,7 +59,19 @@ PEER_PACKAGES = {"torchao": "torchao", "quanto": "optimum-quanto", "bnb": "bitsa
 ALL_CONFIGS = dict(CONFIGS, **{k: v for p in PEERS.values() for k, v in p.items()})
 
 
+# Whether the kernel's RSS high-water mark was reset when this process started (main()).
+# ru_maxrss alone is no use there: Linux keeps it across fork and exec, so a worker started
+# by a large parent (a test session holding models) would report the parent's size.
+_HWM_RESET = False
+
+
 def _rss_peak_bytes() -> int:
+    """Peak resident memory of this process: VmHWM since the reset at start where the kernel
+    allows it, else ru_maxrss (which may include the parent's peak at fork)."""
+    if _HWM_RESET:
+        hwm = _vm_hwm_bytes()
+        if hwm is not None:
+            return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
@@ -229,7 +241,7 @@ def run(args: dict) -> dict:
                  "threads": torch.get_num_threads(), "seconds": {}}
     secs = res["seconds"]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rss_before = _rss_peak_bytes()
+    rss_before = _vm_rss_bytes() or _rss_peak_bytes()
     t0 = time.perf_counter()
     model = load(model_dir, name)
     # One forward over one token touches every weight: a plain checkpoint is mmap'd, and its
@@ -239,7 +251,8 @@ def run(args: dict) -> dict:
         model(torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else 0]]))
     secs["load"] = res["load_seconds"] = time.perf_counter() - t0
     res["peak_rss_load_bytes"] = _rss_peak_bytes()
-    res["peak_rss_load_method"] = "ru_maxrss after loading and a one-token forward (imports included)"
+    res["peak_rss_load_method"] = ("VmHWM (reset at process start)" if _HWM_RESET else "ru_maxrss") + \
+        " after loading and a one-token forward (imports included)"
     res["rss_after_imports_bytes"] = rss_before
     res["memory_bytes"] = model_bytes(model)
 
@@ -326,13 +339,15 @@ def run(args: dict) -> dict:
         res["peak_rss_inference_bytes"] = hwm
         res["peak_rss_inference_method"] = "VmHWM after malloc_trim and a clear_refs reset"
     else:
-        res["peak_rss_inference_bytes"] = _rss_peak_bytes()
+        res["peak_rss_inference_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         res["peak_rss_inference_method"] = "ru_maxrss of the whole process (load included)"
     secs["total"] = time.perf_counter() - t_start
     return res
 
 
 def main(argv=None) -> int:
+    global _HWM_RESET
+    _HWM_RESET = _reset_rss_peak()
     argv = sys.argv[1:] if argv is None else argv
     args = json.loads(argv[0])
     try:
