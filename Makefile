@@ -8,7 +8,8 @@ STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.hfquant-built
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all install demo test bench bench-quick bench-e2e bench-cuda cuda-check clean fuzz asan-test bench-memory
+.PHONY: all install demo test bench bench-quick bench-e2e bench-compare compare-deps bench-cuda cuda-check clean fuzz \
+	asan-test bench-memory
 
 all: install
 
@@ -38,6 +39,19 @@ bench: install
 bench-e2e: install
 	$(PIP) install -q "torchao==0.14.1" optimum-quanto
 	$(PY) benchmarks/bench_e2e.py --write-docs
+
+# `hfquant compare` with the peers that install from the package registry (torchao, quanto,
+# bitsandbytes, hqq) and lm-evaluation-harness (docs/evaluation.md); the report goes to
+# report-compare/; `python benchmarks/compare_docs.py report-compare` copies it into docs/benchmarks.md.
+COMPARE_ARGS ?= --configs fp32,bf16,w8,w4g128,llm_int8,kv4 --peers torchao,quanto,bnb,hqq --max-tokens 32768 \
+    --threads 2 --out report-compare
+compare-deps: install
+	$(PIP) install -q "torchao==0.14.1" optimum-quanto bitsandbytes hqq lm-eval
+
+bench-compare: compare-deps
+	$(PY) -c "from hfquant import data; data.default_model_dir()"
+	$(VENV)/bin/hfquant compare .cache/smollm2-135m-float32 \
+	    $(COMPARE_ARGS)
 
 bench-quick: install
 	$(PY) benchmarks/bench_linear.py --quick

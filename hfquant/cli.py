@@ -120,33 +120,47 @@ def _cmd_eval(args) -> int:
 
     import hfquant
     from . import data
-    from .evaluate import decode_speed, model_bytes, perplexity, size_on_disk
+    from .evaluate import decode_speed, model_bytes, perplexity, perplexity_with_cache, size_on_disk
+    from .evaluate.compare import check_model_dir
+    from .evaluate.run_one import ALL_CONFIGS, KV_CHUNK, kv_cache_settings, load
 
+    if args.config and args.bits:
+        raise ValueError("give either --config or --bits/--group-size, not both")
+    if args.config and args.config not in ALL_CONFIGS:
+        raise ValueError(f"unknown --config {args.config!r} (use one of {', '.join(ALL_CONFIGS)})")
+    check_model_dir(args.model_dir)
+    if args.text and not os.path.isfile(args.text):
+        raise FileNotFoundError(f"text file {args.text} not found")
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    dtype = torch.float32
-    cfg = None
-    if args.config and args.bits:
-        raise ValueError("give either --config or --bits/--group-size, not both")
-    if args.config:
-        from .evaluate.run_one import CONFIGS
-
-        kind, settings = CONFIGS.get(args.config, (None, None))
-        if kind is None:
-            raise ValueError(f"unknown --config {args.config!r} (use one of {', '.join(CONFIGS)})")
-        if kind == "hfquant":
-            cfg = hfquant.HfQuantConfig(**settings)
-        elif settings.get("dtype") == "bfloat16":
-            dtype = torch.bfloat16
-    elif args.bits:
-        cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg, dtype=dtype)
     text = open(args.text, encoding="utf-8").read() if args.text else data.wikitext_test()
+    n_tokens = min(args.max_tokens, len(tok(text).input_ids))
+    if n_tokens < args.window:
+        raise ValueError(f"the text has {n_tokens} tokens, fewer than one window of {args.window} "
+                         "(give a longer --text or a smaller --window)")
+    if args.config:
+        model = load(args.model_dir, args.config)
+        described = {"config": args.config, "settings": ALL_CONFIGS[args.config][1]}
+    else:
+        cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size) if args.bits else None
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg, dtype=torch.float32)
+        described = {"config": cfg.to_dict() if cfg else "float32"}
+    stride = args.stride or args.window
+    kv = kv_cache_settings(model)
+    if kv is None:
+        ppl = perplexity(model, tok, text, max_length=args.window, stride=stride, max_tokens=args.max_tokens,
+                         progress=True)
+    else:
+        from .kv_cache import QuantizedKVCache
+
+        ppl = perplexity_with_cache(model, tok, text, lambda: QuantizedKVCache(model.config, *kv),
+                                    max_length=args.window, stride=stride, chunk=KV_CHUNK,
+                                    max_tokens=args.max_tokens, progress=True)
     res = {
-        "model": args.model_dir, "config": cfg.to_dict() if cfg else str(dtype).removeprefix("torch."),
-        "perplexity": perplexity(model, tok, text, max_tokens=args.max_tokens, progress=True),
-        "size_on_disk_bytes": size_on_disk(args.model_dir) if cfg is None else None,
+        "model": args.model_dir, **described,
+        "perplexity": ppl, "perplexity_tokens": n_tokens, "window": args.window, "stride": stride,
+        "size_on_disk_bytes": size_on_disk(args.model_dir) if not args.config and not args.bits else None,
         "memory_bytes": model_bytes(model),
         "decode_tokens_per_s": decode_speed(model, tok),
         "threads": torch.get_num_threads(),
@@ -161,9 +175,11 @@ def _cmd_eval(args) -> int:
 def _cmd_compare(args) -> int:
     from .evaluate.compare import compare
 
+    command = "hfquant " + " ".join(args.argv)
     doc = compare(args.model_dir, configs=args.configs, peers=args.peers, text=args.text,
                   max_tokens=args.max_tokens, out=args.out, threads=args.threads, new_tokens=args.new_tokens,
-                  prompt_tokens=args.prompt_tokens, repeats=args.repeats, watts_per_core=args.watts_per_core)
+                  prompt_tokens=args.prompt_tokens, repeats=args.repeats, watts_per_core=args.watts_per_core,
+                  window=args.window, stride=args.stride, command=command, timeout=args.timeout)
     failed = [r["config"] for r in doc["results"] if not r.get("ok")]
     print(f"wrote {os.path.join(args.out, 'report.md')}, results.json and {len(doc['plots'])} plot(s)"
           + (f"; n/a: {', '.join(failed)}" if failed else ""))
@@ -217,11 +233,14 @@ def main(argv=None) -> int:
     i.set_defaults(fn=_cmd_info)
     e = sub.add_parser("eval", help="perplexity, memory and decode speed of a model")
     e.add_argument("model_dir")
-    e.add_argument("--config", default=None, help="a named config of compare (w4g128, w8a8, llm_int8, bf16, ...)")
+    e.add_argument("--config", default=None,
+                   help="a named config of compare (w4g128, w8a8, llm_int8, bf16, kv4, a peer's, ...)")
     e.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize on load first")
     e.add_argument("--group-size", type=int, default=128)
     e.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")
     e.add_argument("--max-tokens", type=int, default=16384)
+    e.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window)")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--json", default=None)
     e.set_defaults(fn=_cmd_eval)
@@ -233,15 +252,21 @@ def main(argv=None) -> int:
     c.add_argument("--peers", default=None, help=f"comma list of peer libraries, if installed: {', '.join(PEERS)}")
     c.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")
     c.add_argument("--max-tokens", type=int, default=16384, help="perplexity on the first N tokens")
+    c.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    c.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: --window, disjoint windows)")
     c.add_argument("--out", default="report", help="output folder (report.md, results.json, *.png)")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--new-tokens", type=int, default=64, help="decode tokens per measurement")
     c.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
     c.add_argument("--repeats", type=int, default=3, help="speed measurements per config (median)")
+    c.add_argument("--timeout", type=float, default=None,
+                   help="seconds one config may take; a config over it is reported as n/a (timed out)")
     c.add_argument("--watts-per-core", type=float, default=10.0,
                    help="assumed power of a busy core for the energy estimate when RAPL is not readable")
     c.set_defaults(fn=_cmd_compare)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, OSError) as exc:

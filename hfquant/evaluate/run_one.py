@@ -17,6 +17,7 @@ import tempfile
 import time
 
 RESULT_PREFIX = "HFQUANT_RESULT "
+KV_CHUNK = 32  # tokens per step when perplexity runs through a quantized KV cache
 
 HEAD8 = dict(modules_to_not_convert=[], modules_override={"lm_head": {"bits": 8, "group_size": -1}})
 # name -> (kind, settings); hfquant settings are HfQuantConfig arguments
@@ -34,6 +35,12 @@ CONFIGS = {
     "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.5)),
     "km4": ("hfquant", dict(method="kmeans", bits=4)),
     "km3": ("hfquant", dict(method="kmeans", bits=3)),
+    # quantized KV cache (QuantizedKVCache: group 64, newest 128 tokens in full precision):
+    # fp32 weights, so the figure is the cache's alone; w4g128kv4 combines it with W4 weights
+    "kv8": ("kv", {"dtype": "float32", "kv_cache_bits": 8}),
+    "kv4": ("kv", {"dtype": "float32", "kv_cache_bits": 4}),
+    "kv2": ("kv", {"dtype": "float32", "kv_cache_bits": 2}),
+    "w4g128kv4": ("hfquant", dict(bits=4, group_size=128, kv_cache_bits=4)),
 }
 PEERS = {
     "torchao": {"torchao-int8": ("torchao", {"weights": "int8"}),
@@ -41,12 +48,56 @@ PEERS = {
                 "torchao-int4g128": ("torchao", {"weights": "int4", "group_size": 128})},
     "quanto": {"quanto-int8": ("quanto", {"weights": "int8"}),
                "quanto-int4": ("quanto", {"weights": "int4"})},
+    "bnb": {"bnb-int8": ("bnb", {"load_in_8bit": True}),
+            "bnb-nf4": ("bnb", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})},
+    "hqq": {"hqq-int4g64": ("hqq", {"nbits": 4, "group_size": 64})},
 }
+# the module each peer library must provide (checked before its configs run)
+PEER_MODULES = {"torchao": "torchao", "quanto": "optimum.quanto", "bnb": "bitsandbytes", "hqq": "hqq"}
+# what a user installs for each peer
+PEER_PACKAGES = {"torchao": "torchao", "quanto": "optimum-quanto", "bnb": "bitsandbytes", "hqq": "hqq"}
 ALL_CONFIGS = dict(CONFIGS, **{k: v for p in PEERS.values() for k, v in p.items()})
 
 
+# Whether the kernel's RSS high-water mark was reset when this process started (main()).
+# ru_maxrss alone is no use there: Linux keeps it across fork and exec, so a worker started
+# by a large parent (a test session holding models) would report the parent's size.
+_HWM_RESET = False
+
+
 def _rss_peak_bytes() -> int:
+    """Peak resident memory of this process: VmHWM since the reset at start where the kernel
+    allows it, else ru_maxrss (which may include the parent's peak at fork)."""
+    if _HWM_RESET:
+        hwm = _vm_hwm_bytes()
+        if hwm is not None:
+            return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _trim_heap() -> None:
+    """Returns freed heap memory to the system (glibc malloc_trim), so memory the load step
+    freed but the allocator kept does not count as the inference figure's."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _vm_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _reset_rss_peak() -> bool:
@@ -100,6 +151,12 @@ def load(model_dir: str, name: str):
     kind, s = ALL_CONFIGS[name]
     if kind == "plain":
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, s["dtype"]))
+    if kind == "kv":
+        from ..kv_cache import bind_to_generate
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, s["dtype"]))
+        bind_to_generate(model, s["kv_cache_bits"])  # generate() then uses a QuantizedKVCache
+        return model
     if kind == "hfquant":
         import hfquant
 
@@ -124,6 +181,18 @@ def load(model_dir: str, name: str):
 
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                     quantization_config=QuantoConfig(weights=s["weights"]))
+    if kind == "bnb":
+        # bitsandbytes' CPU backend; 4-bit computes in bf16
+        from transformers import BitsAndBytesConfig
+
+        extra = {"bnb_4bit_compute_dtype": torch.bfloat16} if s.get("load_in_4bit") else {}
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cpu",
+                                                    quantization_config=BitsAndBytesConfig(**s, **extra))
+    if kind == "hqq":
+        from transformers import HqqConfig
+
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cpu",
+                                                    quantization_config=HqqConfig(**s))
     raise ValueError(f"run_one: unknown config kind {kind!r}")
 
 
@@ -142,6 +211,11 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
+def kv_cache_settings(model) -> tuple[int, int, int] | None:
+    """(bits, group_size, residual_length) of the quantized KV cache generate() uses, or None."""
+    return getattr(model, "_hfquant_kv_cache", None) or None
+
+
 def run(args: dict) -> dict:
     """Load (quantize) one configuration and measure it; see `hfquant compare` for the fields."""
     import torch
@@ -156,20 +230,33 @@ def run(args: dict) -> dict:
     from transformers import AutoTokenizer
 
     from .. import data
-    from .metrics import _prompt_ids, decode_speed, model_bytes, perplexity, prefill_speed, size_on_disk
+    from .metrics import (decode_speed, model_bytes, perplexity, perplexity_with_cache,
+                          prefill_speed, size_on_disk)
 
+    t_start = time.perf_counter()
     name, model_dir = args["config"], args["model_dir"]
+    window = int(args.get("window", 512))
+    stride = int(args.get("stride") or window)
     res: dict = {"config": name, "kind": ALL_CONFIGS[name][0], "settings": ALL_CONFIGS[name][1],
-                 "threads": torch.get_num_threads()}
+                 "threads": torch.get_num_threads(), "seconds": {}}
+    secs = res["seconds"]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rss_before = _rss_peak_bytes()
+    rss_before = _vm_rss_bytes() or _rss_peak_bytes()
     t0 = time.perf_counter()
     model = load(model_dir, name)
-    res["load_seconds"] = time.perf_counter() - t0
+    # One forward over one token touches every weight: a plain checkpoint is mmap'd, and its
+    # weight pages count as resident only once read, so without this its load peak would
+    # leave the weights out.
+    with torch.no_grad():
+        model(torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else 0]]))
+    secs["load"] = res["load_seconds"] = time.perf_counter() - t0
     res["peak_rss_load_bytes"] = _rss_peak_bytes()
+    res["peak_rss_load_method"] = ("VmHWM (reset at process start)" if _HWM_RESET else "ru_maxrss") + \
+        " after loading and a one-token forward (imports included)"
     res["rss_after_imports_bytes"] = rss_before
     res["memory_bytes"] = model_bytes(model)
 
+    t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="hfquant-compare-") as tmp:
             model.save_pretrained(tmp)
@@ -180,32 +267,59 @@ def run(args: dict) -> dict:
     except Exception as exc:  # a peer that cannot save is reported, not fatal
         res["size_on_disk_bytes"] = None
         res["size_on_disk_na"] = _why(exc)
+    secs["save"] = time.perf_counter() - t0
 
     text = open(args["text_file"], encoding="utf-8").read() if args.get("text_file") else data.wikitext_test()
     text, n_tokens = _prefix(tok, text, args["max_tokens"])
-    # inference peak: reset the high-water mark after loading (and after tokenizing the whole
-    # text, which is not inference) where the kernel allows it
-    reset = _reset_rss_peak()
-    res["perplexity"] = perplexity(model, tok, text, max_length=512, stride=512, max_tokens=args["max_tokens"])
     res["perplexity_tokens"] = n_tokens
+    res["perplexity_window"], res["perplexity_stride"] = window, stride
+    # Inference peak: freed heap handed back and the kernel's high-water mark reset to the
+    # current RSS (model resident, text tokenized) where the kernel allows it.
+    _trim_heap()
+    res["rss_at_inference_start_bytes"] = _vm_rss_bytes()
+    reset = _reset_rss_peak()
+    t0 = time.perf_counter()
+    kv = kv_cache_settings(model)
+    res["perplexity"] = None
+    if n_tokens < window:
+        res["perplexity_na"] = (f"the text has {n_tokens} tokens, fewer than one window of {window}; "
+                                "give a longer text (--text) or a smaller --window")
+    elif kv is not None:
+        # the cache in the loop: windows fed 32 tokens at a time through a fresh quantized cache
+        from ..kv_cache import QuantizedKVCache
+
+        res["perplexity"] = perplexity_with_cache(model, tok, text, lambda: QuantizedKVCache(model.config, *kv),
+                                                  max_length=window, stride=stride, chunk=KV_CHUNK,
+                                                  max_tokens=args["max_tokens"])
+        res["perplexity_method"] = (f"windows fed {KV_CHUNK} tokens at a time through a QuantizedKVCache "
+                                    f"(bits={kv[0]}, group_size={kv[1]}, residual_length={kv[2]})")
+    else:
+        res["perplexity"] = perplexity(model, tok, text, max_length=window, stride=stride,
+                                       max_tokens=args["max_tokens"])
+        res["perplexity_method"] = "one forward per window"
+    secs["perplexity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     reps = args.get("repeats", 3)
     res["prefill_prompt_tokens"] = args["prompt_tokens"]
     res["prefill_tokens_per_s"] = prefill_speed(model, tok, prompt_tokens=args["prompt_tokens"], repeats=reps)
+    secs["prefill"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     res["decode_new_tokens"] = args["new_tokens"]
     res["decode_tokens_per_s"] = {}
-    for b in (1, 8):
-        res["decode_tokens_per_s"][str(b)] = decode_speed(model, tok, new_tokens=args["new_tokens"], batch=b,
-                                                          repeats=reps)
-
-    # energy of one batch-1 greedy decode of new_tokens after a 32-token prompt
-    ids = _prompt_ids(tok, 32)
-    kw = dict(do_sample=False, pad_token_id=tok.eos_token_id, max_new_tokens=args["new_tokens"],
-              min_new_tokens=args["new_tokens"])
+    # energy over the batch-1 decode runs (greedy, new_tokens + 1 tokens after a 32-token prompt)
     rapl0, cpu0, w0 = _rapl_uj(), _cpu_seconds(), time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, **kw)
+    runs = []
+    res["decode_tokens_per_s"]["1"] = decode_speed(model, tok, new_tokens=args["new_tokens"], batch=1,
+                                                   repeats=reps, on_run=runs.append)
     rapl1, cpu1, w1 = _rapl_uj(), _cpu_seconds(), time.perf_counter()
-    energy = {"tokens": args["new_tokens"], "wall_seconds": w1 - w0, "cpu_seconds": cpu1 - cpu0}
+    res["decode_tokens_per_s"]["8"] = decode_speed(model, tok, new_tokens=args["new_tokens"], batch=8,
+                                                   repeats=reps)
+    secs["decode"] = time.perf_counter() - t0
+    tokens = (args["new_tokens"] + 1) * reps
+    energy = {"tokens": tokens, "wall_seconds": w1 - w0, "cpu_seconds": cpu1 - cpu0,
+              "what": f"{reps} batch-1 greedy runs of {args['new_tokens'] + 1} tokens after a 32-token prompt "
+                      "(prompt and a 2-token warm-up included)"}
     if rapl0 and rapl1 and rapl0.keys() == rapl1.keys():
         uj = 0
         for k, (e0, rng) in rapl0.items():
@@ -216,20 +330,24 @@ def run(args: dict) -> dict:
     else:
         watts = float(args.get("watts_per_core", 10.0))
         energy.update(method="estimate", estimate=True, joules=(cpu1 - cpu0) * watts, watts_per_core=watts,
-                      note=f"ESTIMATE: RAPL not readable; CPU seconds (user+system) x assumed {watts:g} W "
-                           "per busy core")
-    energy["joules_per_token"] = energy["joules"] / max(args["new_tokens"], 1)
+                      note=f"ESTIMATE: RAPL not readable; CPU seconds (user+system) of this process x assumed "
+                           f"{watts:g} W per busy core")
+    energy["joules_per_token"] = energy["joules"] / max(tokens, 1)
     res["energy"] = energy
     hwm = _vm_hwm_bytes()
     if reset and hwm is not None:
-        res["peak_rss_inference_bytes"], res["peak_rss_inference_method"] = hwm, "VmHWM after clear_refs reset"
+        res["peak_rss_inference_bytes"] = hwm
+        res["peak_rss_inference_method"] = "VmHWM after malloc_trim and a clear_refs reset"
     else:
-        res["peak_rss_inference_bytes"] = _rss_peak_bytes()
+        res["peak_rss_inference_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         res["peak_rss_inference_method"] = "ru_maxrss of the whole process (load included)"
+    secs["total"] = time.perf_counter() - t_start
     return res
 
 
 def main(argv=None) -> int:
+    global _HWM_RESET
+    _HWM_RESET = _reset_rss_peak()
     argv = sys.argv[1:] if argv is None else argv
     args = json.loads(argv[0])
     try:
