@@ -200,6 +200,12 @@ class HfQuantQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # every hfquant module traces without a graph break (fake kernels in hfquant/ops.py),
+        # so generate may compile the forward (static cache + compile_config)
+        return True
+
     def _dequantize(self, model, dtype=None):
         from .replace import _set_module
 
