@@ -4,7 +4,8 @@ Both runs use transformers' static KV cache (the cache torch.compile needs for o
 graph) and greedy decoding of the same prompt; the compiled run compiles
 ``model.forward`` with ``fullgraph=True`` (a graph break anywhere, hfquant's modules
 included, is an error). Decode speed = (new_tokens - 1) / (time of new_tokens - time of
-one token), median of --repeats. Prints a markdown table for docs/benchmarks.md.
+one token), median of --repeats rounds; each round runs eager (dynamic cache), eager
+(static cache) and compiled in turn, so that all three see the same load. Prints a markdown table for docs/benchmarks.md.
 
     python benchmarks/bench_compile.py [--new-tokens 64] [--threads 2] [--repeats 3]
 """
@@ -25,14 +26,10 @@ def _time_generate(model, ids, n, cache_impl):
     return time.perf_counter() - t, out
 
 
-def decode_rate(model, ids, new_tokens, repeats, cache_impl="static"):
-    _time_generate(model, ids, new_tokens, cache_impl)  # warm-up (and compilation)
-    rates, outs = [], None
-    for _ in range(repeats):
-        t1, _ = _time_generate(model, ids, 1, cache_impl)
-        tn, outs = _time_generate(model, ids, new_tokens, cache_impl)
-        rates.append((new_tokens - 1) / max(tn - t1, 1e-9))
-    return statistics.median(rates), outs
+def _rate(model, ids, n, cache_impl):
+    t1, _ = _time_generate(model, ids, 1, cache_impl)
+    tn, out = _time_generate(model, ids, n, cache_impl)
+    return (n - 1) / max(tn - t1, 1e-9), out
 
 
 def main(argv=None):
@@ -59,14 +56,23 @@ def main(argv=None):
     ids = tok(data.wikitext_test()[:2000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
     load0 = os.getloadavg()
     with torch.inference_mode():
-        eager_dyn, out_dyn = decode_rate(model, ids, args.new_tokens, args.repeats, cache_impl="dynamic")
-        eager, out_eager = decode_rate(model, ids, args.new_tokens, args.repeats)
         eager_forward = model.forward
-        model.forward = torch.compile(eager_forward, fullgraph=True)
+        compiled_forward = torch.compile(eager_forward, fullgraph=True)
+        model.forward = compiled_forward
         t = time.perf_counter()
         _time_generate(model, ids, 2, "static")
         compile_s = time.perf_counter() - t
-        compiled, out_comp = decode_rate(model, ids, args.new_tokens, args.repeats)
+        # the three variants in turn, so that each sees the same load on a shared machine
+        runs = {"dynamic": [], "static": [], "compiled": []}
+        outs = {}
+        for i in range(args.repeats + 1):
+            for name in runs:
+                model.forward = compiled_forward if name == "compiled" else eager_forward
+                rate, outs[name] = _rate(model, ids, args.new_tokens, "dynamic" if name == "dynamic" else "static")
+                if i:  # the first round warms up
+                    runs[name].append(rate)
+        eager_dyn, eager, compiled = (statistics.median(runs[k]) for k in ("dynamic", "static", "compiled"))
+        out_eager, out_comp = outs["static"], outs["compiled"]
     load1 = os.getloadavg()
     same = torch.equal(out_eager, out_comp)
     feats = ", ".join(k for k, v in _ext._C.cpu_features().items() if v)
