@@ -37,6 +37,18 @@ def _read_config(path: str) -> dict:
         return json.load(f)
 
 
+def _side_quant_config(path: str) -> dict | None:
+    """AutoGPTQ's quantize_config.json / AutoAWQ's quant_config.json, for checkpoints whose
+    config.json has no quantization_config."""
+    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            with open(p) as f:
+                cfg = json.load(f)
+            return {"quant_method": method, **cfg}
+    return None
+
+
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -234,7 +246,7 @@ def convert_checkpoint(src_dir: str, out_dir: str, dtype: str = "auto") -> HfQua
     from ..replace import _is_conv1d
 
     config = _read_config(src_dir)
-    qcfg = config.get("quantization_config")
+    qcfg = config.get("quantization_config") or _side_quant_config(src_dir)
     if not qcfg:
         raise ConvertError(f"hfquant convert: {src_dir}/config.json has no quantization_config (not a quantized "
                            "checkpoint: quantize it with `hfquant quantize` instead)")

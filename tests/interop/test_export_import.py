@@ -101,6 +101,8 @@ def test_gptq_act_order_round_trip(model_dir, tokenizer, ids, tmp_path):
     _fp16_scales(ours)
     assert any(not torch.equal(m.perm.long(), torch.arange(m.in_features)) for m in _quantized(ours).values())
     out, back_dir = str(tmp_path / "gptq"), str(tmp_path / "back")
+    with pytest.raises(ExportError, match="act-order permutation.*no g_idx"):
+        export_model(ours, str(tmp_path / "ct"), "compressed-tensors")
     export_model(ours, out, "gptq")
     assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["desc_act"] is True
     convert_checkpoint(out, back_dir)
@@ -209,7 +211,6 @@ def test_export_refuses_what_a_format_cannot_hold(model_dir, tmp_path):
 def test_cli_export_and_convert(model_dir, tmp_path, capsys):
     q, out, back = str(tmp_path / "q"), str(tmp_path / "gptq"), str(tmp_path / "back")
     _load(model_dir, bits=4, group_size=64, method="rtn").save_pretrained(q)
-    # act-order to compressed-tensors: a clear error, exit code 2, nothing written
     assert main(["export", q, out, "--format", "gptq"]) == 0
     assert main(["convert", out, back]) == 0
     assert json.load(open(os.path.join(back, "config.json")))["quantization_config"]["quant_method"] == "hfquant"
