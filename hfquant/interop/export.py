@@ -60,7 +60,13 @@ def _check_exportable(model, fmt: str) -> list[tuple[str, QuantLinear]]:
                 f"hfquant export: method {method!r} ({what}; layer {name}) cannot be expressed in the {fmt} "
                 f"format. Formats that can hold it: hfquant format v1 (save_pretrained) only; {', '.join(FORMATS)} "
                 "hold weight-only integer methods (rtn, gptq, awq; 4- or 8-bit)")
+        elif type(m).__module__.startswith("hfquant.nn") and type(m) is not QuantLinear:
+            raise ExportError(f"hfquant export: layer {name} ({type(m).__name__}) has no {fmt} layout; "
+                              "only weight-only QuantLinear layers can be exported")
         if isinstance(m, QuantLinear):
+            if m.bits not in (4, 8):
+                raise ExportError(f"hfquant export: layer {name} has {m.bits}-bit weights; export writes 4- and "
+                                  "8-bit layers only")
             layers.append((name, m))
     if not layers:
         raise ExportError("hfquant export: the model has no quantized layer (load an hfquant checkpoint, or "
