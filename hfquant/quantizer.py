@@ -216,6 +216,10 @@ class HfQuantQuantizer(HfQuantizer):
                 del module.tied_source
                 module.pack()
                 continue
+            if module._offloaded():
+                # accelerate keeps this layer's tensors on disk (or in CPU memory) and loads them
+                # for each call; they are checked and laid out for the kernels then
+                continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
             for key in ("qweight", "scales", "zeros", "smooth", "perm", "codebook"):
@@ -230,6 +234,7 @@ class HfQuantQuantizer(HfQuantizer):
             module.validate(name)
             module.pack()
             release_freed_memory()
+        _warn_buffers_not_offloaded(model)
         _finish(model, config)
         return model
 
@@ -246,6 +251,12 @@ class HfQuantQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        # every hfquant module traces without a graph break (fake kernels in hfquant/ops.py),
+        # so generate may compile the forward (static cache + compile_config)
+        return True
 
     def _dequantize(self, model, dtype=None):
         from .replace import _set_module
@@ -275,6 +286,14 @@ def _finish(model, config: HfQuantConfig) -> None:
         from .kv_cache import bind_to_generate
 
         bind_to_generate(model, config.kv_cache_bits, config.kv_cache_group_size, config.kv_cache_residual_length)
+
+
+def _warn_buffers_not_offloaded(model) -> None:
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if "disk" in set(map(str, device_map.values())) and not any(
+            isinstance(m, PackedLinear) and m._offloaded() for m in model.modules()):
+        logger.warning("hfquant: the device_map offloads layers to disk, but the quantized tensors are buffers, "
+                       "which accelerate keeps in memory unless from_pretrained gets offload_buffers=True")
 
 
 def _first_quantized(model) -> str | None:

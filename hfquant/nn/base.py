@@ -73,6 +73,24 @@ class PackedLinear(nn.Module):
             del self._buffers["qweight"]
             self._packed = True
 
+    def _offloaded(self) -> bool:
+        """Whether accelerate offloads this layer's tensors (device_map with "disk", or "cpu"
+        beside an accelerator, and offload_buffers=True): its hook loads them before each call
+        and drops them after, so the kernel layout is derived per call and never kept."""
+        hook = getattr(self, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+        return any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in hooks)
+
+    def _kernel(self) -> dict[str, torch.Tensor]:
+        """The kernel layout for this call: the packed buffers (packing once on first use),
+        or, for an offloaded layer, derived from the tensors its hook just loaded."""
+        if not self._packed:
+            if self._offloaded():
+                self.validate()
+                return self._kernel_tensors()
+            self.pack()
+        return {name: getattr(self, name) for name in self._kernel_names}
+
     def _canonical_qweight(self) -> torch.Tensor:
         return self._qweight_from_kernel() if self._packed else self.qweight
 

@@ -48,9 +48,8 @@ class QuantEmbedding(QuantLinear):
         return mod
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self._packed:
-            self.pack()
-        return ops.qembedding(ids, self.packed_weight, self.packed_scales, self.kernel_bits, self.group_size,
+        k = self._kernel()
+        return ops.qembedding(ids, k["packed_weight"], k["packed_scales"], self.kernel_bits, self.group_size,
                               self.out_features, self.in_features, self.scales.dtype)
 
     def to_embedding(self, dtype: torch.dtype | None = None) -> nn.Embedding:
@@ -97,9 +96,8 @@ class TiedQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self.source
-        if not src._packed:
-            src.pack()
-        return ops.qlinear(x, src.packed_weight, src.packed_scales, None, src.kernel_bits, src.group_size,
+        k = src._kernel()
+        return ops.qlinear(x, k["packed_weight"], k["packed_scales"], None, src.kernel_bits, src.group_size,
                            self.out_features, self.in_features)
 
     def extra_repr(self) -> str:

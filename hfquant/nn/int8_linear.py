@@ -98,10 +98,9 @@ class Int8Linear(PackedLinear):
 
     # -- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packed:
-            self.pack()
-        return ops.int8_linear(x, self.packed_weight, self.colsum, self.w_scales, self.bias,
-                               getattr(self, "act_scale", None), self.threshold, self.out_features)
+        k = self._kernel()
+        return ops.int8_linear(x, k["packed_weight"], k["colsum"], k["w_scales"], self.bias,
+                               k.get("act_scale"), self.threshold, self.out_features)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [out, in] of the layer, the smoothing undone (W * s / s)."""

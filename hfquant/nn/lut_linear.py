@@ -88,9 +88,8 @@ class LutLinear(PackedLinear):
 
     # -- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packed:
-            self.pack()
-        return ops.lut_linear(x, self.packed_indices, self.packed_codebook, self.bias, self.bits, self.group_size,
+        k = self._kernel()
+        return ops.lut_linear(x, k["packed_indices"], k["packed_codebook"], self.bias, self.bits, self.group_size,
                               self.out_features, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

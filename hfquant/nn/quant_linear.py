@@ -128,11 +128,10 @@ class QuantLinear(PackedLinear):
 
     # -- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packed:
-            self.pack()
+        k = self._kernel()
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        return ops.qlinear(x, self.packed_weight, self.packed_scales, self.bias, self.kernel_bits, self.group_size,
+        return ops.qlinear(x, k["packed_weight"], k["packed_scales"], self.bias, self.kernel_bits, self.group_size,
                            self.out_features, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
