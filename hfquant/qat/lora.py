@@ -46,6 +46,9 @@ def _make_layer_class():
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
+        def _get_in_out_features(self, module):
+            return module.in_features, module.out_features
+
         def resolve_lora_variant(self, *, config, **kwargs):
             return None
 
