@@ -49,9 +49,10 @@ def _cpu_s() -> float:
 def run_lkd(model, tok, args):
     batches = calibration_batches(tok, None, args.lkd_samples, args.seq_len)
     layerwise_distill(model, hfquant.HfQuantConfig(**SCHEME), tok, batches=batches, epochs=args.lkd_epochs,
-                      lr=args.lkd_lr, log=lambda s: print(s, file=sys.stderr, flush=True))
+                      lr=args.lkd_lr, scale_lr=args.lkd_scale_lr, log=lambda s: print(s, file=sys.stderr, flush=True))
     return (f"{args.lkd_epochs} epochs x {args.lkd_samples} windows of {args.seq_len} per block "
-            f"({30 * args.lkd_epochs * args.lkd_samples} block steps), lr {args.lkd_lr:g}")
+            f"({30 * args.lkd_epochs * args.lkd_samples} block steps), Adam lr {args.lkd_lr:g} (weights), "
+            f"{args.lkd_scale_lr:g} (scales)")
 
 
 def run_peqa(model, tok, args):
@@ -94,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="lkd", help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lkd-samples", type=int, default=16)
+    p.add_argument("--lkd-samples", type=int, default=8)
     p.add_argument("--lkd-epochs", type=int, default=2)
     p.add_argument("--lkd-lr", type=float, default=1e-4)
+    p.add_argument("--lkd-scale-lr", type=float, default=3e-4)
     p.add_argument("--peqa-steps", type=int, default=100)
     p.add_argument("--peqa-lr", type=float, default=1e-4)
     p.add_argument("--qat-sequences", type=int, default=32)

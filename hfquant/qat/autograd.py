@@ -31,11 +31,8 @@ def _group_sum(t: torch.Tensor, group_size: int, G: int) -> torch.Tensor:
     """[N, K] -> [N, G]: sums over each group of ``group_size`` columns (the last may be short)."""
     N, K = t.shape
     gs = K if G == 1 else group_size
-    pad = G * gs - K
-    if pad > 0:
-        t = torch.nn.functional.pad(t, (0, pad))
-    elif pad < 0:  # one group (per channel) whose kernel length exceeds K
-        gs = K
+    if G * gs > K:
+        t = torch.nn.functional.pad(t, (0, G * gs - K))
     return t.reshape(N, G, gs).sum(-1)
 
 

@@ -51,7 +51,8 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
     Each block trains ``epochs`` passes over the windows with Adam, one window per step:
     ``lr`` for the weights (straight-through estimator), ``scale_lr`` (default lr / 10) for
     the scales when ``learn_scales``. ``train_weights=False`` trains the scales only.
-    ``log`` receives one line per block (loss of round to nearest, loss after training).
+    ``log`` receives one line per block: the mean squared error against the float block's
+    output on the first 4 windows, with round to nearest and after training.
     Layers outside the decoder blocks that the config quantizes are rounded to nearest.
     """
     from ..algorithms.calibration import calibration_batches, model_tokenizer
@@ -135,7 +136,9 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
     return model
 
 
-def _block_loss(block, inputs, targets) -> float:
+def _block_loss(block, inputs, targets, limit: int = 4) -> float:
+    """Mean squared error of the block against the targets on the first ``limit`` windows (for the log)."""
+    inputs, targets = inputs[:limit], targets[:limit]
     with torch.no_grad():
         total = 0.0
         for (args, kw), t in zip(inputs, targets):
@@ -244,7 +247,7 @@ def distill_qat(model: nn.Module, config: HfQuantConfig | None = None, batches: 
             loss.backward()
             opt.step()
             if log is not None:
-                log(step, float(loss))
+                log(step, loss.item())
             if time_limit is not None and time.perf_counter() - t0 > time_limit:
                 break
     finally:
