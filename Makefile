@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.hfquant-built
+STAMP_PEFT := $(VENV)/.peft-installed
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
 .PHONY: all install demo test bench bench-quick bench-e2e bench-compare compare-deps bench-cuda cuda-check clean fuzz \
@@ -28,7 +29,12 @@ $(STAMP_BUILD): $(STAMP_DEPS) $(SOURCES)
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
-install: $(STAMP_BUILD)
+# LoRA on quantized layers (tests/training); its own stamp so that existing venvs get it too
+$(STAMP_PEFT): $(STAMP_DEPS)
+	$(PIP) install -q peft
+	touch $@
+
+install: $(STAMP_BUILD) $(STAMP_PEFT)
 
 demo: install
 	$(PY) -m hfquant.demo

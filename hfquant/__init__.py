@@ -8,6 +8,7 @@ from . import _ext  # noqa: F401  (loads the native ops)
 from .config import HfQuantConfig
 from .kv_cache import QuantizedKVCache
 from .nn import Int8Linear, LutLinear, QuantLinear
+from .qat import FakeQuantLinear, convert, enable_scale_training, prepare_qat
 
 __version__ = _ext._C.__version__
 
@@ -58,4 +59,5 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
     return model
 
 
-__all__ = ["HfQuantConfig", "Int8Linear", "LutLinear", "QuantLinear", "QuantizedKVCache", "quantize_model", "__version__"]
+__all__ = ["HfQuantConfig", "Int8Linear", "LutLinear", "QuantLinear", "QuantizedKVCache", "quantize_model", "__version__",
+           "FakeQuantLinear", "convert", "enable_scale_training", "prepare_qat"]

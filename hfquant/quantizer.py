@@ -15,7 +15,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import _ext, checkpoint, formats
-from .config import HfQuantConfig
+from .config import ACTIVATION_METHODS, HfQuantConfig
 from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
 
@@ -250,7 +250,14 @@ class HfQuantQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # Weight-only uniform layers pass gradients to their input (hfquant/qat/autograd.py):
+        # adapters (LoRA through peft) train on them. Int8 activations and codebooks do not.
+        return self.quantization_config.method not in ACTIVATION_METHODS + ("kmeans",)
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # the model trains without adapters once hfquant.enable_scale_training made its scales parameters
+        return self.is_trainable and getattr(self, "scale_training", False)
 
     @property
     def is_compileable(self) -> bool:
