@@ -84,7 +84,14 @@ def enable_scale_training(model: nn.Module, zeros: bool = True) -> nn.Module:
     if others:
         raise ValueError(f"enable_scale_training: the model holds {', '.join(others)} layers, which scale-only "
                          "training does not support (weight-only uniform layers, QuantLinear, only)")
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    from ..nn import QuantEmbedding
+
+    # a quantized embedding's table stays frozen (its lookup has no backward)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding)]
+    low = sorted({m.bits for m in layers if m.bits not in (4, 8)})
+    if low:
+        raise ValueError(f"enable_scale_training: the model holds {'/'.join(map(str, low))}-bit layers; scale-only "
+                         "training supports 4- and 8-bit QuantLinear layers")
     if not layers:
         raise ValueError("enable_scale_training: the model holds no QuantLinear layer; load or quantize it with "
                          "hfquant first (a float model trains with hfquant.prepare_qat)")
