@@ -39,23 +39,14 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
     ``tokenizer`` serves calibrating methods (SmoothQuant, GPTQ, AWQ); by default the one saved beside
     the model is loaded.
     """
-    from .quantizer import HfQuantQuantizer, _finish
+    from .quantizer import attach_quantizer
     from .replace import quantize_in_place
 
     if config is None:
         config = HfQuantConfig(**kwargs)
     elif kwargs:
         raise ValueError("quantize_model: pass either a config or keyword settings, not both")
-    kept = quantize_in_place(model, config, tokenizer)
-    if hasattr(model, "config") and hasattr(model, "save_pretrained"):
-        model.config.quantization_config = config
-        quantizer = HfQuantQuantizer(config, pre_quantized=True)
-        quantizer.modules_to_not_convert = kept
-        model.hf_quantizer = quantizer
-        model.is_quantized = True
-        model.quantization_method = "hfquant"
-        model.config._is_quantized = True
-        _finish(model, config)
+    attach_quantizer(model, config, quantize_in_place(model, config, tokenizer))
     return model
 
 

@@ -5,8 +5,6 @@ import functools
 import logging
 import os
 import re
-import shutil
-import tempfile
 import types
 
 import torch
@@ -16,6 +14,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import _ext, checkpoint, formats
 from .config import ACTIVATION_METHODS, HfQuantConfig
+from .fileio import atomic_dir, copy_side_files
 from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
 
@@ -303,6 +302,21 @@ def _warn_buffers_not_offloaded(model) -> None:
                        "which accelerate keeps in memory unless from_pretrained gets offload_buffers=True")
 
 
+def attach_quantizer(model, config: HfQuantConfig, kept: list[str]) -> None:
+    """Makes a model quantized in memory (quantize_model, qat.convert) look as from_pretrained
+    leaves it, so that save_pretrained writes the quantization_config and reloading works."""
+    if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
+        return
+    model.config.quantization_config = config
+    quantizer = HfQuantQuantizer(config, pre_quantized=True)
+    quantizer.modules_to_not_convert = kept
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = "hfquant"
+    model.config._is_quantized = True
+    _finish(model, config)
+
+
 def _first_quantized(model) -> str | None:
     return next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
 
@@ -322,33 +336,10 @@ def _make_save_atomic(model) -> None:
         final = os.path.abspath(os.fspath(save_directory))
         if os.path.isfile(final):
             raise ValueError(f"hfquant: save_pretrained target {final} is a file, not a directory")
-        parent = os.path.dirname(final)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        try:
+        with atomic_dir(final) as tmp:
             if os.path.isdir(final):
-                # keep files a user put beside the model (tokenizer, README)
-                for entry in os.listdir(final):
-                    src = os.path.join(final, entry)
-                    if os.path.isfile(src) and not entry.endswith((".safetensors", ".safetensors.index.json")) \
-                            and entry != "config.json":
-                        shutil.copy2(src, os.path.join(tmp, entry))
-            result = original(tmp, *args, **kwargs)
-            old = None
-            if os.path.exists(final):
-                old = tempfile.mkdtemp(prefix=os.path.basename(final) + ".old-", dir=parent)
-                os.rmdir(old)
-                os.rename(final, old)
-            os.rename(tmp, final)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-            return result
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                copy_side_files(final, tmp)  # keep files a user put beside the model (tokenizer, README)
+            return original(tmp, *args, **kwargs)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
     model._hfquant_atomic_save = True

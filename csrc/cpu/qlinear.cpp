@@ -213,6 +213,36 @@ uint8_t* scratch(int64_t bytes, at::Tensor& holder) {
 
 }  // namespace
 
+// Checks a packed pair made by repack for a [N, K] weight (the op named in the messages);
+// returns the layout's geometry.
+struct PackedGeometry {
+  int64_t gs, G, Kp, T, U;
+};
+
+PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                            int64_t bits, int64_t group_size, int64_t N, int64_t K) {
+  PackedGeometry g{};
+  group_geometry(group_size, K, g.gs, g.G);
+  g.Kp = round_up(K, kKAlign);
+  g.T = (N + kNR - 1) / kNR;
+  g.U = g.Kp / (bits == 4 ? 32 : 16);
+  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
+                  packed_weight.device().is_cpu(),
+              "hfquant::", op, ": packed_weight must be a contiguous uint8 CPU tensor (from hfquant::repack)");
+  TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == g.T && packed_weight.size(1) == g.U &&
+                  packed_weight.size(2) == kNR && packed_weight.size(3) == 16,
+              "hfquant::", op, ": packed_weight has shape ", packed_weight.sizes(), ", expected [", g.T, ", ", g.U,
+              ", 4, 16] for bits=", bits, ", out_features=", N, ", in_features=", K);
+  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
+                  packed_scales.device().is_cpu(),
+              "hfquant::", op, ": packed_scales must be a contiguous float32 CPU tensor (from hfquant::repack)");
+  TORCH_CHECK(packed_scales.dim() == 4 && packed_scales.size(0) == g.T && packed_scales.size(1) == g.G &&
+                  packed_scales.size(2) == 2 && packed_scales.size(3) == kNR,
+              "hfquant::", op, ": packed_scales has shape ", packed_scales.sizes(), ", expected [", g.T, ", ",
+              g.G, ", 2, 4] for group_size=", group_size, ", in_features=", K);
+  return g;
+}
+
 // x            : float32/bfloat16/float16 [..., K], any strides
 // packed_weight: uint8 [T, Kp/32 (4-bit) or Kp/16 (8-bit), 4, 16]   (from repack)
 // packed_scales: float32 [T, G, 2, 4]                                (from repack)
@@ -231,24 +261,8 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
               "hfquant::qlinear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::qlinear: x has last dimension ",
               x.dim() ? x.size(-1) : 0, ", expected in_features=", K);
-  int64_t gs, G;
-  group_geometry(group_size, K, gs, G);
-  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR;
-  const int64_t U = Kp / (bits == 4 ? 32 : 16);
-  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
-                  packed_weight.device().is_cpu(),
-              "hfquant::qlinear: packed_weight must be a contiguous uint8 CPU tensor (from hfquant::repack)");
-  TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == T && packed_weight.size(1) == U &&
-                  packed_weight.size(2) == kNR && packed_weight.size(3) == 16,
-              "hfquant::qlinear: packed_weight has shape ", packed_weight.sizes(), ", expected [", T, ", ", U,
-              ", 4, 16] for bits=", bits, ", out_features=", N, ", in_features=", K);
-  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
-                  packed_scales.device().is_cpu(),
-              "hfquant::qlinear: packed_scales must be a contiguous float32 CPU tensor (from hfquant::repack)");
-  TORCH_CHECK(packed_scales.dim() == 4 && packed_scales.size(0) == T && packed_scales.size(1) == G &&
-                  packed_scales.size(2) == 2 && packed_scales.size(3) == kNR,
-              "hfquant::qlinear: packed_scales has shape ", packed_scales.sizes(), ", expected [", T, ", ", G,
-              ", 2, 4] for group_size=", group_size, ", in_features=", K);
+  const PackedGeometry geo = check_packed("qlinear", packed_weight, packed_scales, bits, group_size, N, K);
+  const int64_t gs = geo.gs, G = geo.G, Kp = geo.Kp, T = geo.T, U = geo.U;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hfquant::qlinear: bias has shape ", bias->sizes(),
                 ", expected [", N, "]");
@@ -341,24 +355,8 @@ at::Tensor qembedding_cpu(const at::Tensor& ids, const at::Tensor& packed_weight
   TORCH_CHECK(ids.device().is_cpu(), "hfquant::qembedding: ids is on ", ids.device(),
               " but this is the CPU kernel");
   TORCH_CHECK(is_float(dtype), "hfquant::qembedding: dtype must be float32, bfloat16 or float16, got ", dtype);
-  int64_t gs, G;
-  group_geometry(group_size, K, gs, G);
-  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR;
-  const int64_t U = Kp / (bits == 4 ? 32 : 16);
-  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
-                  packed_weight.device().is_cpu(),
-              "hfquant::qembedding: packed_weight must be a contiguous uint8 CPU tensor (from hfquant::repack)");
-  TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == T && packed_weight.size(1) == U &&
-                  packed_weight.size(2) == kNR && packed_weight.size(3) == 16,
-              "hfquant::qembedding: packed_weight has shape ", packed_weight.sizes(), ", expected [", T, ", ", U,
-              ", 4, 16] for bits=", bits, ", out_features=", N, ", in_features=", K);
-  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
-                  packed_scales.device().is_cpu(),
-              "hfquant::qembedding: packed_scales must be a contiguous float32 CPU tensor (from hfquant::repack)");
-  TORCH_CHECK(packed_scales.dim() == 4 && packed_scales.size(0) == T && packed_scales.size(1) == G &&
-                  packed_scales.size(2) == 2 && packed_scales.size(3) == kNR,
-              "hfquant::qembedding: packed_scales has shape ", packed_scales.sizes(), ", expected [", T, ", ", G,
-              ", 2, 4] for group_size=", group_size, ", in_features=", K);
+  const PackedGeometry geo = check_packed("qembedding", packed_weight, packed_scales, bits, group_size, N, K);
+  const int64_t gs = geo.gs, G = geo.G, Kp = geo.Kp, T = geo.T, U = geo.U;
 
   const at::Tensor idx = ids.to(at::kLong).contiguous();
   const int64_t n_ids = idx.numel();

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ..config import SUPPORTED_GROUP_SIZES, HfQuantConfig
 from ..formats.v1 import num_groups, pack_int4
 from . import layouts
-from .io import atomic_dir, copy_side_files
+from ..fileio import atomic_dir, copy_side_files
 
 SOURCES = ("gptq", "awq", "compressed-tensors")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

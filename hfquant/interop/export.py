@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from ..formats.v1 import codes_and_zeros
 from ..nn import Int8Linear, LutLinear, PackedLinear, QuantLinear
 from . import layouts
-from .io import atomic_dir, copy_side_files
+from ..fileio import atomic_dir, copy_side_files
 
 FORMATS = ("gptq", "compressed-tensors")
 

@@ -225,13 +225,6 @@ def attach_quantized(model: nn.Module, config: HfQuantConfig, kept: list[str]) -
     does after quantizing), so that save_pretrained writes the quantization_config."""
     if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
         return
-    from ..quantizer import HfQuantQuantizer, _finish
+    from ..quantizer import attach_quantizer
 
-    model.config.quantization_config = config
-    quantizer = HfQuantQuantizer(config, pre_quantized=True)
-    quantizer.modules_to_not_convert = kept
-    model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = "hfquant"
-    model.config._is_quantized = True
-    _finish(model, config)
+    attach_quantizer(model, config, kept)
