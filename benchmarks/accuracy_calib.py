@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} threads, {common.cpu_model()}; run {time.strftime('%Y-%m-%d', time.gmtime())}, "
         f"{time.perf_counter() - t0:.0f} s.", "", table, "",
         "RTN gap recovered: (ppl(RTN) - ppl(method)) / (ppl(RTN) - ppl(fp32)) against the RTN row of the same "
-        "scheme. Sizes: the tied embedding (28.3M parameters) stays in full precision in every row: 113 MB in the "
-        "fp32 rows, 57 MB in the bf16 rows."])
+        "scheme. Sizes: the tied embedding (28.3M parameters) stays in full precision (113 MB in the fp32 rows, "
+        "57 MB in the bf16 rows) except in the rows that name an embedding setting and the mixed rows, where it is "
+        "quantized and the tied lm_head shares it. x bf16 size: size on disk over the parameters in bf16 "
+        "(tied ones once)."])
     print(body)
     if args.write_docs:
         common.write_doc_section(args.docs, args.section, body, DOC_INTRO)
