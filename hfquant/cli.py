@@ -27,6 +27,8 @@ def _cmd_quantize(args) -> int:
         extra = dict(calibration=calibration, **{k: v for k, v in (("act_order", args.act_order), ("damp", args.damp),
                                                                     ("clip_search", args.clip_search))
                                                    if v is not None})
+    elif args.act_order is not None or args.damp is not None or args.clip_search is not None:
+        raise ValueError("--act-order, --damp and --clip-search apply to --method gptq (and --clip-search to awq)")
     if args.method == "mixed":
         extra.update({k: v for k, v in (("target_bits", args.target_bits), ("mixed_bits", args.mixed_bits),
                                         ("sensitivity", args.sensitivity), ("mixed_base", args.mixed_base))
@@ -35,8 +37,6 @@ def _cmd_quantize(args) -> int:
         raise ValueError("--target-bits, --mixed-bits, --sensitivity and --mixed-base apply to --method mixed")
     if args.quantize_embeddings is not None:
         extra["quantize_embeddings"] = args.quantize_embeddings
-    elif args.act_order is not None or args.damp is not None or args.clip_search is not None:
-        raise ValueError("--act-order, --damp and --clip-search apply to --method gptq (and --clip-search to awq)")
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                                 method=args.method,
                                 modules_to_not_convert=args.skip if args.skip is not None else None, **extra)
