@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 STAMP_DEPS := $(VENV)/.deps-installed
 STAMP_BUILD := $(VENV)/.hfquant-built
 STAMP_PEFT := $(VENV)/.peft-installed
+STAMP_LMEVAL := $(VENV)/.lm-eval-installed
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
 .PHONY: all install demo test bench bench-quick bench-e2e bench-compare compare-deps bench-cuda cuda-check clean fuzz \
@@ -34,7 +35,12 @@ $(STAMP_PEFT): $(STAMP_DEPS)
 	$(PIP) install -q peft
 	touch $@
 
-install: $(STAMP_BUILD) $(STAMP_PEFT)
+# lm-evaluation-harness, for tests/integration/test_harness.py (the documented lm_eval route)
+$(STAMP_LMEVAL): $(STAMP_DEPS)
+	$(PIP) install -q lm-eval
+	touch $@
+
+install: $(STAMP_BUILD) $(STAMP_PEFT) $(STAMP_LMEVAL)
 
 demo: install
 	$(PY) -m hfquant.demo

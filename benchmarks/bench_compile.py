@@ -41,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--layers", type=int, default=None, help="only the first N decoder blocks (quick check)")
+    ap.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
+                    help="quantize the token embedding and the tied lm_head too, with these bits (g128)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -52,8 +54,11 @@ def main(argv=None):
     model_dir = str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     extra = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    qcfg = dict(bits=4, group_size=128)
+    if args.embedding_bits:
+        qcfg.update(quantize_embeddings=True, modules_override={"embed_tokens": {"bits": args.embedding_bits}})
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=hfquant.HfQuantConfig(bits=4, group_size=128), **extra)
+        model_dir, quantization_config=hfquant.HfQuantConfig(**qcfg), **extra)
     model.generation_config.pad_token_id = tok.eos_token_id
     ids = tok(data.wikitext_test()[:2000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
     load0 = os.getloadavg()
@@ -88,7 +93,8 @@ def main(argv=None):
           f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}")
     print(f"first compiled call (compilation) {compile_s:.0f} s; greedy tokens identical eager vs compiled: {same}")
     print()
-    print("| W4 g128, batch 1 | decode tok/s (wall) | vs eager static | decode tok per CPU-second | vs eager static |")
+    label = "W4 g128" + (f" + embedding/lm_head W{args.embedding_bits}" if args.embedding_bits else "")
+    print(f"| {label}, batch 1 | decode tok/s (wall) | vs eager static | decode tok per CPU-second | vs eager static |")
     print("|---|---|---|---|---|")
     print(f"| eager, dynamic cache | {eager_dyn:.1f} | {eager_dyn / eager:.2f}x | {c_dyn:.2f} | {c_dyn / c_eager:.2f}x |")
     print(f"| eager, static cache | {eager:.1f} | 1.00x | {c_eager:.2f} | 1.00x |")

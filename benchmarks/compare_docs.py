@@ -2,12 +2,12 @@
 
     python benchmarks/compare_docs.py report-compare [--note "text added under the title"]
 
-Headings move down two levels; the plot links are left out (the PNGs stay in the report
-folder, the command rewrites them).
+Headings move down two levels; the plots are copied to docs/img/compare/ and linked from there.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,21 +20,25 @@ def main() -> None:
     ap.add_argument("report_dir")
     ap.add_argument("--note", default=None)
     a = ap.parse_args()
-    lines, skip = [], False
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    img = docs / "img" / "compare"
+    lines, plots = [], False
     for line in (Path(a.report_dir) / "report.md").read_text().splitlines():
         if line.startswith("#"):
-            skip = line.strip() == "## Plots"
-            if not skip:
-                line = "##" + line
-                if line.strip() == "### hfquant compare":
-                    line = "### End to end: hfquant compare (configs and peers)"
-                    lines.append(line)
-                    if a.note:
-                        lines += ["", a.note]
-                    continue
-        if not skip:
-            lines.append(line)
-    write_doc_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", "compare-figure",
+            plots = line.strip() == "## Plots"
+            line = "##" + line
+            if line.strip() == "### hfquant compare":
+                lines.append("### End to end: hfquant compare (configs and peers)")
+                if a.note:
+                    lines += ["", a.note]
+                continue
+        if plots and line.startswith("![") and line.endswith(")"):
+            name = line[line.index("(") + 1:-1]
+            img.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(a.report_dir) / name, img / name)
+            line = line[:line.index("(") + 1] + f"img/compare/{name})"
+        lines.append(line)
+    write_doc_section(docs / "benchmarks.md", "compare-figure",
                       "\n".join(lines), "# Benchmarks")
 
 

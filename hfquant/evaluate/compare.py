@@ -323,23 +323,45 @@ def write_plots(results: list[dict], out: str) -> list[str]:
     ok = [r for r in results if r.get("ok")]
     files = []
 
-    pts = [(r["size_on_disk_bytes"] / 1e6, r["perplexity"], r["config"]) for r in ok
-           if r.get("size_on_disk_bytes") and r.get("perplexity") is not None and math.isfinite(r["perplexity"])]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    # x: size on disk; a config that could not be saved (some peers) is placed at its weights'
+    # size in memory, drawn hollow. Broken configs (perplexity over 10x the best) would squash
+    # the axis: they are named in the title instead of drawn.
+    pts = []
+    for r in ok:
+        ppl = r.get("perplexity")
+        if ppl is None or not math.isfinite(ppl):
+            continue
+        if r.get("size_on_disk_bytes"):
+            pts.append((r["size_on_disk_bytes"] / 1e6, ppl, r["config"], True))
+        elif r.get("memory_bytes"):
+            pts.append((r["memory_bytes"] / 1e6, ppl, r["config"] + " (in memory)", False))
+    best_ppl = min((p[1] for p in pts), default=0.0)
+    off = [p for p in pts if p[1] > 10 * best_ppl]
+    pts = [p for p in pts if p[1] <= 10 * best_ppl]
+    fig, ax = plt.subplots(figsize=(7, 5))
     if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-        for x, y, n in pts:
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for on_disk in (True, False):
+            sel = [p for p in pts if p[3] == on_disk]
+            if sel:
+                ax.scatter([p[0] for p in sel], [p[1] for p in sel], facecolors="C0" if on_disk else "none",
+                           edgecolors="C0", label="size on disk" if on_disk else "not saveable: size in memory")
+        for i, (x, y, n, _) in enumerate(sorted(pts)):
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)), fontsize=7)
         front, best = [], float("inf")  # Pareto front: no smaller config has a lower perplexity
-        for x, y, _ in sorted(pts):
+        for x, y, _, _ in sorted(pts):
             if y < best:
                 front.append((x, y))
                 best = y
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", label="Pareto front")
-        ax.legend()
-    ax.set_xlabel("size on disk (MB)")
+        if max(p[1] for p in pts) > 3 * best_ppl:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    title = "Perplexity vs size"
+    if off:
+        title += "\nnot shown (perplexity > 10x the best): " + ", ".join(f"{n} ({y:.3g})" for _, y, n, _ in off)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("size (MB)")
     ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity vs size on disk")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "ppl_vs_size.png"), dpi=110)
     plt.close(fig)
