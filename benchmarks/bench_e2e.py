@@ -57,6 +57,10 @@ def competitors(base):
             base, dtype=dt, quantization_config=H(bits=4, group_size=64, symmetric=False))
         yield f"hfquant W4 g128 + W8 head ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
             base, dtype=dt, quantization_config=H(bits=4, group_size=128, **head8))
+        # the tied embedding quantized (W8 g128) and the lm_head sharing its packed table
+        yield f"hfquant W4 g128 + W8 embedding/tied head ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
+            base, dtype=dt, quantization_config=H(bits=4, group_size=128, quantize_embeddings=True,
+                                                  modules_override={"embed_tokens": {"bits": 8}}))
 
     # peers load exactly as `hfquant compare` loads them
     from hfquant.evaluate.run_one import load
