@@ -201,10 +201,11 @@ def qembedding_ref(ids, packed_weight, packed_scales, bits: int, group_size: int
     else:  # CPU layout: tiles of NR rows
         t, r = flat // NR, flat % NR
         rows = packed_weight[t, :, r, :].to(torch.int32)  # [n, U, 16]
+        n, U = rows.shape[0], rows.shape[1]  # explicit sizes: n may be 0
         if bits == 4:
-            v = torch.stack([rows & 0x0F, rows >> 4], dim=2).reshape(flat.numel(), -1)
+            v = torch.stack([rows & 0x0F, rows >> 4], dim=2).reshape(n, U * 32)
         else:
-            v = rows.reshape(flat.numel(), -1)
+            v = rows.reshape(n, U * 16)
         sb = packed_scales[t, :, :, r]  # [n, G, 2]
         off = 128.0 if bits == 4 else 0.0
         s = sb[..., 0]

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -97,8 +97,19 @@ def _apply(raw: bytes, lo: int, hi: int, edits) -> bytes:
     return bytes(b)
 
 
+def _raised_in_config_parsing(e: BaseException) -> bool:
+    """Whether the exception came out of transformers' configuration code."""
+    import traceback
+
+    files = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(e.__traceback__)]
+    return any("/transformers/" in f and ("configuration_" in f.rsplit("/", 1)[-1]) for f in files)
+
+
 @FUZZ
 @given(scheme=st.sampled_from(sorted(SCHEMES)), mutation=mutations())
+# found by the nightly run: a flipped bit in config.json's "dtype" ("floau32"), refused by
+# transformers' config parsing with an AttributeError naming the value
+@example(scheme="kmeans", mutation=("config", [("flip", 0.13671875, b"\x00")]))
 def test_fuzz_checkpoint_bytes(tiny_checkpoints, tmp_path_factory, scheme, mutation):
     target, edits = mutation
     d = tmp_path_factory.mktemp("m")
@@ -127,6 +138,12 @@ def test_fuzz_checkpoint_bytes(tiny_checkpoints, tmp_path_factory, scheme, mutat
         # transformers' own size-mismatch report, or a kernel's argument check
         assert "ignore_mismatched_sizes" in str(e) or "hfquant" in str(e), repr(e)
         OUTCOMES["refused:RuntimeError"] += 1
+        return
+    except (AttributeError, TypeError, KeyError) as e:
+        # a mutated config.json whose fields transformers' own config classes refuse while
+        # parsing them (e.g. "dtype": "floau32" -> no attribute 'floau32'), before hfquant runs
+        assert target == "config" and _raised_in_config_parsing(e), repr(e)
+        OUTCOMES[f"refused:{type(e).__name__}(config parsing)"] += 1
         return
     # it loaded: it holds exactly what the (mutated) file says, and it runs
     OUTCOMES["loaded" if new != raw else "loaded:unchanged"] += 1

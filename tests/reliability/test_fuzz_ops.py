@@ -236,6 +236,29 @@ def test_fuzz_qlinear(q, data):
     close(y.reshape(-1, N), want, dtype, scale, f"{isa} {dtype} bits={bits} g{gs} N={N} K={K} {kind} {layout}")
 
 
+@FUZZ
+@given(q=quantized(), data=st.data())
+def test_fuzz_qembedding(q, data):
+    bits, gs, N, K, qw, s, z = q
+    CASES["qembedding"] += 1
+    gen = _gen(data.draw(seeds))
+    lead = _lead(data.draw) or (data.draw(st.integers(0, 20)),)
+    ids = torch.randint(0, N, lead, generator=gen, dtype=data.draw(st.sampled_from([torch.int64, torch.int32])))
+    if data.draw(st.booleans()) and ids.dim() >= 1 and ids.shape[-1] > 1:
+        ids = ids[..., ::2]  # a strided view
+    dtype = data.draw(dtypes)
+    w, sb = OPS.repack(qw, s, z, bits, gs, K)
+    if ids.numel() and data.draw(st.integers(0, 9)) == 0:  # an id out of range: refused, naming it
+        bad = ids.clone()
+        bad.view(-1)[-1] = data.draw(st.sampled_from([N, N + 7, -1]))
+        raises_clean(lambda: OPS.qembedding(bad, w, sb, bits, gs, N, K, dtype), "qembedding")
+        return
+    got = OPS.qembedding(ids, w, sb, bits, gs, N, K, dtype)
+    want = ref.qembedding_ref(ids, w, sb, bits, gs, N, K, dtype)
+    assert got.shape == (*ids.shape, K) and got.dtype == dtype
+    assert same(got, want), f"bits={bits} g{gs} N={N} K={K} {dtype}"
+
+
 def _step_scale(x2, sb, gs, N, K, W):
     """max of |x| @ S^T (S the scale of each weight) and of |x| @ |W|^T over the finite rows."""
     rows = torch.isfinite(x2).all(1)
