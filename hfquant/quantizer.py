@@ -15,6 +15,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from . import _ext, checkpoint, formats
 from .config import ACTIVATION_METHODS, HfQuantConfig
 from .fileio import atomic_dir, copy_side_files
+from .mapped_pages import release_mapped_pages
 from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
 
@@ -103,6 +104,9 @@ class HfQuantQuantize(ConversionOps):
         if isinstance(module, LutLinear):
             return self._convert_lut(module, w, target_key, tensor_name, missing_keys)
         q = _quantize_rtn_by_rows(w, module.bits, module.group_size, module.symmetric, module.scales.dtype)
+        # The float weight is usually a view of the mmapped checkpoint file, whose pages would
+        # otherwise stay resident until loading ends: the whole float model in RSS.
+        release_mapped_pages(value)
         prefix = target_key[: -len(tensor_name)]
         out = {prefix + "qweight": q.qweight, prefix + "scales": q.scales}
         if q.zeros is not None:
@@ -120,6 +124,7 @@ class HfQuantQuantize(ConversionOps):
         # weight clustering (method "kmeans"): qweight + codebook
         prefix = target_key[: -len(tensor_name)]
         out = {prefix + k: v for k, v in module.quantize_float(w).items()}
+        release_mapped_pages(w)
         del module._parameters["weight"]
         if missing_keys is not None:
             missing_keys.discard(target_key)

@@ -1,0 +1,229 @@
+"""release_mapped_pages (hfquant/mapped_pages.py): the pages of a tensor that lies in a mapped
+checkpoint file leave the resident set and read back unchanged; anonymous memory, the heap,
+private copies of file pages and strided views are refused with their data untouched.
+
+Residency is read here independently of the module: the present bit of /proc/self/pagemap
+for each page, and RssFile of /proc/self/status."""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import struct
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hfquant import mapped_pages
+from hfquant.mapped_pages import release_mapped_pages
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.access("/proc/self/pagemap", os.R_OK),
+    reason="page release is Linux-only (/proc/self/pagemap)")
+
+PAGE = mmap.PAGESIZE
+MiB = 1 << 20
+
+
+def _interior(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    return -(-lo // PAGE) * PAGE, hi // PAGE * PAGE
+
+
+def resident_pages(t: torch.Tensor) -> int:
+    """How many whole pages of t's bytes are mapped in this process (pagemap bit 63)."""
+    lo, hi = _interior(t)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo // PAGE * 8)
+        data = f.read((hi - lo) // PAGE * 8)
+    return sum(e >> 63 for e in struct.unpack(f"{len(data) // 8}Q", data))
+
+
+def whole_pages(t: torch.Tensor) -> int:
+    lo, hi = _interior(t)
+    return (hi - lo) // PAGE
+
+
+def rss_file() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A safetensors file: a 16 MiB bf16 weight between two small tensors, and the originals."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.bias": torch.randn(5, generator=gen).to(torch.bfloat16),
+               "b.weight": torch.randn(4096, 2048, generator=gen).to(torch.bfloat16),
+               "c.weight": torch.randn(1000, 3, generator=gen)}
+    path = str(tmp_path / "model.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path, tensors
+
+
+def test_mapped_checkpoint_pages_leave_rss_and_read_back(checkpoint):
+    path, ref = checkpoint
+    # as transformers' loader reads a tensor: a slice of the open file, materialised with [...]
+    with safe_open(path, framework="pt") as f:
+        w = f.get_slice("b.weight")[...]
+        small = f.get_slice("c.weight")[...]
+        assert torch.equal(w, ref["b.weight"]) and torch.equal(small, ref["c.weight"])  # reads every page
+        n = whole_pages(w)
+        assert resident_pages(w) == n > 4000
+        before = rss_file()
+        released = release_mapped_pages(w)
+        assert released == n * PAGE
+        assert resident_pages(w) == 0
+        assert before - rss_file() >= 15 * MiB
+        # the data reads back from the file, bit for bit, and is resident again
+        assert torch.equal(w, ref["b.weight"])
+        assert resident_pages(w) == n
+        assert torch.equal(small, ref["c.weight"])
+        release_mapped_pages(w)
+        assert release_mapped_pages(w) == 0  # nothing resident is left to release
+        assert torch.equal(w.t().contiguous(), ref["b.weight"].t().contiguous())
+
+
+def test_transposed_view_of_mapped_weight_is_released(checkpoint):
+    path, ref = checkpoint
+    with safe_open(path, framework="pt") as f:
+        w = f.get_slice("b.weight")[...]
+        assert torch.equal(w, ref["b.weight"])
+        assert release_mapped_pages(w.t()) == whole_pages(w) * PAGE  # the same bytes, dense
+        assert torch.equal(w.t(), ref["b.weight"].t())
+
+
+@pytest.mark.parametrize("numel", [3000, 4 * MiB], ids=["small-brk-heap", "large-mmap-heap"])
+def test_heap_tensor_is_refused(numel):
+    t = torch.arange(numel, dtype=torch.int32)
+    expect = t.clone()
+    pages = resident_pages(t)
+    assert release_mapped_pages(t) == 0
+    assert resident_pages(t) == pages
+    assert torch.equal(t, expect)
+
+
+def test_anonymous_mapping_is_refused():
+    m = mmap.mmap(-1, 8 * MiB)
+    t = torch.frombuffer(m, dtype=torch.uint8)
+    t.copy_(torch.arange(t.numel(), dtype=torch.int64).remainder(251).to(torch.uint8))
+    expect = t.clone()
+    assert resident_pages(t) == whole_pages(t)
+    assert release_mapped_pages(t) == 0
+    assert resident_pages(t) == whole_pages(t)
+    assert torch.equal(t, expect)
+    del t
+    m.close()
+
+
+def _file_tensor(path: str, shared: bool) -> torch.Tensor:
+    nbytes = os.path.getsize(path)
+    storage = torch.UntypedStorage.from_file(path, shared=shared, nbytes=nbytes)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def test_private_copy_of_a_file_page_is_refused(checkpoint):
+    path, _ = checkpoint
+    t = _file_tensor(path, shared=False)  # MAP_PRIVATE, writable: what safetensors gets from torch
+    on_disk = t.clone()
+    mid = t.numel() // 2 // PAGE * PAGE + 100
+    t[mid] = on_disk[mid] ^ 0xFF  # a copy-on-write page, the only copy of this byte
+    assert release_mapped_pages(t) == 0
+    assert t[mid] == on_disk[mid] ^ 0xFF
+    assert torch.equal(t[:mid], on_disk[:mid]) and torch.equal(t[mid + 1:], on_disk[mid + 1:])
+    # the pages before the written one hold no private data: those may go
+    head = t[: mid // PAGE * PAGE]
+    assert release_mapped_pages(head) == whole_pages(head) * PAGE
+    assert resident_pages(head) == 0
+    assert torch.equal(head, on_disk[: head.numel()])
+    assert t[mid] == on_disk[mid] ^ 0xFF
+
+
+def test_shared_mapping_keeps_writes(checkpoint, tmp_path):
+    path, _ = checkpoint
+    copy = str(tmp_path / "copy.safetensors")
+    shutil.copy(path, copy)
+    t = _file_tensor(copy, shared=True)  # MAP_SHARED: a write goes to the file's own page
+    t[4 * PAGE + 1] ^= 0x5A
+    expect = t.clone()
+    assert release_mapped_pages(t) > 0
+    assert resident_pages(t) == 0
+    assert torch.equal(t, expect)
+
+
+def test_strided_small_empty_and_meta_are_refused(checkpoint):
+    path, ref = checkpoint
+    with safe_open(path, framework="pt") as f:
+        w = f.get_slice("b.weight")[...]
+        assert torch.equal(w, ref["b.weight"])
+        n = resident_pages(w)
+        assert release_mapped_pages(w[:, ::2]) == 0  # its range holds the other columns too
+        assert release_mapped_pages(w[:, :1].expand(4096, 8)) == 0
+        assert release_mapped_pages(w[0, :100]) == 0  # within one page: shared with the rest
+        assert release_mapped_pages(w[:0]) == 0
+        assert resident_pages(w) == n
+    assert release_mapped_pages(torch.empty(4096, 4096, device="meta")) == 0
+
+
+def test_stale_maps_cache_cannot_release_heap(monkeypatch):
+    # should the cached parse of /proc/self/maps call heap memory a file mapping, the
+    # pagemap check still sees anonymous pages and refuses
+    t = torch.arange(4 * MiB, dtype=torch.int32)
+    expect = t.clone()
+    lo, hi = _interior(t)
+    monkeypatch.setattr(mapped_pages, "_starts", [lo - PAGE])
+    monkeypatch.setattr(mapped_pages, "_maps", [(lo - PAGE, hi + PAGE, "/a/stale/file.safetensors")])
+    assert release_mapped_pages(t) == 0
+    assert resident_pages(t) == whole_pages(t)
+    assert torch.equal(t, expect)
+
+
+def test_without_pagemap_or_madvise_nothing_is_released(checkpoint, monkeypatch):
+    path, ref = checkpoint
+    with safe_open(path, framework="pt") as f:
+        w = f.get_slice("b.weight")[...]
+        assert torch.equal(w, ref["b.weight"])
+        monkeypatch.setattr(mapped_pages, "_PAGEMAP", "/proc/self/no-such-file")
+        assert release_mapped_pages(w) == 0
+        monkeypatch.undo()
+        monkeypatch.setattr(mapped_pages, "_MADVISE", None)  # what other systems get
+        assert release_mapped_pages(w) == 0
+        assert resident_pages(w) == whole_pages(w)
+
+
+def test_quantize_on_load_releases_the_mapped_float_weights(tmp_path, monkeypatch):
+    """transformers 5 hands the conversion a view of the mapped checkpoint (no copy) when the
+    load dtype is the checkpoint's; every quantized weight's pages are released."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import hfquant
+    from hfquant import quantizer
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    calls = []
+
+    def spy(t):
+        r = release_mapped_pages(t)
+        calls.append((t.numel() * t.element_size(), r))
+        return r
+
+    monkeypatch.setattr(quantizer, "release_mapped_pages", spy)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(bits=4))
+    assert len(calls) == 2 * 7  # every projection of both layers
+    for nbytes, released in calls:
+        assert released >= nbytes - 2 * PAGE, (nbytes, released)
+    # the same model without the release: identical (each weight is released after it was quantized)
+    monkeypatch.setattr(quantizer, "release_mapped_pages", lambda t: 0)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(bits=4))
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
