@@ -30,17 +30,24 @@ Only the page-aligned interior of the tensor's bytes is released: the pages it s
 the neighbouring tensors of the file stay. The caller must own the tensor: a write to it by
 another thread between the check and the ``madvise`` would be lost. Elsewhere than Linux,
 or where ``/proc/self/pagemap`` cannot be read, this is a no-op.
+
+Where the loader hands over a copy instead (a load dtype other than the checkpoint's, a
+weight placed on a GPU), the copy has read the mapped pages: ``release_file_range`` finds
+the source bytes by file and offset (``safetensors_ranges`` reads them from the headers)
+in the process's mappings of that file, and releases them under the same checks.
 """
 from __future__ import annotations
 
 import bisect
+import json
 import os
+import struct
 import sys
 import threading
 
 import torch
 
-__all__ = ["release_mapped_pages"]
+__all__ = ["release_file_range", "release_mapped_pages", "safetensors_ranges"]
 
 _LINUX = sys.platform.startswith("linux")
 _MAPS = "/proc/self/maps"
@@ -67,13 +74,13 @@ def _load_madvise():
 
 _MADVISE = _load_madvise()
 
-# The file mappings of the process as last read: starts (sorted) and (start, end, path).
+# The file mappings of the process as last read: starts (sorted) and (start, end, path, file offset).
 _lock = threading.Lock()
 _starts: list[int] = []
-_maps: list[tuple[int, int, str]] = []
+_maps: list[tuple[int, int, str, int]] = []
 
 
-def _read_file_mappings() -> tuple[list[int], list[tuple[int, int, str]]]:
+def _read_file_mappings() -> tuple[list[int], list[tuple[int, int, str, int]]]:
     """The mappings of regular files in /proc/self/maps, sorted by start address."""
     out = []
     with open(_MAPS) as f:
@@ -86,12 +93,12 @@ def _read_file_mappings() -> tuple[list[int], list[tuple[int, int, str]]]:
             if not path.startswith("/") or path.startswith("/dev/") or path.endswith(" (deleted)"):
                 continue  # [heap], [stack], devices and shared memory, files no longer on disk
             lo, hi = fields[0].split("-")
-            out.append((int(lo, 16), int(hi, 16), path))
+            out.append((int(lo, 16), int(hi, 16), path, int(fields[2], 16)))
     out.sort()
     return [m[0] for m in out], out
 
 
-def _find_file_mapping(lo: int, hi: int) -> tuple[int, int, str] | None:
+def _find_file_mapping(lo: int, hi: int) -> tuple[int, int, str, int] | None:
     """The file mapping holding the bytes [lo, hi), from the cached parse of /proc/self/maps,
     parsed again when the cache does not know the range (a file mapped since)."""
     global _starts, _maps
@@ -140,19 +147,9 @@ def _dense_byte_range(t: torch.Tensor) -> tuple[int, int] | None:
     return lo, lo + span * t.element_size()
 
 
-def release_mapped_pages(t: torch.Tensor) -> int:
-    """Takes the pages of t out of the resident set when t lies in a mapped file and no data
-    can be lost (see the module docstring); returns the bytes that were resident and are
-    released, 0 when nothing was done. t stays valid: reading it maps the pages again."""
-    if _MADVISE is None or not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided:
-        return 0
-    rng = _dense_byte_range(t)
-    if rng is None:
-        return 0
-    lo = -(-rng[0] // _PAGE) * _PAGE  # the whole pages inside the tensor's bytes
-    hi = rng[1] // _PAGE * _PAGE
-    if hi <= lo or _find_file_mapping(lo, hi) is None:
-        return 0
+def _release(lo: int, hi: int) -> int:
+    """madvise(DONTNEED) on the page-aligned [lo, hi) of a file mapping, unless a page there is a
+    private copy or swapped out; returns the resident bytes released."""
     entries = _pagemap(lo // _PAGE, (hi - lo) // _PAGE)
     if entries is None:
         return 0
@@ -167,3 +164,70 @@ def release_mapped_pages(t: torch.Tensor) -> int:
     if _MADVISE(lo, hi - lo, _MADV_DONTNEED) != 0:
         return 0  # EINVAL for locked or huge-page mappings: nothing changed
     return resident
+
+
+def release_mapped_pages(t: torch.Tensor) -> int:
+    """Takes the pages of t out of the resident set when t lies in a mapped file and no data
+    can be lost (see the module docstring); returns the bytes that were resident and are
+    released, 0 when nothing was done. t stays valid: reading it maps the pages again."""
+    if _MADVISE is None or not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided:
+        return 0
+    rng = _dense_byte_range(t)
+    if rng is None:
+        return 0
+    lo = -(-rng[0] // _PAGE) * _PAGE  # the whole pages inside the tensor's bytes
+    hi = rng[1] // _PAGE * _PAGE
+    if hi <= lo or _find_file_mapping(lo, hi) is None:
+        return 0
+    return _release(lo, hi)
+
+
+def safetensors_ranges(files) -> dict[str, tuple[str, int, int]]:
+    """{tensor name: (real path of its file, first byte, end byte)} from the headers of the
+    safetensors files (JSON after an 8-byte length; offsets count from the header's end).
+    Files that cannot be read or are not safetensors are left out."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for f in files or ():
+        path = os.path.realpath(os.fspath(f))
+        if not path.endswith(".safetensors"):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 << 20:  # safetensors' own limit on the header
+                    continue
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            continue
+        if not isinstance(header, dict):
+            continue
+        for name, info in header.items():
+            off = info.get("data_offsets") if isinstance(info, dict) else None
+            if name != "__metadata__" and isinstance(off, list) and len(off) == 2 and all(
+                    isinstance(x, int) and x >= 0 for x in off) and off[0] <= off[1]:
+                out[name] = (path, 8 + n + off[0], 8 + n + off[1])
+    return out
+
+
+def release_file_range(path: str, begin: int, end: int) -> int:
+    """Takes the pages holding bytes [begin, end) of the file at path (a real path) out of the
+    resident set, in every mapping of that file in this process, under the checks of
+    ``release_mapped_pages`` (whole pages only, none a private copy); returns the bytes released."""
+    if _MADVISE is None or end <= begin:
+        return 0
+    try:
+        _, maps = _read_file_mappings()  # fresh: the file's mappings are looked up by name
+    except OSError:
+        return 0
+    released = 0
+    for start, stop, mpath, offset in maps:
+        if mpath != path:
+            continue
+        # file byte b is at address start + b - offset (both page-aligned, as mmap requires)
+        lo = max(start, start + begin - offset)
+        hi = min(stop, start + end - offset)
+        lo = -(-lo // _PAGE) * _PAGE
+        hi = hi // _PAGE * _PAGE
+        if hi > lo:
+            released += _release(lo, hi)
+    return released

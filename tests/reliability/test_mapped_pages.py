@@ -178,7 +178,7 @@ def test_stale_maps_cache_cannot_release_heap(monkeypatch):
     expect = t.clone()
     lo, hi = _interior(t)
     monkeypatch.setattr(mapped_pages, "_starts", [lo - PAGE])
-    monkeypatch.setattr(mapped_pages, "_maps", [(lo - PAGE, hi + PAGE, "/a/stale/file.safetensors")])
+    monkeypatch.setattr(mapped_pages, "_maps", [(lo - PAGE, hi + PAGE, "/a/stale/file.safetensors", 0)])
     assert release_mapped_pages(t) == 0
     assert resident_pages(t) == whole_pages(t)
     assert torch.equal(t, expect)
@@ -197,33 +197,80 @@ def test_without_pagemap_or_madvise_nothing_is_released(checkpoint, monkeypatch)
         assert resident_pages(w) == whole_pages(w)
 
 
-def test_quantize_on_load_releases_the_mapped_float_weights(tmp_path, monkeypatch):
-    """transformers 5 hands the conversion a view of the mapped checkpoint (no copy) when the
-    load dtype is the checkpoint's; every quantized weight's pages are released."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def test_file_range_release_reaches_a_copied_weight(checkpoint, tmp_path):
+    """The loader's copy case: the tensor handed over is a cast copy on the heap, its source
+    bytes are found through the safetensors header and released in the file's mapping."""
+    path, ref = checkpoint
+    ranges = mapped_pages.safetensors_ranges([path, str(tmp_path / "missing.safetensors")])
+    assert set(ranges) == set(ref)
+    raw = open(path, "rb").read()
+    for name, t in ref.items():
+        real, begin, end = ranges[name]
+        assert real == os.path.realpath(path)
+        assert raw[begin:end] == t.contiguous().view(torch.uint8).numpy().tobytes()
+    with safe_open(path, framework="pt") as f:
+        view = f.get_slice("b.weight")[...]
+        copy = view.to(torch.float32)  # reads every page of the mapping
+        assert release_mapped_pages(copy) == 0  # heap memory
+        assert resident_pages(view) == whole_pages(view)
+        assert mapped_pages.release_file_range(*ranges["b.weight"]) == whole_pages(view) * PAGE
+        assert resident_pages(view) == 0
+        assert torch.equal(view, ref["b.weight"])
+        assert mapped_pages.release_file_range(os.path.realpath(path) + ".other", 0, 1 << 30) == 0
 
-    import hfquant
-    from hfquant import quantizer
+
+@pytest.mark.parametrize("header", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json",
+                                    b"\x04\x00\x00\x00\x00\x00\x00\x00[1,2]",
+                                    b"\x2a\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"data_offsets":[9,3]}}'.ljust(42)],
+                         ids=["empty", "not-json", "not-a-dict", "reversed-offsets"])
+def test_unreadable_headers_give_no_ranges(tmp_path, header):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(header)
+    assert mapped_pages.safetensors_ranges([bad]) == {}
+
+
+@pytest.fixture
+def tiny_bf16_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["view", "cast-copy"])
+def test_quantize_on_load_releases_the_mapped_float_weights(tiny_bf16_llama, monkeypatch, dtype):
+    """transformers 5 hands the conversion a view of the mapped checkpoint when the load dtype
+    is the checkpoint's (bf16 here), and a cast copy on the heap otherwise; either way every
+    quantized weight's pages of the mapping are released."""
+    from transformers import AutoModelForCausalLM
+
+    import hfquant
+    from hfquant import quantizer
+
     calls = []
+    release_source = quantizer.HfQuantQuantize._release_source
 
-    def spy(t):
-        r = release_mapped_pages(t)
-        calls.append((t.numel() * t.element_size(), r))
-        return r
+    def spy(self, value, source_patterns):
+        released = release_source(self, value, source_patterns)
+        calls.append((value.dtype, source_patterns[0], released))
+        return released
 
-    monkeypatch.setattr(quantizer, "release_mapped_pages", spy)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(bits=4))
+    monkeypatch.setattr(quantizer.HfQuantQuantize, "_release_source", spy)
+    kw = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(tiny_bf16_llama, quantization_config=hfquant.HfQuantConfig(bits=4),
+                                                 **kw)
+    ranges = mapped_pages.safetensors_ranges(tiny_bf16_llama.glob("*.safetensors"))
     assert len(calls) == 2 * 7  # every projection of both layers
-    for nbytes, released in calls:
-        assert released >= nbytes - 2 * PAGE, (nbytes, released)
+    for value_dtype, key, released in calls:
+        assert value_dtype == (dtype or torch.bfloat16)
+        _, begin, end = ranges[key]
+        assert released >= (end - begin) - 2 * PAGE, (key, released)
     # the same model without the release: identical (each weight is released after it was quantized)
-    monkeypatch.setattr(quantizer, "release_mapped_pages", lambda t: 0)
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(bits=4))
+    monkeypatch.setattr(quantizer.HfQuantQuantize, "_release_source", lambda self, value, source_patterns: 0)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_bf16_llama, quantization_config=hfquant.HfQuantConfig(bits=4), **kw)
     x = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
