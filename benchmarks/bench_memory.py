@@ -182,7 +182,7 @@ DOC_INTRO = "# Reliability and security\n"
 
 def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import common  # the benchmarks' shared helpers (not imported by the test that reuses this file)
+    import common  # shared by the benchmarks (not imported by the test that reuses this file)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=20)
