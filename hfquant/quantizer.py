@@ -15,6 +15,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from . import _ext, checkpoint, formats
 from .config import ACTIVATION_METHODS, HfQuantConfig
 from .fileio import atomic_dir, copy_side_files
+from .mapped_pages import release_file_range, release_mapped_pages, safetensors_ranges
 from .nn import LutLinear, PackedLinear
 from .replace import quantize_in_place, replace_with_empty
 
@@ -101,8 +102,10 @@ class HfQuantQuantize(ConversionOps):
         module, tensor_name = get_module_from_name(model, target_key)
         w = value.t() if module.float_weight_transposed else value
         if isinstance(module, LutLinear):
-            return self._convert_lut(module, w, target_key, tensor_name, missing_keys)
+            return self._convert_lut(module, value, w, target_key, tensor_name, missing_keys,
+                                     kwargs.get("source_patterns"))
         q = _quantize_rtn_by_rows(w, module.bits, module.group_size, module.symmetric, module.scales.dtype)
+        self._release_source(value, kwargs.get("source_patterns"))
         prefix = target_key[: -len(tensor_name)]
         out = {prefix + "qweight": q.qweight, prefix + "scales": q.scales}
         if q.zeros is not None:
@@ -115,11 +118,25 @@ class HfQuantQuantize(ConversionOps):
         release_freed_memory()
         return out
 
-    @staticmethod
-    def _convert_lut(module, w, target_key, tensor_name, missing_keys):
+    def _release_source(self, value, source_patterns) -> int:
+        """Takes the quantized weight's pages of the mmapped checkpoint out of the resident set
+        (hfquant/mapped_pages.py); they would otherwise stay until loading ends, and the
+        resident set would peak at the whole float checkpoint. The weight is usually a view
+        of the mapping; where transformers handed over a copy (a dtype cast, a GPU), the
+        source bytes are found by the checkpoint key in the safetensors headers."""
+        released = release_mapped_pages(value)
+        if released:
+            return released
+        where = None
+        if source_patterns and len(source_patterns) == 1:
+            where = self.hf_quantizer.source_ranges.get(source_patterns[0])
+        return release_file_range(*where) if where else 0
+
+    def _convert_lut(self, module, value, w, target_key, tensor_name, missing_keys, source_patterns):
         # weight clustering (method "kmeans"): qweight + codebook
         prefix = target_key[: -len(tensor_name)]
         out = {prefix + k: v for k, v in module.quantize_float(w).items()}
+        self._release_source(value, source_patterns)
         del module._parameters["weight"]
         if missing_keys is not None:
             missing_keys.discard(target_key)
@@ -135,6 +152,7 @@ class HfQuantQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
+        self.source_ranges: dict[str, tuple[str, int, int]] = {}
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if isinstance(device_map, dict):
@@ -165,6 +183,9 @@ class HfQuantQuantizer(HfQuantizer):
             return model
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
                                                          expect_float_weights=not self.pre_quantized)
+        if not self.pre_quantized:
+            # where each float weight lies in the checkpoint files (HfQuantQuantize._release_source)
+            self.source_ranges = safetensors_ranges(checkpoint_files)
         tied = [n for n, m in model.named_modules() if getattr(m, "tied_source", None)]
         if tied:
             missing = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
