@@ -8,11 +8,23 @@ channels with s_j > 1 get finer steps. AWQ searches s = mean|x|^a / mean|w~|^(1-
 a grid of a in [0, 1), and keeps the a whose quantized layers reproduce the float outputs
 best on calibration tokens: for the layers after a norm (q/k/v, gate/up) the output of the
 attention / MLP module that holds them (on the first calibration windows), for o_proj and
-down_proj their own output (over all windows, through the input's second moment). Then, per group of weights, it searches a clipping factor of
-the quantization range that minimises the group's output error (not for q/k_proj, as in
-the paper's code). Both are folded into the float model (norm weights, v_proj / up_proj
-rows, clipped weights); the layers are then rounded to nearest as usual, so the checkpoint
-is plain format v1.
+down_proj their own output (over all windows, through the input's second moment). Then, per
+group of weights, it searches a clipping factor of the quantization range that minimises
+the group's output error (not for q/k_proj, as in the paper's code). Both are folded into
+the float model (norm weights, v_proj / up_proj rows, clipped weights); the layers are then
+rounded to nearest as usual, so the checkpoint is plain format v1. Clipping is realised by
+clamping the float weights to the shrunk range, so the search scores exactly what that
+clamp and round-to-nearest give: in a symmetric scheme the lowest code (-2^(b-1)) is
+never reached (round-to-nearest takes its scale from max|w| / (2^(b-1) - 1)), and a
+search that let a clipped negative extreme land on it would favour clipping that the
+checkpoint cannot reproduce.
+
+The module constants below select variants of the search. The defaults are the paper's
+choices plus the exact clipping score (on the default model it took AWQ W4 g128
+symmetric from 19% to 38% of round-to-nearest's perplexity gap, docs/accuracy.md). The
+others (x-only scaling, q/k clipping, separate minimum / maximum clipping, block inputs
+from the quantized previous blocks, sequential statistics within a block, clipping inside
+the scale search) are options, off by default: not yet measured on the full model.
 
 The scales are folded where the previous op can absorb them, with the rules of
 SmoothQuant (algorithms/smoothquant.py): input_layernorm -> q/k/v, v_proj -> o_proj (one
