@@ -8,11 +8,23 @@ channels with s_j > 1 get finer steps. AWQ searches s = mean|x|^a / mean|w~|^(1-
 a grid of a in [0, 1), and keeps the a whose quantized layers reproduce the float outputs
 best on calibration tokens: for the layers after a norm (q/k/v, gate/up) the output of the
 attention / MLP module that holds them (on the first calibration windows), for o_proj and
-down_proj their own output (over all windows, through the input's second moment). Then, per group of weights, it searches a clipping factor of
-the quantization range that minimises the group's output error (not for q/k_proj, as in
-the paper's code). Both are folded into the float model (norm weights, v_proj / up_proj
-rows, clipped weights); the layers are then rounded to nearest as usual, so the checkpoint
-is plain format v1.
+down_proj their own output (over all windows, through the input's second moment). Then, per
+group of weights, it searches a clipping factor of the quantization range that minimises
+the group's output error (not for q/k_proj, as in the paper's code). Both are folded into
+the float model (norm weights, v_proj / up_proj rows, clipped weights); the layers are then
+rounded to nearest as usual, so the checkpoint is plain format v1. Clipping is realised by
+clamping the float weights to the shrunk range, so the search scores exactly what that
+clamp and round-to-nearest give: in a symmetric scheme the lowest code (-2^(b-1)) is
+never reached (round-to-nearest takes its scale from max|w| / (2^(b-1) - 1)), and a
+search that let a clipped negative extreme land on it would favour clipping that the
+checkpoint cannot reproduce.
+
+The module constants below select variants of the search. The defaults are the paper's
+choices plus the exact clipping score (on the default model it took AWQ W4 g128
+symmetric from 19% to 38% of round-to-nearest's perplexity gap, docs/accuracy.md). The
+others (x-only scaling, q/k clipping, separate minimum / maximum clipping, block inputs
+from the quantized previous blocks, sequential statistics within a block, clipping inside
+the scale search) are options, off by default: not yet measured on the full model.
 
 The scales are folded where the previous op can absorb them, with the rules of
 SmoothQuant (algorithms/smoothquant.py): input_layernorm -> q/k/v, v_proj -> o_proj (one
@@ -27,7 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..formats.v1 import _grouped, fake_quantize
+from ..formats.v1 import _grouped, code_range, fake_quantize, symmetric_zero
 from .smoothquant import _attention_geometry, _folds_into_norm
 
 logger = logging.getLogger("hfquant")
@@ -36,6 +48,13 @@ GRID = 20            # scale exponents a = 0, 1/20, ..., 19/20
 CLIP_STEPS = 20      # clipping factors 1, 0.95, ..., 0.5
 CLIP_MIN = 0.5
 LOSS_WINDOWS = 4     # calibration windows on which the attention / MLP output error is measured
+DUO = True           # s = mean|x|^a / mean|w~|^(1-a); False: s = mean|x|^a (the paper's first form)
+CLIP_QK = False      # also search the clipping of q_proj / k_proj
+CLIP_SEPARATE = False  # asymmetric schemes: shrink the group's minimum and maximum by separate factors
+QUANTIZED_INPUTS = False  # each block's inputs come from the already quantized previous blocks
+SYM_CLAMPED = True   # the symmetric clipping search rounds as the clamped weights will be
+SCALE_WITH_CLIP = False  # score each scale candidate with its clipping searched (not only plain rounding)
+SEQUENTIAL = False   # the MLP's statistics and inputs come from the block with its attention quantized
 
 
 class _InputStats:
@@ -86,7 +105,8 @@ def _normalised_weight_mean(w: Tensor, group_size: int) -> Tensor:
 
 def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict, scale_dtype,
                   tie: tuple[int, int, int] | None = None,
-                  loss: Callable[[list[Tensor]], float] | None = None) -> tuple[Tensor, float, float]:
+                  loss: Callable[[list[Tensor]], float] | None = None,
+                  clip_in: list[bool] | None = None) -> tuple[Tensor, float, float]:
     """The AWQ scale search for layers with weights [N_i, K] that read one input whose
     second moment is M [K, K] and mean |x| per channel x_mean [K].
 
@@ -94,6 +114,8 @@ def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict
     whose factors must agree per (kv, channel) (o_proj under grouped-query attention).
     ``loss(weights)``: the error of the module that holds the layers (attention, MLP) with
     these effective weights; by default the layers' own output error tr(D M D^T).
+    ``clip_in``: per layer, whether each candidate is scored with the layer's clipping
+    searched for it (as it will be applied after the scaling), else plain rounding.
     Returns (s [K], best exponent, error at it relative to the float output power)."""
     W = torch.cat([w.detach().float() for w in weights])
     sizes = [w.shape[0] for w in weights]
@@ -107,13 +129,26 @@ def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict
     best = (None, 0.0, float("inf"))
     for i in range(GRID):
         a = i / GRID
-        s = (xm.pow(a) / (wm.pow(1 - a) + 1e-4)).clamp_min(1e-4)
+        s = (xm.pow(a) / (wm.pow(1 - a) + 1e-4) if DUO else xm.pow(a)).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
         if tie is not None:
             s = s.view(n_kv, 1, hd).expand(n_kv, rep, hd).reshape(-1)
         if not torch.isfinite(s).all():
             continue
-        Wq = fake_quantize(W * s, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype) / s
+        if clip_in is not None and any(clip_in):
+            Ms = M / (s[:, None] * s[None, :])
+            parts = []
+            for w_i, do in zip((W * s).split(sizes), clip_in):
+                if do:
+                    c_lo, c_hi = search_clip(Ms, w_i, scheme, scale_dtype, CLIP_SEPARATE)
+                    q = _fake_quantize_range(_grouped(w_i, scheme["group_size"]), scheme["bits"], scheme["symmetric"],
+                                             scale_dtype, c_lo, c_hi).reshape(w_i.shape[0], -1)[:, :w_i.shape[1]]
+                else:
+                    q = fake_quantize(w_i, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype)
+                parts.append(q)
+            Wq = torch.cat(parts) / s
+        else:
+            Wq = fake_quantize(W * s, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype) / s
         err = (_output_error(Wq - W, M) if loss is None else loss(list(Wq.split(sizes)))) / denom
         if err < best[2]:
             best = (s, a, err)
@@ -122,10 +157,41 @@ def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict
     return best
 
 
-def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype) -> Tensor:
-    """Per group clipping factor [N, G] in [CLIP_MIN, 1] minimising the group's own output
-    error d_g M_gg d_g^T (d_g: the group's rounding error, M_gg: its block of the input's
-    second moment M [K, K])."""
+def _clip_factors() -> list[float]:
+    return [1.0 - i / CLIP_STEPS for i in range(int(CLIP_STEPS * (1 - CLIP_MIN)) + 1)]
+
+
+def _fake_quantize_range(wg: Tensor, bits: int, symmetric: bool, scale_dtype, c_lo: Tensor, c_hi: Tensor) -> Tensor:
+    """Round-to-nearest of grouped weights wg [N, G, g] (float32) whose group range is
+    shrunk by c_lo (minimum) and c_hi (maximum) [N, G] (symmetric: by c_hi), as
+    formats.v1.group_params / quantize_codes compute it for the clamped weights."""
+    if symmetric:
+        # the clipped weights are clamped to [-c max|w|, c max|w|] and then rounded, so the
+        # lowest code (-2^(b-1)) that an unclamped weight could reach is never used
+        qmax = (1 << (bits - 1)) - 1
+        s = (wg.abs().amax(-1) * c_hi / qmax).to(scale_dtype).float()
+        z = torch.full_like(s, float(symmetric_zero(bits)))
+        lo_code, hi_code = code_range(bits, True)
+        if SYM_CLAMPED:
+            lo_code = int(symmetric_zero(bits)) - qmax
+    else:
+        qmax = (1 << bits) - 1
+        lo = wg.amin(-1).clamp(max=0.0) * c_lo
+        hi = wg.amax(-1).clamp(min=0.0) * c_hi
+        s = ((hi - lo) / qmax).to(scale_dtype).float()
+        z = torch.clamp(torch.round(-lo / torch.where(s > 0, s, torch.ones_like(s))), 0, qmax)
+        lo_code, hi_code = 0, qmax
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.clamp(torch.round(wg / safe[..., None]) + z[..., None], lo_code, hi_code)
+    return (q - z[..., None]) * s[..., None]
+
+
+def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype, separate: bool = False) -> tuple[Tensor, Tensor]:
+    """Per group clipping factors (c_lo, c_hi) [N, G] in [CLIP_MIN, 1] of the group's
+    minimum and maximum, minimising the group's own output error d_g M_gg d_g^T (d_g: the
+    group's rounding error, M_gg: its block of the input's second moment M [K, K]). One
+    factor for both ends unless ``separate`` (asymmetric schemes: then each end is
+    searched in turn, starting from the best common factor)."""
     N, K = w.shape
     w = w.detach().float()
     gs = K if scheme["group_size"] == -1 else scheme["group_size"]
@@ -134,32 +200,41 @@ def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype) -> Tensor:
     Mp = torch.zeros(G * gs, G * gs, dtype=torch.float32, device=M.device)
     Mp[:K, :K] = M.float()
     blocks = torch.stack([Mp[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(G)])  # [G, g, g]
-    best_err = torch.full((N, G), float("inf"), device=w.device)
-    best_c = torch.ones(N, G, device=w.device)
-    for i in range(int(CLIP_STEPS * (1 - CLIP_MIN)) + 1):
-        c = 1.0 - i / CLIP_STEPS
-        dq = _grouped(fake_quantize(w, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype, c),
-                      scheme["group_size"])
-        d = wg - dq
-        err = (torch.einsum("ngk,gkj->ngj", d, blocks) * d).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_c = torch.where(better, torch.full_like(best_c, c), best_c)
-    return best_c
+    bits, sym = scheme["bits"], scheme["symmetric"]
+
+    def error(c_lo: Tensor, c_hi: Tensor) -> Tensor:
+        d = wg - _fake_quantize_range(wg, bits, sym, scale_dtype, c_lo, c_hi)
+        return (torch.einsum("ngk,gkj->ngj", d, blocks) * d).sum(-1)
+
+    c_lo = torch.ones(N, G, device=w.device)
+    c_hi = torch.ones(N, G, device=w.device)
+    best_err = error(c_lo, c_hi)
+    passes = ["both"] + (["hi", "lo", "hi"] if separate and not sym else [])
+    for which in passes:
+        for c in _clip_factors()[1:]:
+            full = torch.full_like(c_lo, c)
+            lo_t = full if which in ("both", "lo") else c_lo
+            hi_t = full if which in ("both", "hi") else c_hi
+            err = error(lo_t, hi_t)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            c_lo = torch.where(better, lo_t, c_lo)
+            c_hi = torch.where(better, hi_t, c_hi)
+    return c_lo, c_hi
 
 
-def _clip_weight(m: nn.Module, transposed: bool, c: Tensor, scheme: dict) -> None:
+def _clip_weight(m: nn.Module, transposed: bool, c_lo: Tensor, c_hi: Tensor, scheme: dict) -> None:
     """Clamps the weight to its clipped group ranges, so that round-to-nearest of the result
     uses exactly the clipped scales."""
     w = _weight(m, transposed).detach().float()
     N, K = w.shape
     wg = _grouped(w, scheme["group_size"])
     if scheme["symmetric"]:
-        hi = wg.abs().amax(-1) * c
+        hi = wg.abs().amax(-1) * c_hi
         lo = -hi
     else:
-        lo = wg.amin(-1).clamp(max=0.0) * c
-        hi = wg.amax(-1).clamp(min=0.0) * c
+        lo = wg.amin(-1).clamp(max=0.0) * c_lo
+        hi = wg.amax(-1).clamp(min=0.0) * c_hi
     wc = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None]).reshape(N, -1)[:, :K]
     with torch.no_grad():
         m.weight.copy_((wc.t() if transposed else wc).to(m.weight.dtype))
@@ -217,12 +292,32 @@ def _module_loss(module: nn.Module, calls: list, layers: list[nn.Module]) -> Cal
     return loss
 
 
-@torch.no_grad()
-def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, bool, dict]],
-              clip_search: bool) -> tuple[dict[str, float], list]:
-    """AWQ of one decoder block, in place on its float weights. ``targets``: {name inside
-    the block: (module, transposed, scheme)}. Returns ({name: chosen exponent} of the
-    scaled layers, the float block's outputs on ``inputs``)."""
+class _Rounded:
+    """Within the context, the named target layers compute with their round-to-nearest
+    weights (as the checkpoint will store them); their float weights are restored after."""
+
+    def __init__(self, targets: dict[str, tuple[nn.Module, bool, dict]], names):
+        self.layers = [targets[n] for n in names]
+        self.saved: list[Tensor] = []
+
+    def __enter__(self):
+        for m, transposed, sc in self.layers:
+            self.saved.append(m.weight.detach().clone())
+            q = fake_quantize(_weight(m, transposed).detach().float(), sc["bits"], sc["group_size"],
+                              sc["symmetric"], m.weight.dtype)
+            m.weight.copy_((q.t() if transposed else q).to(m.weight.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        for (m, _, _), w in zip(self.layers, self.saved):
+            m.weight.copy_(w)
+        return False
+
+
+def _collect(block: nn.Module, inputs, modules: dict[str, nn.Module], inspect: dict[str, nn.Module]):
+    """One pass of the block over ``inputs``: the input statistics of ``modules`` (layers
+    that read one tensor share one object), the calls of the ``inspect`` modules on the
+    first LOSS_WINDOWS windows, and the block's outputs."""
     from .layerwise import hooked_pass
 
     stats: dict[str, _InputStats] = {}
@@ -237,21 +332,49 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         stats[name] = st
         last[0], last[1] = x, st
 
-    # the inputs of the attention and MLP modules on the first windows, for the norm groups' loss
-    inspect = {n: getattr(block, n) for n in ("self_attn", "mlp") if isinstance(getattr(block, n, None), nn.Module)}
+    limit = len(inputs) if LOSS_WINDOWS is None else LOSS_WINDOWS
     seen: dict[str, list] = {n: [] for n in inspect}
     handles = []
     for n, mod in inspect.items():
         def pre(module, args, kw, n=n):
-            if len(seen[n]) < LOSS_WINDOWS:
+            if len(seen[n]) < limit:
                 seen[n].append((args, kw))
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
     try:
-        outputs = hooked_pass(block, inputs, {n: m for n, (m, _, _) in targets.items()}, observe)
+        outputs = hooked_pass(block, inputs, modules, observe)
     finally:
         for h in handles:
             h.remove()
+    return stats, seen, outputs
+
+
+@torch.no_grad()
+def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, bool, dict]],
+              clip_search: bool) -> tuple[dict[str, float], list]:
+    """AWQ of one decoder block, in place on its float weights. ``targets``: {name inside
+    the block: (module, transposed, scheme)}. Returns ({name: chosen exponent} of the
+    scaled layers, the next block's inputs: the float block's outputs on ``inputs``, or
+    with QUANTIZED_INPUTS those of the block with its layers rounded)."""
+    from .layerwise import run_block
+
+    # the inputs of the attention and MLP modules on the first windows, for the norm groups' loss
+    inspect = {n: getattr(block, n) for n in ("self_attn", "mlp") if isinstance(getattr(block, n, None), nn.Module)}
+    stats, seen, outputs = _collect(block, inputs, {n: m for n, (m, _, _) in targets.items()}, inspect)
     chosen: dict[str, float] = {}
+    done: list[str] = []  # layers whose weights are final (scaled and clipped)
+
+    def clip(names):
+        if not clip_search:
+            return
+        for n in names:
+            if n not in targets or n not in stats or n in done:
+                continue
+            if n.endswith(("q_proj", "k_proj")) and not CLIP_QK:
+                continue
+            m, transposed, scheme = targets[n]
+            c_lo, c_hi = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype, CLIP_SEPARATE)
+            _clip_weight(m, transposed, c_lo, c_hi, scheme)
+
     for prev, kind, names, tie in _scale_groups(model, block):
         if not all(n in targets and n in stats for n in names):
             continue
@@ -259,13 +382,22 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         schemes = {tuple(sorted(sc.items())) for _, _, sc in mods}
         if len(schemes) != 1 or any(t for _, t, _ in mods):
             continue  # one search needs one scheme; Conv1D blocks are not of this layout
+        if SEQUENTIAL and done:
+            # statistics and module inputs of the remaining layers with the finished ones rounded
+            rest = {n: m for n, (m, _, _) in targets.items() if n not in done}
+            with _Rounded(targets, done):
+                new_stats, new_seen, _ = _collect(block, inputs, rest, inspect)
+            stats.update(new_stats)
+            seen.update(new_seen)
         scheme = mods[0][2]
         st = stats[names[0]]
         owner = names[0].split(".")[0]
         loss = _module_loss(inspect[owner], seen[owner], [m for m, _, _ in mods]) \
             if kind == "norm" and seen.get(owner) else None
+        clip_in = [clip_search and (CLIP_QK or not n.endswith(("q_proj", "k_proj"))) for n in names] \
+            if SCALE_WITH_CLIP else None
         s, a, err = search_scales(st.moment(), st.mean_abs(), [m.weight for m, _, _ in mods], scheme,
-                                  prev.weight.dtype, tie, loss)
+                                  prev.weight.dtype, tie, loss, clip_in)
         if tie is not None:
             n_kv, rep, hd = tie
             s_prev = s.view(n_kv, rep, hd)[:, 0, :].reshape(-1)
@@ -282,12 +414,13 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         # the layers now see x / s (q/k/v share one stats object: update each once)
         for st in {id(stats[n]): stats[n] for n in names}.values():
             st.divide(s)
-    if clip_search:
-        for n, (m, transposed, scheme) in targets.items():
-            if n.endswith(("q_proj", "k_proj")) or n not in stats:
-                continue
-            c = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype)
-            _clip_weight(m, transposed, c, scheme)
+        # rescaling the rows of a finished layer later (v_proj, up_proj) keeps its rounding error relative
+        clip(names)
+        done.extend(names)
+    clip([n for n in targets if n not in done])
+    if QUANTIZED_INPUTS:
+        with _Rounded(targets, list(targets)):
+            outputs = run_block(block, inputs)
     return chosen, outputs
 
 

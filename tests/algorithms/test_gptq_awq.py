@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfquant import HfQuantConfig, formats, quantize_model
-from hfquant.algorithms.awq import awq_block, search_clip
+from hfquant.algorithms.awq import _clip_weight, awq_block, search_clip
 from hfquant.algorithms.gptq import HessianAccumulator, dequantized_weight, gptq_quantize
 from hfquant.algorithms.layerwise import (calibrate_blocks, capture_block_inputs, decoder_blocks, linear_layers,
                                           run_block)
@@ -180,17 +180,41 @@ def test_awq_scaling_keeps_the_float_block_and_lowers_the_quantized_error(small_
     assert err_clip < err_rtn
 
 
-def test_awq_clip_search_never_raises_the_group_error():
+@pytest.mark.parametrize("sym,separate", [(True, False), (False, False), (False, True)],
+                         ids=["symmetric", "asymmetric", "asymmetric-separate"])
+def test_awq_clip_search_never_raises_the_realized_group_error(sym, separate):
+    """The clipped weights, rounded as the checkpoint stores them, never have a larger
+    output error per group than the unclipped ones (the search scores exactly what
+    clamping and round-to-nearest then give; symmetric: without the lowest code)."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(24, 256, generator=g)
     w[:, 3] *= 8  # an outlier column that a full range would waste steps on
+    w[::2, 70] = -6.0  # groups whose largest magnitude is negative
     x = torch.randn(64, 256, generator=g)
-    scheme = {"bits": 4, "group_size": 64, "symmetric": False}
-    c = search_clip(x.t() @ x / x.shape[0], w, scheme, torch.float32)
-    assert c.shape == (24, 4) and float(c.min()) >= 0.5 and float(c.max()) <= 1.0
-    full = formats.fake_quantize(w, 4, 64, False)
-    clipped = formats.fake_quantize(w, 4, 64, False, clip=c)
-    assert float((x @ (clipped - w).t()).pow(2).sum()) <= float((x @ (full - w).t()).pow(2).sum())
+    scheme = {"bits": 4, "group_size": 64, "symmetric": sym}
+    c_lo, c_hi = search_clip(x.t() @ x / x.shape[0], w, scheme, torch.float32, separate=separate)
+    assert c_lo.shape == c_hi.shape == (24, 4)
+    for c in (c_lo, c_hi):
+        assert float(c.min()) >= 0.5 and float(c.max()) <= 1.0
+    assert bool((c_lo < 1).any() or (c_hi < 1).any())  # the outliers are clipped somewhere
+    if sym or not separate:
+        assert torch.equal(c_lo, c_hi)
+    else:
+        assert not torch.equal(c_lo, c_hi)
+    layer = torch.nn.Linear(256, 24, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    _clip_weight(layer, False, c_lo, c_hi, scheme)
+    clipped = formats.fake_quantize(layer.weight.detach(), 4, 64, sym)
+    full = formats.fake_quantize(w, 4, 64, sym)
+
+    def group_errors(deq):  # [24, 4]: the output error of each group of 64 inputs
+        d = (deq - w).view(24, 4, 64)
+        xs = x.view(64, 4, 64)
+        return torch.einsum("tgk,ngk->tng", xs, d).pow(2).sum(0)
+
+    assert bool((group_errors(clipped) <= group_errors(full) * (1 + 1e-5) + 1e-6).all())
+    assert float(group_errors(clipped).sum()) < 0.95 * float(group_errors(full).sum())
 
 
 # ----------------------------------------------------------------------------- pipeline
