@@ -249,7 +249,7 @@ def default_model_dir(dtype: str = "float32") -> Path:
         gguf = found
     else:
         gguf = fetch_gguf()
-    _say(f"converting {gguf} to a plain {dtype} checkpoint in {out} (once; about 20 s)")
+    _say(f"converting {gguf} to a plain {dtype} checkpoint in {out} (once; 20-40 s on 2 cores)")
     convert_gguf(gguf, out, dtype)
     _say(f"wrote {out}")
     return out
