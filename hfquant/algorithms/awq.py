@@ -51,10 +51,10 @@ LOSS_WINDOWS = 4     # calibration windows on which the attention / MLP output e
 DUO = True           # s = mean|x|^a / mean|w~|^(1-a); False: s = mean|x|^a (the paper's first form)
 CLIP_QK = False      # also search the clipping of q_proj / k_proj
 CLIP_SEPARATE = False  # asymmetric schemes: shrink the group's minimum and maximum by separate factors
-QUANTIZED_INPUTS = False  # each block's inputs come from the already quantized previous blocks
+QUANTIZED_INPUTS = True   # each block's inputs come from the already quantized previous blocks
 SYM_CLAMPED = True   # the symmetric clipping search rounds as the clamped weights will be
 SCALE_WITH_CLIP = False  # score each scale candidate with its clipping searched (not only plain rounding)
-SEQUENTIAL = False   # the MLP's statistics and inputs come from the block with its attention quantized
+SEQUENTIAL = True    # the MLP's statistics and inputs come from the block with its attention quantized
 
 
 class _InputStats:
