@@ -213,18 +213,25 @@ def _lead(draw):
     return tuple(draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 17]), min_size=0, max_size=2)))
 
 
-@FUZZ
-@given(q=quantized(), data=st.data())
-def test_fuzz_qlinear(q, data):
-    bits, gs, N, K, qw, s, z = q
-    assume(torch.isfinite(s.float()).all())  # non-finite scales: repack above, and the loader refuses them
-    CASES["qlinear"] += 1
+def _linear_inputs(data, N: int, K: int):
+    """Activations [*lead, K] (dtype, value kind, memory layout drawn), a kernel path and an
+    optional bias [N] for a weight-only linear op."""
     dtype, kind, layout = data.draw(dtypes), data.draw(kinds), data.draw(layouts)
     lead = _lead(data.draw) or (data.draw(st.integers(0, 20)),)
     isa = data.draw(st.sampled_from(ISAS))
     gen = _gen(data.draw(seeds))
     x = view_as(floats((*lead, K), dtype, kind, gen, large=1e15), layout, gen)
     bias = floats((N,), data.draw(dtypes), "normal", gen) if data.draw(st.booleans()) else None
+    return dtype, kind, layout, lead, isa, gen, x, bias
+
+
+@FUZZ
+@given(q=quantized(), data=st.data())
+def test_fuzz_qlinear(q, data):
+    bits, gs, N, K, qw, s, z = q
+    assume(torch.isfinite(s.float()).all())  # non-finite scales: repack above, and the loader refuses them
+    CASES["qlinear"] += 1
+    dtype, kind, layout, lead, isa, gen, x, bias = _linear_inputs(data, N, K)
     w, sb = OPS.repack(qw, s, z, bits, gs, K)
     y = _with_isa(isa, lambda: OPS.qlinear(x, w, sb, bias, bits, gs, N, K))
     assert y.dtype == dtype and y.shape == (*lead, N)
@@ -308,12 +315,7 @@ def test_fuzz_lut_repack(c, poison):
 def test_fuzz_lut_linear(c, data):
     bits, gs, N, K, qw, cb = c
     CASES["lut_linear"] += 1
-    dtype, kind, layout = data.draw(dtypes), data.draw(kinds), data.draw(layouts)
-    lead = _lead(data.draw) or (data.draw(st.integers(0, 20)),)
-    isa = data.draw(st.sampled_from(ISAS))
-    gen = _gen(data.draw(seeds))
-    x = view_as(floats((*lead, K), dtype, kind, gen, large=1e15), layout, gen)
-    bias = floats((N,), data.draw(dtypes), "normal", gen) if data.draw(st.booleans()) else None
+    dtype, kind, layout, lead, isa, gen, x, bias = _linear_inputs(data, N, K)
     idx, tab = OPS.lut_repack(qw, cb, bits, gs, K)
     y = _with_isa(isa, lambda: OPS.lut_linear(x, idx, tab, bias, bits, gs, N, K))
     assert y.dtype == dtype and y.shape == (*lead, N)
