@@ -18,6 +18,11 @@
 namespace hfquant::cpu {
 namespace {
 
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoll(e) : dflt;
+}
+
 // Effective group length and group count for a (validated) group_size.
 void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
   if (group_size == -1) {
@@ -29,41 +34,61 @@ void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
   }
 }
 
+// Smallest M of the Gemm path (fp32/fp16 x on AVX-512); HFQUANT_GEMM_MIN_M overrides.
+// Measured (2 threads, Zen 5, SmolLM2 and 4096x4096 shapes): below, the GEMV kernels win,
+// since the Gemm path's per-call dequantization of every weight to fp32 and its 16-row
+// x^T slices are not yet amortized; the 4-bit GEMV (vdpbf16ps on hi/lo bf16 halves of x)
+// holds out longer than the 8-bit one (fp32 FMA with a byte-to-float conversion).
+int64_t gemm_min_m(int64_t bits) {
+  static const int64_t env = env_int("HFQUANT_GEMM_MIN_M", 0);
+  return env > 0 ? env : bits == 4 ? 20 : 12;
+}
+
 void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
   TORCH_CHECK(bits == 4 || bits == 8, "hfquant::", op, ": bits=", bits, " is not supported (use 4 or 8)");
   TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 32 == 0), "hfquant::", op,
               ": group_size=", group_size, " must be -1 (per channel) or a positive multiple of 32");
 }
 
-// Largest M served by the GEMV kernels; above it the blocked path (dequantize + ATen
-// GEMM). HFQUANT_GEMV_MAX_M overrides. Defaults from measurements (2 threads, Zen 5,
-// 4096x4096 and 11008x4096, W4 g128 and W8; the box was shared, so +-30%):
+// Which kernel serves a call.
+//   Gemv   : the GEMV kernels, one pass over the packed weights (small M).
+//   Gemm   : the register-blocked fp32 GEMM (AVX-512, fp32/fp16 x; qgemm_avx512.cpp).
+//   Blocked: dequantize a block of rows, then ATen's GEMM (bf16 x, or no AVX-512).
+enum class Path { Gemv, Gemm, Blocked };
+
+// Largest M served by the GEMV kernels, and which path takes larger M.
+// HFQUANT_GEMV_MAX_M overrides the first, HFQUANT_QGEMM=0 disables the Gemm path.
+// Defaults from measurements (2 threads, Zen 5, 4096x4096 and 11008x4096, W4 g128 and
+// W8; the box was shared, so +-30%):
 //  - bf16 x: the GEMM is oneDNN's bf16 one; crossover M ~ 24 for W4 (vdpbf16ps kernel),
 //    ~ 10 for W8 (its kernel multiplies in fp32).
-//  - fp32/fp16 x on avx512bf16 CPUs: the GEMV kernels stayed ahead of MKL's fp32 GEMM up
-//    to M = 128 (1.7-2.1x F.linear there; the blocked path 0.6-0.7x), so they keep it.
-//  - fp32/fp16 x on avx512 CPUs (Intel without BF16, where MKL's GEMM is at home):
-//    crossover ~ 32-48; on AVX2, whose kernels are half as fast: ~ 16 (fp32), ~ 6 (bf16).
+//  - fp32/fp16 x on AVX-512 CPUs: the Gemm path from M = gemm_min_m(bits) on, at every
+//    layer size (at M = 128 it runs at about 90% of the FMA peak: 1.6-2.7x F.linear fp32
+//    on SmolLM2's and Llama-7B's shapes, where the GEMV kernels gave 1.0-1.8x).
+//  - fp32/fp16 x on AVX2: crossover to the blocked path ~ 16 (fp32), ~ 6 (bf16).
 //  - portable: the GEMV is scalar, the blocked path wins almost at once.
-// Tiny layers (below 256K weights) stay on the GEMV kernels at any M: there the GEMM's
-// packing and thread start-up cost more than its arithmetic saves.
-bool use_gemv(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
-  static const int64_t env = [] {
-    const char* e = std::getenv("HFQUANT_GEMV_MAX_M");
-    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(-1);
-  }();
-  if (env >= 0) return M <= env;
-  if (N * Kp < (int64_t(1) << 18)) return true;
+// Tiny layers (below 256K weights) stay on the GEMV kernels unless the Gemm path serves
+// them: there the BLAS GEMM's packing and thread start-up cost more than they save.
+Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
+  static const int64_t env_max_m = env_int("HFQUANT_GEMV_MAX_M", -1);
+  static const bool gemm_on = env_int("HFQUANT_QGEMM", 1) != 0;
   const bool bf16 = xt == at::kBFloat16;
+  // bf16 x on avx512bf16 CPUs keeps the bf16 paths (vdpbf16ps GEMV, oneDNN's bf16 GEMM).
+  const bool has_gemm = gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512);
+  const Path big = has_gemm ? Path::Gemm : Path::Blocked;
+  if (env_max_m >= 0) return M <= std::max<int64_t>(0, env_max_m) ? Path::Gemv : big;
+  if (has_gemm) return M < gemm_min_m(bits) ? Path::Gemv : Path::Gemm;
+  if (N * Kp < (int64_t(1) << 18)) return Path::Gemv;
   int64_t max_m;
   switch (isa) {
-    // avx512bf16 measured with 2 threads at 4096x4096: bf16 W4 GEMV wins to M=64, W8 to M=16.
+    // avx512bf16 measured with 2 threads at 4096x4096: bf16 W4 GEMV wins to M=64, W8 to M=16;
+    // fp32 x (Gemm path off): the GEMV kernels stayed ahead of MKL's fp32 GEMM to M = 128.
     case Isa::Avx512Bf16: max_m = bf16 ? (bits == 4 ? 64 : 16) : 128; break;
     case Isa::Avx512: max_m = bf16 ? (bits == 4 ? 16 : 8) : 32; break;
     case Isa::Avx2: max_m = bf16 ? 8 : 16; break;
     default: max_m = 2;
   }
-  return M <= max_m;
+  return M <= max_m ? Path::Gemv : Path::Blocked;
 }
 
 // Rows dequantized per GEMM call on the blocked path (HFQUANT_BLOCK_ROWS overrides):
@@ -280,16 +305,19 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   const Isa isa = active_isa();
   const IsaFns fns = fns_for(isa);
   at::Tensor y;
-  if (use_gemv(isa, x.scalar_type(), bits, M, N, Kp)) {
+  const Path path = choose_path(isa, x.scalar_type(), bits, M, N, Kp);
+  if (path != Path::Blocked) {
     // GEMV path: one pass over the packed weights; x prepared once (fp32, padded, group
     // sums, bf16 hi/lo for the avx512bf16 4-bit kernel), bias and the cast to x.dtype
     // fused into the kernel's store.
-    const bool split = isa == Isa::Avx512Bf16 && bits == 4;
+    const bool gemm = path == Path::Gemm;
+    const bool split = !gemm && isa == Isa::Avx512Bf16 && bits == 4;
     const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
     const int64_t xbytes = round_up(M * Kp * 4, 64), sbytes = round_up(M * G * 4, 64);
     const int64_t hbytes = split ? round_up(M * Kp * 2, 64) : 0;
+    const int64_t C = (M + 15) / 16, tbytes = gemm ? C * 16 * Kp * 4 : 0;  // x^T slices of the Gemm path
     at::Tensor holder;
-    uint8_t* buf = scratch(xbytes + sbytes + 2 * hbytes, holder);
+    uint8_t* buf = scratch(xbytes + sbytes + 2 * hbytes + tbytes, holder);
     float* xo = reinterpret_cast<float*>(buf);
     float* xs = reinterpret_cast<float*>(buf + xbytes);
     uint16_t* xhi = split ? reinterpret_cast<uint16_t*>(buf + xbytes + sbytes) : nullptr;
@@ -301,9 +329,19 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
     if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
     y = at::empty({M, N}, x.options());
     const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
-    const GemvKernel kern = fns.gemv;
-    // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
-    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
+    if (gemm) {
+#if defined(HFQUANT_X86)
+      float* xt_ = reinterpret_cast<float*>(buf + xbytes + sbytes);
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { transpose_x_avx512(xo, M, Kp, xt_, c0, c1); });
+      // Tasks get whole panels of 3 tiles (12 rows), at least 2 each.
+      const int64_t P = (T + 2) / 3;
+      at::parallel_for(0, P, 2, [&](int64_t q0, int64_t q1) { gemm_avx512(p, xt_, M, o, 3 * q0, std::min(T, 3 * q1)); });
+#endif
+    } else {
+      const GemvKernel kern = fns.gemv;
+      // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
+      at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
+    }
   } else {
     // Blocked path: dequantize a block of rows into a buffer that stays in L2/L3, then
     // ATen's GEMM on it.

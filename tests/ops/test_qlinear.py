@@ -4,7 +4,8 @@ Every kernel path this CPU can run is forced in turn (the ``isa`` fixture). Whic
 GEMV kernels and the blocked path (dequantize + GEMM) serves a call depends on M, the
 dtype, the ISA and the layer size (tiny layers always take GEMV), so the blocked path is
 covered independently of those defaults: a subprocess test forces each path for every
-case with HFQUANT_GEMV_MAX_M, and the realistic shape crosses the default threshold.
+case with HFQUANT_GEMV_MAX_M and HFQUANT_QGEMM, and the realistic shape crosses the
+default threshold.
 """
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ torch.set_num_threads(1)  # correctness only; thread splits are covered in-proce
 gen = torch.Generator().manual_seed(6)
 for isa in _C.available_isas():
     _C.set_cpu_isa(isa)
-    for bits, gs, asym, (N, K) in itertools.product((4, 8), (-1, 32, 128), (False, True), ((3, 17), (37, 576))):
+    for bits, gs, asym, (N, K) in itertools.product((4, 8), (-1, 32, 128), (False, True), ((3, 17), (17, 300), (37, 576))):
         G = ref.group_geometry(gs, K)[1]
         qw = torch.randint(0, 256, (N, (K + 1) // 2 if bits == 4 else K), generator=gen, dtype=torch.uint8)
         if bits == 8 and not asym:
@@ -199,7 +200,7 @@ for isa in _C.available_isas():
         sc = torch.rand(N, G, generator=gen) * 0.02 + 0.001
         w, sb = torch.ops.hfquant.repack(qw, sc, z, bits, gs, K)
         S = sc.double().repeat_interleave(ref.group_geometry(gs, K)[0], dim=1)[:, :K]
-        for M in (5, 64):
+        for M in (5, 40, 64):
             for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
                 x = torch.randn(M, K, generator=gen).to(dtype)
                 b = torch.randn(N, generator=gen).to(dtype) if M % 2 else None
@@ -212,10 +213,12 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("max_m", [0, 1000], ids=["all-blocked", "all-gemv"])
-def test_qlinear_forced_path(max_m):
-    """HFQUANT_GEMV_MAX_M=0 sends every M to the blocked path, 1000 every M to the GEMV kernels."""
-    env = dict(os.environ, HFQUANT_GEMV_MAX_M=str(max_m), OMP_NUM_THREADS="2")
+@pytest.mark.parametrize("max_m,gemm", [(0, 0), (0, 1), (1000, 1)], ids=["all-blocked", "all-gemm", "all-gemv"])
+def test_qlinear_forced_path(max_m, gemm):
+    """HFQUANT_GEMV_MAX_M=0 sends every M past the GEMV kernels: with HFQUANT_QGEMM=0 to the
+    blocked path (dequantize + ATen GEMM), else, for fp32/fp16 x on AVX-512, to the
+    register-blocked Gemm kernel; HFQUANT_GEMV_MAX_M=1000 sends every M to the GEMV kernels."""
+    env = dict(os.environ, HFQUANT_GEMV_MAX_M=str(max_m), HFQUANT_QGEMM=str(gemm), OMP_NUM_THREADS="2")
     out = subprocess.run([sys.executable, "-c", _FORCE_PATH_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
