@@ -5,8 +5,9 @@
 // and broadcast x into it: one x load per FMA, which caps them near half of the FMA
 // throughput once M is large. Here the product is computed transposed, y^T = W x^T, as a
 // BLAS micro-kernel does:
-//   - x^T is laid out once per call in slices of 16 activation rows: xt[c][k][16]
-//     (zero for rows >= M and k >= K), by 16x16 register transposes;
+//   - x^T is laid out once per call, straight from x (fp32, bf16 or fp16), in slices of
+//     16 activation rows: xt[c][k][16] (zero for rows >= M and k >= K), by 16x16
+//     register transposes;
 //   - each thread dequantizes NR = 4 * NT weight rows (NT tiles) to fp32 into a panel
 //     [NR][Kp] that stays in L2 (the dequantizer of the blocked path, qlinear.h);
 //   - the micro-kernel holds acc[NR][MZ] zmm (MZ slices of 16 rows of x) for the whole
@@ -116,14 +117,32 @@ void panel_times_x(const float* panel, int64_t Kp, const float* xt, int64_t M, c
 
 }  // namespace
 
-// x: fp32 [M][Kp], zero padded in k (prepare_*) -> xt: [ceil(M/16)][Kp][16], zero for m >= M.
-void transpose_x_avx512(const float* x, int64_t M, int64_t Kp, float* xt, int64_t c0, int64_t c1) {
+// x: [M][K] of dtype xt, row stride ldx elements -> xt: [ceil(M/16)][Kp][16] fp32, zero for
+// m >= M and k >= K; slices [c0, c1).
+void transpose_x_avx512(const void* x, DType xt_dt, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* xt,
+                        int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t m0 = c * kSlice, rows = std::min(kSlice, M - m0);
     float* dst = xt + c * Kp * kSlice;
     for (int64_t k = 0; k < Kp; k += 16) {
+      const int64_t left = K - k;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : 0;
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(x + (m0 + i) * Kp + k) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; ++i) {
+        if (i >= rows) {
+          r[i] = _mm512_setzero_ps();
+          continue;
+        }
+        const int64_t at = (m0 + i) * ldx + k;
+        switch (xt_dt) {
+          case DType::F32: r[i] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(x) + at); break;
+          case DType::BF16:
+            r[i] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + at)), 16));
+            break;
+          default: r[i] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + at));
+        }
+      }
       transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (k + i) * kSlice, r[i]);
     }

@@ -306,42 +306,51 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   const IsaFns fns = fns_for(isa);
   at::Tensor y;
   const Path path = choose_path(isa, x.scalar_type(), bits, M, N, Kp);
-  if (path != Path::Blocked) {
+  const DType xt = dtype_of(x.scalar_type());
+  at::Tensor b32;
+  if (bias && path != Path::Blocked) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
+  if (path == Path::Gemm) {
+#if defined(HFQUANT_X86)
+    // Gemm path: x^T in 16-row slices straight from x, then panels of 12 dequantized
+    // weight rows against all of it; bias and the cast to x.dtype fused into the store.
+    const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
+    const int64_t C = (M + 15) / 16;
+    at::Tensor holder;
+    float* xtr = reinterpret_cast<float*>(scratch(C * 16 * Kp * 4, holder));
+    y = at::empty({M, N}, x.options());
+    const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
+    // at least ~32K values per transpose task: small x is transposed without a thread wake-up
+    const int64_t tgrain = std::max<int64_t>(1, (int64_t(1) << 15) / (16 * Kp));
+    at::parallel_for(0, C, tgrain, [&](int64_t c0, int64_t c1) {
+      transpose_x_avx512(xk.data_ptr(), xt, xk.stride(0), M, K, Kp, xtr, c0, c1);
+    });
+    // Tasks get whole panels of 3 tiles (12 rows), at least 2 each.
+    const int64_t P = (T + 2) / 3;
+    at::parallel_for(0, P, 2, [&](int64_t q0, int64_t q1) { gemm_avx512(p, xtr, M, o, 3 * q0, std::min(T, 3 * q1)); });
+#else
+    TORCH_CHECK(false, "hfquant::qlinear: the Gemm path needs an x86 build");
+#endif
+  } else if (path == Path::Gemv) {
     // GEMV path: one pass over the packed weights; x prepared once (fp32, padded, group
     // sums, bf16 hi/lo for the avx512bf16 4-bit kernel), bias and the cast to x.dtype
     // fused into the kernel's store.
-    const bool gemm = path == Path::Gemm;
-    const bool split = !gemm && isa == Isa::Avx512Bf16 && bits == 4;
+    const bool split = isa == Isa::Avx512Bf16 && bits == 4;
     const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
     const int64_t xbytes = round_up(M * Kp * 4, 64), sbytes = round_up(M * G * 4, 64);
     const int64_t hbytes = split ? round_up(M * Kp * 2, 64) : 0;
-    const int64_t C = (M + 15) / 16, tbytes = gemm ? C * 16 * Kp * 4 : 0;  // x^T slices of the Gemm path
     at::Tensor holder;
-    uint8_t* buf = scratch(xbytes + sbytes + 2 * hbytes + tbytes, holder);
+    uint8_t* buf = scratch(xbytes + sbytes + 2 * hbytes, holder);
     float* xo = reinterpret_cast<float*>(buf);
     float* xs = reinterpret_cast<float*>(buf + xbytes);
     uint16_t* xhi = split ? reinterpret_cast<uint16_t*>(buf + xbytes + sbytes) : nullptr;
     uint16_t* xlo = split ? reinterpret_cast<uint16_t*>(buf + xbytes + sbytes + hbytes) : nullptr;
-    const DType xt = dtype_of(x.scalar_type());
     fns.prepare(xk.data_ptr(), xt, xk.stride(0), M, p, split, xo, xs, xhi, xlo);
     ActView a{xo, xs, xhi, xlo, split && xt != DType::BF16, M};
-    at::Tensor b32;
-    if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
     y = at::empty({M, N}, x.options());
     const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
-    if (gemm) {
-#if defined(HFQUANT_X86)
-      float* xt_ = reinterpret_cast<float*>(buf + xbytes + sbytes);
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) { transpose_x_avx512(xo, M, Kp, xt_, c0, c1); });
-      // Tasks get whole panels of 3 tiles (12 rows), at least 2 each.
-      const int64_t P = (T + 2) / 3;
-      at::parallel_for(0, P, 2, [&](int64_t q0, int64_t q1) { gemm_avx512(p, xt_, M, o, 3 * q0, std::min(T, 3 * q1)); });
-#endif
-    } else {
-      const GemvKernel kern = fns.gemv;
-      // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
-      at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
-    }
+    const GemvKernel kern = fns.gemv;
+    // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
+    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
   } else {
     // Blocked path: dequantize a block of rows into a buffer that stays in L2/L3, then
     // ATen's GEMM on it.
