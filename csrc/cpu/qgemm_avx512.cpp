@@ -1,32 +1,19 @@
-// AVX-512 register-blocked GEMM of qlinear for fp32 arithmetic at larger M (the prefill
-// path for fp32 and fp16 activations).
-//
-// The GEMV kernels (qlinear_avx512.cpp) keep 4 rows of weights in the lanes of one zmm
-// and broadcast x into it: one x load per FMA, which caps them near half of the FMA
-// throughput once M is large. Here the product is computed transposed, y^T = W x^T, as a
-// BLAS micro-kernel does:
-//   - x^T is laid out once per call, straight from x (fp32, bf16 or fp16), in slices of
-//     16 activation rows: xt[c][k][16] (zero for rows >= M and k >= K), by 16x16
-//     register transposes;
-//   - each thread dequantizes NR = 4 * NT weight rows (NT tiles) to fp32 into a panel
-//     [NR][Kp] that stays in L2 (the dequantizer of the blocked path, qlinear.h);
-//   - the micro-kernel holds acc[NR][MZ] zmm (MZ slices of 16 rows of x) for the whole
-//     K: per k it loads MZ x^T vectors, broadcasts NR weights and issues NR * MZ FMAs
-//     (NT = 3, MZ = 2: 24 accumulators, 26 FMAs+broadcasts per 2 loads).
-// Each weight is dequantized once per call and used M times; the results are exactly
-// sum_k w[n][k] x[m][k] in fp32 with the dequantized w = (v - z) s of the checkpoint.
+// AVX-512 instance of the register-blocked fp32 GEMM of qlinear (qgemm_kernel.h): 16 floats
+// per vector, 12 weight rows x 32 activation rows per micro-kernel call (24 accumulators).
+// At M = 128 it runs near the FMA peak (docs/benchmarks.md); the GEMV kernels keep one
+// x load per FMA and stay near half of it.
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
+#include "cpu/qgemm_kernel.h"
 #include "cpu/qlinear.h"
 #include "cpu/simd_avx512.h"
 
 namespace hfquant::cpu {
 namespace {
 
-constexpr int64_t kSlice = 16;  // activation rows per x^T slice
+using qgemm::kSlice;
 
 // In-register transpose of 16 rows of 16 floats (r[i] holds row i; afterwards column i).
 inline void transpose16(__m512 (&r)[16]) {
@@ -58,62 +45,22 @@ inline void transpose16(__m512 (&r)[16]) {
   }
 }
 
-// y[m][n0 + i] for i < valid (<= 4) from v, + bias, converted to the output dtype.
-inline void store4(const OutView& o, int64_t m, int64_t n0, int64_t valid, __m128 v) {
-  const __mmask8 keep = __mmask8((1u << valid) - 1);
-  if (o.bias) v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, o.bias + n0));
-  const int64_t i = m * o.ldy + n0;
-  switch (o.dt) {
-    case DType::F32: _mm_mask_storeu_ps(static_cast<float*>(o.y) + i, keep, v); break;
-    case DType::BF16: _mm_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + i, keep, bf16_round(v)); break;
-    case DType::F16:
-      _mm_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + i, keep, _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-      break;
+struct V512 {
+  using vec = __m512;
+  static constexpr int64_t kW = 16;
+  static constexpr int kNR = 12;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec set1(float v) { return _mm512_set1_ps(v); }
+  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, vec v) { _mm512_store_ps(p, v); }
+  static void store4(const OutView& o, int64_t m, int64_t n0, int64_t valid, const float* v4) {
+    cpu::store4(o, m, n0, valid, _mm_load_ps(v4));
   }
-}
-
-// acc[n][z] += panel[n][k] * xt slices (c0 + z) at k, for all k < Kp; then the results of
-// rows n < nvalid and activation rows m < M are stored at y[m][n0 + n].
-template <int NR, int MZ>
-void micro(const float* panel, int64_t Kp, const float* xt, int64_t c0, int64_t M, const OutView& o, int64_t n0,
-           int64_t nvalid) {
-  __m512 acc[NR][MZ];
-  for (int n = 0; n < NR; ++n)
-    for (int z = 0; z < MZ; ++z) acc[n][z] = _mm512_setzero_ps();
-  const float* xs[MZ];
-  for (int z = 0; z < MZ; ++z) xs[z] = xt + (c0 + z) * Kp * kSlice;
-  for (int64_t k = 0; k < Kp; ++k) {
-    __m512 xv[MZ];
-    for (int z = 0; z < MZ; ++z) xv[z] = _mm512_loadu_ps(xs[z] + k * kSlice);
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-      const __m512 w = _mm512_set1_ps(panel[n * Kp + k]);
-#pragma GCC unroll 4
-      for (int z = 0; z < MZ; ++z) acc[n][z] = _mm512_fmadd_ps(w, xv[z], acc[n][z]);
-    }
+  static void dequant(const PackedView& p, void* w, DType wt, int64_t ldw, int64_t t0, int64_t t1) {
+    dequant_tiles_avx512(p, w, wt, ldw, t0, t1);
   }
-  // acc[n][z] lane j = y[16 (c0 + z) + j][n0 + n]: transpose through a small buffer.
-  alignas(64) float buf[NR][MZ * kSlice];
-  for (int n = 0; n < NR; ++n)
-    for (int z = 0; z < MZ; ++z) _mm512_store_ps(&buf[n][z * kSlice], acc[n][z]);
-  const int64_t m0 = c0 * kSlice, m1 = std::min(M, m0 + MZ * kSlice);
-  for (int64_t m = m0; m < m1; ++m) {
-    const int64_t j = m - m0;
-    for (int64_t n = 0; n < nvalid; n += 4)
-      store4(o, m, n0 + n, std::min<int64_t>(4, nvalid - n),
-             _mm_setr_ps(buf[n][j], buf[std::min<int64_t>(n + 1, NR - 1)][j],
-                         buf[std::min<int64_t>(n + 2, NR - 1)][j], buf[std::min<int64_t>(n + 3, NR - 1)][j]));
-  }
-}
-
-template <int NR>
-void panel_times_x(const float* panel, int64_t Kp, const float* xt, int64_t M, const OutView& o, int64_t n0,
-                   int64_t nvalid) {
-  const int64_t C = (M + kSlice - 1) / kSlice;
-  int64_t c = 0;
-  for (; c + 2 <= C; c += 2) micro<NR, 2>(panel, Kp, xt, c, M, o, n0, nvalid);
-  if (c < C) micro<NR, 1>(panel, Kp, xt, c, M, o, n0, nvalid);
-}
+};
 
 }  // namespace
 
@@ -149,25 +96,8 @@ void transpose_x_avx512(const void* x, DType xt_dt, int64_t ldx, int64_t M, int6
   }
 }
 
-// Tiles [t0, t1) of y = x W^T: 3 tiles (12 rows) per panel, fewer at the end of the range.
 void gemm_avx512(const PackedView& p, const float* xt, int64_t M, const OutView& o, int64_t t0, int64_t t1) {
-  constexpr int64_t kNT = 3;
-  thread_local std::vector<float> panel;
-  const size_t need = size_t(kNT * kNR * p.Kp);
-  if (panel.size() < need) panel.assign(need, 0.f);
-  for (int64_t t = t0; t < t1; t += kNT) {
-    const int64_t nt = std::min(kNT, t1 - t);
-    const int64_t n0 = t * kNR, nvalid = std::min(nt * kNR, p.N - n0);
-    // Rows past N (padding of the last tile) are not written by the dequantizer: zero
-    // them so the micro-kernel never meets stale values (their results are not stored).
-    if (nvalid < nt * kNR) std::fill(panel.begin() + nvalid * p.Kp, panel.begin() + nt * kNR * p.Kp, 0.f);
-    dequant_tiles_avx512(p, panel.data(), DType::F32, p.Kp, t, t + nt);
-    switch (nt) {
-      case 3: panel_times_x<12>(panel.data(), p.Kp, xt, M, o, n0, nvalid); break;
-      case 2: panel_times_x<8>(panel.data(), p.Kp, xt, M, o, n0, nvalid); break;
-      default: panel_times_x<4>(panel.data(), p.Kp, xt, M, o, n0, nvalid); break;
-    }
-  }
+  qgemm::gemm_tiles<V512>(p, xt, M, o, t0, t1);
 }
 
 }  // namespace hfquant::cpu

@@ -39,9 +39,11 @@ void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
 // since the Gemm path's per-call dequantization of every weight to fp32 and its 16-row
 // x^T slices are not yet amortized; the 4-bit GEMV (vdpbf16ps on hi/lo bf16 halves of x)
 // holds out longer than the 8-bit one (fp32 FMA with a byte-to-float conversion).
-int64_t gemm_min_m(int64_t bits) {
+int64_t gemm_min_m(Isa isa, int64_t bits) {
   static const int64_t env = env_int("HFQUANT_GEMM_MIN_M", 0);
-  return env > 0 ? env : bits == 4 ? 20 : 12;
+  if (env > 0) return env;
+  if (isa == Isa::Avx2) return bits == 4 ? 8 : 8;
+  return bits == 4 ? 20 : 12;
 }
 
 void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
@@ -52,7 +54,8 @@ void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
 
 // Which kernel serves a call.
 //   Gemv   : the GEMV kernels, one pass over the packed weights (small M).
-//   Gemm   : the register-blocked fp32 GEMM (AVX-512, fp32/fp16 x; qgemm_avx512.cpp).
+//   Gemm   : the register-blocked fp32 GEMM (qgemm_kernel.h; AVX-512 and AVX2, all x dtypes
+//            except bf16 x on avx512bf16 CPUs).
 //   Blocked: dequantize a block of rows, then ATen's GEMM (bf16 x, or no AVX-512).
 enum class Path { Gemv, Gemm, Blocked };
 
@@ -74,10 +77,10 @@ Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N,
   static const bool gemm_on = env_int("HFQUANT_QGEMM", 1) != 0;
   const bool bf16 = xt == at::kBFloat16;
   // bf16 x on avx512bf16 CPUs keeps the bf16 paths (vdpbf16ps GEMV, oneDNN's bf16 GEMM).
-  const bool has_gemm = gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512);
+  const bool has_gemm = gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512 || isa == Isa::Avx2);
   const Path big = has_gemm ? Path::Gemm : Path::Blocked;
   if (env_max_m >= 0) return M <= std::max<int64_t>(0, env_max_m) ? Path::Gemv : big;
-  if (has_gemm) return M < gemm_min_m(bits) ? Path::Gemv : Path::Gemm;
+  if (has_gemm) return M < gemm_min_m(isa, bits) ? Path::Gemv : Path::Gemm;
   if (N * Kp < (int64_t(1) << 18)) return Path::Gemv;
   int64_t max_m;
   switch (isa) {
@@ -108,16 +111,19 @@ struct IsaFns {
   GemvKernel gemv;
   PrepareFn prepare;
   DequantFn dequant;
+  TransposeXFn transpose_x;  // Gemm path (nullptr: none on this ISA)
+  GemmKernel gemm;
 };
 
 IsaFns fns_for(Isa isa) {
   switch (isa) {
 #if defined(HFQUANT_X86)
-    case Isa::Avx512Bf16: return {gemv_avx512bf16, prepare_avx512, dequant_tiles_avx512};
-    case Isa::Avx512: return {gemv_avx512, prepare_avx512, dequant_tiles_avx512};
-    case Isa::Avx2: return {gemv_avx2, prepare_avx2, dequant_tiles_avx2};
+    case Isa::Avx512Bf16:
+      return {gemv_avx512bf16, prepare_avx512, dequant_tiles_avx512, transpose_x_avx512, gemm_avx512};
+    case Isa::Avx512: return {gemv_avx512, prepare_avx512, dequant_tiles_avx512, transpose_x_avx512, gemm_avx512};
+    case Isa::Avx2: return {gemv_avx2, prepare_avx2, dequant_tiles_avx2, transpose_x_avx2, gemm_avx2};
 #endif
-    default: return {gemv_portable, prepare_portable, dequant_tiles_portable};
+    default: return {gemv_portable, prepare_portable, dequant_tiles_portable, nullptr, nullptr};
   }
 }
 
@@ -310,9 +316,9 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   at::Tensor b32;
   if (bias && path != Path::Blocked) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
   if (path == Path::Gemm) {
-#if defined(HFQUANT_X86)
     // Gemm path: x^T in 16-row slices straight from x, then panels of 12 dequantized
     // weight rows against all of it; bias and the cast to x.dtype fused into the store.
+    TORCH_CHECK(fns.gemm, "hfquant::qlinear: no Gemm kernel on the ", isa_name(isa), " path");
     const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
     const int64_t C = (M + 15) / 16;
     at::Tensor holder;
@@ -322,14 +328,11 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
     // at least ~32K values per transpose task: small x is transposed without a thread wake-up
     const int64_t tgrain = std::max<int64_t>(1, (int64_t(1) << 15) / (16 * Kp));
     at::parallel_for(0, C, tgrain, [&](int64_t c0, int64_t c1) {
-      transpose_x_avx512(xk.data_ptr(), xt, xk.stride(0), M, K, Kp, xtr, c0, c1);
+      fns.transpose_x(xk.data_ptr(), xt, xk.stride(0), M, K, Kp, xtr, c0, c1);
     });
     // Tasks get whole panels of 3 tiles (12 rows), at least 2 each.
     const int64_t P = (T + 2) / 3;
-    at::parallel_for(0, P, 2, [&](int64_t q0, int64_t q1) { gemm_avx512(p, xtr, M, o, 3 * q0, std::min(T, 3 * q1)); });
-#else
-    TORCH_CHECK(false, "hfquant::qlinear: the Gemm path needs an x86 build");
-#endif
+    at::parallel_for(0, P, 2, [&](int64_t q0, int64_t q1) { fns.gemm(p, xtr, M, o, 3 * q0, std::min(T, 3 * q1)); });
   } else if (path == Path::Gemv) {
     // GEMV path: one pass over the packed weights; x prepared once (fp32, padded, group
     // sums, bf16 hi/lo for the avx512bf16 4-bit kernel), bias and the cast to x.dtype

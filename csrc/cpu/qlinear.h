@@ -78,13 +78,20 @@ void prepare_avx2(const void* x, DType xt, int64_t ldx, int64_t M, const PackedV
 void prepare_avx512(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split,
                     float* xo, float* xs, uint16_t* xhi, uint16_t* xlo);
 
-// Register-blocked fp32 GEMM for larger M (AVX-512; qgemm_avx512.cpp): x ([M][K] of dtype
-// xt_dt, row stride ldx) is first laid out as fp32 xt [ceil(M/16)][Kp][16], zero padded, by
-// slices c in [c0, c1); then gemm_* computes y for tiles [t0, t1) from panels of
-// dequantized fp32 weights.
+// Register-blocked fp32 GEMM for larger M (qgemm_kernel.h): x ([M][K] of dtype xt_dt, row
+// stride ldx) is first laid out as fp32 xt [ceil(M/16)][Kp][16], zero padded, by slices c
+// in [c0, c1); then gemm_* computes y for tiles [t0, t1) from panels of dequantized fp32
+// weights.
+using TransposeXFn = void (*)(const void* x, DType xt_dt, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* xt,
+                              int64_t c0, int64_t c1);
+using GemmKernel = void (*)(const PackedView& p, const float* xt, int64_t M, const OutView& o, int64_t t0,
+                            int64_t t1);
 void transpose_x_avx512(const void* x, DType xt_dt, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* xt,
                         int64_t c0, int64_t c1);
+void transpose_x_avx2(const void* x, DType xt_dt, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* xt,
+                      int64_t c0, int64_t c1);
 void gemm_avx512(const PackedView& p, const float* xt, int64_t M, const OutView& o, int64_t t0, int64_t t1);
+void gemm_avx2(const PackedView& p, const float* xt, int64_t M, const OutView& o, int64_t t0, int64_t t1);
 
 // Dequantizes tiles [t0, t1) to rows (w_out[(4t + r) - 4*t0][k], k < K, row stride ldw
 // elements) of fp32 (wt F32) or bf16 (wt BF16, round to nearest even) weights (v - z) s.

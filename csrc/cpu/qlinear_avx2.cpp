@@ -49,38 +49,6 @@ inline __m256i byte_to_dword_ctrl(int j, int pos) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
 }
 
-// y[m][n0 .. n0 + valid) = v (+ bias), converted to the output dtype.
-inline void store4(const OutView& o, int64_t m, int64_t n0, int64_t valid, __m128 v) {
-  alignas(16) float tmp[4];
-  if (o.bias) {
-    if (valid == 4) {
-      v = _mm_add_ps(v, _mm_loadu_ps(o.bias + n0));
-    } else {
-      for (int r = 0; r < 4; ++r) tmp[r] = r < valid ? o.bias[n0 + r] : 0.f;
-      v = _mm_add_ps(v, _mm_load_ps(tmp));
-    }
-  }
-  const int64_t i = m * o.ldy + n0;
-  alignas(16) uint16_t h[8];
-  switch (o.dt) {
-    case DType::F32:
-      if (valid == 4) {
-        _mm_storeu_ps(static_cast<float*>(o.y) + i, v);
-        return;
-      }
-      _mm_store_ps(tmp, v);
-      for (int64_t r = 0; r < valid; ++r) static_cast<float*>(o.y)[i + r] = tmp[r];
-      return;
-    case DType::BF16:
-      _mm_store_si128(reinterpret_cast<__m128i*>(h), pack_dw16(bf16_round_dw(_mm256_castps128_ps256(v))));
-      break;
-    case DType::F16:
-      _mm_store_si128(reinterpret_cast<__m128i*>(h), _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-      break;
-  }
-  for (int64_t r = 0; r < valid; ++r) static_cast<uint16_t*>(o.y)[i + r] = h[r];
-}
-
 template <int MB>
 struct XRows {
   const float* x[MB];

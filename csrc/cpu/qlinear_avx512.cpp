@@ -47,20 +47,6 @@ inline __m128 lane_sums(__m512 v) {
   return _mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(a2, a3));
 }
 
-// y[m][n0 .. n0 + valid) = v (+ bias), converted to the output dtype.
-inline void store4(const OutView& o, int64_t m, int64_t n0, int64_t valid, __m128 v) {
-  const __mmask8 keep = __mmask8((1u << valid) - 1);
-  if (o.bias) v = _mm_add_ps(v, _mm_maskz_loadu_ps(keep, o.bias + n0));
-  const int64_t i = m * o.ldy + n0;
-  switch (o.dt) {
-    case DType::F32: _mm_mask_storeu_ps(static_cast<float*>(o.y) + i, keep, v); break;
-    case DType::BF16: _mm_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + i, keep, bf16_round(v)); break;
-    case DType::F16:
-      _mm_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + i, keep, _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-      break;
-  }
-}
-
 template <int MB>
 struct XRows {
   const float* x[MB];
