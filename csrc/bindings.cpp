@@ -1,6 +1,8 @@
-// The pybind11 half of hfquant._C: build facts only. Ops live in torch.ops.hfquant.
+// The pybind11 half of hfquant._C: build facts, and one direct entry to the CPU qlinear
+// kernel for eager inference (hfquant/ops.py). Ops live in torch.ops.hfquant.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/python.h>
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_gemm.h"
@@ -13,6 +15,13 @@
 #endif
 
 namespace py = pybind11;
+
+namespace hfquant::cpu {
+// csrc/cpu/qlinear.cpp, the CPU kernel of torch.ops.hfquant.qlinear
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                       const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                       int64_t out_features, int64_t in_features);
+}  // namespace hfquant::cpu
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hfquant native core (ops are registered under torch.ops.hfquant)";
@@ -53,6 +62,27 @@ PYBIND11_MODULE(_C, m) {
         "Force an int8 GEMM kernel (for tests and benchmarks); 'auto' follows the active kernel path.");
   m.def("available_int8_paths", []() { return hfquant::cpu::available_int8_paths(); },
         "int8 GEMM kernels this CPU can run, best first.");
+  // The same function the dispatcher calls for CPU tensors, without the dispatcher: no
+  // autograd, no tensor subclasses, no tracing. hfquant.ops.qlinear uses it only for plain
+  // CPU tensors when no gradient is wanted and nothing is being compiled; there the
+  // dispatcher's boxed call through the op's Python autograd kernel cost ~4 us per call
+  // (a decode step of the default model makes 211 of them).
+  m.def("qlinear_cpu",
+        [](const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+           const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t out_features,
+           int64_t in_features) {
+          try {
+            return hfquant::cpu::qlinear_cpu(x, packed_weight, packed_scales, bias, bits, group_size,
+                                             out_features, in_features);
+          } catch (const c10::Error& e) {
+            // the message the dispatcher route raises, without the C++ backtrace
+            throw std::runtime_error(e.what_without_backtrace());
+          }
+        },
+        py::arg("x"), py::arg("packed_weight"),
+        py::arg("packed_scales"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
+        py::arg("out_features"), py::arg("in_features"), py::call_guard<py::gil_scoped_release>(),
+        "hfquant::qlinear's CPU kernel called directly (eager inference fast path).");
   m.def("available_isas", []() {
     std::vector<std::string> out;
     for (auto isa : hfquant::cpu::available_isas()) out.emplace_back(hfquant::cpu::isa_name(isa));

@@ -10,6 +10,7 @@ import os
 import torch
 
 from . import _ext  # noqa: F401  (registers torch.ops.hfquant)
+from ._ext import _C
 from . import ref
 
 _NR = ref.NR
@@ -17,6 +18,18 @@ _NR = ref.NR
 
 def _backend() -> str:
     return os.environ.get("HFQUANT_BACKEND", "native")
+
+
+def _direct_ok(x: torch.Tensor, packed_scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a qlinear call may skip the dispatcher and call the CPU kernel directly: plain
+    CPU tensors, no gradient wanted, not under torch.compile tracing (which must see the op).
+    The kernel and its argument checks are the same either way."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or packed_scales.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return type(packed_scales) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
 
 
 @torch.library.register_fake("hfquant::repack")
@@ -69,6 +82,8 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
     if _backend() == "ref":
         return ref.qlinear_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
                                in_features)
+    if _direct_ok(x, packed_scales, bias):
+        return _C.qlinear_cpu(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features)
     return torch.ops.hfquant.qlinear(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
                                      in_features)
 

@@ -42,8 +42,15 @@ void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
 int64_t gemm_min_m(Isa isa, int64_t bits) {
   static const int64_t env = env_int("HFQUANT_GEMM_MIN_M", 0);
   if (env > 0) return env;
-  if (isa == Isa::Avx2) return bits == 4 ? 8 : 8;
+  if (isa == Isa::Avx2) return 12;  // AVX2 (8-wide FMA): even at M = 8, ahead from 16
   return bits == 4 ? 20 : 12;
+}
+
+// Packed weight bytes x activation rows below which a GEMV call stays on one thread
+// (HFQUANT_GEMV_TASK_BYTES overrides).
+int64_t gemv_min_task_bytes() {
+  static const int64_t env = env_int("HFQUANT_GEMV_TASK_BYTES", -1);
+  return env >= 0 ? env : 0;
 }
 
 void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
@@ -352,8 +359,12 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
     y = at::empty({M, N}, x.options());
     const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
     const GemvKernel kern = fns.gemv;
-    // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
-    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
+    // Each task gets at least 8 tiles (32 rows) and gemv_min_task_bytes() of packed
+    // weights per activation row, so a small layer is not split across threads whose
+    // wake-up costs more than the rows they would take.
+    const int64_t tile_bytes = U * kNR * 16 + G * 2 * kNR * 4;
+    const int64_t grain = std::max<int64_t>(8, gemv_min_task_bytes() / (tile_bytes * M));
+    at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
   } else {
     // Blocked path: dequantize a block of rows into a buffer that stays in L2/L3, then
     // ATen's GEMM on it.

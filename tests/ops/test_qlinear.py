@@ -296,3 +296,36 @@ def test_qlinear_rejects_bad_arguments():
 def test_set_cpu_isa_rejects_unknown_name():
     with pytest.raises(RuntimeError, match=r"unknown CPU kernel path 'avx9'"):
         _C.set_cpu_isa("avx9")
+
+
+# ------------------------------------------------------------------ direct entry (eager)
+
+
+def test_direct_entry_matches_dispatcher():
+    """hfquant.ops.qlinear calls the CPU kernel directly (no dispatcher) for plain CPU
+    tensors when no gradient is wanted: bit-identical results and the same errors as
+    torch.ops.hfquant.qlinear; with a gradient wanted it takes the dispatcher (autograd)."""
+    gen = torch.Generator().manual_seed(11)
+    for bits, gs, asym in ((4, 128, False), (8, -1, True), (4, 32, True)):
+        N, K = 37, 300
+        qw, sc, z = make_quantized(N, K, bits, gs, asym, gen)
+        w, sb = torch.ops.hfquant.repack(qw, sc, z, bits, gs, K)
+        for M, dtype in ((1, torch.float32), (5, torch.bfloat16), (40, torch.float16), (128, torch.float32)):
+            x = torch.randn(2, M, K, generator=gen).to(dtype)
+            b = torch.randn(N, generator=gen).to(dtype)
+            assert hfquant.ops._direct_ok(x, sb, b)
+            with torch.no_grad():
+                got = hfquant.ops.qlinear(x, w, sb, b, bits, gs, N, K)
+            want = torch.ops.hfquant.qlinear(x, w, sb, b, bits, gs, N, K)
+            assert got.dtype == dtype and got.shape == (2, M, N)
+            assert torch.equal(got, want), (bits, gs, asym, M, dtype)
+    with pytest.raises(RuntimeError, match=r"x has last dimension 33, expected in_features=300"):
+        hfquant.ops.qlinear(torch.randn(3, 33), w, sb, None, bits, gs, N, K)
+    with pytest.raises(RuntimeError, match=r"x must be float32, bfloat16 or float16, got Long"):
+        hfquant.ops.qlinear(torch.ones(3, K, dtype=torch.long), w, sb, None, bits, gs, N, K)
+    xg = torch.randn(3, K, requires_grad=True)
+    assert not hfquant.ops._direct_ok(xg, sb, None)
+    y = hfquant.ops.qlinear(xg, w, sb, None, bits, gs, N, K)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == xg.shape
