@@ -3,28 +3,28 @@
 Weights that meet large activations matter most. For layers that read the same input x,
 scaling input channel j of their weights by s_j (and dividing x_j by s_j where x is
 produced, which is exact) changes how precisely round-to-nearest keeps each channel:
-channels with s_j > 1 get finer steps. AWQ searches s = mean|x|^a / mean|w~|^(1-a)
-(w~: the weights normalised by their group maximum), normalised to geometric mean 1, over
-a grid of a in [0, 1), and keeps the a whose quantized layers reproduce the float outputs
-best on calibration tokens: for the layers after a norm (q/k/v, gate/up) the output of the
-attention / MLP module that holds them (on the first calibration windows), for o_proj and
-down_proj their own output (over all windows, through the input's second moment). Then, per
-group of weights, it searches a clipping factor of the quantization range that minimises
-the group's output error (not for q/k_proj, as in the paper's code). Both are folded into
-the float model (norm weights, v_proj / up_proj rows, clipped weights); the layers are then
-rounded to nearest as usual, so the checkpoint is plain format v1. Clipping is realised by
-clamping the float weights to the shrunk range, so the search scores exactly what that
-clamp and round-to-nearest give: in a symmetric scheme the lowest code (-2^(b-1)) is
-never reached (round-to-nearest takes its scale from max|w| / (2^(b-1) - 1)), and a
-search that let a clipped negative extreme land on it would favour clipping that the
-checkpoint cannot reproduce.
+channels with s_j > 1 get finer steps. AWQ searches s = mean|x|^a, normalised to
+geometric mean 1, over a grid of a in [0, 1), and keeps the a whose quantized layers
+reproduce the float outputs best on calibration tokens: for the layers after a norm
+(q/k/v, gate/up) the output of the attention / MLP module that holds them (on the first
+calibration windows), for o_proj and down_proj their own output (over all windows, through
+the input's second moment). Then, per group of weights, it searches a clipping factor of
+the quantization range that minimises the group's output error (not for q/k_proj, as in
+the paper's code); asymmetric schemes then refine the minimum and the maximum separately.
+Both are folded into the float model (norm weights, v_proj / up_proj rows, clipped
+weights); the layers are then rounded to nearest as usual, so the checkpoint is plain
+format v1. Clipping is realised by clamping the float weights to the shrunk range, so the
+search scores exactly what that clamp and round-to-nearest give: in a symmetric scheme the
+lowest code (-2^(b-1)) is never reached (round-to-nearest takes its scale from
+max|w| / (2^(b-1) - 1)), and a search that let a clipped negative extreme land on it would
+favour clipping that the checkpoint cannot reproduce.
 
-The module constants below select variants of the search. The defaults are the paper's
-choices plus the exact clipping score (on the default model it took AWQ W4 g128
-symmetric from 19% to 38% of round-to-nearest's perplexity gap, docs/accuracy.md). The
-others (x-only scaling, q/k clipping, separate minimum / maximum clipping, block inputs
-from the quantized previous blocks, sequential statistics within a block, clipping inside
-the scale search) are options, off by default: not yet measured on the full model.
+Blocks are calibrated in order on the outputs of the already rounded previous blocks (the
+inputs the quantized model will see), and within a block the MLP's statistics are taken
+with the attention's layers already rounded. These choices were measured on the default
+model (W4 g128, docs/accuracy.md, "AWQ variants"); the variants that measured worse (the
+weight-normalised form s = mean|x|^a / mean|w~|^(1-a), q/k clipping, clipping searched
+inside the scale search, finer grids, more loss windows) are not kept.
 
 The scales are folded where the previous op can absorb them, with the rules of
 SmoothQuant (algorithms/smoothquant.py): input_layernorm -> q/k/v, v_proj -> o_proj (one
@@ -48,13 +48,6 @@ GRID = 20            # scale exponents a = 0, 1/20, ..., 19/20
 CLIP_STEPS = 20      # clipping factors 1, 0.95, ..., 0.5
 CLIP_MIN = 0.5
 LOSS_WINDOWS = 4     # calibration windows on which the attention / MLP output error is measured
-DUO = True           # s = mean|x|^a / mean|w~|^(1-a); False: s = mean|x|^a (the paper's first form)
-CLIP_QK = False      # also search the clipping of q_proj / k_proj
-CLIP_SEPARATE = False  # asymmetric schemes: shrink the group's minimum and maximum by separate factors
-QUANTIZED_INPUTS = True   # each block's inputs come from the already quantized previous blocks
-SYM_CLAMPED = True   # the symmetric clipping search rounds as the clamped weights will be
-SCALE_WITH_CLIP = False  # score each scale candidate with its clipping searched (not only plain rounding)
-SEQUENTIAL = True    # the MLP's statistics and inputs come from the block with its attention quantized
 
 
 class _InputStats:
@@ -95,18 +88,9 @@ def _weight(m: nn.Module, transposed: bool) -> Tensor:
     return m.weight.t() if transposed else m.weight
 
 
-def _normalised_weight_mean(w: Tensor, group_size: int) -> Tensor:
-    """Mean over output rows of |w| / max|w in its group| per input channel [K]."""
-    N, K = w.shape
-    g = _grouped(w.abs().float(), group_size)
-    g = g / (g.amax(-1, keepdim=True) + 1e-6)
-    return g.reshape(N, -1)[:, :K].mean(0)
-
-
 def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict, scale_dtype,
                   tie: tuple[int, int, int] | None = None,
-                  loss: Callable[[list[Tensor]], float] | None = None,
-                  clip_in: list[bool] | None = None) -> tuple[Tensor, float, float]:
+                  loss: Callable[[list[Tensor]], float] | None = None) -> tuple[Tensor, float, float]:
     """The AWQ scale search for layers with weights [N_i, K] that read one input whose
     second moment is M [K, K] and mean |x| per channel x_mean [K].
 
@@ -114,41 +98,24 @@ def search_scales(M: Tensor, x_mean: Tensor, weights: list[Tensor], scheme: dict
     whose factors must agree per (kv, channel) (o_proj under grouped-query attention).
     ``loss(weights)``: the error of the module that holds the layers (attention, MLP) with
     these effective weights; by default the layers' own output error tr(D M D^T).
-    ``clip_in``: per layer, whether each candidate is scored with the layer's clipping
-    searched for it (as it will be applied after the scaling), else plain rounding.
     Returns (s [K], best exponent, error at it relative to the float output power)."""
     W = torch.cat([w.detach().float() for w in weights])
     sizes = [w.shape[0] for w in weights]
     denom = max(_output_error(W, M), 1e-30) if loss is None else 1.0
-    w_mean = torch.stack([_normalised_weight_mean(w, scheme["group_size"]) for w in weights]).mean(0)
-    xm, wm = x_mean.float(), w_mean
+    xm = x_mean.float()
     if tie is not None:
         n_kv, rep, hd = tie
         xm = xm.view(n_kv, rep, hd).mean(1).reshape(-1)
-        wm = wm.view(n_kv, rep, hd).mean(1).reshape(-1)
     best = (None, 0.0, float("inf"))
     for i in range(GRID):
         a = i / GRID
-        s = (xm.pow(a) / (wm.pow(1 - a) + 1e-4) if DUO else xm.pow(a)).clamp_min(1e-4)
+        s = xm.pow(a).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
         if tie is not None:
             s = s.view(n_kv, 1, hd).expand(n_kv, rep, hd).reshape(-1)
         if not torch.isfinite(s).all():
             continue
-        if clip_in is not None and any(clip_in):
-            Ms = M / (s[:, None] * s[None, :])
-            parts = []
-            for w_i, do in zip((W * s).split(sizes), clip_in):
-                if do:
-                    c_lo, c_hi = search_clip(Ms, w_i, scheme, scale_dtype, CLIP_SEPARATE)
-                    q = _fake_quantize_range(_grouped(w_i, scheme["group_size"]), scheme["bits"], scheme["symmetric"],
-                                             scale_dtype, c_lo, c_hi).reshape(w_i.shape[0], -1)[:, :w_i.shape[1]]
-                else:
-                    q = fake_quantize(w_i, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype)
-                parts.append(q)
-            Wq = torch.cat(parts) / s
-        else:
-            Wq = fake_quantize(W * s, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype) / s
+        Wq = fake_quantize(W * s, scheme["bits"], scheme["group_size"], scheme["symmetric"], scale_dtype) / s
         err = (_output_error(Wq - W, M) if loss is None else loss(list(Wq.split(sizes)))) / denom
         if err < best[2]:
             best = (s, a, err)
@@ -172,8 +139,7 @@ def _fake_quantize_range(wg: Tensor, bits: int, symmetric: bool, scale_dtype, c_
         s = (wg.abs().amax(-1) * c_hi / qmax).to(scale_dtype).float()
         z = torch.full_like(s, float(symmetric_zero(bits)))
         lo_code, hi_code = code_range(bits, True)
-        if SYM_CLAMPED:
-            lo_code = int(symmetric_zero(bits)) - qmax
+        lo_code = int(symmetric_zero(bits)) - qmax
     else:
         qmax = (1 << bits) - 1
         lo = wg.amin(-1).clamp(max=0.0) * c_lo
@@ -186,12 +152,12 @@ def _fake_quantize_range(wg: Tensor, bits: int, symmetric: bool, scale_dtype, c_
     return (q - z[..., None]) * s[..., None]
 
 
-def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype, separate: bool = False) -> tuple[Tensor, Tensor]:
+def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype, separate: bool = True) -> tuple[Tensor, Tensor]:
     """Per group clipping factors (c_lo, c_hi) [N, G] in [CLIP_MIN, 1] of the group's
     minimum and maximum, minimising the group's own output error d_g M_gg d_g^T (d_g: the
     group's rounding error, M_gg: its block of the input's second moment M [K, K]). One
-    factor for both ends unless ``separate`` (asymmetric schemes: then each end is
-    searched in turn, starting from the best common factor)."""
+    factor for both ends, then (asymmetric schemes, unless ``separate`` is False) each end
+    searched in turn, starting from the best common factor."""
     N, K = w.shape
     w = w.detach().float()
     gs = K if scheme["group_size"] == -1 else scheme["group_size"]
@@ -353,13 +319,13 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
               clip_search: bool) -> tuple[dict[str, float], list]:
     """AWQ of one decoder block, in place on its float weights. ``targets``: {name inside
     the block: (module, transposed, scheme)}. Returns ({name: chosen exponent} of the
-    scaled layers, the next block's inputs: the float block's outputs on ``inputs``, or
-    with QUANTIZED_INPUTS those of the block with its layers rounded)."""
+    scaled layers, the next block's inputs: the outputs of this block with its layers
+    rounded, as the quantized model will compute them)."""
     from .layerwise import run_block
 
     # the inputs of the attention and MLP modules on the first windows, for the norm groups' loss
     inspect = {n: getattr(block, n) for n in ("self_attn", "mlp") if isinstance(getattr(block, n, None), nn.Module)}
-    stats, seen, outputs = _collect(block, inputs, {n: m for n, (m, _, _) in targets.items()}, inspect)
+    stats, seen, _ = _collect(block, inputs, {n: m for n, (m, _, _) in targets.items()}, inspect)
     chosen: dict[str, float] = {}
     done: list[str] = []  # layers whose weights are final (scaled and clipped)
 
@@ -369,10 +335,10 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         for n in names:
             if n not in targets or n not in stats or n in done:
                 continue
-            if n.endswith(("q_proj", "k_proj")) and not CLIP_QK:
-                continue
+            if n.endswith(("q_proj", "k_proj")):
+                continue  # as the paper's code: their clipping measured worse here too
             m, transposed, scheme = targets[n]
-            c_lo, c_hi = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype, CLIP_SEPARATE)
+            c_lo, c_hi = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype)
             _clip_weight(m, transposed, c_lo, c_hi, scheme)
 
     for prev, kind, names, tie in _scale_groups(model, block):
@@ -382,7 +348,7 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         schemes = {tuple(sorted(sc.items())) for _, _, sc in mods}
         if len(schemes) != 1 or any(t for _, t, _ in mods):
             continue  # one search needs one scheme; Conv1D blocks are not of this layout
-        if SEQUENTIAL and done:
+        if done:
             # statistics and module inputs of the remaining layers with the finished ones rounded
             rest = {n: m for n, (m, _, _) in targets.items() if n not in done}
             with _Rounded(targets, done):
@@ -394,10 +360,8 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         owner = names[0].split(".")[0]
         loss = _module_loss(inspect[owner], seen[owner], [m for m, _, _ in mods]) \
             if kind == "norm" and seen.get(owner) else None
-        clip_in = [clip_search and (CLIP_QK or not n.endswith(("q_proj", "k_proj"))) for n in names] \
-            if SCALE_WITH_CLIP else None
         s, a, err = search_scales(st.moment(), st.mean_abs(), [m.weight for m, _, _ in mods], scheme,
-                                  prev.weight.dtype, tie, loss, clip_in)
+                                  prev.weight.dtype, tie, loss)
         if tie is not None:
             n_kv, rep, hd = tie
             s_prev = s.view(n_kv, rep, hd)[:, 0, :].reshape(-1)
@@ -418,9 +382,8 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         clip(names)
         done.extend(names)
     clip([n for n in targets if n not in done])
-    if QUANTIZED_INPUTS:
-        with _Rounded(targets, list(targets)):
-            outputs = run_block(block, inputs)
+    with _Rounded(targets, list(targets)):
+        outputs = run_block(block, inputs)
     return chosen, outputs
 
 
