@@ -34,7 +34,7 @@ void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
   }
 }
 
-// Smallest M of the Gemm path (fp32/fp16 x on AVX-512); HFQUANT_GEMM_MIN_M overrides.
+// Smallest M of the Gemm path; HFQUANT_GEMM_MIN_M overrides.
 // Measured (2 threads, Zen 5, SmolLM2 and 4096x4096 shapes): below, the GEMV kernels win,
 // since the Gemm path's per-call dequantization of every weight to fp32 and its 16-row
 // x^T slices are not yet amortized; the 4-bit GEMV (vdpbf16ps on hi/lo bf16 halves of x)
@@ -44,13 +44,6 @@ int64_t gemm_min_m(Isa isa, int64_t bits) {
   if (env > 0) return env;
   if (isa == Isa::Avx2) return 12;  // AVX2 (8-wide FMA): even at M = 8, ahead from 16
   return bits == 4 ? 20 : 12;
-}
-
-// Packed weight bytes x activation rows below which a GEMV call stays on one thread
-// (HFQUANT_GEMV_TASK_BYTES overrides).
-int64_t gemv_min_task_bytes() {
-  static const int64_t env = env_int("HFQUANT_GEMV_TASK_BYTES", -1);
-  return env >= 0 ? env : 0;
 }
 
 void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
@@ -63,7 +56,8 @@ void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
 //   Gemv   : the GEMV kernels, one pass over the packed weights (small M).
 //   Gemm   : the register-blocked fp32 GEMM (qgemm_kernel.h; AVX-512 and AVX2, all x dtypes
 //            except bf16 x on avx512bf16 CPUs).
-//   Blocked: dequantize a block of rows, then ATen's GEMM (bf16 x, or no AVX-512).
+//   Blocked: dequantize a block of rows, then ATen's GEMM (bf16 x on avx512bf16 CPUs, the
+//            portable path, or the Gemm path turned off).
 enum class Path { Gemv, Gemm, Blocked };
 
 // Largest M served by the GEMV kernels, and which path takes larger M.
@@ -72,10 +66,12 @@ enum class Path { Gemv, Gemm, Blocked };
 // W8; the box was shared, so +-30%):
 //  - bf16 x: the GEMM is oneDNN's bf16 one; crossover M ~ 24 for W4 (vdpbf16ps kernel),
 //    ~ 10 for W8 (its kernel multiplies in fp32).
-//  - fp32/fp16 x on AVX-512 CPUs: the Gemm path from M = gemm_min_m(bits) on, at every
-//    layer size (at M = 128 it runs at about 90% of the FMA peak: 1.6-2.7x F.linear fp32
-//    on SmolLM2's and Llama-7B's shapes, where the GEMV kernels gave 1.0-1.8x).
-//  - fp32/fp16 x on AVX2: crossover to the blocked path ~ 16 (fp32), ~ 6 (bf16).
+//  - fp32/fp16 x on AVX-512 CPUs, every x on AVX2: the Gemm path from M = gemm_min_m on,
+//    at every layer size (at M = 128 it runs at about 90% of the FMA peak: 2.1-3.0x
+//    F.linear fp32 on SmolLM2's and Llama-7B's shapes with AVX-512, where the GEMV kernels
+//    gave 1.0-1.8x).
+//  - With the Gemm path off: fp32/fp16 x stayed on the GEMV kernels to M = 128 on
+//    avx512bf16 CPUs, ~ 32 on avx512 ones; on AVX2 the crossover was ~ 16 (fp32), ~ 6 (bf16).
 //  - portable: the GEMV is scalar, the blocked path wins almost at once.
 // Tiny layers (below 256K weights) stay on the GEMV kernels unless the Gemm path serves
 // them: there the BLAS GEMM's packing and thread start-up cost more than they save.
@@ -84,7 +80,8 @@ Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N,
   static const bool gemm_on = env_int("HFQUANT_QGEMM", 1) != 0;
   const bool bf16 = xt == at::kBFloat16;
   // bf16 x on avx512bf16 CPUs keeps the bf16 paths (vdpbf16ps GEMV, oneDNN's bf16 GEMM).
-  const bool has_gemm = gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512 || isa == Isa::Avx2);
+  const bool has_gemm =
+      gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512 || isa == Isa::Avx2);
   const Path big = has_gemm ? Path::Gemm : Path::Blocked;
   if (env_max_m >= 0) return M <= std::max<int64_t>(0, env_max_m) ? Path::Gemv : big;
   if (has_gemm) return M < gemm_min_m(isa, bits) ? Path::Gemv : Path::Gemm;
@@ -321,7 +318,8 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   const Path path = choose_path(isa, x.scalar_type(), bits, M, N, Kp);
   const DType xt = dtype_of(x.scalar_type());
   at::Tensor b32;
-  if (bias && path != Path::Blocked) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
+  if (bias && path != Path::Blocked)
+    b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
   if (path == Path::Gemm) {
     // Gemm path: x^T in 16-row slices straight from x, then panels of 12 dequantized
     // weight rows against all of it; bias and the cast to x.dtype fused into the store.
@@ -359,12 +357,8 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
     y = at::empty({M, N}, x.options());
     const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
     const GemvKernel kern = fns.gemv;
-    // Each task gets at least 8 tiles (32 rows) and gemv_min_task_bytes() of packed
-    // weights per activation row, so a small layer is not split across threads whose
-    // wake-up costs more than the rows they would take.
-    const int64_t tile_bytes = U * kNR * 16 + G * 2 * kNR * 4;
-    const int64_t grain = std::max<int64_t>(8, gemv_min_task_bytes() / (tile_bytes * M));
-    at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
+    // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
+    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
   } else {
     // Blocked path: dequantize a block of rows into a buffer that stays in L2/L3, then
     // ATen's GEMM on it.

@@ -191,7 +191,8 @@ torch.set_num_threads(1)  # correctness only; thread splits are covered in-proce
 gen = torch.Generator().manual_seed(6)
 for isa in _C.available_isas():
     _C.set_cpu_isa(isa)
-    for bits, gs, asym, (N, K) in itertools.product((4, 8), (-1, 32, 128), (False, True), ((3, 17), (17, 300), (37, 576))):
+    shapes = ((3, 17), (17, 300), (37, 576))
+    for bits, gs, asym, (N, K) in itertools.product((4, 8), (-1, 32, 128), (False, True), shapes):
         G = ref.group_geometry(gs, K)[1]
         qw = torch.randint(0, 256, (N, (K + 1) // 2 if bits == 4 else K), generator=gen, dtype=torch.uint8)
         if bits == 8 and not asym:
