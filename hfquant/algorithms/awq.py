@@ -138,8 +138,7 @@ def _fake_quantize_range(wg: Tensor, bits: int, symmetric: bool, scale_dtype, c_
         qmax = (1 << (bits - 1)) - 1
         s = (wg.abs().amax(-1) * c_hi / qmax).to(scale_dtype).float()
         z = torch.full_like(s, float(symmetric_zero(bits)))
-        lo_code, hi_code = code_range(bits, True)
-        lo_code = int(symmetric_zero(bits)) - qmax
+        lo_code, hi_code = int(symmetric_zero(bits)) - qmax, code_range(bits, True)[1]
     else:
         qmax = (1 << bits) - 1
         lo = wg.amin(-1).clamp(max=0.0) * c_lo
@@ -283,7 +282,7 @@ class _Rounded:
 def _collect(block: nn.Module, inputs, modules: dict[str, nn.Module], inspect: dict[str, nn.Module]):
     """One pass of the block over ``inputs``: the input statistics of ``modules`` (layers
     that read one tensor share one object), the calls of the ``inspect`` modules on the
-    first LOSS_WINDOWS windows, and the block's outputs."""
+    first LOSS_WINDOWS windows."""
     from .layerwise import hooked_pass
 
     stats: dict[str, _InputStats] = {}
@@ -298,20 +297,19 @@ def _collect(block: nn.Module, inputs, modules: dict[str, nn.Module], inspect: d
         stats[name] = st
         last[0], last[1] = x, st
 
-    limit = len(inputs) if LOSS_WINDOWS is None else LOSS_WINDOWS
     seen: dict[str, list] = {n: [] for n in inspect}
     handles = []
     for n, mod in inspect.items():
         def pre(module, args, kw, n=n):
-            if len(seen[n]) < limit:
+            if len(seen[n]) < LOSS_WINDOWS:
                 seen[n].append((args, kw))
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
     try:
-        outputs = hooked_pass(block, inputs, modules, observe)
+        hooked_pass(block, inputs, modules, observe)
     finally:
         for h in handles:
             h.remove()
-    return stats, seen, outputs
+    return stats, seen
 
 
 @torch.no_grad()
@@ -325,7 +323,7 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
 
     # the inputs of the attention and MLP modules on the first windows, for the norm groups' loss
     inspect = {n: getattr(block, n) for n in ("self_attn", "mlp") if isinstance(getattr(block, n, None), nn.Module)}
-    stats, seen, _ = _collect(block, inputs, {n: m for n, (m, _, _) in targets.items()}, inspect)
+    stats, seen = _collect(block, inputs, {n: m for n, (m, _, _) in targets.items()}, inspect)
     chosen: dict[str, float] = {}
     done: list[str] = []  # layers whose weights are final (scaled and clipped)
 
@@ -352,7 +350,7 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
             # statistics and module inputs of the remaining layers with the finished ones rounded
             rest = {n: m for n, (m, _, _) in targets.items() if n not in done}
             with _Rounded(targets, done):
-                new_stats, new_seen, _ = _collect(block, inputs, rest, inspect)
+                new_stats, new_seen = _collect(block, inputs, rest, inspect)
             stats.update(new_stats)
             seen.update(new_seen)
         scheme = mods[0][2]
