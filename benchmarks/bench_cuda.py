@@ -1,6 +1,6 @@
 """CUDA linear-layer benchmark: hfquant's kernels beside torch's own GPU paths.
 
-    python benchmarks/bench_cuda.py [--quick] [--json out.json]
+    python benchmarks/bench_cuda.py [--quick] [--sweep] [--json out.json]
 
 Shapes N x K (out_features x in_features, y = x @ W^T) of Llama-2-7B: 4096x4096,
 4096x11008 (down_proj), 11008x4096 (gate/up_proj). Per (shape, M) every method runs in
@@ -15,7 +15,8 @@ Timing: CUDA graphs of the calls (GPU time; a Python loop of small calls measure
 host instead), except for the ops that synchronize with the host (LLM.int8's outlier
 count, int8_gemm's input check) and the path comparison, which run eagerly.
 
-Methods: bf16 F.linear (cuBLAS); hfquant qlinear W4 g128 (bf16 x); torch._weight_int4pack_mm
+Methods: bf16 F.linear (cuBLAS); hfquant qlinear W4 g128 (bf16 x) with the mma kernel and with
+the skinny split-K kernel (M <= 16; --sweep adds each forced segments-per-block); torch._weight_int4pack_mm
 (tinygemm, W4 g128) where this torch runs it; hfquant int8_gemm (pre-quantized int8 x) and
 torch._int_mm (int32 out, no scaling); hfquant int8_linear W8A8 and LLM.int8() (threshold
 6, the activation quantization, outlier split and scaling included).
@@ -131,7 +132,22 @@ def w4_setup(N, K, gen):
     return pw, ps, tiny
 
 
-def bench_w4(results, rounds, inner, ms, quick=False):
+def with_switches(fn, skinny_max_m=0, segs=0):
+    """fn with the skinny-kernel switches set for the call (read when the kernel is chosen,
+    so a CUDA graph captures the kernel they select) and restored after."""
+    def call():
+        prev = (_C.cuda_skinny_max_m(), _C.cuda_skinny_segs())
+        _C.set_cuda_skinny_max_m(skinny_max_m)
+        _C.set_cuda_skinny_segs(segs)
+        try:
+            return fn()
+        finally:
+            _C.set_cuda_skinny_max_m(prev[0])
+            _C.set_cuda_skinny_segs(prev[1])
+    return call
+
+
+def bench_w4(results, rounds, inner, ms, sweep=False):
     gen = torch.Generator().manual_seed(0)
     for N, K in SHAPES:
         pw, ps, tiny = w4_setup(N, K, gen)
@@ -144,20 +160,16 @@ def bench_w4(results, rounds, inner, ms, quick=False):
         wbs = [wb.clone() for _ in range(nb)]
         for M in ms:
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            def q(p):
+                return lambda: torch.ops.hfquant.qlinear(x, p[0], p[1], None, 4, 128, N, K)
             methods = {
                 "bf16 F.linear": [lambda w=w: F.linear(x, w) for w in wbs],
-                "hfquant W4 g128": [lambda p=p: torch.ops.hfquant.qlinear(x, p[0], p[1], None, 4, 128, N, K)
-                                    for p in pws],
+                "hfquant W4 g128": [with_switches(q(p)) for p in pws],
             }
-            if M > 1 and not quick:  # the kernel's column-block width, forced (HFQUANT_CUDA_QLINEAR_WN)
-                for wn in (1, 2, 4):
-                    def call(p, wn=wn):
-                        os.environ["HFQUANT_CUDA_QLINEAR_WN"] = str(wn)
-                        try:
-                            return torch.ops.hfquant.qlinear(x, p[0], p[1], None, 4, 128, N, K)
-                        finally:
-                            del os.environ["HFQUANT_CUDA_QLINEAR_WN"]
-                    methods[f"hfquant W4 wn={wn}"] = [lambda p=p, c=call: c(p) for p in pws]
+            if M <= 16:
+                methods["hfquant W4 skinny"] = [with_switches(q(p), 16) for p in pws]
+                for segs in (2, 4, 6, 8) if sweep else ():
+                    methods[f"hfquant W4 skinny segs={segs}"] = [with_switches(q(p), 16, segs) for p in pws]
             if tinys:
                 methods["torch int4pack_mm"] = [lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1])
                                                 for t in tinys]
@@ -232,6 +244,7 @@ def bench_w4_large_m(results, rounds, inner):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time the skinny kernel at each forced segments per block")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not (torch.cuda.is_available() and _C.cuda_built):
@@ -242,7 +255,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
           f"nominal HBM {hbm / 1e12 if hbm else float('nan'):.2f} TB/s; measured copy {copy_bw / 1e12:.2f} TB/s")
     results: list[dict] = []
-    bench_w4(results, rounds, inner, [1, 16], args.quick)
+    bench_w4(results, rounds, inner, [1, 4, 16], args.sweep)
     bench_int8(results, rounds, inner, [256, 1024, 4096], [512, 2048])
     if not args.quick:
         bench_w4_large_m(results, rounds, inner)

@@ -33,6 +33,15 @@ PYBIND11_MODULE(_C, m) {
         "the mma.sync kernel (HFQUANT_CUDA_GEMM_MIN_M overrides).");
   m.def("set_cuda_gemm_min_m", [](int64_t v) { hfquant::cuda::set_gemm_min_m(v); },
         "Sets that threshold (for tests and benchmarks).");
+  m.def("cuda_skinny_max_m", []() { return hfquant::cuda::skinny_max_m(); },
+        "Largest M at which qlinear on CUDA takes the skinny split-K kernel (0: off; "
+        "HFQUANT_CUDA_SKINNY_MAX_M overrides).");
+  m.def("set_cuda_skinny_max_m", [](int64_t v) { hfquant::cuda::set_skinny_max_m(v); },
+        "Sets that threshold (for tests and benchmarks; at most 16 takes effect).");
+  m.def("cuda_skinny_segs", []() { return hfquant::cuda::skinny_segs(); },
+        "Segments per block of the skinny kernel (0: chosen per layer; HFQUANT_CUDA_SKINNY_SEGS overrides).");
+  m.def("set_cuda_skinny_segs", [](int64_t v) { hfquant::cuda::set_skinny_segs(v); },
+        "Forces the segments per block (1..8; 0 chooses again), for tests and benchmark sweeps.");
 #else
   m.attr("cuda_built") = false;
 #endif

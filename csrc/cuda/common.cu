@@ -1,5 +1,5 @@
-// Compute-capability check (cached per device) and the run-time switch between the
-// mma.sync kernel and dequantize + cuBLAS for large M.
+// Compute-capability check (cached per device) and the run-time switches between the
+// qlinear kernels (gemm_switch.h).
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -25,16 +25,29 @@ void check_capability(const char* op, const at::Device& device) {
 }
 
 namespace {
+int64_t env_or(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e && *e ? int64_t(std::atoll(e)) : fallback;
+}
 std::atomic<int64_t>& gemm_min_m_ref() {
-  static std::atomic<int64_t> v = [] {
-    const char* e = std::getenv("HFQUANT_CUDA_GEMM_MIN_M");
-    return e && *e ? int64_t(std::atoll(e)) : int64_t(65);
-  }();
+  static std::atomic<int64_t> v{env_or("HFQUANT_CUDA_GEMM_MIN_M", 65)};
+  return v;
+}
+std::atomic<int64_t>& skinny_max_m_ref() {
+  static std::atomic<int64_t> v{env_or("HFQUANT_CUDA_SKINNY_MAX_M", 0)};
+  return v;
+}
+std::atomic<int64_t>& skinny_segs_ref() {
+  static std::atomic<int64_t> v{env_or("HFQUANT_CUDA_SKINNY_SEGS", 0)};
   return v;
 }
 }  // namespace
 
 int64_t gemm_min_m() { return gemm_min_m_ref().load(std::memory_order_relaxed); }
 void set_gemm_min_m(int64_t m) { gemm_min_m_ref().store(m, std::memory_order_relaxed); }
+int64_t skinny_max_m() { return skinny_max_m_ref().load(std::memory_order_relaxed); }
+void set_skinny_max_m(int64_t m) { skinny_max_m_ref().store(m, std::memory_order_relaxed); }
+int64_t skinny_segs() { return skinny_segs_ref().load(std::memory_order_relaxed); }
+void set_skinny_segs(int64_t s) { skinny_segs_ref().store(s, std::memory_order_relaxed); }
 
 }  // namespace hfquant::cuda

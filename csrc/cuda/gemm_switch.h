@@ -1,4 +1,5 @@
-// The run-time switch of CUDA qlinear between the mma.sync kernel and dequantize + cuBLAS,
+// The run-time switches of CUDA qlinear between its kernels (the skinny split-K kernel for
+// small M, the mma.sync kernel, dequantize + cuBLAS),
 // visible to the plain C++ part of the extension (bindings.cpp) without CUDA headers.
 #pragma once
 #include <cstdint>
@@ -8,4 +9,12 @@ namespace hfquant::cuda {
 // HFQUANT_CUDA_GEMM_MIN_M overrides).
 int64_t gemm_min_m();
 void set_gemm_min_m(int64_t m);
+// Largest M that takes the skinny split-K kernel (qlinear_skinny.cuh; at most 16). Default 0
+// (off) until it is measured on a GPU; HFQUANT_CUDA_SKINNY_MAX_M overrides.
+int64_t skinny_max_m();
+void set_skinny_max_m(int64_t m);
+// Segments per block of the skinny kernel: 0 chooses from the layer and the GPU's size,
+// 1..8 forces (tests, benchmark sweeps); HFQUANT_CUDA_SKINNY_SEGS overrides.
+int64_t skinny_segs();
+void set_skinny_segs(int64_t s);
 }  // namespace hfquant::cuda

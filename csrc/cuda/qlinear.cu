@@ -1,7 +1,9 @@
 // hfquant::repack and hfquant::qlinear on CUDA: argument checks, the layout conversion
-// (qlinear_layout.cuh) and the choice between the mma.sync kernel (every M for fp32 x,
-// M below gemm_min_m() for bf16/fp16) and dequantize-once + cuBLAS for large M.
+// (qlinear_layout.cuh) and the choice between the skinny split-K kernel (M <= skinny_max_m(),
+// at most 16), the mma.sync kernel (every other M for fp32 x, M below gemm_min_m() for
+// bf16/fp16) and dequantize-once + cuBLAS for large M.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -12,6 +14,7 @@
 #include "cuda/common.cuh"
 #include "cuda/qlinear_kernel.cuh"
 #include "cuda/qlinear_layout.cuh"
+#include "cuda/qlinear_skinny.cuh"
 
 namespace hfquant::cuda {
 namespace {
@@ -148,6 +151,24 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ w, int64_t ldw, const
         if (8 * q + e < kmax) dst[8 * q + e] = vals[e];
     }
   }
+}
+
+// Segments per block of the skinny kernel: the fewest waves x (segments + a fixed cost of
+// about two segments per block: staging, the barrier, the partial sums), assuming two
+// blocks per SM; ties go to more segments (fewer partial sums).
+int choose_skinny_segs(int64_t col_blocks, int64_t units, int sms) {
+  const int64_t slots = 2 * int64_t(std::max(sms, 1));
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int s = kSkinnyMaxSegs; s >= 1; --s) {
+    const int64_t blocks = col_blocks * ceil_div(units, s);
+    const int64_t cost = ceil_div(blocks, slots) * (s + 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return int(std::min<int64_t>(best, units));
 }
 
 template <typename F>
@@ -359,6 +380,49 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   a.y = y.data_ptr();
   a.N = int(N);
+  if (M <= std::min<int64_t>(skinny_max_m(), kSkinnyMaxM)) {
+    // Small M: the skinny split-K kernel, if its shared memory fits this device.
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    const int64_t units = a.units, col_blocks = ceil_div(Np, kSkinnyCols);
+    int segs = int(skinny_segs());
+    segs = segs > 0 ? int(std::min<int64_t>({segs, kSkinnyMaxSegs, units}))
+                    : choose_skinny_segs(col_blocks, units, prop->multiProcessorCount);
+    SkinnyArgs sa{};
+    sa.q = a;
+    sa.segs = segs;
+    sa.splits = int(ceil_div(units, segs));
+    sa.gmax = int(std::min<int64_t>(G, (int64_t(segs) * KU - 1) / a.gs + 2));
+    sa.x_stride = x.scalar_type() == at::kFloat ? int(segs * KU + 8) : int(segs * KU / 2 + 4);
+    const size_t smem = skinny_smem_bytes(int(M), sa.x_stride, sa.gmax, int(P));
+    if (smem <= size_t(prop->sharedMemPerBlockOptin)) {
+      at::Tensor ws, counters;
+      if (sa.splits > 1) {
+        ws = at::empty({sa.splits, M, Np}, x.options().dtype(at::kFloat));
+        counters = at::zeros({col_blocks}, x.options().dtype(at::kInt));
+        sa.ws = ws.data_ptr<float>();
+        sa.counters = counters.data_ptr<int>();
+      }
+      const dim3 grid(unsigned(col_blocks), unsigned(sa.splits));
+      const bool per_word = group_size != -1 && group_size % KU != 0;
+      dispatch_x(x.scalar_type(), [&](auto* tag) {
+        using XT = std::remove_pointer_t<decltype(tag)>;
+        auto go = [&](auto bits_c, auto pw_c) {
+          constexpr int BITS = decltype(bits_c)::value;
+          constexpr bool PW = decltype(pw_c)::value;
+          if (smem > 48 * 1024) C10_CUDA_CHECK((allow_skinny_smem<XT, BITS, PW>(int(smem))));
+          launch_qlinear_skinny<XT, BITS, PW>(sa, grid, smem, stream());
+        };
+        auto by_pw = [&](auto bits_c) {
+          if (per_word) go(bits_c, std::true_type{});
+          else go(bits_c, std::false_type{});
+        };
+        if (bits == 4) by_pw(std::integral_constant<int, 4>{});
+        else by_pw(std::integral_constant<int, 8>{});
+      });
+      HFQUANT_CUDA_CHECK_LAUNCH();
+      return y.reshape(out_sizes);
+    }
+  }
   // rows per block: 16 * MT
   const int MT = M <= 16 ? 1 : M <= 32 ? 2 : 4;
   const int64_t gy = ceil_div(M, 16 * MT);

@@ -1,8 +1,10 @@
-// Instantiations of the qlinear mma kernel for __half activations (one file per dtype so
+// Instantiations of the qlinear mma kernels (qlinear_kernel.cuh, qlinear_skinny.cuh) for __half activations (one file per dtype so
 // that they compile in parallel).
 #define HFQUANT_QLINEAR_KERNEL_IMPL
 #include "cuda/qlinear_kernel.cuh"
+#include "cuda/qlinear_skinny.cuh"
 
 namespace hfquant::cuda {
 HFQUANT_INSTANTIATE_QLINEAR(__half)
+HFQUANT_INSTANTIATE_SKINNY(__half)
 }  // namespace hfquant::cuda

@@ -2,9 +2,10 @@
 
 The CUDA layout is checked bit for bit against ref.repack_cuda_ref; outputs against the
 float64 reference computed on the CPU from the same checkpoint tensors, under the
-tolerance policy of tests/_utils.py. Both CUDA paths are covered for every case: the
-mma.sync kernel and (bf16/fp16, large M) dequantize + cuBLAS, forced with
-_C.set_cuda_gemm_min_m. Skipped without a GPU or a CUDA build.
+tolerance policy of tests/_utils.py. Every CUDA path is covered for every case: the
+mma.sync kernel, the skinny split-K kernel (M <= 16; forced with _C.set_cuda_skinny_max_m)
+and (bf16/fp16, large M) dequantize + cuBLAS (forced with _C.set_cuda_gemm_min_m).
+Skipped without a GPU or a CUDA build.
 """
 from __future__ import annotations
 
@@ -32,15 +33,26 @@ def _name(v):
     return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else str(v)
 
 
-@pytest.fixture(params=["mma", "cublas"])
-def path(request):
-    """Forces the mma.sync kernel for every M, or dequantize + cuBLAS for every bf16/fp16 M."""
+@pytest.fixture
+def switches():
+    """Restores the kernel switches (gemm_min_m, skinny_max_m, skinny_segs) after a test."""
     if not CUDA_OK:
         pytest.skip("no CUDA")
-    prev = _C.cuda_gemm_min_m()
-    _C.set_cuda_gemm_min_m(1 << 30 if request.param == "mma" else 0)
-    yield request.param
-    _C.set_cuda_gemm_min_m(prev)
+    prev = (_C.cuda_gemm_min_m(), _C.cuda_skinny_max_m(), _C.cuda_skinny_segs())
+    yield _C
+    _C.set_cuda_gemm_min_m(prev[0])
+    _C.set_cuda_skinny_max_m(prev[1])
+    _C.set_cuda_skinny_segs(prev[2])
+
+
+@pytest.fixture(params=["mma", "skinny", "cublas"])
+def path(request, switches):
+    """Forces the mma.sync kernel for every M; or the skinny kernel for M <= 16 (the mma
+    kernel above); or dequantize + cuBLAS for every bf16/fp16 M."""
+    switches.set_cuda_gemm_min_m(0 if request.param == "cublas" else 1 << 30)
+    switches.set_cuda_skinny_max_m(16 if request.param == "skinny" else 0)
+    switches.set_cuda_skinny_segs(0)
+    return request.param
 
 
 def make_quantized(N, K, bits, group_size, asym, gen, codes=None, scale=None):
@@ -132,6 +144,42 @@ def test_qlinear_realistic_shapes(bits, dtype):
             x = torch.randn(M, K, generator=gen).to(dtype)
             y = torch.ops.hfquant.qlinear(*_cuda(x, w, ps, bias), bits, gs, N, K)
             check(y, x, qw, sc, z, bias, bits, gs, N, K, dtype, f"N={N} K={K} g{gs} M={M}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"w{b}")
+def test_qlinear_skinny_segments(switches, bits, dtype):
+    """The skinny kernel's split-K with every chunk length: one split, several, a short last
+    chunk, a column block half past Np (N = 300: Np = 320 = 2.5 blocks of 128), group planes
+    spanning chunk edges (g32/g96 per packed word), more than 48 KB of shared memory (fp32,
+    M = 16, 8 segments); outputs deterministic across runs (partials added in split order)."""
+    switches.set_cuda_skinny_max_m(16)
+    gen = torch.Generator().manual_seed(8)
+    N, K = 300, 2000
+    for gs, asym in ((-1, False), (32, True), (96, False), (128, True)):
+        qw, sc, z = make_quantized(N, K, bits, gs, asym, gen)
+        w, ps = torch.ops.hfquant.repack(*_cuda(qw, sc, z), bits, gs, K)
+        bias = torch.randn(N, generator=gen).to(dtype)
+        for segs in (0, 1, 3, 8):
+            switches.set_cuda_skinny_segs(segs)
+            for M in (1, 3, 9, 16):
+                x = torch.randn(M, K, generator=gen).to(dtype)
+                xb, bb = _cuda(x, bias)
+                y = torch.ops.hfquant.qlinear(xb, w, ps, bb, bits, gs, N, K)
+                check(y, x, qw, sc, z, bias, bits, gs, N, K, dtype, f"skinny segs={segs} g{gs} M={M}")
+                again = torch.ops.hfquant.qlinear(xb, w, ps, bb, bits, gs, N, K)
+                assert torch.equal(y, again), f"skinny segs={segs} g{gs} M={M}: two runs differ"
+    # the skinny kernel and the mma kernel compute the same function
+    switches.set_cuda_skinny_segs(0)
+    qw, sc, z = make_quantized(4096, 4096, bits, 128, False, gen)
+    w, ps = torch.ops.hfquant.repack(*_cuda(qw, sc, z), bits, 128, 4096)
+    x = torch.randn(4, 4096, generator=gen).to(dtype).to(DEV)
+    y_skinny = torch.ops.hfquant.qlinear(x, w, ps, None, bits, 128, 4096, 4096)
+    switches.set_cuda_skinny_max_m(0)
+    y_mma = torch.ops.hfquant.qlinear(x, w, ps, None, bits, 128, 4096, 4096)
+    check(y_skinny, x.cpu(), qw, sc, z, None, bits, 128, 4096, 4096, dtype, "skinny 4096x4096")
+    torch.testing.assert_close(y_skinny.float(), y_mma.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-2 if dtype != torch.float32 else 1e-4)
 
 
 EDGES = {"codes-min": dict(codes=0), "codes-max": dict(codes="max"), "zero-scales": dict(scale=0.0),
