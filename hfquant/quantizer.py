@@ -74,9 +74,13 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-# Rows quantized at a time while loading: quantize_rtn's float32 temporaries stay ~4 MB
+# Rows quantized at a time while loading: quantize_rtn's float32 temporaries stay ~1 MB
 # each however large the layer (rows are quantized independently, so the result is the same).
-_ROW_BLOCK_ELEMENTS = 1 << 20
+# 4 MB blocks let the handful of eager temporaries of one block (w, w / s, round, clamp,
+# codes) reach 20-45 MB together: a heap transient that made the cold load's peak vary
+# between 100 and 155 MiB above its base in tests/reliability/test_memory_bound.py; at 1 MB it
+# is 95 MiB in every run, and loading is no slower.
+_ROW_BLOCK_ELEMENTS = 1 << 18
 
 
 def _quantize_rtn_by_rows(w, bits, group_size, symmetric, scale_dtype):

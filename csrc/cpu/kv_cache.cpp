@@ -276,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cpu(const at::Tensor&
   at::Tensor scales = at::empty(ps, x.options().dtype(at::kHalf));
   at::Tensor mins = at::empty(ps, x.options().dtype(at::kHalf));
   const at::Tensor xc = x.contiguous();
-  const int64_t BH = T * D ? xc.numel() / (T * D) : 0;
+  const int64_t BH = T * D != 0 ? xc.numel() / (T * D) : 0;
   const int64_t G = ps.back(), P = ps[ps.size() - 2];
   dispatch_float(x.scalar_type(), "kv_quantize", "states", [&](auto* tag) {
     using X = std::remove_pointer_t<decltype(tag)>;

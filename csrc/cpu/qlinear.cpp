@@ -297,7 +297,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::qlinear: x has last dimension ",
               x.dim() ? x.size(-1) : 0, ", expected in_features=", K);
   const PackedGeometry geo = check_packed("qlinear", packed_weight, packed_scales, bits, group_size, N, K);
-  const int64_t gs = geo.gs, G = geo.G, Kp = geo.Kp, T = geo.T, U = geo.U;
+  const int64_t gs = geo.gs, G = geo.G, Kp = geo.Kp, T = geo.T;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hfquant::qlinear: bias has shape ", bias->sizes(),
                 ", expected [", N, "]");
@@ -411,7 +411,7 @@ at::Tensor qembedding_cpu(const at::Tensor& ids, const at::Tensor& packed_weight
               " but this is the CPU kernel");
   TORCH_CHECK(is_float(dtype), "hfquant::qembedding: dtype must be float32, bfloat16 or float16, got ", dtype);
   const PackedGeometry geo = check_packed("qembedding", packed_weight, packed_scales, bits, group_size, N, K);
-  const int64_t gs = geo.gs, G = geo.G, Kp = geo.Kp, T = geo.T, U = geo.U;
+  const int64_t gs = geo.gs, G = geo.G, U = geo.U;
 
   const at::Tensor idx = ids.to(at::kLong).contiguous();
   const int64_t n_ids = idx.numel();
