@@ -51,3 +51,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     tol = TOLERANCE[dtype]
     # with scale 0 (zero scales, zero activations) the outputs must match exactly
     assert err <= tol * scale, f"{msg}: max |error| {err:.3e} > {tol:g} x {scale:.3e} for {dtype}"
+
+
+def train_losses(model, opt, ids: torch.Tensor, steps: int) -> list[float]:
+    """Runs `steps` language-modelling steps of `model` on `ids` (labels = inputs) with `opt`;
+    returns the loss of each step (shared by the training tests)."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -3,6 +3,7 @@ peft wraps the QuantLinear layers, training lowers the loss, and the saved adapt
 top of the quantized checkpoint to identical logits."""
 import pytest
 import torch
+from _utils import train_losses
 from transformers import AutoModelForCausalLM
 
 import hfquant
@@ -39,13 +40,7 @@ def test_lora_trains_saves_and_reloads(w4_dir, batch, tmp_path):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, opt, batch, 5)
     assert losses[-1] < losses[0] - 0.05, losses
     # adapters in the first layer train too: the gradient passed through the quantized layers above
     a0 = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight

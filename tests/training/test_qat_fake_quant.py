@@ -2,7 +2,7 @@
 2-layer slice of the real default model trained on WikiText-2 validation text."""
 import pytest
 import torch
-from _utils import assert_close
+from _utils import assert_close, train_losses
 from transformers import AutoModelForCausalLM
 
 import hfquant
@@ -109,13 +109,7 @@ def test_prepare_train_convert_save_reload(slice_model, train_ids, tokenizer, wi
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    losses = []
-    for step in range(4):
-        loss = model(input_ids=train_ids, labels=train_ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, opt, train_ids, 4)
     assert losses[-1] < losses[0] - 0.1, losses
     test_ids = tokenizer(wikitext[:3000], return_tensors="pt").input_ids[:, :64]
     codes = {n: m.codes() for n, m in fakes.items()}

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _utils import train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -40,13 +41,7 @@ def test_scale_training_trains_saves_and_reloads(quantized_dir, batch, tmp_path)
     assert len(trainable) == 28
     assert model.hf_quantizer.is_trainable and model.hf_quantizer.is_qat_trainable
     opt = torch.optim.Adam(scale_parameters(model), lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, opt, batch, 4)
     assert losses[-1] < losses[0] - 0.05, losses
     model.eval()
     with torch.no_grad():
