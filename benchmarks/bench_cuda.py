@@ -18,8 +18,9 @@ count, int8_gemm's input check) and the path comparison, which run eagerly.
 Methods: bf16 F.linear (cuBLAS); hfquant qlinear W4 g128 (bf16 x) with the mma kernel and with
 the skinny split-K kernel (M <= 16; --sweep adds each forced segments-per-block); torch._weight_int4pack_mm
 (tinygemm, W4 g128) where this torch runs it; hfquant int8_gemm (pre-quantized int8 x) and
-torch._int_mm (int32 out, no scaling); hfquant int8_linear W8A8 and LLM.int8() (threshold
-6, the activation quantization, outlier split and scaling included).
+torch._int_mm (int32 out, no scaling); hfquant int8_linear W8A8 (its GEMM on cuBLASLt with the
+heuristic algorithm and a workspace, and on at::_int_mm) and LLM.int8() (threshold 6, the
+activation quantization, outlier split and scaling included).
 """
 from __future__ import annotations
 
@@ -147,6 +148,19 @@ def with_switches(fn, skinny_max_m=0, segs=0):
     return call
 
 
+def with_lt(fn, on):
+    """fn with the int8 GEMM engine chosen for the call: cuBLASLt with its heuristic algorithm and a
+    workspace (on) or at::_int_mm (off)."""
+    def call():
+        prev = _C.cuda_int8_lt()
+        _C.set_cuda_int8_lt(on)
+        try:
+            return fn()
+        finally:
+            _C.set_cuda_int8_lt(prev)
+    return call
+
+
 def bench_w4(results, rounds, inner, ms, sweep=False):
     gen = torch.Generator().manual_seed(0)
     for N, K in SHAPES:
@@ -205,6 +219,9 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
                 methods["torch._int_mm"] = [lambda t=t: torch._int_mm(xq, t) for t in wts]
                 methods["hfquant W8A8 linear"] = [
                     lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N) for p in pws]
+                methods["hfquant W8A8 linear, GEMM by at::_int_mm"] = [
+                    with_lt(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), False)
+                    for p in pws]
             if M in ms_llm:
                 xo = x.clone()
                 xo[:, torch.randperm(K, generator=gen)[:6].cuda()] = 20.0  # six outlier columns

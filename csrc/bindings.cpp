@@ -42,6 +42,11 @@ PYBIND11_MODULE(_C, m) {
         "Segments per block of the skinny kernel (0: chosen per layer; HFQUANT_CUDA_SKINNY_SEGS overrides).");
   m.def("set_cuda_skinny_segs", [](int64_t v) { hfquant::cuda::set_skinny_segs(v); },
         "Forces the segments per block (1..8; 0 chooses again), for tests and benchmark sweeps.");
+  m.def("cuda_int8_lt", []() { return hfquant::cuda::int8_lt(); },
+        "Whether the CUDA int8 GEMM calls cuBLASLt with its heuristic algorithm and a workspace (else "
+        "at::_int_mm; HFQUANT_CUDA_INT8_LT=0 turns it off).");
+  m.def("set_cuda_int8_lt", [](bool on) { hfquant::cuda::set_int8_lt(on); },
+        "Chooses between the two (for tests and benchmarks).");
 #else
   m.attr("cuda_built") = false;
 #endif

@@ -37,6 +37,10 @@ std::atomic<int64_t>& skinny_max_m_ref() {
   static std::atomic<int64_t> v{env_or("HFQUANT_CUDA_SKINNY_MAX_M", 0)};
   return v;
 }
+std::atomic<bool>& int8_lt_ref() {
+  static std::atomic<bool> v{env_or("HFQUANT_CUDA_INT8_LT", 1) != 0};
+  return v;
+}
 std::atomic<int64_t>& skinny_segs_ref() {
   static std::atomic<int64_t> v{env_or("HFQUANT_CUDA_SKINNY_SEGS", 0)};
   return v;
@@ -49,5 +53,7 @@ int64_t skinny_max_m() { return skinny_max_m_ref().load(std::memory_order_relaxe
 void set_skinny_max_m(int64_t m) { skinny_max_m_ref().store(m, std::memory_order_relaxed); }
 int64_t skinny_segs() { return skinny_segs_ref().load(std::memory_order_relaxed); }
 void set_skinny_segs(int64_t s) { skinny_segs_ref().store(s, std::memory_order_relaxed); }
+bool int8_lt() { return int8_lt_ref().load(std::memory_order_relaxed); }
+void set_int8_lt(bool on) { int8_lt_ref().store(on, std::memory_order_relaxed); }
 
 }  // namespace hfquant::cuda

@@ -3,14 +3,22 @@
 //
 // Layout: packed_weight int8 [Np, Kp] = the int8 weights, rows padded with zeros to
 // Np = round_up(N, 16), columns to Kp = round_up(K, 16): row-major W, handed to cuBLASLt's
-// int8 GEMM (through at::_int_mm, IMMA tensor cores, exact int32 accumulation) as the
-// column-major B = W^T it prefers ("TN"). Activations are quantized straight into a
+// int8 GEMM (IMMA tensor cores, exact int32 accumulation) as the column-major B = W^T it
+// prefers ("TN"). The GEMM is called here with cuBLASLt's heuristic choice and a workspace
+// (lt_int8_mm): at::_int_mm passes neither (no algorithm, workspace 0), which keeps cuBLASLt
+// on its workspace-free kernels; if cuBLASLt refuses a shape, at::_int_mm runs it. Activations are quantized straight into a
 // zero-padded [Mp, Kp] buffer (Mp >= 17: cuBLASLt's int8 path wants M > 16), and one
 // epilogue kernel applies x_scales[m] * w_scales[n], the LLM.int8 outlier product and bias.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cublasLt.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "cuda/common.cuh"
 
@@ -183,8 +191,88 @@ __global__ void epilogue_kernel(const int32_t* __restrict__ acc, int64_t ldc, co
   y[i] = Y(v);
 }
 
-// int8 [Mp, Kp] @ packed^T -> int32 [Mp, Np] on cuBLASLt.
-at::Tensor int_mm(const at::Tensor& a, const at::Tensor& pw) { return at::_int_mm(a, pw.t()); }
+// cuBLASLt int8 GEMM with a heuristic algorithm and a workspace: c [Mp, Np] int32 (row-major)
+// = a [Mp, Kp] int8 @ pw [Np, Kp]^T. Column-major view: C^T [Np, Mp] = op_T(pw as [Kp, Np])
+// x (a as [Kp, Mp]). Returns false (nothing launched) where cuBLASLt has no algorithm or
+// refuses the call; the heuristic's answer is cached per shape and device.
+// int8_lt() false (HFQUANT_CUDA_INT8_LT=0, _C.set_cuda_int8_lt) sends every call to at::_int_mm.
+constexpr size_t kLtWorkspace = size_t(32) << 20;
+
+struct LtDescs {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  ~LtDescs() {
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+  bool make(int64_t Mp, int64_t Np, int64_t Kp) {
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    return cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32I, CUDA_R_32I) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&la, CUDA_R_8I, uint64_t(Kp), uint64_t(Np), Kp) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&lb, CUDA_R_8I, uint64_t(Kp), uint64_t(Mp), Kp) == CUBLAS_STATUS_SUCCESS &&
+           cublasLtMatrixLayoutCreate(&lc, CUDA_R_32I, uint64_t(Np), uint64_t(Mp), Np) == CUBLAS_STATUS_SUCCESS;
+  }
+};
+
+bool lt_int8_mm(const at::Tensor& a, const at::Tensor& pw, at::Tensor& c) {
+  if (!int8_lt()) return false;
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  if (!aligned(a) || !aligned(pw) || !aligned(c)) return false;  // the IMMA kernels want 16-byte operands
+  const int64_t Mp = a.size(0), Kp = a.size(1), Np = pw.size(0);
+  using Key = std::tuple<int, int64_t, int64_t, int64_t>;
+  struct Choice {
+    bool ok;
+    cublasLtMatmulAlgo_t algo;
+  };
+  static std::mutex mu;
+  static std::map<Key, Choice> cache;
+  const Key key{a.device().index(), Mp, Np, Kp};
+  LtDescs d;
+  if (!d.make(Mp, Np, Kp)) return false;
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  Choice choice{false, {}};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) {
+      choice = it->second;
+    } else {
+      cublasLtMatmulPreference_t pref = nullptr;
+      cublasLtMatmulHeuristicResult_t res{};
+      int found = 0;
+      const uint64_t ws = kLtWorkspace;
+      if (cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS) {
+        if (cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)) ==
+                CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.la, d.lb, d.lc, d.lc, pref, 1, &res, &found) ==
+                CUBLAS_STATUS_SUCCESS &&
+            found > 0 && res.state == CUBLAS_STATUS_SUCCESS && res.workspaceSize <= kLtWorkspace) {
+          choice = {true, res.algo};
+        }
+        cublasLtMatmulPreferenceDestroy(pref);
+      }
+      cache[key] = choice;
+    }
+  }
+  if (!choice.ok) return false;
+  at::Tensor workspace = at::empty({int64_t(kLtWorkspace)}, a.options().dtype(at::kByte));
+  const int32_t alpha = 1, beta = 0;
+  const cublasStatus_t st =
+      cublasLtMatmul(handle, d.op, &alpha, pw.data_ptr(), d.la, a.data_ptr(), d.lb, &beta, c.data_ptr(), d.lc,
+                     c.data_ptr(), d.lc, &choice.algo, workspace.data_ptr(), kLtWorkspace, stream());
+  return st == CUBLAS_STATUS_SUCCESS;  // refused (nothing launched): at::_int_mm runs this call
+}
+
+// int8 [Mp, Kp] @ packed^T -> int32 [Mp, Np]: cuBLASLt with its heuristic choice, else at::_int_mm.
+at::Tensor int_mm(const at::Tensor& a, const at::Tensor& pw) {
+  at::Tensor c = at::empty({a.size(0), pw.size(0)}, a.options().dtype(at::kInt));
+  if (lt_int8_mm(a, pw, c)) return c;
+  return at::_int_mm(a, pw.t());
+}
 
 // User int8 activations [M, K] -> zero-padded [Mp, Kp]; refuses -128 like the CPU ops.
 at::Tensor pad_act(const char* op, const at::Tensor& xq, const WeightInfo& w, const at::Device& dev) {

@@ -1,7 +1,9 @@
 """The int8-activation ops on CUDA against their pure-torch twins in hfquant/ref.py.
 
 Packing, codes, outlier columns and int32 products must match bitwise; the scaled float
-outputs follow the tolerance policy of tests/_utils.py. Skipped without a GPU.
+outputs follow the tolerance policy of tests/_utils.py. The GEMM tests run on both int8 GEMM
+engines: cuBLASLt called with its heuristic algorithm and a workspace, and at::_int_mm
+(_C.set_cuda_int8_lt). Skipped without a GPU.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import torch
 
 import hfquant.ops  # noqa: F401  (registers the fake kernels)
 from _utils import assert_close
-from cuda_util import equal_nan, requires_cuda
+from cuda_util import CUDA_OK, equal_nan, requires_cuda
 from hfquant import ref
+from hfquant._ext import _C
 
 pytestmark = requires_cuda
 
@@ -22,6 +25,17 @@ DEV = "cuda"
 # M = 1 (decode; padded to cuBLASLt's minimum rows), odd M/N/K, K = 1, M past 256
 SHAPES = [(1, 1, 1), (1, 33, 576), (3, 17, 5), (5, 100, 259), (17, 70, 64), (64, 129, 300), (300, 257, 1000)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["cublaslt", "int_mm"])
+def engine(request):
+    """The int8 GEMM engine of the CUDA ops, restored after the test."""
+    if not CUDA_OK:
+        pytest.skip("no CUDA")
+    prev = _C.cuda_int8_lt()
+    _C.set_cuda_int8_lt(request.param == "cublaslt")
+    yield request.param
+    _C.set_cuda_int8_lt(prev)
 
 
 def _packed(N, K, gen, lo=-127):
@@ -43,7 +57,7 @@ def test_int8_pack_matches_ref_and_inverts(N, K):
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_int8_mm_is_exact(M, N, K):
+def test_int8_mm_is_exact(engine, M, N, K):
     gen = torch.Generator().manual_seed(M * 7 + N * 13 + K)
     w, pw, cs = _packed(N, K, gen, lo=-128)
     xq = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
@@ -52,7 +66,7 @@ def test_int8_mm_is_exact(M, N, K):
     assert y.dtype == torch.int32 and torch.equal(y.cpu(), ref.int8_mm_ref(xq, cpw, ccs, N))
 
 
-def test_int8_mm_extreme_values_exact():
+def test_int8_mm_extreme_values_exact(engine):
     K, N = 1000, 20
     for wv, xv in [(127, 127), (-128, 127), (-128, -127), (127, -127)]:
         pw, cs = OPS.int8_pack(torch.full((N, K), wv, dtype=torch.int8, device=DEV))
@@ -62,7 +76,7 @@ def test_int8_mm_extreme_values_exact():
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
-def test_int8_gemm_matches_ref(M, N, K, out_dtype):
+def test_int8_gemm_matches_ref(engine, M, N, K, out_dtype):
     gen = torch.Generator().manual_seed(M + N + K)
     w, pw, cs = _packed(N, K, gen)
     cpw, ccs = ref.int8_pack_ref(w)
@@ -117,7 +131,7 @@ def test_quantize_act_edge_rows():
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_int8_linear_matches_ref(M, N, K, dtype, threshold):
+def test_int8_linear_matches_ref(engine, M, N, K, dtype, threshold):
     gen = torch.Generator().manual_seed(M * 3 + N + K)
     w, pw, cs = _packed(N, K, gen)
     cpw, ccs = ref.int8_pack_ref(w)
