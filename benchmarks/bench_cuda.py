@@ -218,9 +218,10 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
                     lambda p=p: torch.ops.hfquant.int8_gemm(xq, xs, p, cs, ws, None, torch.bfloat16, N) for p in pws]
                 methods["torch._int_mm"] = [lambda t=t: torch._int_mm(xq, t) for t in wts]
                 methods["hfquant W8A8 linear"] = [
-                    lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N) for p in pws]
-                methods["hfquant W8A8 linear, GEMM by at::_int_mm"] = [
                     with_lt(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), False)
+                    for p in pws]
+                methods["hfquant W8A8 linear, GEMM by cuBLASLt heuristic"] = [
+                    with_lt(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), True)
                     for p in pws]
             if M in ms_llm:
                 xo = x.clone()

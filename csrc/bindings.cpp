@@ -44,7 +44,7 @@ PYBIND11_MODULE(_C, m) {
         "Forces the segments per block (1..8; 0 chooses again), for tests and benchmark sweeps.");
   m.def("cuda_int8_lt", []() { return hfquant::cuda::int8_lt(); },
         "Whether the CUDA int8 GEMM calls cuBLASLt with its heuristic algorithm and a workspace (else "
-        "at::_int_mm; HFQUANT_CUDA_INT8_LT=0 turns it off).");
+        "at::_int_mm, the default until measured; HFQUANT_CUDA_INT8_LT=1 turns it on).");
   m.def("set_cuda_int8_lt", [](bool on) { hfquant::cuda::set_int8_lt(on); },
         "Chooses between the two (for tests and benchmarks).");
 #else

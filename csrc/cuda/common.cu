@@ -38,7 +38,7 @@ std::atomic<int64_t>& skinny_max_m_ref() {
   return v;
 }
 std::atomic<bool>& int8_lt_ref() {
-  static std::atomic<bool> v{env_or("HFQUANT_CUDA_INT8_LT", 1) != 0};
+  static std::atomic<bool> v{env_or("HFQUANT_CUDA_INT8_LT", 0) != 0};
   return v;
 }
 std::atomic<int64_t>& skinny_segs_ref() {

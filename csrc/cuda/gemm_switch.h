@@ -17,8 +17,8 @@ void set_skinny_max_m(int64_t m);
 // 1..8 forces (tests, benchmark sweeps); HFQUANT_CUDA_SKINNY_SEGS overrides.
 int64_t skinny_segs();
 void set_skinny_segs(int64_t s);
-// Whether the int8 GEMM calls cuBLASLt with its heuristic algorithm and a workspace (default)
-// or at::_int_mm; HFQUANT_CUDA_INT8_LT=0 turns the first off.
+// Whether the int8 GEMM calls cuBLASLt with its heuristic algorithm and a workspace, or
+// at::_int_mm (default until the first is measured on a GPU; HFQUANT_CUDA_INT8_LT=1 turns it on).
 bool int8_lt();
 void set_int8_lt(bool on);
 }  // namespace hfquant::cuda

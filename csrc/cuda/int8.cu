@@ -4,9 +4,10 @@
 // Layout: packed_weight int8 [Np, Kp] = the int8 weights, rows padded with zeros to
 // Np = round_up(N, 16), columns to Kp = round_up(K, 16): row-major W, handed to cuBLASLt's
 // int8 GEMM (IMMA tensor cores, exact int32 accumulation) as the column-major B = W^T it
-// prefers ("TN"). The GEMM is called here with cuBLASLt's heuristic choice and a workspace
-// (lt_int8_mm): at::_int_mm passes neither (no algorithm, workspace 0), which keeps cuBLASLt
-// on its workspace-free kernels; if cuBLASLt refuses a shape, at::_int_mm runs it. Activations are quantized straight into a
+// prefers ("TN"), through at::_int_mm; or (int8_lt(), off by default until measured on a GPU)
+// called here with cuBLASLt's heuristic choice and a workspace (lt_int8_mm): at::_int_mm passes
+// neither (no algorithm, workspace 0), which keeps cuBLASLt on its workspace-free kernels; if
+// cuBLASLt refuses a shape, at::_int_mm runs it. Activations are quantized straight into a
 // zero-padded [Mp, Kp] buffer (Mp >= 17: cuBLASLt's int8 path wants M > 16), and one
 // epilogue kernel applies x_scales[m] * w_scales[n], the LLM.int8 outlier product and bias.
 #include <ATen/ATen.h>
@@ -195,7 +196,8 @@ __global__ void epilogue_kernel(const int32_t* __restrict__ acc, int64_t ldc, co
 // = a [Mp, Kp] int8 @ pw [Np, Kp]^T. Column-major view: C^T [Np, Mp] = op_T(pw as [Kp, Np])
 // x (a as [Kp, Mp]). Returns false (nothing launched) where cuBLASLt has no algorithm or
 // refuses the call; the heuristic's answer is cached per shape and device.
-// int8_lt() false (HFQUANT_CUDA_INT8_LT=0, _C.set_cuda_int8_lt) sends every call to at::_int_mm.
+// Used when int8_lt() (HFQUANT_CUDA_INT8_LT=1, _C.set_cuda_int8_lt; off by default until it is
+// measured on a GPU), else every call takes at::_int_mm.
 constexpr size_t kLtWorkspace = size_t(32) << 20;
 
 struct LtDescs {
