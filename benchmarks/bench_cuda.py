@@ -16,7 +16,7 @@ host instead), except for the ops that synchronize with the host (LLM.int8's out
 count, int8_gemm's input check) and the path comparison, which run eagerly.
 
 Methods: bf16 F.linear (cuBLAS); hfquant qlinear W4 g128 (bf16 x) with the mma kernel and with
-the skinny split-K kernel (M <= 16; --sweep adds each forced segments-per-block); torch._weight_int4pack_mm
+the skinny split-K kernel (M <= 64; --sweep adds each forced segments-per-block); torch._weight_int4pack_mm
 (tinygemm, W4 g128) where this torch runs it; hfquant int8_gemm (pre-quantized int8 x) and
 torch._int_mm (int32 out, no scaling); hfquant int8_linear W8A8 (its GEMM on cuBLASLt with the
 heuristic algorithm and a workspace, and on at::_int_mm) and LLM.int8() (threshold 6, the
@@ -180,10 +180,10 @@ def bench_w4(results, rounds, inner, ms, sweep=False):
                 "bf16 F.linear": [lambda w=w: F.linear(x, w) for w in wbs],
                 "hfquant W4 g128": [with_switches(q(p)) for p in pws],
             }
-            if M <= 16:
-                methods["hfquant W4 skinny"] = [with_switches(q(p), 16) for p in pws]
-                for segs in (2, 4, 6, 8) if sweep else ():
-                    methods[f"hfquant W4 skinny segs={segs}"] = [with_switches(q(p), 16, segs) for p in pws]
+            if M <= 64:
+                methods["hfquant W4 skinny"] = [with_switches(q(p), 64) for p in pws]
+                for segs in (2, 4, 6, 8) if sweep and M <= 16 else ():
+                    methods[f"hfquant W4 skinny segs={segs}"] = [with_switches(q(p), 64, segs) for p in pws]
             if tinys:
                 methods["torch int4pack_mm"] = [lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1])
                                                 for t in tinys]
@@ -237,7 +237,8 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
 
 
 def bench_w4_large_m(results, rounds, inner):
-    """The bf16/fp16 path switch of qlinear: mma.sync kernel vs dequantize + cuBLAS."""
+    """The bf16/fp16 path switch of qlinear: mma.sync kernel (and the skinny kernel up to M = 64)
+    vs dequantize + cuBLAS."""
     gen = torch.Generator().manual_seed(2)
     N, K = 4096, 4096
     pw, ps, _ = w4_setup(N, K, gen)
@@ -250,9 +251,12 @@ def bench_w4_large_m(results, rounds, inner):
             _C.set_cuda_gemm_min_m(min_m)
             return torch.ops.hfquant.qlinear(x, pw, ps, None, 4, 128, N, K)
 
-        t = time_methods({"bf16 F.linear": [lambda: F.linear(x, wb)],
-                          "W4 mma kernel": [lambda: run(1 << 30)],
-                          "W4 dequant+cuBLAS": [lambda: run(0)]}, rounds, inner)
+        methods = {"bf16 F.linear": [lambda: F.linear(x, wb)],
+                   "W4 mma kernel": [with_switches(lambda: run(1 << 30))],
+                   "W4 dequant+cuBLAS": [with_switches(lambda: run(0))]}
+        if M <= 64:
+            methods["W4 skinny kernel"] = [with_switches(lambda: run(1 << 30), 64)]
+        t = time_methods(methods, rounds, inner)
         for name, sec in t.items():
             results.append(dict(kind="W4 path", N=N, K=K, M=M, method=name, us=sec * 1e6,
                                 speedup=t["bf16 F.linear"] / sec))
@@ -273,7 +277,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
           f"nominal HBM {hbm / 1e12 if hbm else float('nan'):.2f} TB/s; measured copy {copy_bw / 1e12:.2f} TB/s")
     results: list[dict] = []
-    bench_w4(results, rounds, inner, [1, 4, 16], args.sweep)
+    bench_w4(results, rounds, inner, [1, 4, 16, 32, 64], args.sweep)
     bench_int8(results, rounds, inner, [256, 1024, 4096], [512, 2048])
     if not args.quick:
         bench_w4_large_m(results, rounds, inner)

@@ -37,7 +37,7 @@ PYBIND11_MODULE(_C, m) {
         "Largest M at which qlinear on CUDA takes the skinny split-K kernel (0: off; "
         "HFQUANT_CUDA_SKINNY_MAX_M overrides).");
   m.def("set_cuda_skinny_max_m", [](int64_t v) { hfquant::cuda::set_skinny_max_m(v); },
-        "Sets that threshold (for tests and benchmarks; at most 16 takes effect).");
+        "Sets that threshold (for tests and benchmarks; at most 64 takes effect).");
   m.def("cuda_skinny_segs", []() { return hfquant::cuda::skinny_segs(); },
         "Segments per block of the skinny kernel (0: chosen per layer; HFQUANT_CUDA_SKINNY_SEGS overrides).");
   m.def("set_cuda_skinny_segs", [](int64_t v) { hfquant::cuda::set_skinny_segs(v); },

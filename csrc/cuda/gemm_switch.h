@@ -9,7 +9,7 @@ namespace hfquant::cuda {
 // HFQUANT_CUDA_GEMM_MIN_M overrides).
 int64_t gemm_min_m();
 void set_gemm_min_m(int64_t m);
-// Largest M that takes the skinny split-K kernel (qlinear_skinny.cuh; at most 16). Default 0
+// Largest M that takes the skinny split-K kernel (qlinear_skinny.cuh; at most 64). Default 0
 // (off) until it is measured on a GPU; HFQUANT_CUDA_SKINNY_MAX_M overrides.
 int64_t skinny_max_m();
 void set_skinny_max_m(int64_t m);

@@ -1,6 +1,6 @@
 // hfquant::repack and hfquant::qlinear on CUDA: argument checks, the layout conversion
 // (qlinear_layout.cuh) and the choice between the skinny split-K kernel (M <= skinny_max_m(),
-// at most 16), the mma.sync kernel (every other M for fp32 x, M below gemm_min_m() for
+// at most 64), the mma.sync kernel (every other M for fp32 x, M below gemm_min_m() for
 // bf16/fp16) and dequantize-once + cuBLAS for large M.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -381,28 +381,28 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   a.y = y.data_ptr();
   a.N = int(N);
   if (M <= std::min<int64_t>(skinny_max_m(), kSkinnyMaxM)) {
-    // Small M: the skinny split-K kernel, if its shared memory fits this device.
+    // Small M: the skinny split-K kernel (one m16 tile per grid.z), if its shared memory fits.
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    const int64_t units = a.units, col_blocks = ceil_div(Np, kSkinnyCols);
+    const int64_t units = a.units, col_blocks = ceil_div(Np, kSkinnyCols), m_tiles = ceil_div(M, 16);
     int segs = int(skinny_segs());
     segs = segs > 0 ? int(std::min<int64_t>({segs, kSkinnyMaxSegs, units}))
-                    : choose_skinny_segs(col_blocks, units, prop->multiProcessorCount);
+                    : choose_skinny_segs(col_blocks * m_tiles, units, prop->multiProcessorCount);
     SkinnyArgs sa{};
     sa.q = a;
     sa.segs = segs;
     sa.splits = int(ceil_div(units, segs));
     sa.gmax = int(std::min<int64_t>(G, (int64_t(segs) * KU - 1) / a.gs + 2));
     sa.x_stride = x.scalar_type() == at::kFloat ? int(segs * KU + 8) : int(segs * KU / 2 + 4);
-    const size_t smem = skinny_smem_bytes(int(M), sa.x_stride, sa.gmax, int(P));
+    const size_t smem = skinny_smem_bytes(int(std::min<int64_t>(M, 16)), sa.x_stride, sa.gmax, int(P));
     if (smem <= size_t(prop->sharedMemPerBlockOptin)) {
       at::Tensor ws, counters;
       if (sa.splits > 1) {
         ws = at::empty({sa.splits, M, Np}, x.options().dtype(at::kFloat));
-        counters = at::zeros({col_blocks}, x.options().dtype(at::kInt));
+        counters = at::zeros({m_tiles * col_blocks}, x.options().dtype(at::kInt));
         sa.ws = ws.data_ptr<float>();
         sa.counters = counters.data_ptr<int>();
       }
-      const dim3 grid(unsigned(col_blocks), unsigned(sa.splits));
+      const dim3 grid(unsigned(col_blocks), unsigned(sa.splits), unsigned(m_tiles));
       const bool per_word = group_size != -1 && group_size % KU != 0;
       dispatch_x(x.scalar_type(), [&](auto* tag) {
         using XT = std::remove_pointer_t<decltype(tag)>;

@@ -1,5 +1,5 @@
-// The weight-only qlinear for small M (decode, M <= 16) on tensor cores: split-K, every
-// weight load in flight at once, x and the scales staged in shared memory.
+// The weight-only qlinear for small M (decode; M <= 64 in m16 tiles) on tensor cores:
+// split-K, every weight load in flight at once, x and the scales staged in shared memory.
 //
 // Why a second kernel (qlinear_kernel.cuh is the first): measured on an H100, that kernel
 // ran W4 g128 at M = 1 at 0.8-1.0 TB/s. Its SASS shows why: every k16 step reads its A
@@ -8,20 +8,21 @@
 // all of x (as many bytes from L2 as the bf16 weight has).
 //
 // Work split: a block of 8 warps covers 128 output channels (8 x 16, warps side by side
-// along N) and a K chunk of `segs` segments (segs * KU k); grid (ceil(Np / 128), splits),
-// splits = ceil(units / segs). Each lane issues all its weight loads for the chunk first
-// (2 x segs 16-byte loads, segs <= 8), then the block stages x rows [0, M) of the chunk
+// along N), a K chunk of `segs` segments (segs * KU k) and one m16 tile of rows; grid
+// (ceil(Np / 128), splits, ceil(M / 16)), splits = ceil(units / segs) (each m tile reads the
+// weights again: the kernel is for small M). Each lane issues all its weight loads for the
+// chunk first (2 x segs 16-byte loads, segs <= 8), then the block stages its x rows of the chunk
 // and the chunk's scales into shared memory, so the mma loop waits on nothing but the
 // weights. Per-lane decode and mma are those of the first kernel (qk:: helpers), so the
 // numerics are the same: exact integer B operands, fp32 accumulation, the group scale
 // applied to the fp32 partial sum of its group.
 //
 // With splits > 1 each block writes its fp32 partial sums to ws [splits, M, Np], and the
-// last block to arrive for a column block (an atomic counter, zeroed by the caller) adds
+// last block to arrive for a (column block, m tile) (an atomic counter, zeroed by the caller) adds
 // the partials in split order (deterministic), adds the bias and writes y.
 //
 // Shared memory (dynamic, 32-bit words):
-//   x      M rows of x_stride words: 16-bit x as (k, k+1) pairs, x_stride = segs*KU/2 + 4
+//   x      min(16, M - m0) rows of x_stride words: 16-bit x as (k, k+1) pairs, x_stride = segs*KU/2 + 4
 //          (= 4 mod 32: the 8 x 4 lanes of a fragment load hit 32 banks); fp32 x as floats,
 //          x_stride = segs*KU + 8 (= 8 mod 32: conflict-free float2 half-warps). Columns past
 //          K are zero.
@@ -35,16 +36,16 @@ namespace hfquant::cuda {
 constexpr int kSkinnyWarps = 8;                  // warps per block, side by side along N
 constexpr int kSkinnyCols = 16 * kSkinnyWarps;   // output channels per block
 constexpr int kSkinnyMaxSegs = 8;                // segments per block (all loads in registers)
-constexpr int kSkinnyMaxM = 16;                  // one m16 tile
+constexpr int kSkinnyMaxM = 64;                  // m16 tiles along grid.z (each re-reads the weights)
 
 struct SkinnyArgs {
-  QLinearArgs q;   // x, w, scales, bias, y and sizes (q.wn unused); q.M <= 16
+  QLinearArgs q;   // x, w, scales, bias, y and sizes (q.wn unused); q.M <= kSkinnyMaxM
   int segs;        // segments per block, 1..kSkinnyMaxSegs
   int splits;      // blocks along K: ceil(q.units / segs)
   int gmax;        // group planes staged per block
   int x_stride;    // shared-memory words per x row
   float* ws;       // [splits, M, Np] partial sums (splits > 1)
-  int* counters;   // [gridDim.x] arrivals, zero on entry (splits > 1)
+  int* counters;   // [gridDim.z * gridDim.x] arrivals, zero on entry (splits > 1)
 };
 
 // Dynamic shared memory of a launch (bytes).
@@ -109,7 +110,8 @@ __global__ void __launch_bounds__(256, 2) qlinear_skinny_kernel(const SkinnyArgs
   extern __shared__ __align__(16) uint32_t smem[];
   __shared__ int last_flag;
   uint32_t* xs = smem;
-  float* ss = reinterpret_cast<float*>(smem + a.M * sa.x_stride);
+  const int m0 = blockIdx.z * 16, mrows = min(16, a.M - m0);  // the block's rows of x and y
+  float* ss = reinterpret_cast<float*>(smem + mrows * sa.x_stride);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int nb0 = blockIdx.x * kSkinnyCols;     // first channel of the block
@@ -131,13 +133,13 @@ __global__ void __launch_bounds__(256, 2) qlinear_skinny_kernel(const SkinnyArgs
     }
   }
 
-  // 2. stage x (rows [0, M), the chunk's columns, zero past K) and the scales; batches of
+  // 2. stage x (rows [m0, m0 + mrows), the chunk's columns, zero past K) and the scales; batches of
   //    kB loads per thread go out before their stores wait
   constexpr int kB = 8;
   const XT* x = static_cast<const XT*>(a.x);
   const int kc0 = u_begin * KU;
   const int kcw = kF32 ? s_cnt * KU : s_cnt * KU / 2;  // words per staged row
-  const int xtotal = a.M * kcw;
+  const int xtotal = mrows * kcw;
   for (int base = threadIdx.x; base < xtotal; base += kB * blockDim.x) {
     uint32_t v[kB];
 #pragma unroll
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(256, 2) qlinear_skinny_kernel(const SkinnyArgs
       const int k = kc0 + (kF32 ? c : 2 * c);
       v[b] = 0u;
       if (idx < xtotal && k < a.K) {  // K even: a pair never straddles it
-        const XT* p = x + int64_t(r) * a.ldx + k;
+        const XT* p = x + int64_t(m0 + r) * a.ldx + k;
         if constexpr (kF32) {
           v[b] = __float_as_uint(__ldg(p));
         } else {
@@ -214,7 +216,7 @@ __global__ void __launch_bounds__(256, 2) qlinear_skinny_kernel(const SkinnyArgs
   };
   auto step = [&](int kl, uint32_t b00, uint32_t b01, uint32_t b10, uint32_t b11) {
     uint32_t hi[4], lo[4];
-    qk::SmemA<XT>::load(xs, sa.x_stride, a.M, g, kl + 2 * t, hi, lo);
+    qk::SmemA<XT>::load(xs, sa.x_stride, mrows, g, kl + 2 * t, hi, lo);
     qk::mma16816<TR::kBF16>(part[0], hi, b00, b01);
     qk::mma16816<TR::kBF16>(part[1], hi, b10, b11);
     if constexpr (TR::kSplit) {
@@ -269,10 +271,10 @@ __global__ void __launch_bounds__(256, 2) qlinear_skinny_kernel(const SkinnyArgs
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = g + (r >= 2 ? 8 : 0), col = n_base + tile * 8 + 2 * t + (r & 1);
-        if (row < a.M && col < a.N) {
+        if (row < mrows && col < a.N) {
           float v = acc[tile][r];
           if (a.bias) v += a.bias[col];
-          TR::store(y + int64_t(row) * a.N + col, v);
+          TR::store(y + int64_t(m0 + row) * a.N + col, v);
         }
       }
     return;
@@ -284,22 +286,23 @@ __global__ void __launch_bounds__(256, 2) qlinear_skinny_kernel(const SkinnyArgs
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = g + (r >= 2 ? 8 : 0), col = n_base + tile * 8 + 2 * t + (r & 1);
-        if (row < a.M) __stcg(wsb + int64_t(row) * a.Np + col, acc[tile][r]);
+        if (row < mrows) __stcg(wsb + int64_t(m0 + row) * a.Np + col, acc[tile][r]);
       }
   }
   __threadfence();  // the partials are visible device-wide before the arrival counts
   __syncthreads();
-  if (threadIdx.x == 0) last_flag = atomicAdd(sa.counters + blockIdx.x, 1) == sa.splits - 1;
+  if (threadIdx.x == 0)
+    last_flag = atomicAdd(sa.counters + blockIdx.z * gridDim.x + blockIdx.x, 1) == sa.splits - 1;
   __syncthreads();
   if (!last_flag) return;
   __threadfence();
-  for (int e = threadIdx.x; e < a.M * kSkinnyCols; e += blockDim.x) {
+  for (int e = threadIdx.x; e < mrows * kSkinnyCols; e += blockDim.x) {
     const int row = e / kSkinnyCols, col = nb0 + (e - row * kSkinnyCols);
     if (col >= a.N) continue;
     float v = 0.f;
-    for (int s = 0; s < sa.splits; ++s) v += __ldcg(sa.ws + (int64_t(s) * a.M + row) * a.Np + col);
+    for (int s = 0; s < sa.splits; ++s) v += __ldcg(sa.ws + (int64_t(s) * a.M + m0 + row) * a.Np + col);
     if (a.bias) v += a.bias[col];
-    TR::store(y + int64_t(row) * a.N + col, v);
+    TR::store(y + int64_t(m0 + row) * a.N + col, v);
   }
 }
 

@@ -3,7 +3,7 @@
 The CUDA layout is checked bit for bit against ref.repack_cuda_ref; outputs against the
 float64 reference computed on the CPU from the same checkpoint tensors, under the
 tolerance policy of tests/_utils.py. Every CUDA path is covered for every case: the
-mma.sync kernel, the skinny split-K kernel (M <= 16; forced with _C.set_cuda_skinny_max_m)
+mma.sync kernel, the skinny split-K kernel (M <= 64; forced with _C.set_cuda_skinny_max_m)
 and (bf16/fp16, large M) dequantize + cuBLAS (forced with _C.set_cuda_gemm_min_m).
 Skipped without a GPU or a CUDA build.
 """
@@ -47,10 +47,10 @@ def switches():
 
 @pytest.fixture(params=["mma", "skinny", "cublas"])
 def path(request, switches):
-    """Forces the mma.sync kernel for every M; or the skinny kernel for M <= 16 (the mma
+    """Forces the mma.sync kernel for every M; or the skinny kernel for M <= 64 (the mma
     kernel above); or dequantize + cuBLAS for every bf16/fp16 M."""
     switches.set_cuda_gemm_min_m(0 if request.param == "cublas" else 1 << 30)
-    switches.set_cuda_skinny_max_m(16 if request.param == "skinny" else 0)
+    switches.set_cuda_skinny_max_m(64 if request.param == "skinny" else 0)
     switches.set_cuda_skinny_segs(0)
     return request.param
 
@@ -150,10 +150,10 @@ def test_qlinear_realistic_shapes(bits, dtype):
 @pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"w{b}")
 def test_qlinear_skinny_segments(switches, bits, dtype):
     """The skinny kernel's split-K with every chunk length: one split, several, a short last
-    chunk, a column block half past Np (N = 300: Np = 320 = 2.5 blocks of 128), group planes
+    chunk, three m16 tiles (M = 40), a column block half past Np (N = 300: Np = 320 = 2.5 blocks of 128), group planes
     spanning chunk edges (g32/g96 per packed word), more than 48 KB of shared memory (fp32,
     M = 16, 8 segments); outputs deterministic across runs (partials added in split order)."""
-    switches.set_cuda_skinny_max_m(16)
+    switches.set_cuda_skinny_max_m(64)
     gen = torch.Generator().manual_seed(8)
     N, K = 300, 2000
     for gs, asym in ((-1, False), (32, True), (96, False), (128, True)):
@@ -162,7 +162,7 @@ def test_qlinear_skinny_segments(switches, bits, dtype):
         bias = torch.randn(N, generator=gen).to(dtype)
         for segs in (0, 1, 3, 8):
             switches.set_cuda_skinny_segs(segs)
-            for M in (1, 3, 9, 16):
+            for M in (1, 3, 9, 16, 40):
                 x = torch.randn(M, K, generator=gen).to(dtype)
                 xb, bb = _cuda(x, bias)
                 y = torch.ops.hfquant.qlinear(xb, w, ps, bb, bits, gs, N, K)
