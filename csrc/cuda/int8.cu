@@ -221,7 +221,6 @@ struct LtDescs {
 };
 
 bool lt_int8_mm(const at::Tensor& a, const at::Tensor& pw, at::Tensor& c) {
-  if (!int8_lt()) return false;
   auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   if (!aligned(a) || !aligned(pw) || !aligned(c)) return false;  // the IMMA kernels want 16-byte operands
   const int64_t Mp = a.size(0), Kp = a.size(1), Np = pw.size(0);
@@ -271,8 +270,10 @@ bool lt_int8_mm(const at::Tensor& a, const at::Tensor& pw, at::Tensor& c) {
 
 // int8 [Mp, Kp] @ packed^T -> int32 [Mp, Np]: cuBLASLt with its heuristic choice, else at::_int_mm.
 at::Tensor int_mm(const at::Tensor& a, const at::Tensor& pw) {
-  at::Tensor c = at::empty({a.size(0), pw.size(0)}, a.options().dtype(at::kInt));
-  if (lt_int8_mm(a, pw, c)) return c;
+  if (int8_lt()) {
+    at::Tensor c = at::empty({a.size(0), pw.size(0)}, a.options().dtype(at::kInt));
+    if (lt_int8_mm(a, pw, c)) return c;
+  }
   return at::_int_mm(a, pw.t());
 }
 
