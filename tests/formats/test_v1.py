@@ -77,10 +77,22 @@ def test_low_bit_grid(bits, sym):
     z = z.repeat_interleave(128, dim=1) if z.shape[1] == 2 else z
     assert int(codes.min()) >= 0 and int(codes.max()) <= (1 << bits) - 1
     if sym:
-        # symmetric: values -(2^(b-1) - 1) .. 2^(b-1) - 1 around the implicit zero 2^(b-1)
-        assert (z == 1 << (bits - 1)).all()
-        assert int(codes.min()) >= 1
-        assert len({int(v) for v in (codes - z).unique()}) <= (1 << bits) - 1
+        # symmetric: values -2^(b-1) .. 2^(b-1) - 1 around the implicit zero h = 2^(b-1); the
+        # lowest is used at least where the group's negative extreme sets the step
+        # (-min / h > max / (h - 1)); elsewhere only where the minimum rounds to it
+        h = 1 << (bits - 1)
+        assert (z == h).all()
+        g = w.reshape(16, 2, 128)
+        neg_first = -g.amin(-1) / h > g.amax(-1) / (h - 1)
+        cmin = codes.reshape(16, 2, 128).amin(-1)
+        assert (cmin[neg_first] == 0).all()
+        # a group led by its negative extreme: that weight is exact at the lowest code
+        wn = torch.linspace(-0.5, 0.5, 128).repeat(2, 1)
+        wn[:, 7] = -2.0
+        qn = formats.quantize_rtn(wn, bits, 128, sym)
+        cn, _ = formats.codes_and_zeros(qn.qweight, qn.zeros, bits, 128)
+        assert (cn[:, 7] == 0).all()
+        assert torch.allclose(qn.scales.float(), torch.full((2, 1), 2.0 / h))
 
 
 def test_low_bit_validate_rejects_padding_and_zeros():
