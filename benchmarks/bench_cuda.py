@@ -13,9 +13,11 @@ measured device-to-device copy.
 
 Timing: CUDA graphs of the calls (GPU time; a Python loop of small calls measures the
 host instead), except for the ops that synchronize with the host (LLM.int8's outlier
-count, int8_gemm's input check) and the path comparison, which run eagerly.
+count, int8_gemm's input check), which run eagerly, as does any method whose capture fails
+(said on stderr).
 
-Methods: bf16 F.linear (cuBLAS); hfquant qlinear W4 g128 (bf16 x) with the mma kernel and with
+Methods: bf16 F.linear (cuBLAS); bitsandbytes NF4 (block 64, bnb.matmul_4bit, in graphs) and
+LLM.int8() (Linear8bitLt, threshold 6, fp16 x; eager: it synchronizes) where bitsandbytes imports; hfquant qlinear W4 g128 (bf16 x) with the mma kernel and with
 the skinny split-K kernel (M <= 64; --sweep adds each forced segments-per-block); torch._weight_int4pack_mm
 (tinygemm, W4 g128) where this torch runs it; hfquant int8_gemm (pre-quantized int8 x) and
 torch._int_mm (int32 out, no scaling); hfquant int8_linear W8A8 (its GEMM on cuBLASLt with the
@@ -76,9 +78,14 @@ def time_methods(methods: dict, rounds: int, inner: int, eager: tuple[str, ...] 
         if name in eager:
             continue
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(inner):
-                fns[i % len(fns)]()
+        try:
+            with torch.cuda.graph(g):
+                for i in range(inner):
+                    fns[i % len(fns)]()
+        except Exception as exc:  # noqa: BLE001 - a method that cannot be captured runs eagerly
+            print(f"  {name}: not capturable ({type(exc).__name__}), timed eagerly", file=sys.stderr)
+            torch.cuda.synchronize()
+            continue
         graphs[name] = g
     torch.cuda.synchronize()
     for _ in range(rounds):
@@ -96,7 +103,49 @@ def time_methods(methods: dict, rounds: int, inner: int, eager: tuple[str, ...] 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-EAGER = ("hfquant int8_gemm", "hfquant LLM.int8")
+EAGER = ("hfquant int8_gemm", "hfquant LLM.int8", "bitsandbytes LLM.int8")
+
+
+def bitsandbytes():
+    """The bitsandbytes module where it imports and runs on this GPU, else None (reported).
+    The GPU image has none: benchmarks/cuda_session.sh installs a carried wheel from .whl/."""
+    try:
+        import bitsandbytes as bnb
+
+        return bnb
+    except Exception as exc:  # noqa: BLE001 - report, do not fail
+        print(f"  bitsandbytes unavailable: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        return None
+
+
+def bnb_nf4(bnb, wb):
+    """bitsandbytes NF4 (block 64, the default of its 4-bit layers) of a bf16 weight [N, K]:
+    a call x -> x @ W^T through bnb.matmul_4bit (its GEMV at M = 1), or None if it fails."""
+    try:
+        qw, st = bnb.functional.quantize_4bit(wb, blocksize=64, quant_type="nf4")
+        x = torch.randn(1, wb.shape[1], dtype=wb.dtype, device=wb.device)
+        bnb.matmul_4bit(x, qw.t(), quant_state=st)
+        return lambda x: bnb.matmul_4bit(x, qw.t(), quant_state=st)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  bitsandbytes NF4 failed: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
+        return None
+
+
+def bnb_int8(bnb, wb):
+    """bitsandbytes LLM.int8() (Linear8bitLt, threshold 6, int8 weights) of a weight [N, K], fp16
+    activations, or None if it fails."""
+    try:
+        N, K = wb.shape
+        layer = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(wb.detach().cpu().to(torch.float16), requires_grad=False,
+                                         has_fp16_weights=False)
+        layer = layer.cuda().eval()
+        with torch.no_grad():
+            layer(torch.randn(2, K, dtype=torch.float16, device="cuda"))
+        return layer
+    except Exception as exc:  # noqa: BLE001
+        print(f"  bitsandbytes LLM.int8 failed: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
+        return None
 
 
 def copy_bandwidth() -> float:
@@ -148,6 +197,28 @@ def with_switches(fn, skinny_max_m=0, segs=0):
     return call
 
 
+HBM = [None]  # the card's nominal HBM bytes/s, for the rows' share
+
+
+def row_text(r: dict, hbm) -> str:
+    if "gbps" in r:
+        frac = f" ({r['gbps'] * 1e9 / hbm:.0%} of HBM)" if hbm else ""
+        ach = f"{r['gbps'] / 1e3:.2f} TB/s{frac}"
+    elif "tflops" in r:
+        ach = f"{r['tflops']:.0f} TFLOP/s"
+    else:
+        ach = ""
+    return (f"| {r['kind']} | {r['N']}x{r['K']} | {r['M']} | {r['method']} | {r['us']:.1f} | {ach} | "
+            f"{r['speedup']:.2f}x |")
+
+
+def add(results: list, r: dict) -> None:
+    """Records a result and prints its row at once (to stderr), so that a run stopped by a
+    time limit still leaves what it measured."""
+    results.append(r)
+    print("  " + row_text(r, HBM[0]), file=sys.stderr, flush=True)
+
+
 def with_lt(fn, on):
     """fn with the int8 GEMM engine chosen for the call: cuBLASLt with its heuristic algorithm and a
     workspace (on) or at::_int_mm (off)."""
@@ -161,7 +232,7 @@ def with_lt(fn, on):
     return call
 
 
-def bench_w4(results, rounds, inner, ms, sweep=False):
+def bench_w4(results, rounds, inner, ms, sweep=False, bnb=None):
     gen = torch.Generator().manual_seed(0)
     for N, K in SHAPES:
         pw, ps, tiny = w4_setup(N, K, gen)
@@ -172,6 +243,8 @@ def bench_w4(results, rounds, inner, ms, sweep=False):
         wb = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02
         nb = copies_for(wb.numel() * 2)
         wbs = [wb.clone() for _ in range(nb)]
+        nf4s = [bnb_nf4(bnb, wb) for _ in range(n4)] if bnb else []
+        nf4s = nf4s if all(nf4s) else []
         for M in ms:
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             def q(p):
@@ -187,18 +260,21 @@ def bench_w4(results, rounds, inner, ms, sweep=False):
             if tinys:
                 methods["torch int4pack_mm"] = [lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1])
                                                 for t in tinys]
+            if nf4s:
+                methods["bitsandbytes NF4 g64"] = [lambda f=f: f(x) for f in nf4s]
             t = time_methods(methods, rounds, inner)
             io = (M * K + M * N) * 2
             for name, sec in t.items():
                 nbytes = {"bf16 F.linear": N * K * 2,
-                          "torch int4pack_mm": N * K // 2 + (K // 128) * N * 4}.get(name, w4_bytes) + io
-                results.append(dict(kind="W4 g128", N=N, K=K, M=M, method=name, us=sec * 1e6,
+                          "torch int4pack_mm": N * K // 2 + (K // 128) * N * 4,
+                          "bitsandbytes NF4 g64": N * K // 2 + (K // 64) * N}.get(name, w4_bytes) + io
+                add(results, dict(kind="W4 g128", N=N, K=K, M=M, method=name, us=sec * 1e6,
                                     gbps=nbytes / sec / 1e9, speedup=t["bf16 F.linear"] / sec))
         del pws, tinys, wbs
         torch.cuda.empty_cache()
 
 
-def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
+def bench_int8(results, rounds, inner, ms_gemm, ms_llm, bnb=None):
     gen = torch.Generator().manual_seed(1)
     for N, K in SHAPES:
         w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).cuda()
@@ -209,6 +285,8 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
         wts = [p[:N, :K].t() for p in pws]  # [K, N] column-major views for torch._int_mm
         wb = torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02
         wbs = [wb.clone() for _ in range(copies_for(wb.numel() * 2))]
+        int8s = [bnb_int8(bnb, wb) for _ in range(n8)] if bnb else []
+        int8s = int8s if all(l is not None for l in int8s) else []
         for M in sorted(set(ms_gemm) | set(ms_llm)):
             x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
             methods = {"bf16 F.linear": [lambda w=w: F.linear(x, w) for w in wbs]}
@@ -223,6 +301,10 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
                 methods["hfquant W8A8 linear, GEMM by cuBLASLt heuristic"] = [
                     with_lt(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), True)
                     for p in pws]
+            if M in ms_llm and int8s:
+                xh = x.half()
+                xh[:, torch.randperm(K, generator=gen)[:6].cuda()] = 20.0
+                methods["bitsandbytes LLM.int8"] = [lambda l=l: l(xh) for l in int8s]
             if M in ms_llm:
                 xo = x.clone()
                 xo[:, torch.randperm(K, generator=gen)[:6].cuda()] = 20.0  # six outlier columns
@@ -230,7 +312,7 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm):
                     lambda p=p: torch.ops.hfquant.int8_linear(xo, p, cs, ws, None, None, 6.0, N) for p in pws]
             t = time_methods(methods, rounds, inner, EAGER)
             for name, sec in t.items():
-                results.append(dict(kind="int8", N=N, K=K, M=M, method=name, us=sec * 1e6,
+                add(results, dict(kind="int8", N=N, K=K, M=M, method=name, us=sec * 1e6,
                                     tflops=2 * M * N * K / sec / 1e12, speedup=t["bf16 F.linear"] / sec))
         del pws, wts, wbs
         torch.cuda.empty_cache()
@@ -258,7 +340,7 @@ def bench_w4_large_m(results, rounds, inner):
             methods["W4 skinny kernel"] = [with_switches(lambda: run(1 << 30), 64)]
         t = time_methods(methods, rounds, inner)
         for name, sec in t.items():
-            results.append(dict(kind="W4 path", N=N, K=K, M=M, method=name, us=sec * 1e6,
+            add(results, dict(kind="W4 path", N=N, K=K, M=M, method=name, us=sec * 1e6,
                                 speedup=t["bf16 F.linear"] / sec))
     _C.set_cuda_gemm_min_m(prev)
 
@@ -274,25 +356,21 @@ def main() -> None:
     rounds, inner = (5, 10) if args.quick else (15, 20)
     name = torch.cuda.get_device_name()
     hbm, copy_bw = nominal_hbm(name), copy_bandwidth()
+    HBM[0] = hbm
     print(f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
           f"nominal HBM {hbm / 1e12 if hbm else float('nan'):.2f} TB/s; measured copy {copy_bw / 1e12:.2f} TB/s")
     results: list[dict] = []
-    bench_w4(results, rounds, inner, [1, 4, 16, 32, 64], args.sweep)
-    bench_int8(results, rounds, inner, [256, 1024, 4096], [512, 2048])
+    bnb = bitsandbytes()
+    if bnb:
+        print(f"bitsandbytes {bnb.__version__}")
+    bench_w4(results, rounds, inner, [1, 4, 16, 32, 64], args.sweep, bnb)
+    bench_int8(results, rounds, inner, [256, 1024, 4096], [512, 2048], bnb)
     if not args.quick:
         bench_w4_large_m(results, rounds, inner)
     print("\n| kind | N x K | M | method | us | achieved | vs bf16 |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
     for r in results:
-        if "gbps" in r:
-            frac = f" ({r['gbps'] * 1e9 / hbm:.0%} of HBM)" if hbm else ""
-            ach = f"{r['gbps'] / 1e3:.2f} TB/s{frac}"
-        elif "tflops" in r:
-            ach = f"{r['tflops']:.0f} TFLOP/s"
-        else:
-            ach = ""
-        print(f"| {r['kind']} | {r['N']}x{r['K']} | {r['M']} | {r['method']} | {r['us']:.1f} | {ach} | "
-              f"{r['speedup']:.2f}x |")
+        print(row_text(r, HBM[0]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, nominal_hbm=hbm,
