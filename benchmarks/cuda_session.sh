@@ -46,7 +46,7 @@ if ! TORCH_CUDA_ARCH_LIST="$ARCH" HFQUANT_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=$(np
   exit 1
 fi
 $PY -c "import hfquant._C as c; assert c.cuda_built, 'built without CUDA'; print('cuda_built', c.cuda_built)" \
-  || { stamp "the build has no CUDA kernels"; exit 1; }
+  || { stamp "hfquant._C did not import with CUDA kernels (see above)"; exit 1; }
 
 stamp "CUDA tests"
 # the junit XML keeps every case's outcome

