@@ -212,35 +212,43 @@ def run(x, w, ps, bias, bits, group_size, N, K, segs=0, f32=False):
     return y, segs, splits
 
 
+CASES = [  # (N, K), group size, asymmetric, M, forced segments (0: chosen), fp32 x
+    ((300, 2000), 128, True, 3, 3, False), ((300, 2000), 32, False, 9, 0, True),
+    ((300, 2000), 96, True, 16, 8, False), ((300, 2000), -1, False, 1, 1, True),
+    ((130, 1000), 64, True, 2, 0, False), ((17, 300), 32, False, 16, 0, False),
+    ((3, 17), -1, True, 1, 0, True), ((70, 160), 256, False, 7, 2, False),
+    ((300, 2000), 64, True, 40, 3, False), ((130, 1000), -1, False, 64, 0, True),
+    ((17, 300), 96, True, 33, 1, False),
+]
+
+
+def check_case(bits, N, K, gs, asym, M, segs, f32, gen):
+    """Emulates one call on random checkpoint tensors; returns (max relative error against
+    ref.qlinear_ref, segments used, splits). Raises if an output is left unwritten."""
+    from test_cuda_qlinear import make_quantized  # noqa: E402
+
+    qw, sc, z = make_quantized(N, K, bits, gs, asym, gen)
+    w, ps = ref.repack_cuda_ref(qw, sc, z, bits, gs, K)
+    x = torch.randn(M, K, generator=gen, dtype=torch.float64)
+    bias = torch.randn(N, generator=gen, dtype=torch.float64)
+    y, s_used, splits = run(x, w, ps, bias.numpy(), bits, gs, N, K, segs, f32)
+    wc, sbc = ref.repack_ref(qw, sc, z, bits, gs, K)
+    want = ref.qlinear_ref(x, wc, sbc, bias, bits, gs, N, K).numpy()
+    if np.isnan(y).any():
+        raise AssertionError("unwritten outputs")
+    return float(np.abs(y - want).max() / max(1e-12, np.abs(want).max())), s_used, splits
+
+
 def main():
     gen = torch.Generator().manual_seed(0)
-    from test_cuda_qlinear import make_quantized  # noqa: E402
-    cases = []
-    for bits in (4, 8):
-        for (N, K), gs, asym, M, segs, f32 in [
-            ((300, 2000), 128, True, 3, 3, False), ((300, 2000), 32, False, 9, 0, True),
-            ((300, 2000), 96, True, 16, 8, False), ((300, 2000), -1, False, 1, 1, True),
-            ((130, 1000), 64, True, 2, 0, False), ((17, 300), 32, False, 16, 0, False),
-            ((3, 17), -1, True, 1, 0, True), ((70, 160), 256, False, 7, 2, False),
-            ((300, 2000), 64, True, 40, 3, False), ((130, 1000), -1, False, 64, 0, True),
-            ((17, 300), 96, True, 33, 1, False),
-        ]:
-            cases.append((bits, N, K, gs, asym, M, segs, f32))
     worst = 0.0
-    for bits, N, K, gs, asym, M, segs, f32 in cases:
-        qw, sc, z = make_quantized(N, K, bits, gs, asym, gen)
-        w, ps = ref.repack_cuda_ref(qw, sc, z, bits, gs, K)
-        x = torch.randn(M, K, generator=gen, dtype=torch.float64)
-        bias = torch.randn(N, generator=gen, dtype=torch.float64)
-        y, s_used, splits = run(x, w, ps, bias.numpy(), bits, gs, N, K, segs, f32)
-        wc, sbc = ref.repack_ref(qw, sc, z, bits, gs, K)
-        want = ref.qlinear_ref(x, wc, sbc, bias, bits, gs, N, K).numpy()
-        assert not np.isnan(y).any(), "unwritten outputs"
-        err = np.abs(y - want).max() / max(1e-12, np.abs(want).max())
-        worst = max(worst, err)
-        print(f"w{bits} N={N} K={K} g{gs} asym={asym} M={M} segs={s_used} splits={splits} f32={f32}: "
-              f"max rel err {err:.2e}")
-        assert err < 1e-5, "mismatch"
+    for bits in (4, 8):
+        for (N, K), gs, asym, M, segs, f32 in CASES:
+            err, s_used, splits = check_case(bits, N, K, gs, asym, M, segs, f32, gen)
+            worst = max(worst, err)
+            print(f"w{bits} N={N} K={K} g{gs} asym={asym} M={M} segs={s_used} splits={splits} f32={f32}: "
+                  f"max rel err {err:.2e}")
+            assert err < 1e-5, "mismatch"
     print("all match; worst", worst)
 
 
