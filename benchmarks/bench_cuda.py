@@ -182,18 +182,20 @@ def w4_setup(N, K, gen):
     return pw, ps, tiny
 
 
-def with_switches(fn, skinny_max_m=0, segs=0):
-    """fn with the skinny-kernel switches set for the call (read when the kernel is chosen,
-    so a CUDA graph captures the kernel they select) and restored after."""
+def switched(fn, **settings):
+    """fn with hfquant._C's CUDA kernel switches set for the call and restored after, e.g.
+    switched(f, skinny_max_m=64, skinny_segs=4) or switched(f, int8_lt=True) (each name X is
+    read by _C.cuda_X and set by _C.set_cuda_X). They are read when a kernel is chosen, so a
+    CUDA graph captures the kernel they select."""
     def call():
-        prev = (_C.cuda_skinny_max_m(), _C.cuda_skinny_segs())
-        _C.set_cuda_skinny_max_m(skinny_max_m)
-        _C.set_cuda_skinny_segs(segs)
+        prev = {k: getattr(_C, f"cuda_{k}")() for k in settings}
+        for k, v in settings.items():
+            getattr(_C, f"set_cuda_{k}")(v)
         try:
             return fn()
         finally:
-            _C.set_cuda_skinny_max_m(prev[0])
-            _C.set_cuda_skinny_segs(prev[1])
+            for k, v in prev.items():
+                getattr(_C, f"set_cuda_{k}")(v)
     return call
 
 
@@ -219,19 +221,6 @@ def add(results: list, r: dict) -> None:
     print("  " + row_text(r, HBM[0]), file=sys.stderr, flush=True)
 
 
-def with_lt(fn, on):
-    """fn with the int8 GEMM engine chosen for the call: cuBLASLt with its heuristic algorithm and a
-    workspace (on) or at::_int_mm (off)."""
-    def call():
-        prev = _C.cuda_int8_lt()
-        _C.set_cuda_int8_lt(on)
-        try:
-            return fn()
-        finally:
-            _C.set_cuda_int8_lt(prev)
-    return call
-
-
 def bench_w4(results, rounds, inner, ms, sweep=False, bnb=None):
     gen = torch.Generator().manual_seed(0)
     for N, K in SHAPES:
@@ -251,12 +240,13 @@ def bench_w4(results, rounds, inner, ms, sweep=False, bnb=None):
                 return lambda: torch.ops.hfquant.qlinear(x, p[0], p[1], None, 4, 128, N, K)
             methods = {
                 "bf16 F.linear": [lambda w=w: F.linear(x, w) for w in wbs],
-                "hfquant W4 g128": [with_switches(q(p)) for p in pws],
+                "hfquant W4 g128": [switched(q(p), skinny_max_m=0) for p in pws],
             }
             if M <= 64:
-                methods["hfquant W4 skinny"] = [with_switches(q(p), 64) for p in pws]
+                methods["hfquant W4 skinny"] = [switched(q(p), skinny_max_m=64, skinny_segs=0) for p in pws]
                 for segs in (2, 4, 6, 8) if sweep and M <= 16 else ():
-                    methods[f"hfquant W4 skinny segs={segs}"] = [with_switches(q(p), 64, segs) for p in pws]
+                    methods[f"hfquant W4 skinny segs={segs}"] = [switched(q(p), skinny_max_m=64, skinny_segs=segs)
+                                                                 for p in pws]
             if tinys:
                 methods["torch int4pack_mm"] = [lambda t=t: torch._weight_int4pack_mm(x, t[0], 128, t[1])
                                                 for t in tinys]
@@ -296,10 +286,10 @@ def bench_int8(results, rounds, inner, ms_gemm, ms_llm, bnb=None):
                     lambda p=p: torch.ops.hfquant.int8_gemm(xq, xs, p, cs, ws, None, torch.bfloat16, N) for p in pws]
                 methods["torch._int_mm"] = [lambda t=t: torch._int_mm(xq, t) for t in wts]
                 methods["hfquant W8A8 linear"] = [
-                    with_lt(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), False)
+                    switched(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), int8_lt=False)
                     for p in pws]
                 methods["hfquant W8A8 linear, GEMM by cuBLASLt heuristic"] = [
-                    with_lt(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), True)
+                    switched(lambda p=p: torch.ops.hfquant.int8_linear(x, p, cs, ws, None, None, 0.0, N), int8_lt=True)
                     for p in pws]
             if M in ms_llm and int8s:
                 xh = x.half()
@@ -325,24 +315,21 @@ def bench_w4_large_m(results, rounds, inner):
     N, K = 4096, 4096
     pw, ps, _ = w4_setup(N, K, gen)
     wb = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
-    prev = _C.cuda_gemm_min_m()
     for M in (16, 32, 48, 64, 128, 256, 512, 2048):
         x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
 
-        def run(min_m):
-            _C.set_cuda_gemm_min_m(min_m)
+        def q():
             return torch.ops.hfquant.qlinear(x, pw, ps, None, 4, 128, N, K)
 
         methods = {"bf16 F.linear": [lambda: F.linear(x, wb)],
-                   "W4 mma kernel": [with_switches(lambda: run(1 << 30))],
-                   "W4 dequant+cuBLAS": [with_switches(lambda: run(0))]}
+                   "W4 mma kernel": [switched(q, gemm_min_m=1 << 30, skinny_max_m=0)],
+                   "W4 dequant+cuBLAS": [switched(q, gemm_min_m=0, skinny_max_m=0)]}
         if M <= 64:
-            methods["W4 skinny kernel"] = [with_switches(lambda: run(1 << 30), 64)]
+            methods["W4 skinny kernel"] = [switched(q, gemm_min_m=1 << 30, skinny_max_m=64)]
         t = time_methods(methods, rounds, inner)
         for name, sec in t.items():
             add(results, dict(kind="W4 path", N=N, K=K, M=M, method=name, us=sec * 1e6,
-                                speedup=t["bf16 F.linear"] / sec))
-    _C.set_cuda_gemm_min_m(prev)
+                              speedup=t["bf16 F.linear"] / sec))
 
 
 def main() -> None:

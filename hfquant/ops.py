@@ -20,7 +20,8 @@ def _backend() -> str:
     return os.environ.get("HFQUANT_BACKEND", "native")
 
 
-def _direct_ok(x: torch.Tensor, packed_scales: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _direct_ok(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
+               bias: torch.Tensor | None) -> bool:
     """Whether a qlinear call may skip the dispatcher and call the CPU kernel directly: plain
     CPU tensors, no gradient wanted, not under torch.compile tracing (which must see the op).
     The kernel and its argument checks are the same either way."""
@@ -29,7 +30,8 @@ def _direct_ok(x: torch.Tensor, packed_scales: torch.Tensor, bias: torch.Tensor 
     if torch.is_grad_enabled() and (x.requires_grad or packed_scales.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return type(packed_scales) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
+    return (type(packed_weight) is torch.Tensor and type(packed_scales) is torch.Tensor
+            and (bias is None or type(bias) is torch.Tensor))
 
 
 @torch.library.register_fake("hfquant::repack")
@@ -82,7 +84,7 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
     if _backend() == "ref":
         return ref.qlinear_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
                                in_features)
-    if _direct_ok(x, packed_scales, bias):
+    if _direct_ok(x, packed_weight, packed_scales, bias):
         return _C.qlinear_cpu(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features)
     return torch.ops.hfquant.qlinear(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
                                      in_features)

@@ -380,6 +380,8 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   a.y = y.data_ptr();
   a.N = int(N);
+  // groups aligned to whole segments take one scale per segment, else one per packed word
+  const bool per_word = group_size != -1 && group_size % KU != 0;
   if (M <= std::min<int64_t>(skinny_max_m(), kSkinnyMaxM)) {
     // Small M: the skinny split-K kernel (one m16 tile per grid.z), if its shared memory fits.
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
@@ -403,7 +405,6 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
         sa.counters = counters.data_ptr<int>();
       }
       const dim3 grid(unsigned(col_blocks), unsigned(sa.splits), unsigned(m_tiles));
-      const bool per_word = group_size != -1 && group_size % KU != 0;
       dispatch_x(x.scalar_type(), [&](auto* tag) {
         using XT = std::remove_pointer_t<decltype(tag)>;
         auto go = [&](auto bits_c, auto pw_c) {
@@ -437,8 +438,6 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   }
   a.wn = wn;
   const dim3 grid(unsigned(Np / (16 * wn)), unsigned(gy));
-  // groups aligned to whole segments take one scale per segment, else one per packed word
-  const bool per_word = group_size != -1 && group_size % KU != 0;
   dispatch_x(x.scalar_type(), [&](auto* tag) {
     using XT = std::remove_pointer_t<decltype(tag)>;
     auto go = [&](auto bits_c, auto mt_c) {

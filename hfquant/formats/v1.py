@@ -104,14 +104,6 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def symmetric_scale(neg: torch.Tensor, pos: torch.Tensor, bits: int) -> torch.Tensor:
-    """The symmetric b-bit (b < 8) scale of groups whose negative extreme has magnitude
-    ``neg`` and positive extreme ``pos`` (both >= 0): the smallest step whose grid
-    -h .. h - 1 (h = 2^(b-1)) holds both, max(neg / h, pos / (h - 1)) (see group_params)."""
-    h = 1 << (bits - 1)
-    return torch.maximum(neg / h, pos / (h - 1))
-
-
 @torch.no_grad()
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
                  clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +126,9 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch
         s = (w.abs().amax(dim=-1) * clip / 127).to(scale_dtype).to(torch.float32)
         return s, torch.zeros_like(s)
     if symmetric:
-        s = symmetric_scale(-w.amin(dim=-1).clamp(max=0.0) * clip, w.amax(dim=-1).clamp(min=0.0) * clip, bits)
-        s = s.to(scale_dtype).to(torch.float32)
+        h = 1 << (bits - 1)
+        neg, pos = -w.amin(dim=-1).clamp(max=0.0) * clip, w.amax(dim=-1).clamp(min=0.0) * clip
+        s = torch.maximum(neg / h, pos / (h - 1)).to(scale_dtype).to(torch.float32)
         z = torch.full_like(s, float(symmetric_zero(bits)))
         return s, z
     qmax = (1 << bits) - 1

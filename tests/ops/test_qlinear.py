@@ -314,7 +314,7 @@ def test_direct_entry_matches_dispatcher():
         for M, dtype in ((1, torch.float32), (5, torch.bfloat16), (40, torch.float16), (128, torch.float32)):
             x = torch.randn(2, M, K, generator=gen).to(dtype)
             b = torch.randn(N, generator=gen).to(dtype)
-            assert hfquant.ops._direct_ok(x, sb, b)
+            assert hfquant.ops._direct_ok(x, w, sb, b)
             with torch.no_grad():
                 got = hfquant.ops.qlinear(x, w, sb, b, bits, gs, N, K)
             want = torch.ops.hfquant.qlinear(x, w, sb, b, bits, gs, N, K)
@@ -325,7 +325,7 @@ def test_direct_entry_matches_dispatcher():
     with pytest.raises(RuntimeError, match=r"x must be float32, bfloat16 or float16, got Long"):
         hfquant.ops.qlinear(torch.ones(3, K, dtype=torch.long), w, sb, None, bits, gs, N, K)
     xg = torch.randn(3, K, requires_grad=True)
-    assert not hfquant.ops._direct_ok(xg, sb, None)
+    assert not hfquant.ops._direct_ok(xg, w, sb, None)
     y = hfquant.ops.qlinear(xg, w, sb, None, bits, gs, N, K)
     assert y.grad_fn is not None
     y.sum().backward()
