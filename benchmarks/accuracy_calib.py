@@ -43,6 +43,8 @@ CONFIGS = {
     "awq-w4g128a": ("AWQ W4 g128 asymmetric", dict(bits=4, group_size=128, symmetric=False, method="awq"),
                     "rtn-w4g128a"),
     "rtn-w4c": ("RTN W4 per channel symmetric", dict(bits=4, group_size=-1), None),
+    "rtn-w4g64": ("RTN W4 g64 symmetric", dict(bits=4, group_size=64), None),
+    "rtn-w4g32": ("RTN W4 g32 symmetric", dict(bits=4, group_size=32), None),
     "gptq-w4c": ("GPTQ W4 per channel symmetric (act-order)", dict(bits=4, group_size=-1, method="gptq"), "rtn-w4c"),
     "gptq-w4g128-noact": ("GPTQ W4 g128 symmetric, no act-order",
                           dict(bits=4, group_size=128, method="gptq", act_order=False), "rtn-w4g128"),

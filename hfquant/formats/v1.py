@@ -116,7 +116,7 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch
     No weight is clipped (the error is at most half a step), and a group whose negative
     extreme is the larger uses the lowest code and a step up to 1/8 finer (4-bit) than
     max|w| / (h - 1). Default model, symmetric W4, 8 windows: perplexity 57.40 instead of
-    63.03 per channel, 44.44 instead of 47.67 at g128, 39.46 instead of 42.51 at g32.
+    63.03 per channel, 44.44 instead of 47.67 at g128 (docs/accuracy.md).
     Symmetric 8-bit: s = max|w| / 127, codes -127..127, z = 0. Asymmetric: the range
     [min(w, 0), max(w, 0)] spread over 2^bits - 1 steps, z = round(-min / s).
     ``clip`` (a factor in (0, 1], scalar or per group) shrinks that range first (the
