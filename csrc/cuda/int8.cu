@@ -257,6 +257,9 @@ bool lt_int8_mm(const at::Tensor& a, const at::Tensor& pw, at::Tensor& c) {
         cublasLtMatmulPreferenceDestroy(pref);
       }
       cache[key] = choice;
+      if (!choice.ok)  // once per shape: the switch is on, but this shape runs at::_int_mm
+        TORCH_WARN(msg::cat("hfquant: cuBLASLt offers no int8 algorithm for M=", Mp, " N=", Np, " K=", Kp,
+                            "; this shape uses at::_int_mm"));
     }
   }
   if (!choice.ok) return false;
@@ -265,7 +268,12 @@ bool lt_int8_mm(const at::Tensor& a, const at::Tensor& pw, at::Tensor& c) {
   const cublasStatus_t st =
       cublasLtMatmul(handle, d.op, &alpha, pw.data_ptr(), d.la, a.data_ptr(), d.lb, &beta, c.data_ptr(), d.lc,
                      c.data_ptr(), d.lc, &choice.algo, workspace.data_ptr(), kLtWorkspace, stream());
-  return st == CUBLAS_STATUS_SUCCESS;  // refused (nothing launched): at::_int_mm runs this call
+  if (st != CUBLAS_STATUS_SUCCESS) {  // refused (nothing launched): at::_int_mm runs this call
+    TORCH_WARN_ONCE(msg::cat("hfquant: cuBLASLt refused its int8 algorithm (status ", int(st), ") for M=", Mp,
+                             " N=", Np, " K=", Kp, "; at::_int_mm runs such calls"));
+    return false;
+  }
+  return true;
 }
 
 // int8 [Mp, Kp] @ packed^T -> int32 [Mp, Np]: cuBLASLt with its heuristic choice, else at::_int_mm.
