@@ -42,8 +42,9 @@ $(STAMP_LMEVAL): $(STAMP_DEPS)
 
 install: $(STAMP_BUILD) $(STAMP_PEFT) $(STAMP_LMEVAL)
 
+DEMO_ARGS ?=
 demo: install
-	$(PY) -m hfquant.demo
+	$(PY) -m hfquant.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(settings, tuple):
             with tempfile.TemporaryDirectory() as d:
                 model.save_pretrained(d)
-                size = f"{size_on_disk(d) / 2**20:.1f}"
+                size = f"{size_on_disk(d) / 1e6:.1f}"
         ppl = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
         base = base or ppl
         rows.append([label, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f}%", size, f"{load_s:.0f}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
         del model
-    table = common.md_table(["config", "perplexity", "vs fp32", "size on disk MiB", "load + quantize s"], rows)
+    table = common.md_table(["config", "perplexity", "vs fp32", "size on disk MB", "load + quantize s"], rows)
     body = "\n".join([
         "### Weight clustering (k-means) vs uniform RTN", "",
         f"Command: `{command}`", "",

@@ -70,8 +70,18 @@ def check_keys(model, files) -> None:
         return
     header = read_header(files)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
-    if len(set(header) & set(expected)) < len(expected) // 2:
-        return  # another layout (a base model inside a task model, say): transformers maps the names
+    header, cross = _align_prefix(model, header, expected)
+    # saved from another class (a causal LM's checkpoint under a classification head, say)
+    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
+    cross = cross or bool(saved_as and type(model).__name__ not in saved_as)
+    found = len(set(header) & set(expected))
+    if found < len(expected) // 2:
+        tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))
+        example = sorted(set(expected) - set(header) - tied or set(expected) - set(header))[0]
+        raise ValueError(
+            f"hfquant: the checkpoint's tensor names do not match the model built from its config: {found} of "
+            f"{len(expected)} expected tensors found (the model expects {example}; the file has "
+            f"{min(set(header) - set(expected), default='no other tensor')}); a checkpoint of another architecture or layout")
     tied = set(dict(getattr(model, "all_tied_weights_keys", None) or {}))
     ignore_missing = _regex(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
     ignore_unexpected = _regex([*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
@@ -79,7 +89,11 @@ def check_keys(model, files) -> None:
     quantized = tuple(n + "." for n, m in model.named_modules() if isinstance(m, PackedLinear))
 
     missing = sorted(k for k in expected if not (k in header or k in tied
-                                                 or (ignore_missing and ignore_missing.search(k))))
+                                                 or (ignore_missing and ignore_missing.search(k))
+                                                 # a task head over a base model's checkpoint: transformers
+                                                 # initialises the float head (and says so); quantized
+                                                 # layers must come from the file
+                                                 or (cross and not k.startswith(quantized))))
     if missing:
         raise ValueError(f"hfquant: the checkpoint has no tensor {missing[0]}{_more(missing)} (missing from the "
                          "safetensors files, or a truncated or mismatched checkpoint)")
@@ -96,6 +110,28 @@ def check_keys(model, files) -> None:
             raise ValueError(f"hfquant: the checkpoint's {key} has shape {shape}, expected {want_shape}")
         if want_dtype.is_floating_point and not (dtype is not None and dtype.is_floating_point):
             raise ValueError(f"hfquant: the checkpoint's {key} has dtype {dtype}, expected floating point")
+
+
+def _align_prefix(model, header: dict, expected: dict) -> tuple[dict, bool]:
+    """The header's names as the model spells them, where one of the two carries the base
+    model prefix (``model.``) and the other does not: a base model's checkpoint loaded into a
+    task model, or the reverse (transformers maps the names the same way). Returns (header,
+    whether the checkpoint is of another class than the model)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return header, False
+    lead = prefix + "."
+    in_header = any(k.startswith(lead) for k in header)
+    in_model = any(k.startswith(lead) for k in expected)
+    if in_model and not in_header:
+        aligned = {lead + k: v for k, v in header.items()}
+    elif in_header and not in_model:
+        aligned = {k[len(lead):]: v for k, v in header.items() if k.startswith(lead)}
+    else:
+        return header, False
+    if len(set(aligned) & set(expected)) <= len(set(header) & set(expected)):
+        return header, False  # not a prefix matter: the names differ otherwise
+    return aligned, True
 
 
 def _more(keys) -> str:

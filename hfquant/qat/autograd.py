@@ -46,7 +46,7 @@ def packed_scales_from(scales: torch.Tensor, zeros: torch.Tensor | None, bits: i
     """The kernel's packed_scales from checkpoint scales [N, G] and zero points [N, G]
     (None: symmetric), with differentiable torch ops; float zero points allowed (a trained
     zero point rounded with STE). Equal bit for bit to the second output of
-    ``hfquant::repack`` (tests/qat/test_qat_autograd.py)."""
+    ``hfquant::repack`` (tests/training/test_qat_autograd.py)."""
     s = scales.to(torch.float32)
     N, G = s.shape
     if device_layout == "cuda":

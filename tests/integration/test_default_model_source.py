@@ -184,10 +184,30 @@ def test_unknown_dtype_is_refused():
         data.default_model_dir("fp32")
 
 
+def test_text_ships_with_the_package(tmp_path, monkeypatch):
+    # no data folder at all, as in a bare clone: the text comes from hfquant/text/wikitext-2
+    monkeypatch.setattr(data, "data_candidates", lambda: [tmp_path])
+    for name, sha in data.TEXT_SHA256.items():
+        path = data.text_path(name)
+        assert path == data.BUNDLED_TEXT_DIR / name
+        assert data.sha256_file(path) == sha, f"{name} is not the WikiText-2 file SOURCE.md names"
+    test = data.wikitext_test()
+    assert test.startswith(" = Robert Boulter = \n") and "\r" not in test and len(test) > 1_200_000
+    valid = data.wikitext_valid()
+    assert valid.startswith(" \n = Homarus gammarus = \n") and "<unk>" in valid
+    source = (data.BUNDLED_TEXT_DIR / "SOURCE.md").read_text()
+    assert "CC BY-SA 3.0" in source and "Merity" in source
+    # a data folder's copy takes precedence
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.raw").write_text("own text\r\n")
+    assert data.wikitext_test() == "own text\n"
+
+
 def test_text_not_found_says_where_and_how_to_pass_your_own(tmp_path, monkeypatch, model_dir, capsys):
     monkeypatch.setattr(data, "data_candidates", lambda: [tmp_path])
-    with pytest.raises(FileNotFoundError, match=rf"wikitext-2/wiki.test.raw\) was not found .*looked in: "
-                                               rf"{tmp_path}\).*HFQUANT_DATA.*--text FILE"):
+    monkeypatch.setattr(data, "BUNDLED_TEXT_DIR", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=rf"wikitext-2/wiki.test.raw\) was found neither in a data folder "
+                                               rf"\(looked in: {tmp_path}\).*HFQUANT_DATA.*--text FILE"):
         data.wikitext_test()
     with pytest.raises(FileNotFoundError, match=r"wiki.valid.tokens.*--calib-text FILE.*calibration=\{'text': FILE\}"):
         data.wikitext_valid()

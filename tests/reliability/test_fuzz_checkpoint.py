@@ -97,6 +97,17 @@ def _apply(raw: bytes, lo: int, hi: int, edits) -> bytes:
     return bytes(b)
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly equal, NaN included: same shape and dtype, NaN at the same positions, every
+    other element equal (a mutated float may well be a NaN, which equals nothing)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not b.is_floating_point():
+        return torch.equal(a, b)
+    nan = b.isnan()
+    return torch.equal(a.isnan(), nan) and torch.equal(a[~nan], b[~nan])
+
+
 def _raised_in_config_parsing(e: BaseException) -> bool:
     """Whether the exception came out of transformers' configuration code."""
     import traceback
@@ -150,7 +161,16 @@ def test_fuzz_checkpoint_bytes(tiny_checkpoints, tmp_path_factory, scheme, mutat
     sd = model.state_dict()
     for k, v in read_tensors(st_file).items():
         if k in sd:
-            assert torch.equal(sd[k].to(v.dtype) if sd[k].dtype != v.dtype else sd[k], v) or (
-                v.is_floating_point() and torch.equal(sd[k].isnan(), v.isnan())), k
+            assert _same_values(sd[k].to(v.dtype) if sd[k].dtype != v.dtype else sd[k], v), k
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_same_values_tells_floats_apart():
+    # the check above must fail for two float tensors that differ anywhere, NaN or not
+    a = torch.tensor([1.0, float("nan"), 3.0])
+    assert _same_values(a, a.clone())
+    assert not _same_values(a, torch.tensor([1.0, float("nan"), 3.5]))
+    assert not _same_values(a, torch.tensor([1.0, 2.0, 3.0]))
+    assert not _same_values(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0], dtype=torch.float16))
+    assert not _same_values(torch.tensor([1, 2]), torch.tensor([1, 3]))
