@@ -1,6 +1,11 @@
 """CUDA linear-layer benchmark: hfquant's kernels beside torch's own GPU paths.
 
-    python benchmarks/bench_cuda.py [--quick] [--sweep] [--json out.json]
+    python benchmarks/bench_cuda.py [--quick] [--sweep] [--json out.json] [--write-docs]
+    python benchmarks/bench_cuda.py --from-json out.json --write-docs   # the tables of a saved run
+
+--write-docs replaces section `cuda` of docs/benchmarks.md (common.write_doc_section) with
+this run's tables, its date, card, torch and CUDA versions and command; --from-json writes
+them from a run saved with --json (a GPU session that brings back only its files), no GPU needed.
 
 Shapes N x K (out_features x in_features, y = x @ W^T) of Llama-2-7B: 4096x4096,
 4096x11008 (down_proj), 11008x4096 (gate/up_proj). Per (shape, M) every method runs in
@@ -29,18 +34,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import shlex
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import hfquant.ops  # noqa: F401
-from hfquant import ref
-from hfquant._ext import _C
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+import hfquant.ops  # noqa: E402, F401
+from hfquant._ext import _C  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+DOCS = HERE.parent / "docs" / "benchmarks.md"
+DOC_INTRO = "# Benchmarks\n"
+NOT_CAPTURED: set[str] = set()  # methods timed eagerly because a CUDA graph could not capture them
 L2_BYTES = 50 << 20
 NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
 
@@ -84,6 +98,7 @@ def time_methods(methods: dict, rounds: int, inner: int, eager: tuple[str, ...] 
                     fns[i % len(fns)]()
         except Exception as exc:  # noqa: BLE001 - a method that cannot be captured runs eagerly
             print(f"  {name}: not capturable ({type(exc).__name__}), timed eagerly", file=sys.stderr)
+            NOT_CAPTURED.add(name)
             torch.cuda.synchronize()
             continue
         graphs[name] = g
@@ -202,23 +217,103 @@ def switched(fn, **settings):
 HBM = [None]  # the card's nominal HBM bytes/s, for the rows' share
 
 
-def row_text(r: dict, hbm) -> str:
+def achieved(r: dict, hbm) -> str:
+    """Bandwidth (and share of the nominal HBM figure) or TFLOP/s of a result row."""
     if "gbps" in r:
         frac = f" ({r['gbps'] * 1e9 / hbm:.0%} of HBM)" if hbm else ""
-        ach = f"{r['gbps'] / 1e3:.2f} TB/s{frac}"
-    elif "tflops" in r:
-        ach = f"{r['tflops']:.0f} TFLOP/s"
-    else:
-        ach = ""
-    return (f"| {r['kind']} | {r['N']}x{r['K']} | {r['M']} | {r['method']} | {r['us']:.1f} | {ach} | "
+        return f"{r['gbps'] / 1e3:.2f} TB/s{frac}"
+    if "tflops" in r:
+        return f"{r['tflops']:.0f} TFLOP/s"
+    return ""
+
+
+def row_text(r: dict, hbm) -> str:
+    return (f"| {r['kind']} | {r['N']}x{r['K']} | {r['M']} | {r['method']} | {r['us']:.1f} | {achieved(r, hbm)} | "
             f"{r['speedup']:.2f}x |")
 
 
+# The tables of the docs section, one per kind of result: (kind, caption).
+DOC_TABLES = [
+    ("W4 g128", "W4 g128, bf16 activations, cold weights (N x K = out x in; achieved: bytes of weights, scales, "
+                "x and y per call / time):"),
+    ("int8", "int8 GEMM and int8-activation linear layers (cold weights; the hfquant int8_gemm and LLM.int8 "
+             "rows, and bitsandbytes LLM.int8, run eagerly: they synchronize with the host):"),
+    ("W4 path", "qlinear W4 g128 path switch, 4096x4096, bf16 x (one weight copy, so the weights stay in L2; "
+                "bf16 F.linear alike):"),
+]
+
+
+def doc_section(run: dict) -> str:
+    """The markdown of docs/benchmarks.md section `cuda` for a run (the dict --json writes)."""
+    hbm, copy_bw = run.get("nominal_hbm"), run.get("copy_bw")
+    nominal = f"nominal HBM {hbm / 1e12:.2f} TB/s" if hbm else "nominal HBM unknown"
+    copy = f"; a device-to-device copy measured {copy_bw / 1e12:.2f} TB/s" if copy_bw else ""
+    bnb = run.get("bitsandbytes")
+    title = "## CUDA (`benchmarks/bench_cuda.py`)"
+    if run.get("quick"):
+        title += ": PLACEHOLDER from a `--quick` run (few rounds; do not quote)"
+    if run.get("partial"):
+        title += " (PARTIAL: the run stopped before its end; the rows it measured)"
+    lines = [title, "", f"Command: `{run.get('command', 'python benchmarks/bench_cuda.py')}`", "",
+             f"Card: {run['device']} ({nominal}{copy}); torch {run.get('torch', '?')}, CUDA {run.get('cuda', '?')}; "
+             f"bitsandbytes {bnb if bnb else 'not available'}; hfquant source {run.get('git', 'unknown')}. "
+             f"Run {run.get('date', 'unknown')}" + (f", {run['wall_s']:.0f} s." if "wall_s" in run else "."), "",
+             f"Method: every method of a (shape, M) in one process, interleaved round by round, median of "
+             f"{run.get('rounds', '?')} rounds; each round replays a CUDA graph of {run.get('inner', '?')} calls timed "
+             "with CUDA events (GPU time; a Python loop of small calls would time the host). Each call uses another "
+             "copy of the weights, copies of at least three times the L2 in all, so weights come from HBM as in "
+             "decode. Ops that synchronize with the host run eagerly. vs bf16: time of bf16 F.linear (cuBLAS) / time "
+             "of the row."]
+    not_captured = run.get("not_captured") or []
+    if not_captured:
+        lines += ["", "Timed eagerly because a CUDA graph could not capture them: "
+                  + ", ".join(sorted(not_captured)) + "."]
+    results = run["results"]
+    for kind, caption in DOC_TABLES:
+        rows = [[f"{r['N']}x{r['K']}", str(r["M"]), r["method"], f"{r['us']:.1f}", achieved(r, hbm),
+                 f"{r['speedup']:.2f}x"] for r in results if r["kind"] == kind]
+        if rows:
+            lines += ["", caption, "", common.md_table(["N x K", "M", "method", "us", "achieved", "vs bf16"], rows,
+                                                       "lrlrrr")]
+    if not results:
+        lines += ["", "No results (the run stopped before its first measurement)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(path: Path, run: dict) -> None:
+    """Replaces section `cuda` of the markdown file at path with the run's tables."""
+    common.write_doc_section(path, "cuda", doc_section(run), DOC_INTRO)
+
+
+def git_describe() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "csrc", "hfquant"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + (" + uncommitted changes in csrc/ or hfquant/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+SAVE = {"path": None, "run": None}  # --json target and the run dict, rewritten after every row
+
+
+def save_run(run: dict, path: Path | None) -> None:
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        tmp.replace(path)
+
+
 def add(results: list, r: dict) -> None:
-    """Records a result and prints its row at once (to stderr), so that a run stopped by a
-    time limit still leaves what it measured."""
+    """Records a result and prints its row at once (to stderr); with --json the file is
+    rewritten too, so that a run stopped by a time limit still leaves what it measured."""
     results.append(r)
     print("  " + row_text(r, HBM[0]), file=sys.stderr, flush=True)
+    if SAVE["run"] is not None:
+        SAVE["run"]["not_captured"] = sorted(NOT_CAPTURED)
+        save_run(SAVE["run"], SAVE["path"])
 
 
 def bench_w4(results, rounds, inner, ms, sweep=False, bnb=None):
@@ -332,14 +427,60 @@ def bench_w4_large_m(results, rounds, inner):
                               speedup=t["bf16 F.linear"] / sec))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, no path-switch table (a smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also time the skinny kernel at each forced segments per block")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path, default=None, help="save the run (card, versions, every row) to this file")
+    ap.add_argument("--write-docs", action="store_true", help="replace section `cuda` of --docs with this run's tables")
+    ap.add_argument("--docs", type=Path, default=DOCS, help="the markdown file --write-docs edits (docs/benchmarks.md)")
+    ap.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                    help="measure nothing: print (with --write-docs: write) the tables of a run saved with --json")
+    return ap.parse_args(argv)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command of this run as the docs show it (file arguments by name only)."""
+    parts = ["python benchmarks/bench_cuda.py"]
+    parts += [flag for flag, on in (("--quick", args.quick), ("--sweep", args.sweep)) if on]
+    if args.json:
+        parts += ["--json", shlex.quote(args.json.name)]
+    if args.write_docs:
+        parts.append("--write-docs")
+    return " ".join(parts)
+
+
+def load_run(path: Path) -> dict:
+    """A run saved with --json; ValueError with a one-line reason when the file is not one."""
+    try:
+        run = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"bench_cuda: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"bench_cuda: {path} is not JSON ({exc})") from None
+    if not (isinstance(run, dict) and isinstance(run.get("results"), list) and isinstance(run.get("device"), str)):
+        raise ValueError(f"bench_cuda: {path} is not a run saved by bench_cuda.py --json (no device or results)")
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        try:
+            run = load_run(args.from_json)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        if args.write_docs:
+            write_docs(args.docs, run)
+        else:
+            print(doc_section(run))
+        return 0
     if not (torch.cuda.is_available() and _C.cuda_built):
-        sys.exit("bench_cuda: needs a GPU and hfquant built with HFQUANT_CUDA=1")
+        print("bench_cuda: needs a GPU and hfquant built with HFQUANT_CUDA=1 (--from-json FILE writes the tables "
+              "of a saved run without one)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
     rounds, inner = (5, 10) if args.quick else (15, 20)
     name = torch.cuda.get_device_name()
     hbm, copy_bw = nominal_hbm(name), copy_bandwidth()
@@ -350,6 +491,11 @@ def main() -> None:
     bnb = bitsandbytes()
     if bnb:
         print(f"bitsandbytes {bnb.__version__}")
+    run = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, nominal_hbm=hbm, copy_bw=copy_bw,
+               bitsandbytes=bnb.__version__ if bnb else None, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               command=command_line(args), git=git_describe(), quick=args.quick, rounds=rounds, inner=inner,
+               partial=True, not_captured=[], results=results)
+    SAVE.update(path=args.json, run=run)
     bench_w4(results, rounds, inner, [1, 4, 16, 32, 64], args.sweep, bnb)
     bench_int8(results, rounds, inner, [256, 1024, 4096], [512, 2048], bnb)
     if not args.quick:
@@ -358,11 +504,12 @@ def main() -> None:
     print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
     for r in results:
         print(row_text(r, HBM[0]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, nominal_hbm=hbm,
-                           copy_bw=copy_bw, results=results), f, indent=1)
+    run.update(partial=False, not_captured=sorted(NOT_CAPTURED), wall_s=time.perf_counter() - t0)
+    save_run(run, args.json)
+    if args.write_docs:
+        write_docs(args.docs, run)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,13 +4,46 @@
 """
 from __future__ import annotations
 
-from . import _ext  # noqa: F401  (loads the native ops)
-from .config import HfQuantConfig
-from .kv_cache import QuantizedKVCache
-from .nn import Int8Linear, LutLinear, QuantLinear
-from .qat import FakeQuantLinear, convert, enable_scale_training, prepare_qat
+import os as _os
+import sys as _sys
 
-__version__ = _ext._C.__version__
+
+def _load() -> None:
+    """Loads the native ops and the public API, and registers "hfquant" with transformers (once)."""
+    global HfQuantConfig, QuantizedKVCache, Int8Linear, LutLinear, QuantLinear, FakeQuantLinear, convert
+    global enable_scale_training, prepare_qat, __version__
+    from . import _ext  # loads the native ops
+    from .config import HfQuantConfig
+    from .kv_cache import QuantizedKVCache
+    from .nn import Int8Linear, LutLinear, QuantLinear
+    from .qat import FakeQuantLinear, convert, enable_scale_training, prepare_qat
+
+    __version__ = _ext._C.__version__
+    _register()
+
+
+def _cli_starting() -> bool:
+    """Whether this process is the `hfquant` command starting (its console script, or `python -m
+    hfquant.cli`). The command then parses its arguments and checks its paths before torch and
+    transformers load (so `--help` answers at once), and calls _load() before any work."""
+    argv = getattr(_sys, "orig_argv", None) or []
+    if _sys.argv[:1] == ["-m"]:  # runpy imports the package while it locates the module
+        return any(a == "-m" and argv[i + 1:i + 2] == ["hfquant.cli"] or a == "-mhfquant.cli"
+                   for i, a in enumerate(argv))
+    script = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    return script in ("hfquant", "hfquant.exe", "hfquant-script.py")
+
+
+_LOADED_NAMES = ("HfQuantConfig", "QuantizedKVCache", "Int8Linear", "LutLinear", "QuantLinear", "FakeQuantLinear",
+                 "convert", "enable_scale_training", "prepare_qat", "__version__")
+
+
+def __getattr__(name: str):
+    # only while the command starts (see _cli_starting): the public API loads on first use
+    if name in _LOADED_NAMES:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module 'hfquant' has no attribute {name!r}")
 
 
 def _register() -> None:
@@ -28,7 +61,8 @@ def _register() -> None:
         register_quantizer("hfquant")(HfQuantQuantizer)
 
 
-_register()
+if not _cli_starting():
+    _load()
 
 
 def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, **kwargs):

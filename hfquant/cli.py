@@ -1,6 +1,6 @@
 """Command line: `hfquant quantize MODEL_DIR OUT_DIR --bits 4 --group-size 128` (or
 `--method gptq|awq`, `--method llm_int8|w8a8 [--smoothquant-alpha A]`, or `--method kmeans --bits 4`), `hfquant info DIR`,
-`hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`,
+`hfquant verify DIR`, `hfquant eval MODEL_DIR [--config w4g128]`, `hfquant compare MODEL_DIR --configs fp32,w8,w4g128`,
 `hfquant export MODEL_DIR OUT_DIR --format gptq|compressed-tensors`, `hfquant convert IN_DIR OUT_DIR`."""
 from __future__ import annotations
 
@@ -9,8 +9,87 @@ import json
 import os
 import sys
 
+# Nothing here imports torch or transformers at module level: `--help` and the path checks
+# answer before they load (hfquant/__init__.py defers them while the command starts).
+
+
+def _check_model_dir(path: str) -> None:
+    """A model folder given on the command line: it exists and holds config.json."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"hfquant: model folder {path} not found")
+    if not os.path.isdir(path):
+        raise ValueError(f"hfquant: {path} is a file, not a model folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"hfquant: {path} has no config.json (not a transformers model folder)")
+
+
+def _check_input_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"hfquant: {what} {path} not found")
+
+
+def _check_output(path: str, folder: bool) -> None:
+    """An output (a folder, or a file): not something of the other kind, and the nearest folder on
+    its way that exists is writable (a save writes beside the output, then renames)."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"hfquant: output {path} is an existing file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"hfquant: output {path} is a folder, not a file")
+    where = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f"hfquant: output {path} cannot be created: {where} is a file")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise PermissionError(f"hfquant: output {path} cannot be written: {where} is not writable")
+
+
+# per command: (argument, what it is); checked before anything loads
+_PATHS = {
+    "quantize": [("model_dir", "model"), ("out_dir", "out_folder"), ("calib_text", "text"), ("plot_bits", "out_file")],
+    "eval": [("model_dir", "model"), ("text", "text"), ("json", "out_file")],
+    "info": [("model_dir", "model"), ("plot_bits", "out_file")],
+    "export": [("model_dir", "model"), ("out_dir", "out_folder")],
+    "convert": [("in_dir", "model"), ("out_dir", "out_folder")],
+    "compare": [("model_dir", "model"), ("text", "text"), ("out", "out_folder")],
+}
+
+
+def _check_paths(args) -> None:
+    for attr, kind in _PATHS.get(args.cmd, []):
+        path = getattr(args, attr, None)
+        if path is None:
+            continue
+        if kind == "model":
+            _check_model_dir(path)
+        elif kind == "text":
+            _check_input_file(path, "text file")
+        else:
+            _check_output(path, folder=kind == "out_folder")
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v!r}")
+    return n
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an error as one line, without the "hfquant: " its raiser put first."""
+    msg = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return msg[len("hfquant: "):] if msg.startswith("hfquant: ") else msg
+
 
 def _cmd_quantize(args) -> int:
+    if os.path.exists(args.out_dir) and os.path.exists(args.model_dir) and os.path.samefile(args.out_dir,
+                                                                                          args.model_dir):
+        print(f"hfquant quantize: the output folder {args.out_dir} is the input model folder {args.model_dir}: "
+              "saving would replace the model it reads; choose another output folder", file=sys.stderr)
+        return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfquant
@@ -37,7 +116,8 @@ def _cmd_quantize(args) -> int:
         raise ValueError("--target-bits, --mixed-bits, --sensitivity and --mixed-base apply to --method mixed")
     if args.quantize_embeddings is not None:
         extra["quantize_embeddings"] = args.quantize_embeddings
-    cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+    group_size = args.group_size if args.group_size is not None else default_group_size(args.method, args.bits)
+    cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=group_size, symmetric=not args.asymmetric,
                                 method=args.method,
                                 modules_to_not_convert=args.skip if args.skip is not None else None, **extra)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg)
@@ -50,35 +130,37 @@ def _cmd_quantize(args) -> int:
     return _cmd_info(argparse.Namespace(model_dir=args.out_dir, json=False, plot_bits=args.plot_bits))
 
 
+def _cmd_verify(args) -> int:
+    from .verify import verify_checkpoint
+
+    try:
+        result = verify_checkpoint(args.model_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"hfquant verify: {str(exc).removeprefix('hfquant: ')}", file=sys.stderr)
+        return 2
+    print(result.message, file=sys.stdout if result else sys.stderr)
+    return result.status
+
+
 def _cmd_info(args) -> int:
     from .evaluate import size_on_disk
 
     path = args.model_dir
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        print(f"hfquant info: {path} has no config.json", file=sys.stderr)
-        return 2
-    with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = _read_config(path)
     q = config.get("quantization_config")
+    headers = _safetensors_headers(path)
     info = {"path": path, "size_on_disk_bytes": size_on_disk(path), "architectures": config.get("architectures")}
     if not q or q.get("quant_method") != "hfquant":
         info["quantization"] = None if not q else q.get("quant_method")
     else:
-        from safetensors import safe_open
-
         kept, quantized = set(), set()
-        for fname in sorted(os.listdir(path)):
-            if not fname.endswith(".safetensors"):
-                continue
-            with safe_open(os.path.join(path, fname), "pt") as f:
-                keys = list(f.keys())
-                quantized |= {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
-                # 2-D float weights are the matrices kept in full precision (norms are 1-D)
-                kept |= {k[: -len(".weight")] for k in keys
-                         if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2}
+        for shapes in headers.values():
+            quantized |= {k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")}
+            # 2-D float weights are the matrices kept in full precision (norms are 1-D)
+            kept |= {k[: -len(".weight")] for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2}
         kept -= quantized
         info.update({
+            "scheme": _describe_scheme(q),
             "method": q.get("method"), "bits": q.get("bits"), "group_size": q.get("group_size"),
             "symmetric": q.get("symmetric"), "format_version": q.get("format_version"),
             "modules_to_not_convert": q.get("modules_to_not_convert"),
@@ -115,6 +197,51 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"hfquant: {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"hfquant: {path} does not hold a JSON object")
+    return config
+
+
+def _safetensors_headers(model_dir: str) -> dict[str, dict[str, list[int]]]:
+    """{file: {tensor: shape}} of the checkpoint's safetensors files; a file that safetensors cannot
+    open (truncated, damaged) is an error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    for fname in sorted(os.listdir(model_dir)):
+        if not fname.endswith(".safetensors"):
+            continue
+        path = os.path.join(model_dir, fname)
+        try:
+            with safe_open(path, "pt") as f:
+                out[fname] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"hfquant: {path} cannot be read as a safetensors file ({_one_line(exc)}); "
+                             "it is truncated or damaged") from None
+    return out
+
+
+def _describe_scheme(q: dict) -> str:
+    """The weight scheme of an hfquant quantization_config in words."""
+    method, bits, g = q.get("method"), q.get("bits"), q.get("group_size")
+    if method in ("llm_int8", "w8a8"):
+        return "int8 weights, one scale per output channel; int8 activations, one scale per token"
+    if method == "mixed":
+        return f"bits per layer (target {q.get('target_bits')} bits per weight); see bits_per_layer"
+    grain = "one scale per output channel (group_size -1)" if g == -1 else f"one scale per {g} input columns"
+    if method == "kmeans":
+        return f"{bits}-bit indices into {2 ** bits} centroids, one codebook per " + (
+            "output channel" if g == -1 else f"{g} input columns")
+    return f"{bits}-bit weights, {grain}, " + ("symmetric" if q.get("symmetric") else "with zero points")
+
+
 def _cmd_eval(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,10 +257,10 @@ def _cmd_eval(args) -> int:
     if args.config and args.config not in ALL_CONFIGS:
         raise ValueError(f"unknown --config {args.config!r} (use one of {', '.join(ALL_CONFIGS)})")
     check_model_dir(args.model_dir)
-    if args.text and not os.path.isfile(args.text):
-        raise FileNotFoundError(f"text file {args.text} not found")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    saved = _saved_quantization(args.model_dir)
+    if saved is not None and (args.config or args.bits):
+        raise ValueError(f"hfquant: {args.model_dir} holds {saved}: hfquant eval measures it as saved; "
+                         "drop --config / --bits")
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     text = open(args.text, encoding="utf-8").read() if args.text else data.wikitext_test()
     n_tokens = min(args.max_tokens, len(tok(text).input_ids))
@@ -143,10 +270,18 @@ def _cmd_eval(args) -> int:
     if args.config:
         model = load(args.model_dir, args.config)
         described = {"config": args.config, "settings": ALL_CONFIGS[args.config][1]}
-    else:
-        cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=args.group_size) if args.bits else None
+    elif args.bits:
+        group_size = args.group_size if args.group_size is not None else default_group_size("rtn", args.bits)
+        cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=group_size)
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg, dtype=torch.float32)
-        described = {"config": cfg.to_dict() if cfg else "float32"}
+        described = {"config": cfg.to_dict()}
+    else:
+        # loaded as saved: no quantization_config argument (transformers reads quantization_config=None
+        # as "replace the checkpoint's with none" and would load the packed tensors into a float model)
+        if saved is not None:
+            print(f"hfquant eval: {args.model_dir} holds {saved}; evaluating it as saved", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+        described = {"config": "as saved", "checkpoint": saved} if saved else {"config": "float32"}
     stride = args.stride or args.window
     kv = kv_cache_settings(model)
     if kv is None:
@@ -171,6 +306,20 @@ def _cmd_eval(args) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def _saved_quantization(model_dir: str) -> str | None:
+    """What the checkpoint's config.json says it holds ("an hfquant checkpoint (w4g128, method rtn)"),
+    or None for a float checkpoint."""
+    q = _read_config(model_dir).get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "hfquant":
+        return f"a {q.get('quant_method')} checkpoint"
+    from .config import HfQuantConfig
+
+    cfg = HfQuantConfig.from_dict(q)
+    return f"an hfquant checkpoint ({cfg.short_name}, method {cfg.method})"
 
 
 def _cmd_compare(args) -> int:
@@ -212,6 +361,16 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+THREADS_HELP = ("CPU threads (torch.set_num_threads; default: torch's, one per core). On a machine whose cores "
+                "are busy, more threads than free cores can be many times slower than one: use --threads 1")
+
+
+def default_group_size(method: str, bits: int | None) -> int | None:
+    """The --group-size a command line without one gets: -1 (per channel, what the README calls
+    W8) for 8-bit weight-only methods, else the config's default (None)."""
+    return -1 if bits == 8 and method in ("rtn", "gptq", "awq") else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hfquant", description="INT8/INT4 quantization for transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -234,7 +393,9 @@ def main(argv=None) -> int:
                    help="mixed: fisher (calibrated, default) or variance (data free)")
     q.add_argument("--mixed-base", choices=["rtn", "gptq"], default=None, help="mixed: quantizer per layer (rtn)")
     q.add_argument("--plot-bits", default=None, metavar="PNG", help="write the bits-per-layer plot here")
-    q.add_argument("--group-size", type=int, default=None, help="default 128 (rtn, gptq, awq), -1 (llm_int8, w8a8, kmeans)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="default -1 (one scale per output channel) for --bits 8 and for llm_int8, w8a8, kmeans; "
+                        "128 otherwise")
     q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
     q.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (0: off)")
     q.add_argument("--smoothquant-alpha", type=float, default=None,
@@ -251,18 +412,24 @@ def main(argv=None) -> int:
     q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 32; 128 for gptq/awq)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     q.add_argument("--skip", nargs="*", default=None, help="modules kept in full precision (default: lm_head)")
+    q.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     q.set_defaults(fn=_cmd_quantize)
     x = sub.add_parser("export", help="write an hfquant checkpoint in another format (gptq, compressed-tensors)")
     x.add_argument("model_dir", help="an hfquant checkpoint (weight-only: rtn, gptq, awq)")
     x.add_argument("out_dir")
     x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"])
+    x.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     x.set_defaults(fn=_cmd_export)
     v = sub.add_parser("convert", help="convert a GPTQ, AWQ (GEMM) or compressed-tensors checkpoint to hfquant")
     v.add_argument("in_dir")
     v.add_argument("out_dir")
     v.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the scales and float tensors (auto: the checkpoint's)")
+    v.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     v.set_defaults(fn=_cmd_convert)
+    y = sub.add_parser("verify", help="check every tensor of a checkpoint against the checksum save wrote")
+    y.add_argument("model_dir", help="a checkpoint folder saved by hfquant, or one .safetensors file")
+    y.set_defaults(fn=_cmd_verify)
     i = sub.add_parser("info", help="describe a (quantized) checkpoint directory")
     i.add_argument("model_dir")
     i.add_argument("--json", action="store_true")
@@ -272,13 +439,13 @@ def main(argv=None) -> int:
     e.add_argument("model_dir")
     e.add_argument("--config", default=None,
                    help="a named config of compare (w4g128, w8a8, llm_int8, bf16, kv4, a peer's, ...)")
-    e.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize on load first")
-    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--bits", type=int, choices=[4, 8], default=None, help="quantize a float model on load first")
+    e.add_argument("--group-size", type=int, default=None, help="with --bits: default -1 (per channel) for 8, 128 for 4")
     e.add_argument("--text", default=None, help="text file (default: WikiText-2 test)")
     e.add_argument("--max-tokens", type=int, default=16384)
     e.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window)")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     e.add_argument("--json", default=None)
     e.set_defaults(fn=_cmd_eval)
     from .evaluate.run_one import CONFIGS, PEERS
@@ -293,7 +460,7 @@ def main(argv=None) -> int:
     c.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: --window, disjoint windows)")
     c.add_argument("--out", default="report", help="output folder (report.md, results.json, *.png)")
-    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP + " (each config's process)")
     c.add_argument("--new-tokens", type=int, default=64, help="decode tokens per measurement")
     c.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
     c.add_argument("--repeats", type=int, default=3, help="speed measurements per config (median)")
@@ -305,9 +472,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _check_paths(args)
+        import hfquant
+
+        hfquant._load()  # torch, the native ops, transformers and the registration, now that the paths hold
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.fn(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"hfquant {args.cmd}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # FileNotFoundError and PermissionError are OSErrors
+        print(f"hfquant {args.cmd}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

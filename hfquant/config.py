@@ -73,8 +73,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             model use a QuantizedKVCache with these bits unless a cache is passed.
         kv_cache_group_size, kv_cache_residual_length: its group size (64) and full-precision
             window (128 tokens).
-        modules_to_not_convert: module names (or name suffixes) kept in full precision;
-            defaults to ["lm_head"].
+        modules_to_not_convert: module names (exact, or a suffix after a dot) kept in full
+            precision; a single string is one name. Defaults to ["lm_head"]. A name other than
+            lm_head that matches no linear layer or embedding of the model is an error when the
+            model loads.
         modules_override: per-module settings, ``{"model.layers.0.mlp.down_proj": {"bits": 8}}``;
             keys are module names (exact, or a suffix after a dot).
         quantize_embeddings: also quantize the token embeddings (nn.Embedding) with the
@@ -142,6 +144,12 @@ class HfQuantConfig(QuantizationConfigMixin):
         kwargs.pop("quant_method", None)
         if kwargs:
             raise ValueError(f"HfQuantConfig: unknown argument(s) {sorted(kwargs)}")
+        # a single name is one name (list("lm_head") would be its letters)
+        if isinstance(modules_to_not_convert, str):
+            modules_to_not_convert = [modules_to_not_convert]
+        if isinstance(smooth_modules, str):
+            smooth_modules = [smooth_modules]
+        _check_types(locals())
         self.quant_method = "hfquant"
         self.format_version = format_version
         if bits is None:
@@ -186,6 +194,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self):
+        _check_types(vars(self))
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"HfQuantConfig: format_version={self.format_version!r} is not supported by this hfquant "
@@ -405,23 +414,78 @@ class HfQuantConfig(QuantizationConfigMixin):
         return name if self.method == "rtn" else f"{self.method}-{name}"
 
 
+# The type each setting must have (None is accepted where the argument's default is None).
+_TYPES = {
+    **dict.fromkeys(("bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size",
+                     "kv_cache_residual_length", "kmeans_max_iter", "kmeans_seed"), "int"),
+    **dict.fromkeys(("symmetric", "act_order", "clip_search", "fold_norms", "quantize_embeddings"), "bool"),
+    **dict.fromkeys(("llm_int8_threshold", "smoothquant_alpha", "damp", "target_bits"), "number"),
+    **dict.fromkeys(("method", "kmeans_init", "sensitivity", "mixed_base"), "str"),
+    **dict.fromkeys(("modules_to_not_convert", "smooth_modules"), "names"),
+    **dict.fromkeys(("modules_override", "calibration", "tied_modules"), "dict"),
+    "mixed_bits": "ints",
+}
+_NONE_OK = {"bits", "group_size", "kv_cache_bits", "fold_norms", "quantize_embeddings", "smoothquant_alpha",
+            "modules_to_not_convert", "smooth_modules", "modules_override", "calibration", "tied_modules",
+            "mixed_bits"}
+_EXPECTED = {"int": "an int", "bool": "True or False", "number": "a number", "str": "a str",
+             "names": "a list of module names", "dict": "a dict", "ints": "a list of ints"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_ok(kind: str, v) -> bool:
+    if kind == "int":
+        return _is_int(v)
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "names":
+        return isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v)
+    if kind == "dict":
+        return isinstance(v, dict)
+    return isinstance(v, (list, tuple)) and all(_is_int(b) for b in v)  # ints
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    """ValueError naming the first setting of the wrong type, the type expected and the one given."""
+    for key, kind in _TYPES.items():
+        v = values.get(key)
+        if v is None and key in _NONE_OK or _type_ok(kind, v):
+            continue
+        raise ValueError(f"HfQuantConfig: {key} must be {_EXPECTED[kind]}, got {v!r} ({type(v).__name__})")
+
+
 def _name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _check_scheme(where: str, bits, group_size, symmetric) -> None:
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"{where}: bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
-    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
+def _check_scheme_types(where: str, bits, group_size, symmetric) -> None:
+    for key, v in (("bits", bits), ("group_size", group_size)):
+        if not _is_int(v):
+            raise ValueError(f"{where}: {key} must be an int, got {v!r} ({type(v).__name__})")
     if not isinstance(symmetric, bool):
         raise ValueError(f"{where}: symmetric must be True or False, got {symmetric!r}")
 
 
+def _check_scheme(where: str, bits, group_size, symmetric) -> None:
+    _check_scheme_types(where, bits, group_size, symmetric)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{where}: bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
+
+
 def _check_kmeans_scheme(where: str, bits, group_size, symmetric) -> None:
-    if isinstance(bits, bool) or bits not in KMEANS_BITS:
+    _check_scheme_types(where, bits, group_size, symmetric)
+    if bits not in KMEANS_BITS:
         raise ValueError(f"{where}: bits={bits!r} is not supported by method 'kmeans' (use one of {KMEANS_BITS})")
-    if isinstance(group_size, bool) or group_size not in SUPPORTED_GROUP_SIZES:
+    if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
     if symmetric is not True:
         raise ValueError(f"{where}: symmetric={symmetric!r} does not apply to method 'kmeans' (codebooks have no "

@@ -228,16 +228,28 @@ def bind_to_generate(model, bits: int, group_size: int = 64, residual_length: in
     fails at load time, naming its type."""
     config = model.config
     QuantizedKVCache(config, bits, group_size, residual_length)  # validates
-    if getattr(model, "_hfquant_kv_cache", None) is None:
-        import functools
-        import types
-
-        def generate(self, *args, **kwargs):
-            settings = self._hfquant_kv_cache
-            if settings and kwargs.get("cache") is None and kwargs.get("past_key_values") is None \
-                    and kwargs.get("use_cache", True):
-                kwargs["cache"] = QuantizedKVCache(self.config, *settings)
-            return functools.partial(type(self).generate, self)(*args, **kwargs)
-
-        model.generate = types.MethodType(generate, model)
+    bind_generate(model)
     model._hfquant_kv_cache = (bits, group_size, residual_length)
+
+
+def _generate(self, *args, **kwargs):
+    # generate of a model that hfquant loaded: an empty prompt is refused by name (the model's
+    # attention would fail on it with a reshape error), and a fresh QuantizedKVCache is given
+    # where the model has KV cache settings and the caller passed no cache
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[-1] == 0 \
+            and kwargs.get("inputs_embeds") is None:
+        raise ValueError("hfquant: generate got an empty input (0 tokens); give at least one token")
+    settings = getattr(self, "_hfquant_kv_cache", None)
+    if settings and kwargs.get("cache") is None and kwargs.get("past_key_values") is None \
+            and kwargs.get("use_cache", True):
+        kwargs["cache"] = QuantizedKVCache(self.config, *settings)
+    return type(self).generate(self, *args, **kwargs)
+
+
+def bind_generate(model) -> None:
+    """Binds ``_generate`` to this model instance (once); transformers itself is not patched."""
+    import types
+
+    if getattr(model.__dict__.get("generate"), "__func__", None) is not _generate:
+        model.generate = types.MethodType(_generate, model)

@@ -14,10 +14,10 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import _ext, checkpoint, formats
 from .config import ACTIVATION_METHODS, HfQuantConfig
-from .fileio import atomic_dir, copy_side_files
+from .fileio import atomic_dir
 from .mapped_pages import release_file_range, release_mapped_pages, safetensors_ranges
 from .nn import LutLinear, PackedLinear
-from .replace import quantize_in_place, replace_with_empty
+from .replace import check_overrides, quantize_in_place, replace_with_empty
 
 logger = logging.getLogger("hfquant")
 
@@ -184,6 +184,7 @@ class HfQuantQuantizer(HfQuantizer):
             checkpoint.check_safetensors_only(checkpoint_files)
         if self.quantization_config.needs_float_model and not self.pre_quantized:
             # Calibration / norm folding need the float model: the layers are quantized after loading.
+            check_overrides(model, self.quantization_config)  # a misspelt module name fails before loading
             return model
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
                                                          expect_float_weights=not self.pre_quantized)
@@ -263,11 +264,15 @@ class HfQuantQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        from .verify import checksum_metadata
+
         state_dict = model.state_dict()
         first = _first_quantized(model)
         if first is not None:
             state_dict[first + ".weight"] = torch.zeros(0, dtype=MARKER_DTYPE)
-        return state_dict, {"hfquant_format_version": str(self.quantization_config.format_version)}
+        # transformers gives every shard this metadata: each holds the checksums of all tensors
+        return state_dict, {"hfquant_format_version": str(self.quantization_config.format_version),
+                            **checksum_metadata(state_dict)}
 
     def is_serializable(self):
         return True
@@ -310,9 +315,13 @@ class HfQuantQuantizer(HfQuantizer):
 
 
 def _finish(model, config: HfQuantConfig) -> None:
-    """What every loaded hfquant model gets: an atomic save_pretrained, and the quantized KV
-    cache for generate when the config asks for one."""
+    """What every loaded hfquant model gets: an atomic save_pretrained, a generate that refuses
+    an empty prompt by name, and the quantized KV cache for generate when the config asks for one."""
     _make_save_atomic(model)
+    if callable(getattr(type(model), "generate", None)):
+        from .kv_cache import bind_generate
+
+        bind_generate(model)
     if config.kv_cache_bits is not None:
         from .kv_cache import bind_to_generate
 
@@ -347,8 +356,9 @@ def _first_quantized(model) -> str | None:
 
 
 def _make_save_atomic(model) -> None:
-    """Makes this model's save_pretrained write into a temporary directory and rename it
-    into place, so an interrupted save never leaves a loadable-looking directory."""
+    """Makes this model's save_pretrained write into a staging folder that then replaces the
+    files it writes in one step (hfquant.fileio.atomic_dir): an interrupted save leaves the
+    old checkpoint, and the other files of the folder (optimizer state, logs, README) stay."""
     if getattr(model, "_hfquant_atomic_save", False):
         return
 
@@ -356,14 +366,13 @@ def _make_save_atomic(model) -> None:
     # saves the copy.
     def save_pretrained(self, save_directory, *args, **kwargs):
         original = functools.partial(type(self).save_pretrained, self)
-        if kwargs.get("push_to_hub") or not isinstance(save_directory, (str, os.PathLike)):
+        if (kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True)
+                or not isinstance(save_directory, (str, os.PathLike))):
             return original(save_directory, *args, **kwargs)
         final = os.path.abspath(os.fspath(save_directory))
         if os.path.isfile(final):
             raise ValueError(f"hfquant: save_pretrained target {final} is a file, not a directory")
         with atomic_dir(final) as tmp:
-            if os.path.isdir(final):
-                copy_side_files(final, tmp)  # keep files a user put beside the model (tokenizer, README)
             return original(tmp, *args, **kwargs)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)

@@ -1,12 +1,13 @@
 """Finding the layers to quantize and swapping them for QuantLinear / Int8Linear."""
 from __future__ import annotations
 
+import difflib
 import logging
 
 import torch
 from torch import nn
 
-from .config import ACTIVATION_METHODS, HfQuantConfig
+from .config import ACTIVATION_METHODS, DEFAULT_SKIP, HfQuantConfig, _name_matches
 from .nn import Int8Linear, LutLinear, QuantEmbedding, QuantLinear, TiedQuantLinear
 from .nn.embedding import check_embedding
 
@@ -95,10 +96,38 @@ def _tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
 
 
 def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
+    """Raises unless every name of modules_override names a module, and every name of
+    modules_to_not_convert (but the default, lm_head, which a model may lack) a linear layer or
+    an embedding, by the rule of ``is_listed`` (the whole name, or its end after a dot)."""
     names = [n for n, _ in model.named_modules()]
     for key in config.modules_override:
-        if not any(n == key or n.endswith("." + key) for n in names):
-            raise ValueError(f"hfquant: modules_override names {key!r}, but the model has no module of that name")
+        if not any(_name_matches(n, key) for n in names):
+            raise ValueError(f"hfquant: modules_override names {key!r}, but the model has no module of that name"
+                             + _did_you_mean(key, names))
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) or _is_conv1d(m)]
+    for key in config.modules_to_not_convert:
+        if key in DEFAULT_SKIP or any(_name_matches(n, key) for n in layers):
+            continue
+        parents = [n for n in names if _name_matches(n, key)]
+        inside = [(p, n) for p in parents for n in layers if n.startswith(p + ".")]
+        if inside:
+            p, n = inside[0]
+            raise ValueError(f'hfquant: modules_to_not_convert names "{key}", which is not a linear layer or an '
+                             f"embedding: list the layers inside it to keep them in full precision (e.g. "
+                             f"{key + n[len(p):]})")
+        if parents:
+            continue  # a module without layers (a norm): it stays in full precision anyway
+        raise ValueError(f'hfquant: modules_to_not_convert names "{key}", which matches no module of the model'
+                         + _did_you_mean(key, layers))
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    """' (did you mean: a, b?)' over the names and their dotted suffixes (not those starting at a
+    layer index), or ''."""
+    parts = [n.split(".") for n in names if n]
+    candidates = sorted({".".join(p[i:]) for p in parts for i in range(len(p)) if i == 0 or not p[i].isdigit()})
+    close = difflib.get_close_matches(key, candidates, n=3)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

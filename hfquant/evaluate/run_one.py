@@ -30,6 +30,10 @@ CONFIGS = {
     "w4g128a": ("hfquant", dict(bits=4, group_size=128, symmetric=False)),
     "w4g64a": ("hfquant", dict(bits=4, group_size=64, symmetric=False)),
     "w4g128h8": ("hfquant", dict(bits=4, group_size=128, **HEAD8)),
+    # calibrated on 16 windows of 512 tokens of WikiText-2 validation (evaluation reads the test split)
+    "gptq-w4g128": ("hfquant", dict(bits=4, group_size=128, method="gptq", calibration={"n_samples": 16})),
+    "gptq-w4g128a": ("hfquant", dict(bits=4, group_size=128, symmetric=False, method="gptq",
+                                     calibration={"n_samples": 16})),
     "llm_int8": ("hfquant", dict(method="llm_int8")),
     "w8a8": ("hfquant", dict(method="w8a8")),
     "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.5)),

@@ -225,7 +225,7 @@ ROWS = [
     # 3 bits is a valid setting, but the 4-bit tensors do not fit its bit-stream layout
     ("bits_3", "w4g128", config(bits=3), ValueError,
      r"qweight has shape \(\d+, \d+\) and dtype torch\.uint8; expected \(\d+, \d+\) torch\.uint8 for bits=3"),
-    ("bits_string", "w8", config(bits="8"), ValueError, r"bits='8' is not supported"),
+    ("bits_string", "w8", config(bits="8"), ValueError, r"HfQuantConfig: bits must be an int, got '8' \(str\)"),
     ("group_size_100", "w4g128", config(group_size=100), ValueError, r"group_size=100 is not supported"),
     ("unknown_key", "w4g128", config(bogus_option=1), ValueError, r"unknown argument\(s\) \['bogus_option'\]"),
     ("bits_changed_8", "w4g128", config(bits=8), ValueError,

@@ -1,0 +1,216 @@
+"""Defaults chosen on validation text, reported on test text (docs/accuracy.md, section
+defaults-validation).
+
+Every setting whose default was picked by measuring is measured here again, each candidate
+on the default model: perplexity on WikiText-2 *validation* windows picks the candidate, and
+the *test* windows report it. Calibrated candidates (SmoothQuant) calibrate on the first part
+of the validation split and are scored on windows taken from its last part, so no window is
+both calibrated and scored.
+
+    python benchmarks/choose_defaults.py                  # prints the table
+    python benchmarks/choose_defaults.py --write-docs     # and writes it into docs/accuracy.md
+
+A default that validation does not pick is listed as such (the script exits 1), so that it is
+either changed or its reason written down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+import hfquant  # noqa: E402
+from hfquant import data, formats  # noqa: E402
+from hfquant.evaluate import perplexity  # noqa: E402
+
+# share of the validation split (from its start) that calibration may read; the scored
+# validation windows come after it
+CALIB_SHARE = 0.8
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [N, K] as [N, G, group_size], the last group padded with zeros (a zero changes no
+    symmetric group's largest magnitude, so a short last group keeps its own scale)."""
+    N, K = w.shape
+    pad = -K % group_size
+    return torch.nn.functional.pad(w.float(), (0, pad)).reshape(N, -1, group_size)
+
+
+def _grid_q4_0(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Q4_0-style symmetric 4-bit: s = (the group's largest-magnitude weight) / -8, codes
+    clamp(round(w / s), -8, 7): the extreme lands on -8 exactly, its opposite side may clip."""
+    g = _groups(w, group_size)
+    ext = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+    s = torch.where(ext == 0, torch.ones_like(ext), ext / -8)
+    return (torch.clamp(torch.round(g / s), -8, 7) * s).reshape(w.shape[0], -1)[:, :w.shape[1]]
+
+
+def _grid_maxabs(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The earlier symmetric 4-bit grid: s = max|w| / 7, codes -7..7 (the lowest code unused)."""
+    g = _groups(w, group_size)
+    s = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 7
+    return (torch.clamp(torch.round(g / s), -7, 7) * s).reshape(w.shape[0], -1)[:, :w.shape[1]]
+
+
+def _grid_full(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """hfquant's symmetric grid (formats.group_params): the smallest step whose -8..7 grid
+    holds the group's range."""
+    return formats.fake_quantize(w, 4, -1 if group_size == w.shape[1] else group_size, True)
+
+
+GRIDS = {"full grid, nothing clipped (default)": _grid_full, "max abs / 7": _grid_maxabs,
+         "Q4_0: extreme / -8, may clip": _grid_q4_0}
+# candidates checkpoint format v1 cannot store: Q4_0's step is negative where the extreme is
+# positive (the extreme lands on the code -8), and format v1 refuses negative scales
+NOT_IN_FORMAT = {"Q4_0: extreme / -8, may clip": "needs negative scales, which format v1 refuses"}
+
+# (question, [(candidate label, HfQuantConfig settings, is the default)])
+CHOICES = [
+    ("LLM.int8 fold_norms", [("on (default)", dict(method="llm_int8"), True),
+                             ("off", dict(method="llm_int8", fold_norms=False), False)]),
+    ("W8A8 fold_norms", [("off (default)", dict(method="w8a8"), True),
+                         ("on", dict(method="w8a8", fold_norms=True), False)]),
+    ("LLM.int8 threshold (norm scales folded)", [("4", dict(method="llm_int8", llm_int8_threshold=4.0), False),
+                                                 ("6 (default)", dict(method="llm_int8"), True),
+                                                 ("8", dict(method="llm_int8", llm_int8_threshold=8.0), False)]),
+    ("W8A8 SmoothQuant alpha (README's and compare's w8a8sq: 0.5)",
+     [("0.5 (used)", dict(method="w8a8", smoothquant_alpha=0.5), True),
+      ("0.6", dict(method="w8a8", smoothquant_alpha=0.6), False),
+      ("0.7", dict(method="w8a8", smoothquant_alpha=0.7), False)]),
+]
+
+
+def _fake_quantized(model_dir: str, grid, group_size: int) -> torch.nn.Module:
+    """The float model with every Linear weight but lm_head replaced by ``grid``'s W4 values
+    (group_size -1: one group per row)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                gs = mod.weight.shape[1] if group_size == -1 else group_size
+                mod.weight.copy_(grid(mod.weight, gs))
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, default=8, help="512-token windows scored in each split (default 8)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default=None, help="comma-separated question numbers (0-2: the W4 grids)")
+    p.add_argument("--json", type=Path, default=None, help="also keep the measurements in this file")
+    p.add_argument("--from-json", type=Path, default=None, help="render a kept run instead of measuring")
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
+    args = p.parse_args(argv)
+    command = "python benchmarks/choose_defaults.py" + "".join(" " + shlex.quote(a) for a in
+                                                               (sys.argv[1:] if argv is None else argv))
+    if args.from_json:
+        d = json.loads(args.from_json.read_text())
+        return render(d["results"], d["base"], d["command"], d["windows"], d["threads"], d["cpu"], d["date"],
+                      d["seconds"], d.get("model_dir", "smollm2-135m-float32"),
+                      args.docs if args.write_docs else None)
+    torch.set_num_threads(args.threads)
+    model_dir = str(data.default_model_dir("float32"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    valid = data.wikitext_valid()
+    cut = int(len(valid) * CALIB_SHARE)
+    cut = valid.index("\n", cut) + 1
+    calib_text, valid_scored = valid[:cut], valid[cut:]
+    test = data.wikitext_test()
+    only = None if args.only is None else {int(x) for x in args.only.split(",")}
+    t0 = time.perf_counter()
+
+    def score(model) -> tuple[float, float]:
+        return (perplexity(model, tok, valid_scored, max_length=512, stride=512, max_windows=args.windows),
+                perplexity(model, tok, test, max_length=512, stride=512, max_windows=args.windows))
+
+    base = score(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    questions = [(f"W4 {'per channel' if g == -1 else f'g{g}'} symmetric grid (RTN)",
+                  [(label, (fn, g), "default" in label) for label, fn in GRIDS.items()]) for g in (128, -1, 32)]
+    questions += CHOICES
+    results = []
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as calib:
+        calib.write(calib_text)
+        calib.flush()
+        for qi, (question, candidates) in enumerate(questions):
+            if only is not None and qi not in only:
+                continue
+            measured = []
+            for label, how, is_default in candidates:
+                if isinstance(how, tuple):
+                    model = _fake_quantized(model_dir, *how)
+                else:
+                    settings = dict(how)
+                    if settings.get("smoothquant_alpha") is not None:
+                        settings["calibration"] = {"text": calib.name}
+                    model = AutoModelForCausalLM.from_pretrained(
+                        model_dir, quantization_config=hfquant.HfQuantConfig(**settings))
+                v, t = score(model)
+                del model
+                measured.append((label, v, t, is_default))
+                print(f"{question} | {label} | valid {v:.3f} | test {t:.3f}", file=sys.stderr, flush=True)
+            results.append({"question": question, "candidates": [
+                {"label": m[0], "valid": m[1], "test": m[2], "default": m[3]} for m in measured]})
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "base": base, "results": results,
+                                         "date": time.strftime('%Y-%m-%d', time.gmtime()),
+                                         "seconds": time.perf_counter() - t0, "threads": args.threads,
+                                         "cpu": common.cpu_model(), "windows": args.windows,
+                                         "model_dir": Path(model_dir).name}, indent=1))
+    return render(results, base, command, args.windows, args.threads, common.cpu_model(),
+                  time.strftime('%Y-%m-%d', time.gmtime()), time.perf_counter() - t0, model_dir,
+                  args.docs if args.write_docs else None)
+
+
+def render(results, base, command, windows, threads, cpu, date, seconds, model_dir, docs) -> int:
+    """Prints (and with ``docs`` writes) the section; returns 1 where a default is not the
+    candidate validation picks among those format v1 can store."""
+    rows, disagree = [], []
+    for r in results:
+        question, measured = r["question"], r["candidates"]
+        storable = [m for m in measured if m["label"] not in NOT_IN_FORMAT]
+        best = min(storable, key=lambda m: m["valid"])
+        overall = min(measured, key=lambda m: m["valid"])
+        for m in measured:
+            note = "**chosen**" if m is best else NOT_IN_FORMAT.get(m["label"], "")
+            if m is overall and m is not best:
+                note += " (lowest, not storable)"
+            rows.append([question, m["label"], f"{m['valid']:.3f} ({100 * (m['valid'] / base[0] - 1):+.2f}%)",
+                         f"{m['test']:.3f} ({100 * (m['test'] / base[1] - 1):+.2f}%)", note])
+        if not best["default"]:
+            disagree.append(f"{question}: validation picks {best['label']!r}")
+    table = common.md_table(["setting", "candidate", "validation perplexity", "test perplexity",
+                             "on validation"], rows)
+    body = "\n".join([
+        "### Defaults chosen on validation text", "",
+        f"Command: `{command}`", "",
+        f"Model {Path(model_dir).name} (fp32: validation {base[0]:.3f}, test {base[1]:.3f}); validation: "
+        f"{windows} windows of 512 tokens from the last {100 - 100 * CALIB_SHARE:.0f}% of WikiText-2 "
+        f"validation (calibration reads only the first {100 * CALIB_SHARE:.0f}%); test: the first {windows} "
+        f"windows of WikiText-2 raw test. Among the candidates checkpoint format v1 can store, the one with the "
+        f"lowest validation perplexity is chosen; the test column reports it. {threads} threads, {cpu}; run "
+        f"{date}, {seconds:.0f} s.", "", table, "",
+        "Grid rows are fake-quantized (the float model with each weight but lm_head, which is tied and kept, "
+        "replaced by its W4 values on that grid); the default grid's rows are what RTN stores. Q4_0 puts each "
+        "group's largest-magnitude weight on the code -8 exactly, so its step is negative where that weight is "
+        "positive: storing it needs signed scales in the checkpoint format.",
+        "" if not disagree else "\nNot picked by validation: " + "; ".join(disagree) + "."])
+    print(body)
+    if docs is not None:
+        common.write_doc_section(docs, "defaults-validation", body, "# Accuracy\n")
+    return 1 if disagree else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
