@@ -269,15 +269,20 @@ def test_kill_at_every_step_leaves_old_or_new(tmp_path, float_dir, qmodel, refs,
         assert None in seen  # the documented window: between the moves neither checkpoint is whole
 
 
+def _left_as_it_was(target, refs, users) -> None:
+    """A failed save: the old checkpoint, every user file unchanged, no staging folder left."""
+    assert _state(target, refs) == "old"
+    assert _user_files(target) == users
+    _no_strays(target)
+
+
 def test_full_disk_changes_nothing(tmp_path, float_dir, refs, server):
     target = _trainer_folder(tmp_path / "run", float_dir)
     users = _user_files(target)
     lines = server("fsize", 8192, target)  # config.json fits, the weights do not: EFBIG
     assert lines == [f"error hfquant: could not save into {target}: File too large (the folder was left as it was)",
                      "exit 3"]
-    assert _state(target, refs) == "old"
-    assert _user_files(target) == users
-    _no_strays(target)
+    _left_as_it_was(target, refs, users)
 
 
 def test_no_space_while_writing_weights(tmp_path, float_dir, qmodel, refs, monkeypatch):
@@ -297,9 +302,7 @@ def test_no_space_while_writing_weights(tmp_path, float_dir, qmodel, refs, monke
     assert str(info.value) == (f"hfquant: could not save into {target}: No space left on device "
                                "(the folder was left as it was)")
     assert info.value.errno == errno.ENOSPC
-    assert _state(target, refs) == "old"
-    assert _user_files(target) == users
-    _no_strays(target)
+    _left_as_it_was(target, refs, users)
 
 
 def test_without_hard_links_the_fallback_keeps_every_file(tmp_path, float_dir, qmodel, refs, monkeypatch):
