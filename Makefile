@@ -75,7 +75,7 @@ bench-quick: install
 
 # Compiles every CUDA source (sm_80 + sm_90) on a machine without a GPU: a CUDA build of
 # torch in .venv-cuda (several GB) and the machine's nvcc. Catches compile errors only;
-# the CUDA tests and benchmarks need a GPU (tests/cuda, benchmarks/bench_cuda.py).
+# the CUDA tests and benchmarks need a GPU (pytest -m cuda, benchmarks/bench_cuda.py).
 CUDA_VENV := .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_ARCHS ?= 8.0;9.0

@@ -69,11 +69,26 @@ def _grid_full(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return formats.fake_quantize(w, 4, -1 if group_size == w.shape[1] else group_size, True)
 
 
+def _grid_mse(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The full grid with each group's range shrunk by the factor of least squared weight error
+    (method rtn_mse, its default settings)."""
+    from hfquant.algorithms.gptq import search_clip
+    from hfquant.formats.v1 import grouped
+    from hfquant.methods.rtn_mse import RtnMseSettings
+
+    s = RtnMseSettings()
+    clip = search_clip(grouped(w.float(), group_size), None, 4, True, w.dtype, steps=s.clip_steps,
+                       max_shrink=s.max_shrink)
+    return formats.fake_quantize(w, 4, -1 if group_size == w.shape[1] else group_size, True, clip=clip)
+
+
 GRIDS = {"full grid, nothing clipped (default)": _grid_full, "max abs / 7": _grid_maxabs,
-         "Q4_0: extreme / -8, may clip": _grid_q4_0}
-# candidates checkpoint format v1 cannot store: Q4_0's step is negative where the extreme is
-# positive (the extreme lands on the code -8), and format v1 refuses negative scales
-NOT_IN_FORMAT = {"Q4_0: extreme / -8, may clip": "needs negative scales, which format v1 refuses"}
+         "Q4_0: extreme / -8, may clip": _grid_q4_0, "MSE clip search": _grid_mse}
+# candidates that cannot be method rtn's default: Q4_0's step is negative where the extreme is
+# positive (the extreme lands on the code -8), and format v1 refuses negative scales; the MSE
+# clip search is a method of its own (rtn_mse), measured here beside the grids
+NOT_IN_FORMAT = {"Q4_0: extreme / -8, may clip": "needs negative scales, which format v1 refuses",
+                 "MSE clip search": "method rtn_mse, not a grid of rtn"}
 
 # (question, [(candidate label, HfQuantConfig settings, is the default)])
 CHOICES = [
@@ -185,7 +200,7 @@ def render(results, base, command, windows, threads, cpu, date, seconds, model_d
         for m in measured:
             note = "**chosen**" if m is best else NOT_IN_FORMAT.get(m["label"], "")
             if m is overall and m is not best:
-                note += " (lowest, not storable)"
+                note += " (lowest; not a candidate for the default)"
             rows.append([question, m["label"], f"{m['valid']:.3f} ({100 * (m['valid'] / base[0] - 1):+.2f}%)",
                          f"{m['test']:.3f} ({100 * (m['test'] / base[1] - 1):+.2f}%)", note])
         if not best["default"]:

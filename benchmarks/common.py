@@ -231,7 +231,7 @@ def system_info(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-                                           "OMP_NUM_THREADS", "HFQUANT_BACKEND") if k in os.environ},
+                                           "OMP_NUM_THREADS") if k in os.environ},
     }
     try:
         from hfquant._ext import _C
@@ -242,6 +242,12 @@ def system_info(threads: int) -> dict[str, Any]:
         info["hfquant_isa"] = _C.cpu_isa()
         info["hfquant_int8_path"] = _C.int8_path() if hasattr(_C, "int8_path") else "n/a"
         info["hfquant_isas"] = list(_C.available_isas()) if hasattr(_C, "available_isas") else []
+        from hfquant.runtime import Settings, settings
+
+        # every kernel and backend switch (hfquant.settings; HFQUANT_* variables seed it at load)
+        info["hfquant_settings"] = settings.as_dict()
+        info["hfquant_settings_changed"] = {k: v for k, v in info["hfquant_settings"].items()
+                                            if v != Settings.defaults()[k]}
     except Exception as exc:  # the benchmark still runs the torch peers without hfquant
         info["hfquant_error"] = f"{type(exc).__name__}: {exc}"
     return info
@@ -255,6 +261,9 @@ def header_line(info: dict[str, Any]) -> str:
         hq = (f"hfquant {info['hfquant_version']} kernel path **{info['hfquant_isa']}** "
               f"(CPU features: {', '.join(info['cpu_features']) or 'none'})")
     env = "".join(f", {k}={v}" for k, v in info["env"].items())
+    changed = info.get("hfquant_settings_changed") or {}
+    if changed:  # switches away from their defaults change what is measured
+        hq += "; hfquant.settings " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
     return (f"CPU: {info['cpu']} ({info['logical_cpus']} logical CPUs{l3}); {hq}; threads {info['threads']}; "
             f"torch {info['torch']} (ATen CPU capability {info['torch_cpu_capability']}{env})")
 

@@ -50,7 +50,8 @@ $PY -c "import hfquant._C as c; assert c.cuda_built, 'built without CUDA'; print
 
 stamp "CUDA tests"
 # the junit XML keeps every case's outcome
-timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider tests/cuda --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+timeout "$TEST_S" $PY -m pytest -q -p no:cacheprovider -m cuda tests/ops tests/integration/test_cuda_models.py \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -25 "$OUT/tests.log"
 stamp "tests exit $test_rc"

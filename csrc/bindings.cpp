@@ -1,20 +1,33 @@
-// The pybind11 half of hfquant._C: build facts, and one direct entry to the CPU qlinear
-// kernel for eager inference (hfquant/ops.py). Ops live in torch.ops.hfquant.
+// The pybind11 half of hfquant._C: build facts, the getters and setters of the kernel
+// switches (hfquant.settings in hfquant/runtime.py calls them), and one direct entry to the
+// CPU qlinear kernel for eager inference (hfquant/ops.py). Ops live in torch.ops.hfquant.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/python.h>
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_gemm.h"
-#ifdef HFQUANT_CUDA
-#include "cuda/gemm_switch.h"
-#endif
+#include "switches.h"
 
 #ifndef HFQUANT_VERSION
 #define HFQUANT_VERSION "0.0.0"
 #endif
 
 namespace py = pybind11;
+
+namespace {
+// A setter whose argument check fails raises RuntimeError with the check's message only.
+template <class T>
+auto checked(void (*set)(T)) {
+  return [set](T v) {
+    try {
+      set(v);
+    } catch (const c10::Error& e) {
+      throw std::runtime_error(e.what_without_backtrace());
+    }
+  };
+}
+}  // namespace
 
 namespace hfquant::cpu {
 // csrc/cpu/qlinear.cpp, the CPU kernel of torch.ops.hfquant.qlinear
@@ -28,28 +41,33 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = HFQUANT_VERSION;
 #ifdef HFQUANT_CUDA
   m.attr("cuda_built") = true;
-  m.def("cuda_gemm_min_m", []() { return hfquant::cuda::gemm_min_m(); },
-        "Smallest M at which bf16/fp16 qlinear on CUDA dequantizes the weight and calls cuBLAS instead of "
-        "the mma.sync kernel (HFQUANT_CUDA_GEMM_MIN_M overrides).");
-  m.def("set_cuda_gemm_min_m", [](int64_t v) { hfquant::cuda::set_gemm_min_m(v); },
-        "Sets that threshold (for tests and benchmarks).");
-  m.def("cuda_skinny_max_m", []() { return hfquant::cuda::skinny_max_m(); },
-        "Largest M at which qlinear on CUDA takes the skinny split-K kernel (0: off; "
-        "HFQUANT_CUDA_SKINNY_MAX_M overrides).");
-  m.def("set_cuda_skinny_max_m", [](int64_t v) { hfquant::cuda::set_skinny_max_m(v); },
-        "Sets that threshold (for tests and benchmarks; at most 64 takes effect).");
-  m.def("cuda_skinny_segs", []() { return hfquant::cuda::skinny_segs(); },
-        "Segments per block of the skinny kernel (0: chosen per layer; HFQUANT_CUDA_SKINNY_SEGS overrides).");
-  m.def("set_cuda_skinny_segs", [](int64_t v) { hfquant::cuda::set_skinny_segs(v); },
-        "Forces the segments per block (1..8; 0 chooses again), for tests and benchmark sweeps.");
-  m.def("cuda_int8_lt", []() { return hfquant::cuda::int8_lt(); },
-        "Whether the CUDA int8 GEMM calls cuBLASLt with its heuristic algorithm and a workspace (else "
-        "at::_int_mm, the default until measured; HFQUANT_CUDA_INT8_LT=1 turns it on).");
-  m.def("set_cuda_int8_lt", [](bool on) { hfquant::cuda::set_int8_lt(on); },
-        "Chooses between the two (for tests and benchmarks).");
 #else
   m.attr("cuda_built") = false;
 #endif
+  // The kernel switches (csrc/switches.h); hfquant.settings is the public interface to them.
+  namespace sw = hfquant::switches;
+  m.def("gemv_max_m", &sw::gemv_max_m, "CPU qlinear/lut_linear: largest M of the GEMV kernels (-1: per path).");
+  m.def("set_gemv_max_m", checked(&sw::set_gemv_max_m), "Sets it (-1 or at least 0).");
+  m.def("gemm_min_m", &sw::gemm_min_m, "CPU qlinear: smallest M of the register-blocked Gemm path (-1: per path).");
+  m.def("set_gemm_min_m", checked(&sw::set_gemm_min_m), "Sets it (-1 or at least 1).");
+  m.def("block_rows", &sw::block_rows, "CPU qlinear: weight rows per GEMM call on the blocked path (-1: ~16 MiB).");
+  m.def("set_block_rows", checked(&sw::set_block_rows), "Sets it (-1 or at least 1).");
+  m.def("qgemm", &sw::qgemm, "CPU qlinear: whether the register-blocked Gemm path may serve large M.");
+  m.def("set_qgemm", checked(&sw::set_qgemm), "Sets it.");
+  m.def("cuda_gemm_min_m", &sw::cuda_gemm_min_m,
+        "Smallest M at which bf16/fp16 qlinear on CUDA dequantizes the weight and calls cuBLAS instead of "
+        "the mma.sync kernel.");
+  m.def("set_cuda_gemm_min_m", checked(&sw::set_cuda_gemm_min_m), "Sets that threshold (at least 0).");
+  m.def("cuda_skinny_max_m", &sw::cuda_skinny_max_m,
+        "Largest M at which qlinear on CUDA takes the skinny split-K kernel (0: off).");
+  m.def("set_cuda_skinny_max_m", checked(&sw::set_cuda_skinny_max_m), "Sets that threshold (0..64).");
+  m.def("cuda_skinny_segs", &sw::cuda_skinny_segs, "Segments per block of the skinny kernel (0: chosen per layer).");
+  m.def("set_cuda_skinny_segs", checked(&sw::set_cuda_skinny_segs),
+        "Forces the segments per block (1..8; 0 chooses again).");
+  m.def("cuda_int8_lt", &sw::cuda_int8_lt,
+        "Whether the CUDA int8 GEMM calls cuBLASLt with its heuristic algorithm and a workspace (else "
+        "at::_int_mm, the default until measured).");
+  m.def("set_cuda_int8_lt", checked(&sw::set_cuda_int8_lt), "Chooses between the two.");
   m.def("cpu_features", []() {
     const auto& f = hfquant::cpu::features();
     py::dict d;
@@ -66,14 +84,16 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "CPU features detected at run time.");
   m.def("cpu_isa", []() { return std::string(hfquant::cpu::isa_name(hfquant::cpu::active_isa())); },
-        "The kernel path chosen on this CPU (HFQUANT_ISA overrides: avx512bf16, avx512, avx2, portable).");
-  m.def("set_cpu_isa", [](const std::string& name) { hfquant::cpu::set_active_isa(name); },
-        "Force a kernel path (for tests and benchmarks); raises if this CPU cannot run it.");
+        "The kernel path in use on this CPU (avx512bf16, avx512, avx2, portable).");
+  m.def("set_cpu_isa", checked<const std::string&>(&hfquant::cpu::set_active_isa),
+        "Force a kernel path, or 'auto' for the best this CPU runs; raises if this CPU cannot run it.");
+  m.def("cpu_isa_setting", &hfquant::cpu::isa_setting, "'auto' or the forced kernel path.");
   m.def("int8_path", []() { return std::string(hfquant::cpu::int8_path_name()); },
         "The int8 GEMM kernel in use: avx512vnni, avxvnni, avx2 or portable (from the active kernel path "
         "unless forced).");
-  m.def("set_int8_path", [](const std::string& name) { hfquant::cpu::set_int8_path(name); },
-        "Force an int8 GEMM kernel (for tests and benchmarks); 'auto' follows the active kernel path.");
+  m.def("set_int8_path", checked<const std::string&>(&hfquant::cpu::set_int8_path),
+        "Force an int8 GEMM kernel; 'auto' follows the active kernel path.");
+  m.def("int8_path_setting", &hfquant::cpu::int8_path_setting, "'auto' or the forced int8 GEMM kernel.");
   m.def("available_int8_paths", []() { return hfquant::cpu::available_int8_paths(); },
         "int8 GEMM kernels this CPU can run, best first.");
   // The same function the dispatcher calls for CPU tensors, without the dispatcher: no

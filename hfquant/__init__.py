@@ -11,12 +11,13 @@ import sys as _sys
 def _load() -> None:
     """Loads the native ops and the public API, and registers "hfquant" with transformers (once)."""
     global HfQuantConfig, QuantizedKVCache, Int8Linear, LutLinear, QuantLinear, FakeQuantLinear, convert
-    global enable_scale_training, prepare_qat, __version__
+    global enable_scale_training, prepare_qat, register_lora, settings, __version__
     from . import _ext  # loads the native ops
+    from .runtime import settings  # the kernel and backend switches, seeded from HFQUANT_* variables
     from .config import HfQuantConfig
     from .kv_cache import QuantizedKVCache
     from .nn import Int8Linear, LutLinear, QuantLinear
-    from .qat import FakeQuantLinear, convert, enable_scale_training, prepare_qat
+    from .qat import FakeQuantLinear, convert, enable_scale_training, prepare_qat, register_lora
 
     __version__ = _ext._C.__version__
     _register()
@@ -35,7 +36,7 @@ def _cli_starting() -> bool:
 
 
 _LOADED_NAMES = ("HfQuantConfig", "QuantizedKVCache", "Int8Linear", "LutLinear", "QuantLinear", "FakeQuantLinear",
-                 "convert", "enable_scale_training", "prepare_qat", "__version__")
+                 "convert", "enable_scale_training", "prepare_qat", "register_lora", "settings", "__version__")
 
 
 def __getattr__(name: str):
@@ -85,4 +86,4 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
 
 
 __all__ = ["HfQuantConfig", "Int8Linear", "LutLinear", "QuantLinear", "QuantizedKVCache", "quantize_model", "__version__",
-           "FakeQuantLinear", "convert", "enable_scale_training", "prepare_qat"]
+           "FakeQuantLinear", "convert", "enable_scale_training", "prepare_qat", "register_lora", "settings"]

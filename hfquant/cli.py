@@ -94,26 +94,7 @@ def _cmd_quantize(args) -> int:
 
     import hfquant
 
-    calibration = {k: v for k, v in (("text", args.calib_text), ("n_samples", args.calib_samples),
-                                     ("seq_len", args.calib_seq_len)) if v is not None}
-    extra = {}
-    if args.method in ("llm_int8", "w8a8"):
-        extra = dict(llm_int8_threshold=args.threshold, smoothquant_alpha=args.smoothquant_alpha,
-                     calibration=calibration, fold_norms=args.fold_norms)
-    elif args.smoothquant_alpha is not None:
-        raise ValueError("--smoothquant-alpha applies to --method llm_int8 or w8a8")
-    if args.method in ("gptq", "awq", "mixed"):
-        extra = dict(calibration=calibration, **{k: v for k, v in (("act_order", args.act_order), ("damp", args.damp),
-                                                                    ("clip_search", args.clip_search))
-                                                   if v is not None})
-    elif args.act_order is not None or args.damp is not None or args.clip_search is not None:
-        raise ValueError("--act-order, --damp and --clip-search apply to --method gptq (and --clip-search to awq)")
-    if args.method == "mixed":
-        extra.update({k: v for k, v in (("target_bits", args.target_bits), ("mixed_bits", args.mixed_bits),
-                                        ("sensitivity", args.sensitivity), ("mixed_base", args.mixed_base))
-                      if v is not None})
-    elif any(v is not None for v in (args.target_bits, args.mixed_bits, args.sensitivity, args.mixed_base)):
-        raise ValueError("--target-bits, --mixed-bits, --sensitivity and --mixed-base apply to --method mixed")
+    extra = _method_settings(args)
     if args.quantize_embeddings is not None:
         extra["quantize_embeddings"] = args.quantize_embeddings
     group_size = args.group_size if args.group_size is not None else default_group_size(args.method, args.bits)
@@ -165,12 +146,8 @@ def _cmd_info(args) -> int:
             "symmetric": q.get("symmetric"), "format_version": q.get("format_version"),
             "modules_to_not_convert": q.get("modules_to_not_convert"),
             "modules_override": q.get("modules_override") or {},
-            **({k: q.get(k) for k in ("llm_int8_threshold", "smoothquant_alpha", "smooth_modules")}
-               if q.get("method") in ("llm_int8", "w8a8") else {}),
-            **({k: q[k] for k in ("act_order", "damp", "clip_search", "calibration") if k in q}
-               if q.get("method") in ("gptq", "awq") else {}),
-            **({k: q[k] for k in ("target_bits", "mixed_bits", "sensitivity", "mixed_base", "calibration") if k in q}
-               if q.get("method") == "mixed" else {}),
+            # the method's own settings, as saved
+            **{k: q[k] for k in _saved_method(q).setting_names() if k in q},
             **({"quantize_embeddings": True, "tied_modules": q.get("tied_modules") or {}}
                if q.get("quantize_embeddings") else {}),
             "quantized_layers": len(quantized),
@@ -188,8 +165,8 @@ def _cmd_info(args) -> int:
         for k, v in info.items():
             if k == "full_precision_matrices":
                 print(f"{k}: {len(v)}" + (f" ({', '.join(v[:6])}{', ...' if len(v) > 6 else ''})" if v else ""))
-            elif k == "modules_override" and q and q.get("method") == "mixed":
-                print(f"{k}: {len(v)} entries (bits per layer chosen by mixed precision)")
+            elif k == "modules_override" and q and _saved_method(q).writes_overrides:
+                print(f"{k}: {len(v)} entries (bits per layer chosen by {q.get('method')})")
             elif k == "size_on_disk_bytes":
                 print(f"size_on_disk: {v / 2**20:.1f} MiB ({v} bytes)")
             else:
@@ -228,18 +205,16 @@ def _safetensors_headers(model_dir: str) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+def _saved_method(q: dict):
+    """The method class of a saved hfquant quantization_config."""
+    from .methods import get_method
+
+    return get_method(q.get("method", "rtn"))
+
+
 def _describe_scheme(q: dict) -> str:
     """The weight scheme of an hfquant quantization_config in words."""
-    method, bits, g = q.get("method"), q.get("bits"), q.get("group_size")
-    if method in ("llm_int8", "w8a8"):
-        return "int8 weights, one scale per output channel; int8 activations, one scale per token"
-    if method == "mixed":
-        return f"bits per layer (target {q.get('target_bits')} bits per weight); see bits_per_layer"
-    grain = "one scale per output channel (group_size -1)" if g == -1 else f"one scale per {g} input columns"
-    if method == "kmeans":
-        return f"{bits}-bit indices into {2 ** bits} centroids, one codebook per " + (
-            "output channel" if g == -1 else f"{g} input columns")
-    return f"{bits}-bit weights, {grain}, " + ("symmetric" if q.get("symmetric") else "with zero points")
+    return _saved_method(q).describe(q)
 
 
 def _cmd_eval(args) -> int:
@@ -366,9 +341,50 @@ THREADS_HELP = ("CPU threads (torch.set_num_threads; default: torch's, one per c
 
 
 def default_group_size(method: str, bits: int | None) -> int | None:
-    """The --group-size a command line without one gets: -1 (per channel, what the README calls
-    W8) for 8-bit weight-only methods, else the config's default (None)."""
-    return -1 if bits == 8 and method in ("rtn", "gptq", "awq") else None
+    """The --group-size a command line without one gets: the method's choice for 8-bit weights
+    (-1, per channel, what the README calls W8, for the weight-only methods), else the config's
+    default (None)."""
+    from .methods import get_method
+
+    return get_method(method).w8_group_size if bits == 8 else None
+
+
+# the options that set a method's settings (HfQuantConfig arguments); --setting KEY=VALUE sets any
+_SETTING_OPTIONS = {"llm_int8_threshold": "--threshold", "smoothquant_alpha": "--smoothquant-alpha",
+                    "fold_norms": "--fold-norms", "act_order": "--act-order", "damp": "--damp",
+                    "clip_search": "--clip-search", "target_bits": "--target-bits", "mixed_bits": "--mixed-bits",
+                    "sensitivity": "--sensitivity", "mixed_base": "--mixed-base",
+                    "calibration": "--calib-text, --calib-samples, --calib-seq-len"}
+
+
+def _method_settings(args) -> dict:
+    """The method settings a quantize command line gives, checked against --method: an option of
+    another method fails naming the methods it applies to."""
+    from .methods import get_method, methods_taking
+
+    given = {k: getattr(args, k) for k in _SETTING_OPTIONS if k != "calibration" and getattr(args, k) is not None}
+    calibration = {k: v for k, v in (("text", args.calib_text), ("n_samples", args.calib_samples),
+                                     ("seq_len", args.calib_seq_len)) if v is not None}
+    if calibration:
+        given["calibration"] = calibration
+    own = get_method(args.method).setting_names()
+    for key in given:
+        if key in own:
+            continue
+        takers = methods_taking(key)
+        group = [_SETTING_OPTIONS[k] for k in _SETTING_OPTIONS if methods_taking(k) == takers]
+        opts = group[0] if len(group) == 1 else ", ".join(group[:-1]) + " and " + group[-1]
+        verb = "applies" if len(group) == 1 and "," not in opts else "apply"
+        raise ValueError(f"{opts} {verb} to --method {' or '.join(takers)}")
+    for item in args.setting or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--setting {item!r}: expected KEY=VALUE (a setting of HfQuantConfig)")
+        try:
+            given[key] = json.loads(value)
+        except ValueError:
+            given[key] = value
+    return given
 
 
 def main(argv=None) -> int:
@@ -377,10 +393,14 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a model directory and save it")
     q.add_argument("model_dir")
     q.add_argument("out_dir")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans", "mixed"],
-                   help="rtn: weight-only; gptq / awq: weight-only, calibrated; llm_int8 / w8a8: int8 activations "
-                        "too; kmeans: weight clustering (2^bits centroids per row or group); mixed: bits per layer "
-                        "from sensitivity under --target-bits")
+    q.add_argument("--method", default="rtn",
+                   help="a registered method (hfquant/methods/): rtn (default): weight-only; gptq / awq: "
+                        "weight-only, calibrated; llm_int8 / w8a8: int8 activations too; kmeans: weight clustering "
+                        "(2^bits centroids per row or group); mixed: bits per layer from sensitivity under "
+                        "--target-bits")
+    q.add_argument("--setting", action="append", metavar="KEY=VALUE",
+                   help="any setting of the method (an HfQuantConfig argument; VALUE read as JSON, else as a "
+                        "string), e.g. --setting kmeans_init=quantile; repeatable")
     q.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8],
                    help="default 4 (rtn, gptq, awq, kmeans), 8 (llm_int8, w8a8); 2 and 3 for rtn, gptq, awq, kmeans")
     q.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
@@ -397,7 +417,8 @@ def main(argv=None) -> int:
                    help="default -1 (one scale per output channel) for --bits 8 and for llm_int8, w8a8, kmeans; "
                         "128 otherwise")
     q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
-    q.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (0: off)")
+    q.add_argument("--threshold", dest="llm_int8_threshold", type=float, default=None,
+                   help="LLM.int8 outlier threshold (default 6; 0: off)")
     q.add_argument("--smoothquant-alpha", type=float, default=None,
                    help="calibrate SmoothQuant with this migration strength (0..1) while quantizing")
     q.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,

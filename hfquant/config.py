@@ -1,36 +1,37 @@
-"""HfQuantConfig: the quantization_config of hfquant for transformers."""
+"""HfQuantConfig: the quantization_config of hfquant for transformers.
+
+The common settings (bits, group size, which modules, embeddings, the KV cache) live here;
+each method's own settings live in its class in hfquant/methods/, which this shell builds
+and delegates to. The JSON on disk is the same flat dict as in every earlier version."""
 from __future__ import annotations
 
 import copy
-import math
-import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-FORMAT_VERSION = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
-SUPPORTED_METHODS = ("rtn", "gptq", "awq", "llm_int8", "w8a8", "kmeans", "mixed")
-# Methods that quantize activations too (int8 per token at run time): int8 per-channel
-# symmetric weights only.
-ACTIVATION_METHODS = ("llm_int8", "w8a8")
-# Weight-only methods calibrated on data, layer by layer, after the float model has loaded.
-CALIBRATED_METHODS = ("gptq", "awq")
-DEFAULT_CALIBRATION = {"text": None, "n_samples": 32, "seq_len": 512}
-# GPTQ and AWQ calibrate on more windows by default (the papers' 128)
-DEFAULT_CALIBRATED_SAMPLES = 128
+from .kv_cache import check_kv_cache_args
+from .methods import FORMAT_VERSION, get_method, method_names, methods_taking
+from .methods.base import check_types
+from .modeling import is_listed, name_matches
+
 DEFAULT_SKIP = ["lm_head"]
-# Weight clustering ("kmeans"): 2^bits centroids per row (group_size -1) or per row and group.
-KMEANS_BITS = (2, 3, 4)
-KMEANS_INITS = ("uniform", "quantile", "kmeans++")
-# Methods whose layers are QuantLinear (format v1 weights): they can quantize embeddings too.
-EMBEDDING_METHODS = ("rtn", "gptq", "awq", "mixed")
-# Mixed precision ("mixed"): bits per layer from sensitivity under an average-bits budget.
-MIXED_SENSITIVITIES = ("fisher", "variance")
-MIXED_BASES = ("rtn", "gptq")
-DEFAULT_MIXED_BITS = [2, 3, 4, 8]
-DEFAULT_MIXED_SAMPLES = 16
+
+# The common settings' types (None is accepted where the argument's default is None).
+_TYPES = {
+    **dict.fromkeys(("bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size",
+                     "kv_cache_residual_length"), "int"),
+    **dict.fromkeys(("symmetric", "quantize_embeddings"), "bool"),
+    "method": "str",
+    "modules_to_not_convert": "names",
+    **dict.fromkeys(("modules_override", "tied_modules"), "dict"),
+}
+_NONE_OK = {"bits", "group_size", "kv_cache_bits", "quantize_embeddings", "modules_to_not_convert",
+            "modules_override", "tied_modules"}
+# attributes of the shell itself; every other public attribute is a setting of the method
+_OWN = {"quant_method", "format_version", "bits", "group_size", "symmetric", "method", "modules_to_not_convert",
+        "modules_override", "quantize_embeddings", "tied_modules", "kv_cache_bits", "kv_cache_group_size",
+        "kv_cache_residual_length", "settings", "impl"}
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -59,9 +60,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             the pre-norms (RMSNorm/LayerNorm before q/k/v and gate/up) into the weights that
             follow them, so that per-token int8 quantization sees the normalised residual
             stream rather than channels the norm amplified. Exact for the float model, no
-            calibration. Default: True for "llm_int8" (measured +0.47% instead of +1.50% on
-            the default model), False for "w8a8" (+3.41% instead of +3.15%); False gives
-            the plain published schemes.
+            calibration. Default: True for "llm_int8", False for "w8a8" (the choice measured on
+            validation text: docs/accuracy.md); False gives the plain published schemes.
         calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32 (128 for
             gptq/awq), "seq_len": 512} for the calibrating methods.
         act_order: for "gptq": process columns by decreasing Hessian diagonal and store the
@@ -119,127 +119,90 @@ class HfQuantConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         modules_override: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
-        llm_int8_threshold: float = 6.0,
-        smoothquant_alpha: float | None = None,
-        fold_norms: bool | None = None,
-        calibration: dict[str, Any] | None = None,
-        smooth_modules: list[str] | None = None,
         kv_cache_bits: int | None = None,
         kv_cache_group_size: int = 64,
         kv_cache_residual_length: int = 128,
-        act_order: bool = True,
-        damp: float = 0.01,
-        clip_search: bool = True,
-        kmeans_init: str = "uniform",
-        kmeans_max_iter: int = 100,
-        kmeans_seed: int = 0,
         quantize_embeddings: bool | None = None,
         tied_modules: dict[str, str] | None = None,
-        target_bits: float = 4.5,
-        mixed_bits: list[int] | None = None,
-        sensitivity: str = "fisher",
-        mixed_base: str = "rtn",
-        **kwargs,
+        **settings,
     ):
-        kwargs.pop("quant_method", None)
-        if kwargs:
-            raise ValueError(f"HfQuantConfig: unknown argument(s) {sorted(kwargs)}")
+        settings.pop("quant_method", None)
         # a single name is one name (list("lm_head") would be its letters)
         if isinstance(modules_to_not_convert, str):
             modules_to_not_convert = [modules_to_not_convert]
-        if isinstance(smooth_modules, str):
-            smooth_modules = [smooth_modules]
-        _check_types(locals())
+        check_types(locals(), _TYPES, _NONE_OK)
+        cls = get_method(method)
+        _check_setting_names(cls, method, settings)
+        object.__setattr__(self, "impl", None)
         self.quant_method = "hfquant"
         self.format_version = format_version
-        if bits is None:
-            bits = 8 if method in ACTIVATION_METHODS else 4
-        self.bits = bits
-        if group_size is None and method == "kmeans":
-            group_size = -1
-        if group_size is None:
-            group_size = -1 if method in ACTIVATION_METHODS else 128
-        self.group_size = group_size
-        self.symmetric = symmetric
         self.method = method
-        self.llm_int8_threshold = llm_int8_threshold
-        self.smoothquant_alpha = smoothquant_alpha
-        self.fold_norms = (method == "llm_int8") if fold_norms is None else fold_norms
-        defaults = dict(DEFAULT_CALIBRATION)
-        if method in CALIBRATED_METHODS:
-            defaults["n_samples"] = DEFAULT_CALIBRATED_SAMPLES
-        if method == "mixed":
-            defaults["n_samples"] = DEFAULT_CALIBRATED_SAMPLES if mixed_base == "gptq" else DEFAULT_MIXED_SAMPLES
-        self.calibration = {**defaults, **(calibration or {})}
-        self.act_order = act_order
-        self.damp = damp
-        self.clip_search = clip_search
-        # Filled when SmoothQuant runs: modules whose factors are applied inside the op
-        # (stored as <module>.smooth) because no previous op could absorb them.
-        self.smooth_modules = list(smooth_modules or [])
+        self.bits = cls.default_bits if bits is None else bits
+        self.group_size = cls.default_group_size if group_size is None else group_size
+        self.symmetric = symmetric
+        self.settings = cls.make_settings(settings)
+        object.__setattr__(self, "impl", cls(self))
+        self.quantize_embeddings = cls.embeddings_default if quantize_embeddings is None else quantize_embeddings
+        self.tied_modules = dict(tied_modules or {})
         self.kv_cache_bits = kv_cache_bits
         self.kv_cache_group_size = kv_cache_group_size
         self.kv_cache_residual_length = kv_cache_residual_length
-        self.kmeans_init = kmeans_init
-        self.kmeans_max_iter = kmeans_max_iter
-        self.kmeans_seed = kmeans_seed
-        self.quantize_embeddings = (method == "mixed") if quantize_embeddings is None else quantize_embeddings
-        self.target_bits = target_bits
-        self.mixed_bits = list(DEFAULT_MIXED_BITS if mixed_bits is None else mixed_bits)
-        self.sensitivity = sensitivity
-        self.mixed_base = mixed_base
-        self.tied_modules = dict(tied_modules or {})
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
         self.post_init()
 
+    # the method's settings read and write as attributes of the config (config.damp)
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "settings" not in self.__dict__:
+            raise AttributeError(name)
+        settings = self.__dict__["settings"]
+        if name in {f for f in vars(settings)}:
+            return getattr(settings, name)
+        raise AttributeError(f"HfQuantConfig: method {self.__dict__.get('method')!r} has no setting {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        settings = self.__dict__.get("settings")
+        if settings is not None and name not in _OWN and name in vars(settings):
+            setattr(settings, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != "impl":
+                object.__setattr__(new, k, copy.deepcopy(v, memo))
+        object.__setattr__(new, "impl", type(self.impl)(new))
+        return new
+
     def post_init(self):
-        _check_types(vars(self))
+        check_types(vars(self), _TYPES, _NONE_OK)
+        impl = self.impl
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"HfQuantConfig: format_version={self.format_version!r} is not supported by this hfquant "
                 f"(it reads format_version {FORMAT_VERSION}); upgrade hfquant to load this checkpoint"
             )
-        if self.method not in SUPPORTED_METHODS:
-            raise ValueError(f"HfQuantConfig: method={self.method!r} is not supported (use one of {SUPPORTED_METHODS})")
-        check = _check_kmeans_scheme if self.method == "kmeans" else _check_scheme
-        check("HfQuantConfig", self.bits, self.group_size, self.symmetric)
-        if self.method == "kmeans":
-            self._check_kmeans()
+        get_method(self.method)
+        impl.check_scheme("HfQuantConfig", self.bits, self.group_size, self.symmetric)
+        impl.check_settings()
         if self.kv_cache_bits is not None:
-            from .kv_cache import _check_args
-
             try:
-                _check_args(self.kv_cache_bits, self.kv_cache_group_size, self.kv_cache_residual_length)
+                check_kv_cache_args(self.kv_cache_bits, self.kv_cache_group_size, self.kv_cache_residual_length)
             except ValueError as e:
                 raise ValueError(f"HfQuantConfig: kv_cache_bits / kv_cache_group_size / kv_cache_residual_length: "
                                  f"{e}") from None
-        if self.method in ACTIVATION_METHODS:
-            self._check_activation_method()
-        elif self.method in CALIBRATED_METHODS:
-            self._check_calibrated_method()
-        elif self.method == "mixed":
-            self._check_mixed()
-        if self.method not in ACTIVATION_METHODS and self.smoothquant_alpha is not None:
-            raise ValueError(f"HfQuantConfig: smoothquant_alpha applies to methods {ACTIVATION_METHODS}, "
-                             f"not {self.method!r}")
-        if not isinstance(self.quantize_embeddings, bool):
-            raise ValueError(f"HfQuantConfig: quantize_embeddings must be True or False, got "
-                             f"{self.quantize_embeddings!r}")
-        if self.quantize_embeddings and self.method not in EMBEDDING_METHODS:
-            raise ValueError(f"HfQuantConfig: quantize_embeddings is supported with methods {EMBEDDING_METHODS}, "
-                             f"not {self.method!r}")
+        if self.quantize_embeddings and not impl.embeddings:
+            raise ValueError(f"HfQuantConfig: quantize_embeddings is supported with methods "
+                             f"{_methods_where(lambda m: m.embeddings)}, not {self.method!r}")
         if not isinstance(self.tied_modules, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.tied_modules.items()):
             raise ValueError("HfQuantConfig: tied_modules must be a dict {lm_head name: embedding name}")
         if self.tied_modules and not self.quantize_embeddings:
             raise ValueError("HfQuantConfig: tied_modules is set but quantize_embeddings is False")
-        if not isinstance(self.modules_to_not_convert, list) or not all(
-            isinstance(m, str) for m in self.modules_to_not_convert
-        ):
-            raise ValueError("HfQuantConfig: modules_to_not_convert must be a list of module names")
-        if not isinstance(self.modules_override, dict):
-            raise ValueError("HfQuantConfig: modules_override must be a dict {module name: {setting: value}}")
+        if self.modules_override and not impl.per_module_schemes:
+            raise ValueError(f"HfQuantConfig: modules_override is not supported with method={self.method!r}")
         for name, over in self.modules_override.items():
             if not isinstance(over, dict) or set(over) - {"bits", "group_size", "symmetric"}:
                 raise ValueError(
@@ -247,108 +210,30 @@ class HfQuantConfig(QuantizationConfigMixin):
                     f"bits, group_size, symmetric; got {over!r}"
                 )
             s = self.scheme_for(name)
-            check(f"HfQuantConfig: modules_override[{name!r}]", s["bits"], s["group_size"], s["symmetric"])
-
-    def _check_activation_method(self) -> None:
-        m = self.method
-        if self.bits != 8 or self.group_size != -1 or not self.symmetric:
-            raise ValueError(f"HfQuantConfig: method={m!r} uses int8 symmetric per-channel weights: set bits=8, "
-                             f"group_size=-1, symmetric=True (got bits={self.bits}, group_size={self.group_size}, "
-                             f"symmetric={self.symmetric})")
-        if self.modules_override:
-            raise ValueError(f"HfQuantConfig: modules_override is not supported with method={m!r}")
-        t = self.llm_int8_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
-            raise ValueError(f"HfQuantConfig: llm_int8_threshold={t!r} must be a number >= 0 "
-                             "(0 turns outlier detection off)")
-        if not isinstance(self.fold_norms, bool):
-            raise ValueError(f"HfQuantConfig: fold_norms must be True or False, got {self.fold_norms!r}")
-        a = self.smoothquant_alpha
-        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
-            raise ValueError(f"HfQuantConfig: smoothquant_alpha={a!r} must be a number in [0, 1] (or None)")
-        self._check_calibration()
-        if not isinstance(self.smooth_modules, list) or not all(isinstance(n, str) for n in self.smooth_modules):
-            raise ValueError("HfQuantConfig: smooth_modules must be a list of module names")
-
-    def _check_calibrated_method(self) -> None:
-        self._check_calibration()
-        for key in ("act_order", "clip_search"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"HfQuantConfig: {key} must be True or False, got {getattr(self, key)!r}")
-        d = self.damp
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
-            raise ValueError(f"HfQuantConfig: damp={d!r} must be a number in (0, 1]")
-
-    def _check_mixed(self) -> None:
-        t = self.target_bits
-        mb = self.mixed_bits
-        if not isinstance(mb, (list, tuple)) or not mb or any(isinstance(b, bool) or b not in SUPPORTED_BITS
-                                                              for b in mb) or len(set(mb)) != len(mb):
-            raise ValueError(f"HfQuantConfig: mixed_bits={mb!r} must be a list of distinct bit widths among "
-                             f"{SUPPORTED_BITS}")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < min(mb):
-            raise ValueError(f"HfQuantConfig: target_bits={t!r} is impossible: every layer takes at least "
-                             f"{min(mb)} bits per weight (plus scales) with mixed_bits={mb}")
-        if self.sensitivity not in MIXED_SENSITIVITIES:
-            raise ValueError(f"HfQuantConfig: sensitivity={self.sensitivity!r} is not supported "
-                             f"(use one of {MIXED_SENSITIVITIES})")
-        if self.mixed_base not in MIXED_BASES:
-            raise ValueError(f"HfQuantConfig: mixed_base={self.mixed_base!r} is not supported (use one of {MIXED_BASES})")
-        self._check_calibrated_method()
-
-    def _check_calibration(self) -> None:
-        c = self.calibration
-        if not isinstance(c, dict):
-            raise ValueError(f"HfQuantConfig: calibration must be a dict, got {c!r}")
-        if set(c) - set(DEFAULT_CALIBRATION):
-            raise ValueError(f"HfQuantConfig: calibration has unknown key(s) {sorted(set(c) - set(DEFAULT_CALIBRATION))}"
-                             f" (use {sorted(DEFAULT_CALIBRATION)})")
-        for key in ("n_samples", "seq_len"):
-            v = c[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"HfQuantConfig: calibration[{key!r}]={v!r} must be a positive integer")
-        t = c["text"]
-        if t is not None and not isinstance(t, (str, os.PathLike)):
-            raise ValueError(f"HfQuantConfig: calibration['text'] must be a file path or None, got {t!r}")
-
-    def _check_kmeans(self) -> None:
-        if self.kmeans_init not in KMEANS_INITS:
-            raise ValueError(f"HfQuantConfig: kmeans_init={self.kmeans_init!r} is not supported "
-                             f"(use one of {KMEANS_INITS})")
-        for key in ("kmeans_max_iter", "kmeans_seed"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "kmeans_max_iter" else 0):
-                raise ValueError(f"HfQuantConfig: {key}={v!r} must be an integer >= "
-                                 f"{1 if key == 'kmeans_max_iter' else 0}")
-
-    @property
-    def threshold(self) -> float:
-        """The outlier threshold the int8 layers run with (0 for w8a8)."""
-        return float(self.llm_int8_threshold) if self.method == "llm_int8" else 0.0
+            impl.check_scheme(f"HfQuantConfig: modules_override[{name!r}]", s["bits"], s["group_size"],
+                              s["symmetric"])
 
     @property
     def needs_float_model(self) -> bool:
-        """Whether quantizing needs the whole float model first (SmoothQuant calibration, or
-        the norm-scale fold), instead of quantizing each weight as it loads."""
-        if self.method in CALIBRATED_METHODS or self.method == "mixed":
-            return True
-        return self.method in ACTIVATION_METHODS and (self.smoothquant_alpha is not None or self.fold_norms)
+        """Whether quantizing needs the whole float model first (calibration, or the norm-scale
+        fold), instead of quantizing each weight as it loads."""
+        return self.impl.needs_float_model()
 
     def scheme_for(self, module_name: str) -> dict[str, Any]:
         """The bits / group_size / symmetric that apply to one module."""
         scheme = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
         for key, over in self.modules_override.items():
-            if _name_matches(module_name, key):
+            if name_matches(module_name, key):
                 scheme.update(over)
         return scheme
 
     def is_skipped(self, module_name: str) -> bool:
-        return self.is_listed(module_name, self.modules_to_not_convert)
+        return is_listed(module_name, self.modules_to_not_convert)
 
     @staticmethod
     def is_listed(module_name: str, keys) -> bool:
         """Whether a list of module names (exact, or a suffix after a dot) names this module."""
-        return any(_name_matches(module_name, key) for key in keys)
+        return is_listed(module_name, keys)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -360,133 +245,52 @@ class HfQuantConfig(QuantizationConfigMixin):
             "symmetric": self.symmetric,
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "modules_override": copy.deepcopy(self.modules_override),
+            **self.impl.to_dict(),
         }
-        if self.method in ACTIVATION_METHODS:
-            d["llm_int8_threshold"] = self.llm_int8_threshold
-            d["smoothquant_alpha"] = self.smoothquant_alpha
-            d["fold_norms"] = self.fold_norms
-            d["calibration"] = copy.deepcopy(self.calibration)
-            d["smooth_modules"] = list(self.smooth_modules)
-        if self.method in CALIBRATED_METHODS:
-            d["calibration"] = copy.deepcopy(self.calibration)
-            d["clip_search"] = self.clip_search
-            if self.method == "gptq":
-                d["act_order"] = self.act_order
-                d["damp"] = self.damp
-        if self.method == "mixed":
-            d["calibration"] = copy.deepcopy(self.calibration)
-            d["target_bits"] = self.target_bits
-            d["mixed_bits"] = list(self.mixed_bits)
-            d["sensitivity"] = self.sensitivity
-            d["mixed_base"] = self.mixed_base
-            d["clip_search"] = self.clip_search
-            if self.mixed_base == "gptq":
-                d["act_order"] = self.act_order
-                d["damp"] = self.damp
-        if self.method == "kmeans":
-            d["kmeans_init"] = self.kmeans_init
-            d["kmeans_max_iter"] = self.kmeans_max_iter
-            d["kmeans_seed"] = self.kmeans_seed
         if self.quantize_embeddings:
             d["quantize_embeddings"] = True
             d["tied_modules"] = dict(self.tied_modules)
+        elif self.impl.embeddings_default:
+            d["quantize_embeddings"] = False  # not the method's default: say so
         if self.kv_cache_bits is not None:
             d["kv_cache_bits"] = self.kv_cache_bits
             d["kv_cache_group_size"] = self.kv_cache_group_size
             d["kv_cache_residual_length"] = self.kv_cache_residual_length
         return d
 
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        # a saved config without quantize_embeddings did not quantize them: to_dict writes True
+        # whenever they were (earlier versions also left out False for "mixed", whose default is True)
+        config_dict = {"quantize_embeddings": False, **config_dict}
+        return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
     @property
     def short_name(self) -> str:
-        if self.method in ACTIVATION_METHODS:
-            sq = "" if self.smoothquant_alpha is None else f"-sq{self.smoothquant_alpha:g}"
-            return f"{self.method}{sq}"
-        g = "c" if self.group_size == -1 else f"g{self.group_size}"
-        if self.method == "kmeans":
-            return f"km{self.bits}{g}"
-        if self.method == "mixed":
-            base = "" if self.mixed_base == "rtn" else f"-{self.mixed_base}"
-            return f"mixed{self.target_bits:g}{g}{'' if self.symmetric else 'a'}{base}"
-        name = f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
-        return name if self.method == "rtn" else f"{self.method}-{name}"
+        return self.impl.short_name()
 
 
-# The type each setting must have (None is accepted where the argument's default is None).
-_TYPES = {
-    **dict.fromkeys(("bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size",
-                     "kv_cache_residual_length", "kmeans_max_iter", "kmeans_seed"), "int"),
-    **dict.fromkeys(("symmetric", "act_order", "clip_search", "fold_norms", "quantize_embeddings"), "bool"),
-    **dict.fromkeys(("llm_int8_threshold", "smoothquant_alpha", "damp", "target_bits"), "number"),
-    **dict.fromkeys(("method", "kmeans_init", "sensitivity", "mixed_base"), "str"),
-    **dict.fromkeys(("modules_to_not_convert", "smooth_modules"), "names"),
-    **dict.fromkeys(("modules_override", "calibration", "tied_modules"), "dict"),
-    "mixed_bits": "ints",
-}
-_NONE_OK = {"bits", "group_size", "kv_cache_bits", "fold_norms", "quantize_embeddings", "smoothquant_alpha",
-            "modules_to_not_convert", "smooth_modules", "modules_override", "calibration", "tied_modules",
-            "mixed_bits"}
-_EXPECTED = {"int": "an int", "bool": "True or False", "number": "a number", "str": "a str",
-             "names": "a list of module names", "dict": "a dict", "ints": "a list of ints"}
+def _methods_where(pred) -> tuple[str, ...]:
+    return tuple(n for n in method_names() if pred(get_method(n)))
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _type_ok(kind: str, v) -> bool:
-    if kind == "int":
-        return _is_int(v)
-    if kind == "bool":
-        return isinstance(v, bool)
-    if kind == "number":
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind == "str":
-        return isinstance(v, str)
-    if kind == "names":
-        return isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v)
-    if kind == "dict":
-        return isinstance(v, dict)
-    return isinstance(v, (list, tuple)) and all(_is_int(b) for b in v)  # ints
-
-
-def _check_types(values: dict[str, Any]) -> None:
-    """ValueError naming the first setting of the wrong type, the type expected and the one given."""
-    for key, kind in _TYPES.items():
-        v = values.get(key)
-        if v is None and key in _NONE_OK or _type_ok(kind, v):
-            continue
-        raise ValueError(f"HfQuantConfig: {key} must be {_EXPECTED[kind]}, got {v!r} ({type(v).__name__})")
-
-
-def _name_matches(name: str, key: str) -> bool:
-    return name == key or name.endswith("." + key)
-
-
-def _check_scheme_types(where: str, bits, group_size, symmetric) -> None:
-    for key, v in (("bits", bits), ("group_size", group_size)):
-        if not _is_int(v):
-            raise ValueError(f"{where}: {key} must be an int, got {v!r} ({type(v).__name__})")
-    if not isinstance(symmetric, bool):
-        raise ValueError(f"{where}: symmetric must be True or False, got {symmetric!r}")
-
-
-def _check_scheme(where: str, bits, group_size, symmetric) -> None:
-    _check_scheme_types(where, bits, group_size, symmetric)
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{where}: bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
-
-
-def _check_kmeans_scheme(where: str, bits, group_size, symmetric) -> None:
-    _check_scheme_types(where, bits, group_size, symmetric)
-    if bits not in KMEANS_BITS:
-        raise ValueError(f"{where}: bits={bits!r} is not supported by method 'kmeans' (use one of {KMEANS_BITS})")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"{where}: group_size={group_size!r} is not supported (use one of {SUPPORTED_GROUP_SIZES})")
-    if symmetric is not True:
-        raise ValueError(f"{where}: symmetric={symmetric!r} does not apply to method 'kmeans' (codebooks have no "
-                         "zero point); leave it True")
+def _check_setting_names(cls, method: str, settings: dict) -> None:
+    """ValueError for an argument that is no setting of this method: which methods take it, or
+    that none does."""
+    own = set(cls.setting_names())
+    unknown = sorted(k for k in settings if k not in own and not methods_taking(k))
+    if unknown:
+        raise ValueError(f"HfQuantConfig: unknown argument(s) {unknown}")
+    for key, value in settings.items():  # a value of the wrong type is named first, whichever method
+        m = cls if key in own else get_method(methods_taking(key)[0])
+        kind = m.SETTING_TYPES.get(key)
+        if kind == "names" and isinstance(value, str):
+            settings[key] = value = [value]  # a single name is one name
+        if kind is not None:
+            check_types({key: value}, {key: kind}, m.NONE_OK)
+    for key in settings:
+        if key not in own:
+            raise ValueError(f"HfQuantConfig: {key} applies to methods {tuple(methods_taking(key))}, not {method!r}")

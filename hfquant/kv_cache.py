@@ -31,7 +31,7 @@ from . import ops
 SUPPORTED_BITS = (2, 4, 8)
 
 
-def _check_args(bits, group_size, residual_length) -> None:
+def check_kv_cache_args(bits, group_size, residual_length) -> None:
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"QuantizedKVCache: bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -45,7 +45,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
 
     def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128):
         super().__init__()
-        _check_args(bits, group_size, residual_length)
+        check_kv_cache_args(bits, group_size, residual_length)
         self.bits = bits
         self.group_size = group_size
         self.residual_length = residual_length
@@ -183,7 +183,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         return total
 
 
-def _attention_geometry(config) -> tuple[int, int]:
+def cache_geometry(config) -> tuple[int, int]:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)
@@ -209,8 +209,8 @@ class QuantizedKVCache(Cache):
     """
 
     def __init__(self, config, bits: int = 4, group_size: int = 64, residual_length: int = 128):
-        _check_args(bits, group_size, residual_length)
-        layers, head_dim = _attention_geometry(config)
+        check_kv_cache_args(bits, group_size, residual_length)
+        layers, head_dim = cache_geometry(config)
         if head_dim % group_size:
             raise ValueError(f"QuantizedKVCache: group_size={group_size} does not divide head_dim={head_dim}")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length

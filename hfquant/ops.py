@@ -1,23 +1,30 @@
 """Typed entry points to ``torch.ops.hfquant.*`` and their fake (meta) kernels.
 
 The fake kernels let ``torch.compile`` trace the ops and let models be built on the meta
-device. ``HFQUANT_BACKEND=ref`` routes the wrappers to the pure-torch twins in ref.py.
+device. ``hfquant.settings.backend = "ref"`` routes the wrappers to the pure-torch twins in ref.py.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from . import _ext  # noqa: F401  (registers torch.ops.hfquant)
 from ._ext import _C
-from . import ref
+from .runtime import settings as _settings
+from .formats.kernel_layouts import (CUDA_ROW_PAD, I8_CUDA_PAD, I8_KG, I8_TILE, K_ALIGN, LUT_TABLE, LUT_UNIT_K, NR,
+                                     cuda_seg_k, group_geometry, lut_group_geometry, round_up)
 
-_NR = ref.NR
+_NR = NR
+
+
+def _ref():
+    """hfquant/ref.py, the pure-torch twins: imported only when the ref backend is selected."""
+    from . import ref
+
+    return ref
 
 
 def _backend() -> str:
-    return os.environ.get("HFQUANT_BACKEND", "native")
+    return _settings.backend
 
 
 def _direct_ok(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
@@ -38,14 +45,14 @@ def _direct_ok(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torc
 def _repack_fake(qweight, scales, zeros, bits, group_size, in_features):
     torch._check(bits in (4, 8), lambda: f"hfquant::repack: bits={bits} is not supported (use 4 or 8)")
     N = qweight.shape[0]
-    gs, G = ref.group_geometry(group_size, in_features)
+    gs, G = group_geometry(group_size, in_features)
     if qweight.device.type == "cuda":  # the CUDA layout (ref.repack_cuda_ref)
-        Np = ref._round_up(N, ref.CUDA_ROW_PAD)
-        Kp = ref._round_up(in_features, ref.cuda_seg_k(bits))
+        Np = round_up(N, CUDA_ROW_PAD)
+        Kp = round_up(in_features, cuda_seg_k(bits))
         w = qweight.new_empty((Np, Kp * bits // 8), dtype=torch.uint8)
         sb = scales.new_empty((G, 1 if zeros is None else 2, Np), dtype=torch.float32)
         return w, sb
-    Kp = ref._round_up(in_features, ref.K_ALIGN)
+    Kp = round_up(in_features, K_ALIGN)
     T = -(-N // _NR)
     unit = 32 if bits == 4 else 16
     w = qweight.new_empty((T, Kp // unit, _NR, 16), dtype=torch.uint8)
@@ -73,7 +80,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
     [G, 1 or 2, Np] (docs/formats.md, "Kernel layout").
     """
     if _backend() == "ref":
-        return ref.repack_ref(qweight, scales, zeros, bits, group_size, in_features)
+        return _ref().repack_ref(qweight, scales, zeros, bits, group_size, in_features)
     return torch.ops.hfquant.repack(qweight, scales, zeros, bits, group_size, in_features)
 
 
@@ -82,8 +89,8 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
             in_features: int) -> torch.Tensor:
     """y = x @ W^T + bias for W in the kernel layout; x float32/bfloat16/float16 [..., K]."""
     if _backend() == "ref":
-        return ref.qlinear_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
-                               in_features)
+        return _ref().qlinear_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
+                                   in_features)
     if _direct_ok(x, packed_weight, packed_scales, bias):
         return _C.qlinear_cpu(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features)
     return torch.ops.hfquant.qlinear(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
@@ -106,8 +113,8 @@ def qembedding(ids: torch.Tensor, packed_weight: torch.Tensor, packed_scales: to
     CPU: a C++ kernel. CUDA: torch ops that gather and decode only the rows asked for
     (hfquant/formats/cuda_rows.py, registered below as the op's CUDA implementation)."""
     if _backend() == "ref":
-        return ref.qembedding_ref(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features,
-                                  dtype)
+        return _ref().qembedding_ref(ids, packed_weight, packed_scales, bits, group_size, out_features, in_features,
+                                      dtype)
     return torch.ops.hfquant.qembedding(ids, packed_weight, packed_scales, bits, group_size, out_features,
                                         in_features, dtype)
 
@@ -120,7 +127,7 @@ def _qembedding_cuda(ids, packed_weight, packed_scales, bits, group_size, out_fe
 
 
 # --- int8 activations ---------------------------------------------------------------------
-_I8 = (ref.I8_TILE, ref.I8_KG)
+_I8 = (I8_TILE, I8_KG)
 
 
 @torch.library.register_fake("hfquant::int8_pack")
@@ -128,8 +135,8 @@ def _int8_pack_fake(qweight):
     torch._check(qweight.dim() == 2, lambda: "hfquant::int8_pack: qweight must be 2-D")
     N, K = qweight.shape
     if qweight.device.type == "cuda":  # the CUDA layout (ref.int8_pack_cuda_ref)
-        pad = ref.I8_CUDA_PAD
-        return (qweight.new_empty((ref._round_up(N, pad), ref._round_up(K, pad)), dtype=torch.int8),
+        pad = I8_CUDA_PAD
+        return (qweight.new_empty((round_up(N, pad), round_up(K, pad)), dtype=torch.int8),
                 qweight.new_empty((N,), dtype=torch.int32))
     return (qweight.new_empty((-(-N // _I8[0]), -(-K // _I8[1]), _I8[0], _I8[1]), dtype=torch.int8),
             qweight.new_empty((N,), dtype=torch.int32))
@@ -164,28 +171,28 @@ def int8_pack(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N]);
     on CUDA packed int8 [round_up(N, 16), round_up(K, 16)] (row-major, zero padded)."""
     if _backend() == "ref":
-        return ref.int8_pack_ref(qweight)
+        return _ref().int8_pack_ref(qweight)
     return torch.ops.hfquant.int8_pack(qweight)
 
 
 def quantize_act(x: torch.Tensor, threshold: float = 0.0, act_scale: torch.Tensor | None = None):
     """Per-row int8 quantization of x [..., K]: (q int8, scales float32 [...], outlier_cols int64)."""
     if _backend() == "ref":
-        return ref.quantize_act_ref(x, threshold, act_scale)
+        return _ref().quantize_act_ref(x, threshold, act_scale)
     return torch.ops.hfquant.quantize_act(x, threshold, act_scale)
 
 
 def int8_mm(xq: torch.Tensor, packed_weight: torch.Tensor, colsum: torch.Tensor, out_features: int):
     """Exact int32 xq [M, K] @ W^T."""
     if _backend() == "ref":
-        return ref.int8_mm_ref(xq, packed_weight, colsum, out_features)
+        return _ref().int8_mm_ref(xq, packed_weight, colsum, out_features)
     return torch.ops.hfquant.int8_mm(xq, packed_weight, colsum, out_features)
 
 
 def int8_gemm(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype: torch.dtype, out_features: int):
     """(xq @ W^T) * x_scales[m] * w_scales[n] + bias[n] in out_dtype."""
     if _backend() == "ref":
-        return ref.int8_gemm_ref(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype, out_features)
+        return _ref().int8_gemm_ref(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype, out_features)
     return torch.ops.hfquant.int8_gemm(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype,
                                        out_features)
 
@@ -193,7 +200,7 @@ def int8_gemm(xq, x_scales, packed_weight, colsum, w_scales, bias, out_dtype: to
 def int8_linear(x, packed_weight, colsum, w_scales, bias, act_scale, threshold: float, out_features: int):
     """W8A8 (threshold 0) or LLM.int8() (threshold > 0) linear layer; y in x.dtype."""
     if _backend() == "ref":
-        return ref.int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, threshold, out_features)
+        return _ref().int8_linear_ref(x, packed_weight, colsum, w_scales, bias, act_scale, threshold, out_features)
     return torch.ops.hfquant.int8_linear(x, packed_weight, colsum, w_scales, bias, act_scale, threshold,
                                          out_features)
 
@@ -225,14 +232,14 @@ def _kv_dequantize_into_fake(codes, scales, mins, out, length, bits, group_size,
 def kv_quantize(x: torch.Tensor, bits: int, group_size: int, per_channel: bool):
     """x [..., T, D] -> (codes uint8 [..., T, D*bits/8], scales fp16, mins fp16)."""
     if _backend() == "ref":
-        return ref.kv_quantize_ref(x, bits, group_size, per_channel)
+        return _ref().kv_quantize_ref(x, bits, group_size, per_channel)
     return torch.ops.hfquant.kv_quantize(x, bits, group_size, per_channel)
 
 
 def kv_append(x, codes, scales, mins, offset: int, bits: int, group_size: int, per_channel: bool) -> None:
     """Quantizes x [..., t, D] into the stores at token ``offset``, in place."""
     if _backend() == "ref":
-        return ref.kv_append_ref(x, codes, scales, mins, offset, bits, group_size, per_channel)
+        return _ref().kv_append_ref(x, codes, scales, mins, offset, bits, group_size, per_channel)
     torch.ops.hfquant.kv_append(x, codes, scales, mins, offset, bits, group_size, per_channel)
 
 
@@ -240,7 +247,7 @@ def kv_dequantize(codes, scales, mins, length: int, bits: int, group_size: int, 
                   dtype: torch.dtype) -> torch.Tensor:
     """The first ``length`` tokens of the stores in ``dtype``."""
     if _backend() == "ref":
-        return ref.kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, dtype)
+        return _ref().kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, dtype)
     return torch.ops.hfquant.kv_dequantize(codes, scales, mins, length, bits, group_size, per_channel, dtype)
 
 
@@ -248,7 +255,7 @@ def kv_dequantize_into(codes, scales, mins, out: torch.Tensor, length: int, bits
                        per_channel: bool) -> None:
     """The first ``length`` tokens of the stores written into the first tokens of ``out``."""
     if _backend() == "ref":
-        return ref.kv_dequantize_into_ref(codes, scales, mins, out, length, bits, group_size, per_channel)
+        return _ref().kv_dequantize_into_ref(codes, scales, mins, out, length, bits, group_size, per_channel)
     torch.ops.hfquant.kv_dequantize_into(codes, scales, mins, out, length, bits, group_size, per_channel)
 
 
@@ -257,10 +264,10 @@ def kv_dequantize_into(codes, scales, mins, out: torch.Tensor, length: int, bits
 def _lut_repack_fake(qweight, codebook, bits, group_size, in_features):
     torch._check(bits in (2, 3, 4), lambda: f"hfquant::lut_repack: bits={bits} is not supported (use 2, 3 or 4)")
     N = qweight.shape[0]
-    _, G = ref.lut_group_geometry(group_size, in_features)
-    Kp = ref._round_up(in_features, ref.LUT_UNIT_K)
+    _, G = lut_group_geometry(group_size, in_features)
+    Kp = round_up(in_features, LUT_UNIT_K)
     return (qweight.new_empty((N, Kp // 2), dtype=torch.uint8),
-            codebook.new_empty((N, G, ref.LUT_TABLE), dtype=torch.float32))
+            codebook.new_empty((N, G, LUT_TABLE), dtype=torch.float32))
 
 
 @torch.library.register_fake("hfquant::lut_linear")
@@ -281,7 +288,7 @@ def lut_repack(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_s
     round_up(K, 32)) and the packed codebook float32 [N, G, 16] (zero padded).
     """
     if _backend() == "ref":
-        return ref.lut_repack_ref(qweight, codebook, bits, group_size, in_features)
+        return _ref().lut_repack_ref(qweight, codebook, bits, group_size, in_features)
     return torch.ops.hfquant.lut_repack(qweight, codebook, bits, group_size, in_features)
 
 
@@ -290,7 +297,7 @@ def lut_linear(x: torch.Tensor, packed_indices: torch.Tensor, packed_codebook: t
                in_features: int) -> torch.Tensor:
     """y = x @ W^T + bias, W[n, k] = codebook[n, group(k), index(n, k)]; x float32/bfloat16/float16 [..., K]."""
     if _backend() == "ref":
-        return ref.lut_linear_ref(x, packed_indices, packed_codebook, bias, bits, group_size, out_features,
-                                  in_features)
+        return _ref().lut_linear_ref(x, packed_indices, packed_codebook, bias, bits, group_size, out_features,
+                                      in_features)
     return torch.ops.hfquant.lut_linear(x, packed_indices, packed_codebook, bias, bits, group_size, out_features,
                                         in_features)

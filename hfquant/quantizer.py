@@ -12,11 +12,12 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from . import _ext, checkpoint, formats
-from .config import ACTIVATION_METHODS, HfQuantConfig
+from . import _ext, checkpoint
+from .config import HfQuantConfig
 from .fileio import atomic_dir
 from .mapped_pages import release_file_range, release_mapped_pages, safetensors_ranges
-from .nn import LutLinear, PackedLinear
+from .methods import layer_tensor_keys
+from .nn import PackedLinear
 from .replace import check_overrides, quantize_in_place, replace_with_empty
 
 logger = logging.getLogger("hfquant")
@@ -74,26 +75,6 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-# Rows quantized at a time while loading: quantize_rtn's float32 temporaries stay ~1 MB
-# each however large the layer (rows are quantized independently, so the result is the same).
-# 4 MB blocks let the handful of eager temporaries of one block (w, w / s, round, clamp,
-# codes) reach 20-45 MB together: a heap transient that made the cold load's peak vary
-# between 100 and 155 MiB above its base in tests/reliability/test_memory_bound.py; at 1 MB it
-# is 95 MiB in every run, and loading is no slower.
-_ROW_BLOCK_ELEMENTS = 1 << 18
-
-
-def _quantize_rtn_by_rows(w, bits, group_size, symmetric, scale_dtype):
-    rows = max(1, _ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
-    if w.shape[0] <= rows:
-        return formats.quantize_rtn(w, bits, group_size, symmetric, scale_dtype=scale_dtype)
-    parts = [formats.quantize_rtn(w[i:i + rows], bits, group_size, symmetric, scale_dtype=scale_dtype)
-             for i in range(0, w.shape[0], rows)]
-    zeros = None if parts[0].zeros is None else torch.cat([p.zeros for p in parts])
-    return formats.QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-                                   zeros, bits, group_size, w.shape[1])
-
-
 class HfQuantQuantize(ConversionOps):
     """Quantize-on-load: one float checkpoint weight -> qweight, scales (and zeros)."""
 
@@ -105,20 +86,15 @@ class HfQuantQuantize(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         module, tensor_name = get_module_from_name(model, target_key)
         w = value.t() if module.float_weight_transposed else value
-        if isinstance(module, LutLinear):
-            return self._convert_lut(module, value, w, target_key, tensor_name, missing_keys,
-                                     kwargs.get("source_patterns"))
-        q = _quantize_rtn_by_rows(w, module.bits, module.group_size, module.symmetric, module.scales.dtype)
+        name = target_key[: -len(tensor_name) - 1]
+        tensors = self.hf_quantizer.quantization_config.impl.quantize_weight(name, module, w)
         self._release_source(value, kwargs.get("source_patterns"))
-        prefix = target_key[: -len(tensor_name)]
-        out = {prefix + "qweight": q.qweight, prefix + "scales": q.scales}
-        if q.zeros is not None:
-            out[prefix + "zeros"] = q.zeros
+        out = {f"{name}.{k}": t for k, t in tensors.items()}
         # The float weight was a placeholder: drop it so it is neither materialised nor reported missing.
         del module._parameters["weight"]
         if missing_keys is not None:
             missing_keys.discard(target_key)
-        del q, w, value
+        del tensors, w, value
         release_freed_memory()
         return out
 
@@ -135,18 +111,6 @@ class HfQuantQuantize(ConversionOps):
         if source_patterns and len(source_patterns) == 1:
             where = self.hf_quantizer.source_ranges.get(source_patterns[0])
         return release_file_range(*where) if where else 0
-
-    def _convert_lut(self, module, value, w, target_key, tensor_name, missing_keys, source_patterns):
-        # weight clustering (method "kmeans"): qweight + codebook
-        prefix = target_key[: -len(tensor_name)]
-        out = {prefix + k: v for k, v in module.quantize_float(w).items()}
-        self._release_source(value, source_patterns)
-        del module._parameters["weight"]
-        if missing_keys is not None:
-            missing_keys.discard(target_key)
-        del w
-        release_freed_memory()
-        return out
 
 
 class HfQuantQuantizer(HfQuantizer):
@@ -210,7 +174,7 @@ class HfQuantQuantizer(HfQuantizer):
         if self.pre_quantized:
             # Saying True for the quantized tensors only skips transformers' generic shape
             # check: they are validated after loading, with the tensor named in the error.
-            return tensor_name in ("qweight", "scales", "zeros", "smooth", "perm", "codebook")
+            return tensor_name in layer_tensor_keys()
         return tensor_name == "weight"
 
     def get_quantize_ops(self):
@@ -226,18 +190,11 @@ class HfQuantQuantizer(HfQuantizer):
             if not isinstance(module, PackedLinear):
                 continue
             source = getattr(module, "tied_source", None)
-            if source is not None and isinstance(module, LutLinear):
-                w = model.get_parameter(source).detach()
-                t = module.quantize_float(w.t() if module.float_weight_transposed else w)
-                module.load_quantized(t["qweight"], t["codebook"])
-                del module.tied_source
-                module.pack()
-                continue
             if source is not None:
+                # a layer tied to another's weight: quantized from it now that it has loaded
                 w = model.get_parameter(source).detach()
-                q = formats.quantize_rtn(w.t() if module.float_weight_transposed else w, module.bits,
-                                         module.group_size, module.symmetric, scale_dtype=module.scales.dtype)
-                module.load_quantized(q.qweight, q.scales, q.zeros)
+                module.load_quantized(**config.impl.quantize_weight(
+                    name, module, w.t() if module.float_weight_transposed else w))
                 del module.tied_source
                 module.pack()
                 continue
@@ -247,7 +204,7 @@ class HfQuantQuantizer(HfQuantizer):
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
-            for key in ("qweight", "scales", "zeros", "smooth", "perm", "codebook"):
+            for key in layer_tensor_keys():
                 t = getattr(module, key, None)
                 if t is None:
                     continue
@@ -281,7 +238,7 @@ class HfQuantQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         # Weight-only uniform layers pass gradients to their input (hfquant/qat/autograd.py):
         # adapters (LoRA through peft) train on them. Int8 activations and codebooks do not.
-        return self.quantization_config.method not in ACTIVATION_METHODS + ("kmeans",)
+        return self.quantization_config.impl.trainable
 
     @property
     def is_qat_trainable(self) -> bool:
@@ -292,10 +249,10 @@ class HfQuantQuantizer(HfQuantizer):
     def is_compileable(self) -> bool:
         # every hfquant module traces without a graph break (fake kernels in hfquant/ops.py),
         # so generate may compile the forward (static cache + compile_config)
-        return True
+        return self.quantization_config.impl.compileable
 
     def _dequantize(self, model, dtype=None):
-        from .replace import _set_module
+        from .modeling import set_module
 
         from .nn import TiedQuantLinear
 
@@ -304,13 +261,13 @@ class HfQuantQuantizer(HfQuantizer):
             if isinstance(module, TiedQuantLinear):
                 heads[name] = module.source_name
             elif isinstance(module, PackedLinear):
-                _set_module(model, name, module.to_linear(dtype))
+                set_module(model, name, module.to_linear(dtype))
         for head, emb in heads.items():
             # the float lm_head shares the float embedding's weight again
             source = model.get_submodule(emb)
             lin = torch.nn.Linear(source.embedding_dim, source.num_embeddings, bias=False, device="meta")
             lin.weight = source.weight
-            _set_module(model, head, lin)
+            set_module(model, head, lin)
         return model
 
 

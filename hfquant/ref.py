@@ -1,27 +1,21 @@
 """Pure-torch twins of every native op: the documented semantics and the test oracle.
 
 Each function has the same signature as ``torch.ops.hfquant.<op>``. They are also an
-explicit backend (``HFQUANT_BACKEND=ref``), never a silent fallback.
+explicit backend (``hfquant.settings.backend = "ref"``), never a silent fallback. Production code imports
+this module only for that backend (hfquant/ops.py); the layout facts the twins share with it
+(constants, group geometry, unpacking a kernel layout) live in hfquant/formats/kernel_layouts.py.
 """
 from __future__ import annotations
 
 import torch
 
-from .formats.v1 import pack_int4, unpack_int4
-
-NR = 4  # rows per tile of the kernel layout
-K_ALIGN = 32
-
-
-def _round_up(a: int, b: int) -> int:
-    return (a + b - 1) // b * b
-
-
-def group_geometry(group_size: int, in_features: int) -> tuple[int, int]:
-    """(group length in k, number of groups) of the kernel layout; per channel = one group."""
-    if group_size == -1:
-        return _round_up(in_features, K_ALIGN), 1
-    return group_size, -(-in_features // group_size)
+from .formats.kernel_layouts import (CUDA_ROW_PAD, CUDA_SEG_BYTES, I8_CUDA_PAD, I8_KG, I8_TILE,  # noqa: F401
+                                     K_ALIGN, LUT_TABLE, LUT_UNIT_K, NR, codes_from_cuda_layout, codes_from_packed,
+                                     cuda_code_positions, cuda_seg_k, group_geometry, int8_weight_from_packed,
+                                     lut_group_geometry, lut_indices_from_packed, lut_qweight_from_packed,
+                                     qweight_from_packed, round_up)
+from .formats.kernel_layouts import dequantize_packed as dequantize_packed_ref  # noqa: F401
+from .formats.v1 import unpack_int4
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric: bool) -> torch.Tensor:
@@ -33,51 +27,7 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric:
     return qweight.to(torch.int32) + 128
 
 
-def codes_from_packed(packed_weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Kernel layout -> unsigned codes v [rows, Kp] (int32), rows and k in natural order.
-
-    Takes the CPU layout (4-D) and the CUDA layout (2-D, see ``repack_cuda_ref``)."""
-    if packed_weight.dim() == 2:
-        return _codes_from_cuda_layout(packed_weight, bits)
-    T = packed_weight.shape[0]
-    w = packed_weight.to(torch.int32)
-    if bits == 4:
-        v = torch.stack([w & 0x0F, w >> 4], dim=3)  # [T, U, 4, 2, 16]
-        return v.permute(0, 2, 1, 3, 4).reshape(T * NR, -1)
-    return w.permute(0, 2, 1, 3).reshape(T * NR, -1)
-
-
 # --- the CUDA kernel layout (csrc/cuda/qlinear_layout.cuh, docs/formats.md) ----------------
-CUDA_ROW_PAD = 64  # rows padded to a multiple of this
-CUDA_SEG_BYTES = 64  # one 16-byte load per lane t of 4: a row segment
-
-
-def cuda_seg_k(bits: int) -> int:
-    """k per 64-byte row segment of the CUDA layout: 128 (4-bit) or 64 (8-bit)."""
-    return 128 if bits == 4 else 64
-
-
-def _cuda_code_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For k = 0..seg_k-1 of a segment: (byte in the segment, bit shift) of its code."""
-    kk = torch.arange(cuda_seg_k(bits))
-    if bits == 4:
-        j, r = kk // 32, kk % 32
-        t, p = (r % 8) // 2, r // 8 + 4 * (r % 2)
-        return 16 * t + 4 * j + p // 2, 4 * (p % 2)
-    j, r = kk // 16, kk % 16
-    t, b = (r % 8) // 2, r % 2 + 2 * (r // 8)
-    return 16 * t + 4 * j + b, torch.zeros_like(kk)
-
-
-def _codes_from_cuda_layout(packed_weight: torch.Tensor, bits: int) -> torch.Tensor:
-    Np, ldw = packed_weight.shape
-    U = ldw // CUDA_SEG_BYTES
-    byte, shift = (t.to(packed_weight.device) for t in _cuda_code_positions(bits))
-    seg = packed_weight.to(torch.int32).reshape(Np, U, CUDA_SEG_BYTES)
-    v = (seg[..., byte] >> shift) & ((1 << bits) - 1)  # [Np, U, seg_k]
-    return v.reshape(Np, U * cuda_seg_k(bits))
-
-
 def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """Twin of ``hfquant::repack`` on CUDA: canonical tensors -> the CUDA kernel layout.
 
@@ -90,13 +40,13 @@ def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_featu
     N = qweight.shape[0]
     dev = qweight.device
     _, G = group_geometry(group_size, K)
-    Np = _round_up(N, CUDA_ROW_PAD)
+    Np = round_up(N, CUDA_ROW_PAD)
     KU = cuda_seg_k(bits)
-    Kp = _round_up(K, KU)
+    Kp = round_up(K, KU)
     U = Kp // KU
     v = torch.zeros(Np, Kp, dtype=torch.int32, device=dev)
     v[:N, :K] = unpack_codes(qweight, bits, K, zeros is not None)
-    byte, shift = _cuda_code_positions(bits)
+    byte, shift = cuda_code_positions(bits)
     seg = v.reshape(Np, U, KU)
     out = torch.zeros(Np, U, CUDA_SEG_BYTES, dtype=torch.int32, device=dev)
     idx = byte.to(dev).expand(Np, U, KU)
@@ -110,17 +60,6 @@ def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_featu
     return w, ps
 
 
-def qweight_from_packed(packed_weight: torch.Tensor, bits: int, out_features: int, in_features: int,
-                        symmetric: bool) -> torch.Tensor:
-    """Canonical qweight rebuilt exactly from the kernel layout (a pure permutation)."""
-    v = codes_from_packed(packed_weight, bits)[:out_features, :in_features]
-    if bits == 4:
-        return pack_int4(v).contiguous()
-    if symmetric:
-        return (v - 128).to(torch.int8).contiguous()
-    return v.to(torch.uint8).contiguous()
-
-
 def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """Twin of ``hfquant::repack``: canonical tensors -> (packed_weight, packed_scales).
 
@@ -130,7 +69,7 @@ def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: 
     K = in_features
     N = qweight.shape[0]
     gs, G = group_geometry(group_size, K)
-    Kp = _round_up(K, K_ALIGN)
+    Kp = round_up(K, K_ALIGN)
     T = -(-N // NR)
     v = unpack_codes(qweight, bits, K, zeros is not None)
     vp = torch.zeros(T * NR, Kp, dtype=torch.int32)
@@ -155,31 +94,6 @@ def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: 
     return w, sb
 
 
-def dequantize_packed_ref(packed_weight, packed_scales, bits: int, group_size: int, out_features: int,
-                          in_features: int) -> torch.Tensor:
-    """The float32 weight [N, K] that a packed pair (CPU or CUDA layout) stands for: (v - z) * s."""
-    K = in_features
-    gs, G = group_geometry(group_size, K)
-    v = codes_from_packed(packed_weight, bits)
-    Kp = v.shape[1]
-    gidx = torch.clamp(torch.arange(Kp, device=v.device) // gs, max=G - 1)
-    if packed_weight.dim() == 2:  # CUDA layout: [G, P, Np]
-        s = packed_scales[:, 0, :].t()
-        if packed_scales.shape[1] == 2:
-            z = packed_scales[:, 1, :].t()
-        else:
-            z = torch.full_like(s, 8.0 if bits == 4 else 128.0)
-        wf = (v.to(torch.float32) - z[:, gidx]) * s[:, gidx]
-        return wf[:out_features, :K]
-    T = packed_weight.shape[0]
-    sb = packed_scales.permute(0, 3, 1, 2).reshape(T * NR, G, 2)  # [Np, G, 2]
-    off = 128.0 if bits == 4 else 0.0
-    s = sb[..., 0]
-    sz = sb[..., 1] - off * s  # s * z
-    wf = v.to(torch.float32) * s[:, gidx] - sz[:, gidx]
-    return wf[:out_features, :K]
-
-
 def qembedding_ref(ids, packed_weight, packed_scales, bits: int, group_size: int, out_features: int,
                    in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """Twin of ``hfquant::qembedding``: rows ``ids`` [...] of the weight a packed pair (CPU or
@@ -194,7 +108,7 @@ def qembedding_ref(ids, packed_weight, packed_scales, bits: int, group_size: int
         raise ValueError(f"hfquant::qembedding: id {int(bad)} is out of range for {out_features} rows")
     gs, G = group_geometry(group_size, K)
     if packed_weight.dim() == 2:  # CUDA layout: rows in order, scales [G, P, Np]
-        v = _codes_from_cuda_layout(packed_weight[flat], bits)
+        v = codes_from_cuda_layout(packed_weight[flat], bits)
         s = packed_scales[:, 0, flat].t()
         z = packed_scales[:, 1, flat].t() if packed_scales.shape[1] == 2 else torch.full_like(s, 8.0 if bits == 4
                                                                                              else 128.0)
@@ -227,8 +141,6 @@ def qlinear_ref(x, packed_weight, packed_scales, bias, bits: int, group_size: in
 
 
 # --- int8 activations (W8A8, LLM.int8()) -------------------------------------------------
-I8_TILE = 16  # output channels per tile of the int8 GEMM layout
-I8_KG = 4  # k per 32-bit lane
 
 
 def int8_pack_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,23 +157,11 @@ def int8_pack_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, qweight.to(torch.int32).sum(1, dtype=torch.int32)
 
 
-def int8_weight_from_packed(packed_weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """int8 [N, K] weights rebuilt exactly from the int8 GEMM layout (CPU 4-D or CUDA 2-D)."""
-    if packed_weight.dim() == 2:  # CUDA: row-major W zero padded to [round_up(N, 16), round_up(K, 16)]
-        return packed_weight[:out_features, :in_features].contiguous()
-    Nt, K4 = packed_weight.shape[:2]
-    w = packed_weight.permute(0, 2, 1, 3).reshape(Nt * I8_TILE, K4 * I8_KG)
-    return w[:out_features, :in_features].contiguous()
-
-
-I8_CUDA_PAD = 16  # the CUDA int8 layout pads N and K to multiples of this
-
-
 def int8_pack_cuda_ref(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``hfquant::int8_pack`` on CUDA: int8 [N, K] -> (int8 [round_up(N,16), round_up(K,16)]
     zero padded, colsum int32 [N])."""
     N, K = qweight.shape
-    w = torch.zeros(_round_up(N, I8_CUDA_PAD), _round_up(K, I8_CUDA_PAD), dtype=torch.int8, device=qweight.device)
+    w = torch.zeros(round_up(N, I8_CUDA_PAD), round_up(K, I8_CUDA_PAD), dtype=torch.int8, device=qweight.device)
     w[:N, :K] = qweight
     return w, qweight.to(torch.int32).sum(1, dtype=torch.int32)
 
@@ -439,15 +339,6 @@ def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: in
 
 
 # --- weight clustering (LUT kernel, csrc/cpu/lut_linear.h) -----------------------------------
-LUT_UNIT_K = 32  # k per 16-byte unit of a row of the kernel layout
-LUT_TABLE = 16  # table entries per (row, group)
-
-
-def lut_group_geometry(group_size: int, in_features: int) -> tuple[int, int]:
-    """(group length in k, groups per row) of the LUT layout; one codebook per row = one group."""
-    if group_size == -1:
-        return _round_up(in_features, LUT_UNIT_K), 1
-    return group_size, -(-in_features // group_size)
 
 
 def lut_repack_ref(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int, in_features: int):
@@ -455,7 +346,7 @@ def lut_repack_ref(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, gro
     from .formats.lut import unpack_indices
 
     N, K = qweight.shape[0], in_features
-    Kp = _round_up(K, LUT_UNIT_K)
+    Kp = round_up(K, LUT_UNIT_K)
     v = torch.zeros(N, Kp, dtype=torch.int64)
     v[:, :K] = unpack_indices(qweight, bits, K)
     u = v.reshape(N, Kp // 32, 2, 16)
@@ -463,20 +354,6 @@ def lut_repack_ref(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, gro
     tab = torch.zeros(N, codebook.shape[1], LUT_TABLE, dtype=torch.float32)
     tab[:, :, : 1 << bits] = codebook.to(torch.float32)
     return idx, tab
-
-
-def lut_indices_from_packed(packed_indices: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Kernel layout -> indices int64 [N, K] (a permutation of nibbles)."""
-    N = packed_indices.shape[0]
-    w = packed_indices.to(torch.int64).reshape(N, -1, 16)
-    return torch.stack([w & 0x0F, w >> 4], dim=2).reshape(N, -1)[:, :in_features]
-
-
-def lut_qweight_from_packed(packed_indices: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """The canonical qweight rebuilt exactly from the kernel layout."""
-    from .formats.lut import pack_indices
-
-    return pack_indices(lut_indices_from_packed(packed_indices, in_features), bits)
 
 
 def lut_dequantize_packed_ref(packed_indices, packed_codebook, group_size: int, in_features: int) -> torch.Tensor:

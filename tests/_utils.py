@@ -64,3 +64,15 @@ def train_losses(model, opt, ids: torch.Tensor, steps: int) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def save_tiny_llama(path, seed: int = 0):
+    """A small random Llama (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 256), seeded, saved
+    at ``path`` with save_pretrained; returns ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path

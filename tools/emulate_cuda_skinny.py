@@ -2,9 +2,9 @@
 shared-memory staging, weight decode, mma.m16n8k16 fragment layouts and split-K fixup,
 replayed in float64 lane by lane and compared with hfquant.ref.qlinear_ref.
 
-Not a test of the GPU (that is tests/cuda): a check, runnable without one, that the
-kernel's addresses read the right x, weight and scale elements. Keep it in step with the
-kernel when either changes.
+Not a test of the GPU (that is tests/ops/test_qlinear.py, its cuda params): a check, runnable
+without one, that the kernel's addresses read the right x, weight and scale elements. Keep it
+in step with the kernel when either changes.
 
     python tools/emulate_cuda_skinny.py        # ~15 s; prints the error of each case
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "cuda"))
+sys.path.insert(0, str(ROOT / "tests" / "ops"))
 sys.path.insert(0, str(ROOT / "tests"))
 from hfquant import ref  # noqa: E402
 
@@ -225,7 +225,7 @@ CASES = [  # (N, K), group size, asymmetric, M, forced segments (0: chosen), fp3
 def check_case(bits, N, K, gs, asym, M, segs, f32, gen):
     """Emulates one call on random checkpoint tensors; returns (max relative error against
     ref.qlinear_ref, segments used, splits). Raises if an output is left unwritten."""
-    from test_cuda_qlinear import make_quantized  # noqa: E402
+    from test_qlinear import make_quantized  # noqa: E402
 
     qw, sc, z = make_quantized(N, K, bits, gs, asym, gen)
     w, ps = ref.repack_cuda_ref(qw, sc, z, bits, gs, K)

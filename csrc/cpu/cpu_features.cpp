@@ -1,7 +1,6 @@
 #include "cpu/cpu_features.h"
 
 #include <atomic>
-#include <cstdlib>
 #include <stdexcept>
 
 #include <c10/util/Exception.h>
@@ -66,7 +65,7 @@ Isa parse(const std::string& name) {
   if (name == "avx512") return Isa::Avx512;
   if (name == "avx512bf16") return Isa::Avx512Bf16;
   TORCH_CHECK(false, "hfquant: unknown CPU kernel path '", name,
-              "' (expected one of avx512bf16, avx512, avx2, portable)");
+              "' (expected one of auto, avx512bf16, avx512, avx2, portable)");
 }
 
 Isa best() {
@@ -74,7 +73,8 @@ Isa best() {
   return Isa::Portable;
 }
 
-std::atomic<int> g_active{-1};
+// -1: the best path this CPU can run ("auto"); else a forced Isa (set_active_isa).
+std::atomic<int> g_forced{-1};
 
 }  // namespace
 
@@ -91,22 +91,25 @@ std::vector<Isa> available_isas() {
 }
 
 void set_active_isa(const std::string& name) {
+  if (name == "auto") {
+    g_forced.store(-1);
+    return;
+  }
   const Isa isa = parse(name);
   TORCH_CHECK(can_run(isa), "hfquant: this CPU cannot run the '", name, "' kernel path");
-  g_active.store(static_cast<int>(isa));
+  g_forced.store(static_cast<int>(isa));
+}
+
+std::string isa_setting() {
+  const int v = g_forced.load();
+  return v < 0 ? std::string("auto") : std::string(isa_name(static_cast<Isa>(v)));
 }
 
 Isa active_isa() {
-  int v = g_active.load();
+  const int v = g_forced.load(std::memory_order_relaxed);
   if (v >= 0) return static_cast<Isa>(v);
-  Isa isa = best();
-  if (const char* env = std::getenv("HFQUANT_ISA"); env && *env) {
-    const Isa want = parse(env);
-    TORCH_CHECK(can_run(want), "hfquant: HFQUANT_ISA=", env, " but this CPU cannot run it");
-    isa = want;
-  }
-  g_active.store(static_cast<int>(isa));
-  return isa;
+  static const Isa b = best();
+  return b;
 }
 
 const char* isa_name(Isa isa) {

@@ -16,8 +16,9 @@ enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 const Features& features();
 std::vector<Isa> available_isas();  // best first
-Isa active_isa();                    // HFQUANT_ISA env var, else the best available
-void set_active_isa(const std::string& name);
+Isa active_isa();                    // the forced path (set_active_isa), else the best available
+void set_active_isa(const std::string& name);  // a path name, or "auto" for the best available
+std::string isa_setting();           // "auto" or the forced path's name
 const char* isa_name(Isa isa);
 
 }  // namespace hfquant::cpu

@@ -473,6 +473,11 @@ void set_int8_path(const std::string& name) {
   TORCH_CHECK(false, "hfquant: unknown int8 path '", name, "' (use auto, avx512vnni, avxvnni, avx2 or portable)");
 }
 
+std::string int8_path_setting() {
+  const int forced = g_forced_path.load(std::memory_order_relaxed);
+  return forced < 0 ? std::string("auto") : std::string(path_name(i8::Path(forced)));
+}
+
 std::vector<std::string> available_int8_paths() {
   std::vector<std::string> out;
   for (i8::Path p : {i8::Path::Vnni512, i8::Path::AvxVnni, i8::Path::Avx2, i8::Path::Portable}) {

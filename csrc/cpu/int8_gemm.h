@@ -82,5 +82,6 @@ const char* int8_path_name();  // kernel path of the int8 GEMM under the active 
 // Forces an int8 kernel path ("auto" restores the choice from the active ISA); raises if
 // this CPU cannot run it.
 void set_int8_path(const std::string& name);
+std::string int8_path_setting();  // "auto" or the forced path's name
 std::vector<std::string> available_int8_paths();  // best first
 }

@@ -9,11 +9,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "cpu/aten_util.h"
 #include "cpu/cpu_features.h"
 #include "cpu/lut_linear.h"
+#include "switches.h"
 
 namespace hfquant::cpu {
 namespace {
@@ -36,7 +36,7 @@ void lut_groups(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
   }
 }
 
-// Largest M served by the GEMV kernels (HFQUANT_GEMV_MAX_M overrides, as for qlinear).
+// Largest M served by the GEMV kernels (the gemv_max_m switch overrides, as for qlinear).
 // The AVX-512 kernel decodes a 4-row block once per 4 activation rows, so its cost per m
 // is close to the FMA work. Measured (1 thread, Zen 5 with AVX512_BF16, busy machine,
 // minimum of repeated calls): at M = 128 the GEMV took 1.25 ms (1536x576) and 112 ms
@@ -45,11 +45,7 @@ void lut_groups(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
 // AVX2 the crossover is assumed as for qlinear's fp32 path (not measured here).
 // Tiny layers stay on the GEMV kernels (GEMM packing and thread start-up dominate there).
 bool lut_use_gemv(Isa isa, int64_t M, int64_t N, int64_t Kp) {
-  static const int64_t env = [] {
-    const char* e = std::getenv("HFQUANT_GEMV_MAX_M");
-    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(-1);
-  }();
-  if (env >= 0) return M <= env;
+  if (const int64_t forced = switches::gemv_max_m(); forced >= 0) return M <= forced;
   if (N * Kp < (int64_t(1) << 18)) return true;
   switch (isa) {
     case Isa::Avx512Bf16: return M <= 128;

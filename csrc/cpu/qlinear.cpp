@@ -7,21 +7,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <algorithm>
 #include <cstring>
 
 #include "cpu/aten_util.h"
 #include "cpu/cpu_features.h"
 #include "cpu/qlinear.h"
+#include "switches.h"
 
 namespace hfquant::cpu {
 namespace {
-
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoll(e) : dflt;
-}
 
 // Effective group length and group count for a (validated) group_size.
 void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
@@ -34,14 +29,13 @@ void group_geometry(int64_t group_size, int64_t K, int64_t& gs, int64_t& G) {
   }
 }
 
-// Smallest M of the Gemm path; HFQUANT_GEMM_MIN_M overrides.
+// Smallest M of the Gemm path; the gemm_min_m switch (switches.h) overrides.
 // Measured (2 threads, Zen 5, SmolLM2 and 4096x4096 shapes): below, the GEMV kernels win,
 // since the Gemm path's per-call dequantization of every weight to fp32 and its 16-row
 // x^T slices are not yet amortized; the 4-bit GEMV (vdpbf16ps on hi/lo bf16 halves of x)
 // holds out longer than the 8-bit one (fp32 FMA with a byte-to-float conversion).
 int64_t gemm_min_m(Isa isa, int64_t bits) {
-  static const int64_t env = env_int("HFQUANT_GEMM_MIN_M", 0);
-  if (env > 0) return env;
+  if (const int64_t forced = switches::gemm_min_m(); forced > 0) return forced;
   if (isa == Isa::Avx2) return 12;  // AVX2 (8-wide FMA): even at M = 8, ahead from 16
   return bits == 4 ? 20 : 12;
 }
@@ -61,7 +55,7 @@ void check_bits_group(const char* op, int64_t bits, int64_t group_size) {
 enum class Path { Gemv, Gemm, Blocked };
 
 // Largest M served by the GEMV kernels, and which path takes larger M.
-// HFQUANT_GEMV_MAX_M overrides the first, HFQUANT_QGEMM=0 disables the Gemm path.
+// The gemv_max_m switch overrides the first, qgemm=false disables the Gemm path (switches.h).
 // Defaults from measurements (2 threads, Zen 5, 4096x4096 and 11008x4096, W4 g128 and
 // W8; the box was shared, so +-30%):
 //  - bf16 x: the GEMM is oneDNN's bf16 one; crossover M ~ 24 for W4 (vdpbf16ps kernel),
@@ -76,14 +70,14 @@ enum class Path { Gemv, Gemm, Blocked };
 // Tiny layers (below 256K weights) stay on the GEMV kernels unless the Gemm path serves
 // them: there the BLAS GEMM's packing and thread start-up cost more than they save.
 Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
-  static const int64_t env_max_m = env_int("HFQUANT_GEMV_MAX_M", -1);
-  static const bool gemm_on = env_int("HFQUANT_QGEMM", 1) != 0;
+  const int64_t forced_max_m = switches::gemv_max_m();
+  const bool gemm_on = switches::qgemm();
   const bool bf16 = xt == at::kBFloat16;
   // bf16 x on avx512bf16 CPUs keeps the bf16 paths (vdpbf16ps GEMV, oneDNN's bf16 GEMM).
   const bool has_gemm =
       gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512 || isa == Isa::Avx2);
   const Path big = has_gemm ? Path::Gemm : Path::Blocked;
-  if (env_max_m >= 0) return M <= std::max<int64_t>(0, env_max_m) ? Path::Gemv : big;
+  if (forced_max_m >= 0) return M <= forced_max_m ? Path::Gemv : big;
   if (has_gemm) return M < gemm_min_m(isa, bits) ? Path::Gemv : Path::Gemm;
   if (N * Kp < (int64_t(1) << 18)) return Path::Gemv;
   int64_t max_m;
@@ -98,16 +92,13 @@ Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N,
   return M <= max_m ? Path::Gemv : Path::Blocked;
 }
 
-// Rows dequantized per GEMM call on the blocked path (HFQUANT_BLOCK_ROWS overrides):
+// Rows dequantized per GEMM call on the blocked path (the block_rows switch overrides):
 // a buffer of about 16 MiB (L3 sized). Few blocks mean few parallel regions and GEMM
 // calls (each costs a thread wake-up and a repack of x inside the BLAS); the GEMM is
 // compute bound at these M, so reading its B panels from L3 instead of L2 costs little.
 int64_t blocked_rows(int64_t Kp, int64_t esize) {
-  static const int64_t env = [] {
-    const char* e = std::getenv("HFQUANT_BLOCK_ROWS");
-    return e && *e ? std::atoll(e) : int64_t(0);
-  }();
-  const int64_t r = env > 0 ? env : (int64_t(16) << 20) / (Kp * esize);
+  const int64_t forced = switches::block_rows();
+  const int64_t r = forced > 0 ? forced : (int64_t(16) << 20) / (Kp * esize);
   return std::max<int64_t>(kNR, r / kNR * kNR);
 }
 

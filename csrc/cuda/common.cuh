@@ -13,7 +13,7 @@
 #include <string>
 #include <type_traits>
 
-#include "cuda/gemm_switch.h"
+#include "switches.h"
 
 namespace hfquant::cuda {
 

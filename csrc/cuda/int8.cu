@@ -4,7 +4,7 @@
 // Layout: packed_weight int8 [Np, Kp] = the int8 weights, rows padded with zeros to
 // Np = round_up(N, 16), columns to Kp = round_up(K, 16): row-major W, handed to cuBLASLt's
 // int8 GEMM (IMMA tensor cores, exact int32 accumulation) as the column-major B = W^T it
-// prefers ("TN"), through at::_int_mm; or (int8_lt(), off by default until measured on a GPU)
+// prefers ("TN"), through at::_int_mm; or (the cuda_int8_lt switch, off by default until measured on a GPU)
 // called here with cuBLASLt's heuristic choice and a workspace (lt_int8_mm): at::_int_mm passes
 // neither (no algorithm, workspace 0), which keeps cuBLASLt on its workspace-free kernels; if
 // cuBLASLt refuses a shape, at::_int_mm runs it. Activations are quantized straight into a
@@ -196,7 +196,7 @@ __global__ void epilogue_kernel(const int32_t* __restrict__ acc, int64_t ldc, co
 // = a [Mp, Kp] int8 @ pw [Np, Kp]^T. Column-major view: C^T [Np, Mp] = op_T(pw as [Kp, Np])
 // x (a as [Kp, Mp]). Returns false (nothing launched) where cuBLASLt has no algorithm or
 // refuses the call; the heuristic's answer is cached per shape and device.
-// Used when int8_lt() (HFQUANT_CUDA_INT8_LT=1, _C.set_cuda_int8_lt; off by default until it is
+// Used when the cuda_int8_lt switch is on (hfquant.settings.cuda_int8_lt; off by default until it is
 // measured on a GPU), else every call takes at::_int_mm.
 constexpr size_t kLtWorkspace = size_t(32) << 20;
 
@@ -278,7 +278,7 @@ bool lt_int8_mm(const at::Tensor& a, const at::Tensor& pw, at::Tensor& c) {
 
 // int8 [Mp, Kp] @ packed^T -> int32 [Mp, Np]: cuBLASLt with its heuristic choice, else at::_int_mm.
 at::Tensor int_mm(const at::Tensor& a, const at::Tensor& pw) {
-  if (int8_lt()) {
+  if (switches::cuda_int8_lt()) {
     at::Tensor c = at::empty({a.size(0), pw.size(0)}, a.options().dtype(at::kInt));
     if (lt_int8_mm(a, pw, c)) return c;
   }

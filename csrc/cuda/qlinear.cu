@@ -1,7 +1,7 @@
 // hfquant::repack and hfquant::qlinear on CUDA: argument checks, the layout conversion
-// (qlinear_layout.cuh) and the choice between the skinny split-K kernel (M <= skinny_max_m(),
-// at most 64), the mma.sync kernel (every other M for fp32 x, M below gemm_min_m() for
-// bf16/fp16) and dequantize-once + cuBLAS for large M.
+// (qlinear_layout.cuh) and the choice between the skinny split-K kernel (M <= the
+// cuda_skinny_max_m switch, at most 64), the mma.sync kernel (every other M for fp32 x, M below
+// the cuda_gemm_min_m switch for bf16/fp16; switches.h) and dequantize-once + cuBLAS for large M.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cstdlib>
 
 #include "cuda/common.cuh"
 #include "cuda/qlinear_kernel.cuh"
@@ -321,7 +320,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   if (M == 0) return y.reshape(out_sizes);
 
   const bool wide = x.scalar_type() != at::kFloat;
-  if (wide && M >= gemm_min_m()) {
+  if (wide && M >= switches::cuda_gemm_min_m()) {
     // Large M: compute bound; dequantize once into x's dtype and let cuBLAS run the GEMM.
     at::Tensor wt = at::empty({N, K}, x.options());
     const int64_t units = Kp / KU, total = N * units;
@@ -382,11 +381,11 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   a.N = int(N);
   // groups aligned to whole segments take one scale per segment, else one per packed word
   const bool per_word = group_size != -1 && group_size % KU != 0;
-  if (M <= std::min<int64_t>(skinny_max_m(), kSkinnyMaxM)) {
+  if (M <= std::min<int64_t>(switches::cuda_skinny_max_m(), kSkinnyMaxM)) {
     // Small M: the skinny split-K kernel (one m16 tile per grid.z), if its shared memory fits.
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
     const int64_t units = a.units, col_blocks = ceil_div(Np, kSkinnyCols), m_tiles = ceil_div(M, 16);
-    int segs = int(skinny_segs());
+    int segs = int(switches::cuda_skinny_segs());
     segs = segs > 0 ? int(std::min<int64_t>({segs, kSkinnyMaxSegs, units}))
                     : choose_skinny_segs(col_blocks * m_tiles, units, prop->multiProcessorCount);
     SkinnyArgs sa{};
@@ -430,12 +429,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& packed_weight, co
   HQ_CHECK(gy <= 65535, "hfquant::qlinear: too many rows (", M, ") for one launch");
   // One 16-channel column per warp group: measured on an H100 at M = 1 and 16 (4096 and
   // 11008 wide layers), the narrowest block was fastest (more blocks, shorter K slices).
-  int wn = 1;
-  // tuning knob for measurements: HFQUANT_CUDA_QLINEAR_WN=1|2|4 forces the column block
-  if (const char* e = std::getenv("HFQUANT_CUDA_QLINEAR_WN")) {
-    const int v = std::atoi(e);
-    if (v == 1 || v == 2 || v == 4) wn = v;
-  }
+  const int wn = 1;
   a.wn = wn;
   const dim3 grid(unsigned(Np / (16 * wn)), unsigned(gy));
   dispatch_x(x.scalar_type(), [&](auto* tag) {

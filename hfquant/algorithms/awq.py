@@ -38,8 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..formats.v1 import _grouped, fake_quantize, group_params, quantize_codes
-from .smoothquant import _attention_geometry, _folds_into_norm
+from ..formats.v1 import grouped, fake_quantize, group_params, quantize_codes
+from ..modeling import attention_geometry, folds_into_norm
 
 logger = logging.getLogger("hfquant")
 
@@ -157,7 +157,7 @@ def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype, separate: bool 
     N, K = w.shape
     w = w.detach().float()
     gs = K if scheme["group_size"] == -1 else scheme["group_size"]
-    wg = _grouped(w, scheme["group_size"])  # [N, G, g]
+    wg = grouped(w, scheme["group_size"])  # [N, G, g]
     G = wg.shape[1]
     Mp = torch.zeros(G * gs, G * gs, dtype=torch.float32, device=M.device)
     Mp[:K, :K] = M.float()
@@ -190,7 +190,7 @@ def _clip_weight(m: nn.Module, transposed: bool, c_lo: Tensor, c_hi: Tensor, sch
     uses exactly the clipped scales."""
     w = _weight(m, transposed).detach().float()
     N, K = w.shape
-    wg = _grouped(w, scheme["group_size"])
+    wg = grouped(w, scheme["group_size"])
     if scheme["symmetric"]:
         hi = wg.abs().amax(-1) * c_hi
         lo = -hi
@@ -211,18 +211,18 @@ def _scale_groups(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, s
                  and not hasattr(block, "post_feedforward_layernorm"))
     groups = []
     if attn is not None:
-        if pre_norms and _folds_into_norm(norm1) and all(isinstance(getattr(attn, p, None), nn.Linear)
+        if pre_norms and folds_into_norm(norm1) and all(isinstance(getattr(attn, p, None), nn.Linear)
                                                         for p in ("q_proj", "k_proj", "v_proj")):
             groups.append((norm1, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None))
         v, o = getattr(attn, "v_proj", None), getattr(attn, "o_proj", None)
-        geometry = _attention_geometry(model, attn)
+        geometry = attention_geometry(model, attn)
         if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and geometry is not None:
             n_heads, n_kv, hd = geometry
             if v.out_features == n_kv * hd and o.in_features == n_heads * hd:
                 groups.append((v, "linear", ["self_attn.o_proj"], (n_kv, n_heads // n_kv, hd)))
     if mlp is not None:
         gate, up, down = (getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj"))
-        if pre_norms and _folds_into_norm(norm2) and isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
+        if pre_norms and folds_into_norm(norm2) and isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
             groups.append((norm2, "norm", ["mlp.gate_proj", "mlp.up_proj"], None))
         if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
             groups.append((up, "linear", ["mlp.down_proj"], None))

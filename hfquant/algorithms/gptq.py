@@ -53,22 +53,28 @@ class HessianAccumulator:
         return (2.0 * self.sum / self.tokens).to(torch.float32)
 
 
-def _search_clip(w: Tensor, h: Tensor, bits: int, symmetric: bool, scale_dtype, steps: int = 20,
-                 max_shrink: float = 0.8) -> tuple[Tensor, Tensor]:
-    """Group parameters whose range is shrunk by the factor in 1, 1 - 1/steps, ... that
-    minimises sum_k h_k (w_k - dequant(w_k))^2 per group, with h the Hessian diagonal of
-    the group's columns: the output error of each column alone. (A plain weight-space
-    error would clip the weights that meet the largest activations.)"""
-    best_s, best_z = group_params(w, bits, symmetric, scale_dtype)
-    best_err = _err(w, h, best_s, best_z, bits, symmetric)
+def search_clip(w: Tensor, h: Tensor | None, bits: int, symmetric: bool, scale_dtype, steps: int = 20,
+                max_shrink: float = 0.8) -> Tensor:
+    """The factor in 1, 1 - 1/steps, ..., 1 - max_shrink that, shrinking each group's range
+    (group_params' ``clip``), minimises sum_k h_k (w_k - dequant(w_k))^2 per group of ``w``
+    [..., g]; h [g] or None (all ones: the weight-space error). GPTQ passes the Hessian
+    diagonal of the group's columns, the output error of each column alone (a plain
+    weight-space error would clip the weights that meet the largest activations)."""
+    h = torch.ones(w.shape[-1], dtype=torch.float32, device=w.device) if h is None else h
+    best_c = torch.ones(w.shape[:-1], dtype=torch.float32, device=w.device)
+    best_err = _err(w, h, *group_params(w, bits, symmetric, scale_dtype), bits, symmetric)
     for i in range(1, int(max_shrink * steps) + 1):
-        s, z = group_params(w, bits, symmetric, scale_dtype, clip=1.0 - i / steps)
-        err = _err(w, h, s, z, bits, symmetric)
+        c = 1.0 - i / steps
+        err = _err(w, h, *group_params(w, bits, symmetric, scale_dtype, clip=c), bits, symmetric)
         better = err < best_err
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
+        best_c = torch.where(better, torch.full_like(best_c, c), best_c)
         best_err = torch.where(better, err, best_err)
-    return best_s, best_z
+    return best_c
+
+
+def _search_clip(w: Tensor, h: Tensor, bits: int, symmetric: bool, scale_dtype) -> tuple[Tensor, Tensor]:
+    """The group parameters of GPTQ's clipping search (search_clip with the Hessian diagonal)."""
+    return group_params(w, bits, symmetric, scale_dtype, clip=search_clip(w, h, bits, symmetric, scale_dtype))
 
 
 def _err(w, h, s, z, bits, symmetric):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..replace import _is_conv1d
+from ..modeling import is_conv1d
 
 
 class _StopForward(Exception):
@@ -57,7 +57,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     """{name inside the block: module} of its nn.Linear and Conv1D layers."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
 
 
 @torch.no_grad()

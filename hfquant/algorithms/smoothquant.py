@@ -12,18 +12,16 @@ each parameter's dtype.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 
 import torch
 from torch import Tensor, nn
 
-from ..config import HfQuantConfig
-from ..replace import _is_conv1d
+from ..modeling import attention_geometry, folds_into_norm, is_conv1d, is_listed
 from .calibration import config_batches, run_calibration
 
-_matches = HfQuantConfig.is_listed
+_matches = is_listed
 
 logger = logging.getLogger("hfquant")
 
@@ -32,7 +30,7 @@ S_MIN, S_MAX = 1e-5, 1e5  # smoothing factors are clamped to this range
 
 def _weight_nk(module: nn.Module) -> Tensor:
     """The weight of a linear layer as [out_features, in_features]."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def collect_input_absmax(model: nn.Module, batches, modules: list[str] | None = None) -> dict[str, Tensor]:
@@ -45,7 +43,7 @@ def collect_input_absmax(model: nn.Module, batches, modules: list[str] | None = 
     """
     named = dict(model.named_modules())
     if modules is None:
-        names = [n for n, m in named.items() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+        names = [n for n, m in named.items() if isinstance(m, nn.Linear) or is_conv1d(m)]
     else:
         unknown = [n for n in modules if n not in named]
         if unknown:
@@ -100,47 +98,6 @@ def smoothing_factors(act_absmax: Tensor, weights: list[Tensor], alpha: float) -
     s = a.pow(alpha) / w_max.pow(1.0 - alpha)
     s = torch.where((a > 0) & (w_max > 0), s, torch.ones_like(s))  # also NaN a -> 1
     return s.nan_to_num(nan=1.0).clamp(S_MIN, S_MAX)
-
-
-def _folds_into_norm(norm: nn.Module | None) -> bool:
-    """Whether scaling the norm's weight (and bias) by r scales its output by r, checked on a probe.
-
-    True for LayerNorm and Llama-style RMSNorm; False, e.g., for a norm that multiplies by
-    (1 + weight), where dividing the weight by s is not dividing the output by s.
-    """
-    w = getattr(norm, "weight", None)
-    if not isinstance(w, Tensor) or w.ndim != 1 or w.is_meta:
-        return False
-    bias = getattr(norm, "bias", None)
-    gen = torch.Generator().manual_seed(0)
-    r = (torch.rand(w.shape[0], generator=gen) + 0.5).to(w.device, w.dtype)
-    x = torch.randn(4, w.shape[0], generator=gen).to(w.device, w.dtype)
-    probe = copy.deepcopy(norm)
-    with torch.no_grad():
-        y = norm(x).float() * r.float()
-        probe.weight.mul_(r)
-        if isinstance(bias, Tensor):
-            probe.bias.mul_(r)
-        y_probe = probe(x).float()
-    tol = 1e-4 if w.dtype == torch.float32 else 3e-2
-    return bool((y_probe - y).abs().max() <= tol * y.abs().max().clamp_min(1e-6))
-
-
-def _attention_geometry(model: nn.Module, attn: nn.Module) -> tuple[int, int, int] | None:
-    """(num_heads, num_kv_heads, head_dim) from the attention's (or model's) config, or None."""
-    cfg = getattr(attn, "config", None)
-    if cfg is None:
-        cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    n_heads = getattr(cfg, "num_attention_heads", None)
-    if not n_heads:
-        return None
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // n_heads
-    if not head_dim or n_heads % n_kv:
-        return None
-    return n_heads, n_kv, head_dim
 
 
 def apply_smoothquant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: float = 0.5,
@@ -214,7 +171,7 @@ def apply_smoothquant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: fl
         gate, up, down = (getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj"))
 
         # 1. q/k/v <- input_layernorm
-        if pre_norms and in_active(q, k, v) and _folds_into_norm(norm1):
+        if pre_norms and in_active(q, k, v) and folds_into_norm(norm1):
             s = smoothing_factors(active[name_of[id(q)]], [q.weight, k.weight, v.weight], alpha)
             rescale(norm1, s, 0, True, with_bias=True)
             for m in (q, k, v):
@@ -222,7 +179,7 @@ def apply_smoothquant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: fl
             folded.update(name_of[id(m)] for m in (q, k, v))
 
         # 2. gate/up <- post_attention_layernorm
-        if pre_norms and in_active(gate, up) and _folds_into_norm(norm2):
+        if pre_norms and in_active(gate, up) and folds_into_norm(norm2):
             s = smoothing_factors(active[name_of[id(up)]], [gate.weight, up.weight], alpha)
             rescale(norm2, s, 0, True, with_bias=True)
             for m in (gate, up):
@@ -237,7 +194,7 @@ def apply_smoothquant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: fl
             folded.add(name_of[id(down)])
 
         # 4. o <- v_proj output rows, one factor per kv channel
-        geometry = _attention_geometry(model, attn) if attn is not None else None
+        geometry = attention_geometry(model, attn) if attn is not None else None
         if in_active(o) and touchable(v) and geometry is not None:
             n_heads, n_kv, hd = geometry
             rep = n_heads // n_kv  # query head h reads kv head h // rep
@@ -257,10 +214,10 @@ def apply_smoothquant(model: nn.Module, act_absmax: dict[str, Tensor], alpha: fl
         if n in folded:
             continue
         m = named[n]
-        if not (isinstance(m, nn.Linear) or _is_conv1d(m)):
+        if not (isinstance(m, nn.Linear) or is_conv1d(m)):
             raise TypeError(f"apply_smoothquant: {n!r} is a {type(m).__name__}, not a linear layer")
         s = smoothing_factors(a, [_weight_nk(m)], alpha)
-        ops.append((m.weight, s, 0 if _is_conv1d(m) else 1, False))  # Conv1D stores [in, out]
+        ops.append((m.weight, s, 0 if is_conv1d(m) else 1, False))  # Conv1D stores [in, out]
         runtime[n] = s
 
     # A parameter shared with another module (a tied output head) cannot be rescaled for one of them.
@@ -300,7 +257,7 @@ def fold_norm_scales(model: nn.Module, skip: list[str] | tuple[str, ...] = ("lm_
             mods = [getattr(parent, t, None) for t in targets]
             if not isinstance(w, Tensor) or not all(isinstance(m, nn.Linear) for m in mods):
                 continue
-            if not _folds_into_norm(norm):
+            if not folds_into_norm(norm):
                 continue
             g = w.detach().float().abs()
             g = g.clamp_min(1e-3 * float(g.max()) if float(g.max()) > 0 else 1.0)
@@ -312,7 +269,7 @@ def fold_norm_scales(model: nn.Module, skip: list[str] | tuple[str, ...] = ("lm_
     return apply_smoothquant(model, absmax, alpha=1.0, skip=skip)
 
 
-def prepare_float_model(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> dict[str, Tensor]:
+def prepare_float_model(model: nn.Module, config, tokenizer=None) -> dict[str, Tensor]:
     """What an activation method does to the float model before its layers are quantized:
     SmoothQuant when ``smoothquant_alpha`` is set, else the norm-scale fold when
     ``fold_norms`` is on. Returns the run-time factors (for ``<module>.smooth``)."""
@@ -323,7 +280,7 @@ def prepare_float_model(model: nn.Module, config: HfQuantConfig, tokenizer=None)
     return {}
 
 
-def smooth_model(model: nn.Module, config: HfQuantConfig, tokenizer=None) -> dict[str, Tensor]:
+def smooth_model(model: nn.Module, config, tokenizer=None) -> dict[str, Tensor]:
     """SmoothQuant as HfQuantConfig asks for it: calibrates on ``config.calibration`` (text,
     n_samples, seq_len), folds the factors into the model and returns the run-time ones
     (for ``<module>.smooth``). The tokenizer defaults to the one saved beside the model."""

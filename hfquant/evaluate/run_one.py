@@ -30,6 +30,9 @@ CONFIGS = {
     "w4g128a": ("hfquant", dict(bits=4, group_size=128, symmetric=False)),
     "w4g64a": ("hfquant", dict(bits=4, group_size=64, symmetric=False)),
     "w4g128h8": ("hfquant", dict(bits=4, group_size=128, **HEAD8)),
+    # round to nearest with the data-free MSE clip search per group (hfquant/methods/rtn_mse.py)
+    "mse-w4g128": ("hfquant", dict(bits=4, group_size=128, method="rtn_mse")),
+    "mse-w4g32": ("hfquant", dict(bits=4, group_size=32, method="rtn_mse")),
     # calibrated on 16 windows of 512 tokens of WikiText-2 validation (evaluation reads the test split)
     "gptq-w4g128": ("hfquant", dict(bits=4, group_size=128, method="gptq", calibration={"n_samples": 16})),
     "gptq-w4g128a": ("hfquant", dict(bits=4, group_size=128, symmetric=False, method="gptq",

@@ -10,28 +10,10 @@ packed_weight uint8 [Np, U * 64], each row cut into 64-byte segments of 128 (4-b
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-SEGMENT_BYTES = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _segment_map(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each k of a segment: the byte that holds its code and the code's bit shift there.
-
-    Lane t (0..3) of a quad loads bytes 16t..16t+15 of the segment; its 32-bit word j holds
-    the codes of k = 32j + r (4-bit: 8 nibbles) or 16j + r (8-bit: 4 bytes) for the r that
-    the mma.m16n8k16 B fragment gives that lane."""
-    k = torch.arange(128 if bits == 4 else 64)
-    if bits == 4:
-        block, r = k // 32, k % 32
-        lane, nib = (r % 8) // 2, r // 8 + 4 * (r % 2)  # nibble 0..7 of the lane's 32-bit word
-        return 16 * lane + 4 * block + nib // 2, 4 * (nib % 2)
-    block, r = k // 16, k % 16
-    lane = (r % 8) // 2
-    return 16 * lane + 4 * block + r % 2 + 2 * (r // 8), torch.zeros_like(k)
+from .kernel_layouts import CUDA_SEG_BYTES as SEGMENT_BYTES
+from .kernel_layouts import codes_from_cuda_layout, cuda_seg_k, group_geometry
 
 
 def decode_rows(ids: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor, bits: int,
@@ -46,12 +28,12 @@ def decode_rows(ids: torch.Tensor, packed_weight: torch.Tensor, packed_scales: t
     if packed_weight.dtype != torch.uint8 or packed_weight.dim() != 2:
         raise ValueError(f"{name}: packed_weight must be uint8 [Np, bytes] (the CUDA layout), got "
                          f"{packed_weight.dtype} {list(packed_weight.shape)}")
-    seg_k = 128 if bits == 4 else 64
+    seg_k = cuda_seg_k(bits)
     Np, row_bytes = packed_weight.shape
     if row_bytes % SEGMENT_BYTES or Np < out_features or row_bytes // SEGMENT_BYTES * seg_k < in_features:
         raise ValueError(f"{name}: packed_weight {list(packed_weight.shape)} cannot hold a {out_features} x "
                          f"{in_features} {bits}-bit weight in the CUDA layout")
-    groups = 1 if group_size == -1 else -(-in_features // group_size)
+    gs, groups = group_geometry(group_size, in_features)
     if packed_scales.dtype != torch.float32 or packed_scales.dim() != 3 or packed_scales.shape[0] != groups \
             or packed_scales.shape[1] not in (1, 2) or packed_scales.shape[2] != Np:
         raise ValueError(f"{name}: packed_scales must be float32 [{groups}, 1 or 2, {Np}], got "
@@ -60,10 +42,8 @@ def decode_rows(ids: torch.Tensor, packed_weight: torch.Tensor, packed_scales: t
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= out_features):
         bad = flat[(flat < 0) | (flat >= out_features)][0]
         raise ValueError(f"{name}: id {int(bad)} is out of range for {out_features} rows")
-    byte, shift = (t.to(packed_weight.device) for t in _segment_map(bits))
-    rows = packed_weight[flat].view(flat.numel(), row_bytes // SEGMENT_BYTES, SEGMENT_BYTES).to(torch.int32)
-    codes = ((rows[..., byte] >> shift) & ((1 << bits) - 1)).reshape(flat.numel(), row_bytes // SEGMENT_BYTES * seg_k)[:, :in_features]
-    group = torch.arange(in_features, device=codes.device) // (in_features if group_size == -1 else group_size)
+    codes = codes_from_cuda_layout(packed_weight[flat], bits)[:, :in_features]
+    group = torch.arange(in_features, device=codes.device) // gs
     s = packed_scales[:, 0, flat].t()[:, group]
     if packed_scales.shape[1] == 2:
         z = packed_scales[:, 1, flat].t()[:, group]

@@ -86,7 +86,7 @@ def symmetric_zero(bits: int) -> int:
     return 0 if bits == 8 else 1 << (bits - 1)
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, K] -> [N, G, g] with the ragged last group zero padded."""
     N, K = w.shape
     g = K if group_size == -1 else group_size
@@ -115,8 +115,7 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch
     smallest step whose grid holds the group's range: s = max(-min(w) / h, max(w) / (h - 1)).
     No weight is clipped (the error is at most half a step), and a group whose negative
     extreme is the larger uses the lowest code and a step up to 1/8 finer (4-bit) than
-    max|w| / (h - 1). Default model, symmetric W4, 8 windows: perplexity 57.40 instead of
-    63.03 per channel, 44.44 instead of 47.67 at g128 (docs/accuracy.md).
+    max|w| / (h - 1) (its effect on perplexity: docs/accuracy.md, defaults-validation).
     Symmetric 8-bit: s = max|w| / 127, codes -127..127, z = 0. Asymmetric: the range
     [min(w, 0), max(w, 0)] spread over 2^bits - 1 steps, z = round(-min / s).
     ``clip`` (a factor in (0, 1], scalar or per group) shrinks that range first (the
@@ -162,7 +161,7 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
     """The float32 weight [N, K] that quantize_rtn's tensors stand for (quantize, then
     dequantize), without packing; ``clip`` [N, G] or scalar as in group_params."""
     N, K = weight.shape
-    w = _grouped(weight.to(torch.float32), group_size)
+    w = grouped(weight.to(torch.float32), group_size)
     s, z = group_params(w, bits, symmetric, scale_dtype or weight.dtype, clip)
     dq = (quantize_codes(w, s, z, bits, symmetric) - z[..., None]) * s[..., None]
     return dq.reshape(N, -1)[:, :K]
@@ -170,11 +169,12 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
 
 @torch.no_grad()
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
+                 scale_dtype: torch.dtype | None = None, clip: torch.Tensor | float = 1.0) -> QuantizedWeight:
     """Round-to-nearest quantization of a float weight [N, K] to format v1 tensors.
 
     Scales are rounded to ``scale_dtype`` (default: the weight's dtype) before the codes
     are computed, so the stored scale is exactly the one the codes were made for.
+    ``clip`` [N, G] or scalar shrinks each group's range first, as in group_params.
     """
     if weight.dim() != 2:
         raise ValueError(f"quantize_rtn: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -184,8 +184,8 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
         raise ValueError("quantize_rtn: weight contains NaN or Inf")
     N, K = weight.shape
     scale_dtype = scale_dtype or weight.dtype
-    w = _grouped(weight.detach().to(torch.float32), group_size)  # [N, G, g]
-    s, z = group_params(w, bits, symmetric, scale_dtype)
+    w = grouped(weight.detach().to(torch.float32), group_size)  # [N, G, g]
+    s, z = group_params(w, bits, symmetric, scale_dtype, clip)
     codes = quantize_codes(w, s, z, bits, symmetric).reshape(N, -1)[:, :K]
     zeros = None if symmetric else z.to(torch.uint8)
     return QuantizedWeight(pack_codes(codes, bits, symmetric), s.to(scale_dtype).contiguous(), zeros, bits,

@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import SUPPORTED_GROUP_SIZES, HfQuantConfig
+from ..config import HfQuantConfig
+from ..methods import SUPPORTED_GROUP_SIZES, get_method
 from ..formats.v1 import num_groups, pack_int4
 from . import layouts
 from ..fileio import atomic_dir, copy_side_files
@@ -40,12 +41,12 @@ def _read_config(path: str) -> dict:
 def _side_quant_config(path: str) -> dict | None:
     """AutoGPTQ's quantize_config.json / AutoAWQ's quant_config.json, for checkpoints whose
     config.json has no quantization_config."""
-    for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+    for name, source in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
         p = os.path.join(path, name)
         if os.path.isfile(p):
             with open(p) as f:
                 cfg = json.load(f)
-            return {"quant_method": method, **cfg}
+            return {"quant_method": source, **cfg}
     return None
 
 
@@ -69,14 +70,14 @@ def _load_tensors(path: str) -> dict[str, torch.Tensor]:
 
 def _source_scheme(qcfg: dict) -> dict:
     """bits, group_size, and how the source stores its tensors."""
-    method = qcfg.get("quant_method")
-    if method == "gptq":
+    source = qcfg.get("quant_method")
+    if source == "gptq":
         fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq")) or "gptq"
         if fmt not in ("gptq", "gptq_v2"):
             raise ConvertError(f"hfquant convert: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
         return {"kind": "gptq", "bits": int(qcfg["bits"]), "group_size": int(qcfg.get("group_size", -1)),
                 "v1": fmt == "gptq"}
-    if method == "awq":
+    if source == "awq":
         version = str(qcfg.get("version", "gemm")).lower()
         if version != "gemm":
             raise ConvertError(f"hfquant convert: AWQ version {version!r} is not supported; only the GEMM layout is")
@@ -84,14 +85,14 @@ def _source_scheme(qcfg: dict) -> dict:
             raise ConvertError("hfquant convert: AWQ without zero points is not supported")
         return {"kind": "awq", "bits": int(qcfg.get("bits", qcfg.get("w_bit", 4))),
                 "group_size": int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))}
-    if method == "compressed-tensors":
+    if source == "compressed-tensors":
         if qcfg.get("format") != "pack-quantized":
             raise ConvertError(f"hfquant convert: compressed-tensors format {qcfg.get('format')!r} is not supported; "
                                "only pack-quantized")
         return {"kind": "ct", "groups": qcfg.get("config_groups", {})}
-    if method == "hfquant":
+    if source == "hfquant":
         raise ConvertError("hfquant convert: the checkpoint is hfquant's own format already; load it with from_pretrained")
-    raise ConvertError(f"hfquant convert: quant_method {method!r} is not supported (convert reads {', '.join(SOURCES)})")
+    raise ConvertError(f"hfquant convert: quant_method {source!r} is not supported (convert reads {', '.join(SOURCES)})")
 
 
 def _ct_args(groups: dict, name: str) -> dict:
@@ -243,7 +244,7 @@ def convert_checkpoint(src_dir: str, out_dir: str, dtype: str = "auto") -> HfQua
     checkpoint in ``out_dir`` (written to a temporary directory and renamed into place).
     ``dtype``: "auto" (the dtype of the checkpoint's float tensors) or float32 / bfloat16 /
     float16 for the scales and every float tensor. Returns the HfQuantConfig written."""
-    from ..replace import _is_conv1d
+    from ..modeling import is_conv1d
 
     config = _read_config(src_dir)
     qcfg = config.get("quantization_config") or _side_quant_config(src_dir)
@@ -261,7 +262,7 @@ def convert_checkpoint(src_dir: str, out_dir: str, dtype: str = "auto") -> HfQua
     out_dtype = _float_dtype(tensors, quantized, dtype)
     model = _meta_model(config)
     modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or _is_conv1d(m)]
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
 
     state: dict[str, torch.Tensor] = {}
     schemes: dict[str, dict] = {}
@@ -275,7 +276,7 @@ def convert_checkpoint(src_dir: str, out_dir: str, dtype: str = "auto") -> HfQua
         prefix = name + "."
         L = _layer(name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, src)
         w = mod.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if _is_conv1d(mod) else (w.shape[1], w.shape[0])
+        in_f, out_f = (w.shape[0], w.shape[1]) if is_conv1d(mod) else (w.shape[1], w.shape[0])
         if (L["N"], L["K"]) != (out_f, in_f):
             raise ConvertError(f"hfquant convert: {name} unpacks to [{L['N']}, {L['K']}] but the model's layer is "
                                f"[{out_f}, {in_f}]")
@@ -303,10 +304,10 @@ def convert_checkpoint(src_dir: str, out_dir: str, dtype: str = "auto") -> HfQua
                 for n, s in schemes.items() if (s["bits"], s["group_size"], s["symmetric"]) != (bits, group_size,
                                                                                                symmetric)}
     method = {"gptq": "gptq", "awq": "awq"}.get(src["kind"], "rtn")
-    hq = HfQuantConfig(bits=bits, group_size=group_size, symmetric=symmetric,
-                       method="gptq" if act_order else method,
+    method = "gptq" if act_order else method
+    hq = HfQuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, method=method,
                        modules_to_not_convert=[n for n in linears if n not in quantized],
-                       modules_override=override or None, act_order=act_order)
+                       modules_override=override or None, **({"act_order": act_order} if "act_order" in get_method(method).setting_names() else {}))
     first = next(n for n in linears if n in quantized)
     state[first + ".weight"] = torch.zeros(0, dtype=torch.uint8)  # the marker of format v1
     new_cfg = dict(config)

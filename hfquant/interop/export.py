@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..formats.v1 import codes_and_zeros
-from ..nn import Int8Linear, LutLinear, PackedLinear, QuantLinear
+from ..methods import get_method, method_names
+from ..nn import PackedLinear, QuantLinear
 from . import layouts
 from ..fileio import atomic_dir, copy_side_files
 
@@ -33,19 +34,13 @@ def _method_of(model) -> str:
     return method or "rtn"
 
 
-def _layer_method(m, model) -> str:
-    if isinstance(m, Int8Linear):
-        return "llm_int8" if m.threshold > 0 else "w8a8"
-    if isinstance(m, LutLinear):
-        return "kmeans"
-    return _method_of(model)
-
-
-_CANNOT = {
-    "llm_int8": "int8 activations with LLM.int8() outlier columns in floating point",
-    "w8a8": "int8 activations quantized per token at run time",
-    "kmeans": "codebooks: a lookup table of centroids per row",
-}
+def _layer_method(m, model):
+    """The method class of a layer: the model's configured method where its layers are of this
+    type, else the first method whose layers are."""
+    configured = _method_of(model)
+    if configured in method_names() and type(m) is get_method(configured).layer_class:
+        return get_method(configured)
+    return next((get_method(n) for n in method_names() if type(m) is get_method(n).layer_class), None)
 
 
 def _check_exportable(model, fmt: str) -> list[tuple[str, QuantLinear]]:
@@ -55,9 +50,10 @@ def _check_exportable(model, fmt: str) -> list[tuple[str, QuantLinear]]:
     for name, m in model.named_modules():
         if isinstance(m, PackedLinear) and not isinstance(m, QuantLinear):
             method = _layer_method(m, model)
-            what = _CANNOT.get(method, type(m).__name__)
+            what = method.why_not_exportable if method is not None else type(m).__name__
             raise ExportError(
-                f"hfquant export: method {method!r} ({what}; layer {name}) cannot be expressed in the {fmt} "
+                f"hfquant export: method {method.name if method else '?'!r} ({what}; layer {name}) cannot be "
+                f"expressed in the {fmt} "
                 f"format. Formats that can hold it: hfquant format v1 (save_pretrained) only; {', '.join(FORMATS)} "
                 "hold weight-only integer methods (rtn, gptq, awq; 4- or 8-bit)")
         elif type(m).__module__.startswith("hfquant.nn") and type(m) is not QuantLinear:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .. import formats, ops
-from ..ref import int8_weight_from_packed
+from ..formats.kernel_layouts import int8_weight_from_packed
 from .base import PackedLinear
 
 

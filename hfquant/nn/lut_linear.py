@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..formats.kernel_layouts import lut_qweight_from_packed
 from ..formats.lut import dequantize_lut, pack_indices, packed_columns, validate_lut
 from ..formats.v1 import num_groups
-from ..ref import lut_qweight_from_packed
 from .base import PackedLinear
 
 

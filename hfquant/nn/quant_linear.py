@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from .. import formats, ops
+from ..formats.kernel_layouts import codes_from_packed, qweight_from_packed
 from ..formats.v1 import STREAM_BITS, num_groups, pack_bits, pack_int4, packed_columns, symmetric_zero, unpack_bits
-from ..ref import codes_from_packed, qweight_from_packed
 from .base import PackedLinear
 
 
@@ -83,7 +83,7 @@ class QuantLinear(PackedLinear):
             mod.bias.data.copy_(bias.detach())
         return mod
 
-    def load_quantized(self, qweight, scales, zeros) -> None:
+    def load_quantized(self, qweight, scales, zeros=None) -> None:
         self.qweight = qweight
         self.scales = scales
         if zeros is not None:

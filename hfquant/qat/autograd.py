@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ref
+from ..formats.kernel_layouts import CUDA_ROW_PAD, NR, codes_from_packed, dequantize_packed, group_geometry, round_up
 
 
 def _group_sum(t: torch.Tensor, group_size: int, G: int) -> torch.Tensor:
@@ -50,16 +50,16 @@ def packed_scales_from(scales: torch.Tensor, zeros: torch.Tensor | None, bits: i
     s = scales.to(torch.float32)
     N, G = s.shape
     if device_layout == "cuda":
-        Np = ref._round_up(N, ref.CUDA_ROW_PAD)
+        Np = round_up(N, CUDA_ROW_PAD)
         planes = [s] if zeros is None else [s, zeros.to(torch.float32)]
         ps = torch.stack([torch.nn.functional.pad(p.t(), (0, Np - N)) for p in planes], dim=1)  # [G, P, Np]
         return ps.contiguous()
     z = torch.full_like(s, _sym_zero(bits)) if zeros is None else zeros.to(torch.float32)
     off = 128.0 if bits == 4 else 0.0
     sb = torch.stack([s, s * (z + off)], dim=-1)  # [N, G, 2]
-    T = -(-N // ref.NR)
-    sb = torch.nn.functional.pad(sb, (0, 0, 0, 0, 0, T * ref.NR - N))
-    return sb.reshape(T, ref.NR, G, 2).permute(0, 2, 3, 1).contiguous()  # [T, G, 2, NR]
+    T = -(-N // NR)
+    sb = torch.nn.functional.pad(sb, (0, 0, 0, 0, 0, T * NR - N))
+    return sb.reshape(T, NR, G, 2).permute(0, 2, 3, 1).contiguous()  # [T, G, 2, NR]
 
 
 def _scales_planes(packed_scales: torch.Tensor, cuda_layout: bool, N: int):
@@ -102,12 +102,12 @@ def qlinear_backward(grad_y: torch.Tensor, x: torch.Tensor, packed_weight: torch
     cuda_layout = packed_weight.dim() == 2
     grad_x = grad_ps = grad_b = None
     if needs[0]:
-        w = ref.dequantize_packed_ref(packed_weight, packed_scales.to(acc), bits, group_size, N, K).to(acc)
+        w = dequantize_packed(packed_weight, packed_scales.to(acc), bits, group_size, N, K).to(acc)
         grad_x = (gy @ w).reshape(x.shape).to(x.dtype)
     if needs[2]:
         gw = gy.t() @ x.reshape(-1, K).to(acc)  # [N, K]
-        _, G = ref.group_geometry(group_size, K)
-        v = ref.codes_from_packed(packed_weight, bits)[:N, :K].to(acc)
+        _, G = group_geometry(group_size, K)
+        v = codes_from_packed(packed_weight, bits)[:N, :K].to(acc)
         p0, p1 = _scales_planes(packed_scales.to(acc), cuda_layout, N)
         if cuda_layout:
             if p1 is None:
@@ -138,21 +138,6 @@ def _backward(ctx, grad_y):
     needs = ctx.needs_input_grad[:4]
     gx, gps, gb = qlinear_backward(grad_y, x, packed_weight, packed_scales, bias, *ctx.args, needs=needs)
     return gx, None, gps, gb, None, None, None, None
-
-
-class QLinearRefFunction(torch.autograd.Function):
-    """ref.qlinear_ref forward with the analytic backward above: gradcheck target in float64
-    (the native op computes in float32 only)."""
-
-    @staticmethod
-    def forward(ctx, x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features):
-        ctx.save_for_backward(x, packed_weight, packed_scales, bias)
-        ctx.args = (bits, group_size, out_features, in_features)
-        return ref.qlinear_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return _backward(ctx, grad_y)
 
 
 _REGISTERED = False

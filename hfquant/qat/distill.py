@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import HfQuantConfig
-from .fake_quant import FakeQuantLinear, _is_quantized, attach_quantized, check_trainable_config, convert, prepare_qat
+from .fake_quant import FakeQuantLinear, is_quantized, attach_quantized, check_trainable_config, convert, prepare_qat
 
 
 def _hidden(out) -> torch.Tensor:
@@ -57,14 +57,15 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
     """
     from ..algorithms.calibration import calibration_batches, model_tokenizer
     from ..algorithms.layerwise import capture_block_inputs, decoder_blocks, run_block
-    from ..replace import _set_module, check_overrides, find_targets, tied_sources, untie
+    from ..modeling import set_module, tied_sources, untie
+    from ..replace import check_overrides, find_targets
 
     if config is None:
         config = HfQuantConfig(**kwargs)
     elif kwargs:
         raise ValueError("layerwise_distill: pass either a config or keyword settings, not both")
     check_trainable_config(config, "layerwise_distill")
-    if _is_quantized(model) or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+    if is_quantized(model) or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ValueError("layerwise_distill: the model is already quantized; distillation starts from the float model")
     if not (train_weights or learn_scales):
         raise ValueError("layerwise_distill: nothing to train; set train_weights and/or learn_scales")
@@ -104,14 +105,14 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
                     s = config.scheme_for(full)
                     f = FakeQuantLinear.from_linear(m, s["bits"], s["group_size"], s["symmetric"],
                                                     learn_scales=learn_scales, transposed=target_names[full])
-                    _set_module(block, n, f)
+                    set_module(block, n, f)
                     fakes[n] = f
             before, after = _train_block(block, fakes, quant_in, teacher, epochs, lr, scale_lr, train_weights,
                                          learn_scales)
             for n, f in fakes.items():
                 q = f.to_quantized()
                 q.pack()
-                _set_module(block, n, q)
+                set_module(block, n, q)
             if log is not None:
                 log(f"{bname}: mse {before:.4g} (round to nearest) -> {after:.4g}")
             quant_in = run_block(block, quant_in)
@@ -127,7 +128,7 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
             s = config.scheme_for(name)
             q = QuantLinear.from_float(module, s["bits"], s["group_size"], s["symmetric"], transposed=transposed)
             q.pack()
-            _set_module(model, name, q)
+            set_module(model, name, q)
     finally:
         for p, g in grad_state.items():
             p.requires_grad_(g)

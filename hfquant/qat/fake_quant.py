@@ -15,13 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ACTIVATION_METHODS, HfQuantConfig
+from ..config import HfQuantConfig
 from ..formats import v1
 from ..nn import PackedLinear, QuantLinear
-
-# Methods whose layers QAT can simulate: uniform weight-only codes. GPTQ/AWQ are
-# calibrations that produce the same format; QAT starts from round to nearest.
-QAT_METHODS = ("rtn",)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +71,7 @@ class FakeQuantLinear(nn.Module):
 
     @torch.no_grad()
     def _rtn_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = v1._grouped(self.weight.detach().to(torch.float32), self.group_size)
+        w = v1.grouped(self.weight.detach().to(torch.float32), self.group_size)
         return v1.group_params(w, self.bits, self.symmetric, self.weight.dtype)
 
     def quant_params(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +86,7 @@ class FakeQuantLinear(nn.Module):
         """The integral codes [out, in] (float32) the forward pass uses."""
         with torch.no_grad():
             s, z = self.quant_params()
-            w = v1._grouped(self.weight.detach().to(torch.float32), self.group_size)
+            w = v1.grouped(self.weight.detach().to(torch.float32), self.group_size)
             return v1.quantize_codes(w, s, z, self.bits, self.symmetric).reshape(self.out_features, -1)[
                 :, :self.in_features]
 
@@ -100,7 +96,7 @@ class FakeQuantLinear(nn.Module):
         (STE) and the clamp as its derivative (zero outside the code range)."""
         s, z = self.quant_params()
         lo, hi = v1.code_range(self.bits, self.symmetric)
-        w = v1._grouped(self.weight.to(torch.float32), self.group_size)  # [N, G, g]
+        w = v1.grouped(self.weight.to(torch.float32), self.group_size)  # [N, G, g]
         code = torch.clamp(round_ste(w / _safe(s)[..., None]) + z[..., None], lo, hi)
         dq = (code - z[..., None]) * s[..., None]
         return dq.reshape(self.out_features, -1)[:, :self.in_features]
@@ -129,18 +125,16 @@ class FakeQuantLinear(nn.Module):
 
 
 def check_trainable_config(config: HfQuantConfig, what: str) -> None:
-    """Raises unless QAT can simulate ``config``: weight-only uniform codes (method "rtn")."""
+    """Raises unless QAT can simulate ``config``'s method (Method.qat: weight-only uniform codes, "rtn")."""
     if not isinstance(config, HfQuantConfig):
         raise TypeError(f"{what}: expected an HfQuantConfig, got {type(config).__name__}")
-    if config.method not in QAT_METHODS:
-        why = ("it quantizes activations at run time" if config.method in ACTIVATION_METHODS else
-               "its codes index a learned codebook" if config.method == "kmeans" else
-               "it is a calibration; QAT starts from round to nearest and trains instead")
-        raise ValueError(f"{what}: method={config.method!r} is not trainable by QAT ({why}); use method='rtn' "
+    if not config.impl.qat:
+        raise ValueError(f"{what}: method={config.method!r} is not trainable by QAT ({config.impl.why_not_qat}); "
+                         "use method='rtn' "
                          "with the bits / group_size / symmetric to train for")
 
 
-def _is_quantized(model: nn.Module) -> bool:
+def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_quantized", False)) or any(isinstance(m, PackedLinear) for m in model.modules())
 
 
@@ -154,14 +148,15 @@ def prepare_qat(model: nn.Module, config: HfQuantConfig | None = None, learn_sca
     own copy of the weight and is untied. ``learn_scales`` makes the group scales trainable
     parameters (LSQ). ``hfquant.convert`` then gives the quantized model.
     """
-    from ..replace import _set_module, check_overrides, find_targets, tied_sources, untie
+    from ..modeling import set_module, tied_sources, untie
+    from ..replace import check_overrides, find_targets
 
     if config is None:
         config = HfQuantConfig(**kwargs)
     elif kwargs:
         raise ValueError("prepare_qat: pass either a config or keyword settings, not both")
     check_trainable_config(config, "prepare_qat")
-    if _is_quantized(model):
+    if is_quantized(model):
         raise ValueError("prepare_qat: the model is already quantized (it holds hfquant quantized layers); "
                          "QAT starts from the float model. To fine-tune a quantized model, use "
                          "hfquant.enable_scale_training (scales only) or LoRA through peft")
@@ -180,7 +175,7 @@ def prepare_qat(model: nn.Module, config: HfQuantConfig | None = None, learn_sca
         scheme = config.scheme_for(name)
         new = FakeQuantLinear.from_linear(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
                                           learn_scales=learn_scales, transposed=transposed)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     model._hfquant_qat = {"config": config, "kept": kept}
     return model
 
@@ -193,7 +188,7 @@ def convert(model: nn.Module) -> nn.Module:
     if not names:
         raise ValueError("convert: the model holds no FakeQuantLinear layer; call hfquant.prepare_qat(model, config) "
                          "and train it first")
-    from ..replace import _set_module
+    from ..modeling import set_module
 
     state = getattr(model, "_hfquant_qat", None)
     config = state["config"] if state else _config_from_layers(model)
@@ -201,7 +196,7 @@ def convert(model: nn.Module) -> nn.Module:
     for name in names:
         new = model.get_submodule(name).to_quantized()
         new.pack()
-        _set_module(model, name, new)
+        set_module(model, name, new)
     if state is not None:
         del model._hfquant_qat
     attach_quantized(model, config, kept)

@@ -1,28 +1,20 @@
 """LoRA adapters on QuantLinear layers through peft (QLoRA-style fine-tuning on a quantized base).
 
-peft picks a LoRA layer class for each target module from a fixed list of dispatchers and
-rejects module types it does not know. hfquant adds one: when peft's LoRA model module is
-imported (now, or later: a hook waits for the import, so ``import hfquant`` does not import
-peft), ``LoraModel._create_new_module`` is wrapped to wrap QuantLinear targets in
-QuantLoraLinear first and leave every other module to peft. The base layer stays frozen and
-quantized; its op passes gradients to its input (hfquant/qat/autograd.py), so adapters in
-every layer train. Adapters save and load with peft's own save_pretrained /
-PeftModel.from_pretrained on top of the quantized checkpoint.
-
-``LoraConfig._register_custom_module({QuantLinear: QuantLoraLinear})`` is peft's own route to
-the same layer.
+peft picks a LoRA layer class for each target module and rejects module types it does not
+know; a LoraConfig takes extra layer types through peft's custom-module mapping.
+``register_lora(config)`` adds {QuantLinear: QuantLoraLinear} to a LoraConfig and returns it,
+for ``get_peft_model``, ``PeftModel.from_pretrained(..., config=...)``, and transformers'
+``add_adapter`` / ``load_adapter(..., peft_config=...)``. Nothing in peft is changed. The base
+layer stays frozen and quantized; its op passes gradients to its input
+(hfquant/qat/autograd.py), so adapters in every layer train. Adapters save and load with
+peft's own save_pretrained / PeftModel.from_pretrained on top of the quantized checkpoint.
 """
 from __future__ import annotations
-
-import importlib.abc
-import importlib.machinery
-import sys
 
 import torch
 
 from ..nn import QuantLinear
 
-_TARGET = "peft.tuners.lora.model"
 _layer_cls = None
 
 
@@ -76,58 +68,23 @@ def _make_layer_class():
     return QuantLoraLinear
 
 
-def _patch(module) -> None:
-    lora_model = module.LoraModel
-    original = lora_model.__dict__["_create_new_module"]
-    if getattr(original, "_hfquant", False):
-        return
-    create = original.__func__ if isinstance(original, staticmethod) else original
+def register_lora(config):
+    """Adds hfquant's LoRA layer for QuantLinear to a peft LoraConfig (in place) and returns it.
 
-    def _create_new_module(lora_config, adapter_name, target, **kwargs):
-        from peft.tuners.tuners_utils import BaseTunerLayer
+    Call it on every LoraConfig that targets an hfquant model: a new one for ``get_peft_model`` or
+    ``model.add_adapter``, and the saved one when loading, e.g.
+    ``PeftModel.from_pretrained(model, path, config=register_lora(LoraConfig.from_pretrained(path)))``.
+    """
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ImportError("hfquant: register_lora needs peft (pip install peft)") from None
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"hfquant: register_lora takes a peft LoraConfig, got {type(config).__name__}")
+    if not hasattr(config, "_register_custom_module"):
+        import peft
 
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, QuantLinear):
-            kwargs.pop("device_map", None)
-            return _make_layer_class()(target, adapter_name, config=lora_config, **kwargs)
-        return create(lora_config, adapter_name, target, **kwargs)
-
-    _create_new_module._hfquant = True
-    lora_model._create_new_module = staticmethod(_create_new_module)
-
-
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner):
-        self.inner = inner
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module):
-        self.inner.exec_module(module)
-        _patch(module)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Patches peft's LoRA model module right after it is first imported."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec
-
-
-def install() -> None:
-    """Teaches peft's LoRA to wrap QuantLinear (now if peft is imported, else on its import)."""
-    if _TARGET in sys.modules:
-        _patch(sys.modules[_TARGET])
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
-
-
-def quant_lora_linear_class():
-    """peft's route: ``LoraConfig._register_custom_module({QuantLinear: quant_lora_linear_class()})``."""
-    return _make_layer_class()
+        raise ValueError(f"hfquant: register_lora needs LoraConfig._register_custom_module, which peft "
+                         f"{peft.__version__} lacks; upgrade peft")
+    config._register_custom_module({QuantLinear: _make_layer_class()})
+    return config

@@ -1,12 +1,14 @@
-"""The quantized KV-cache ops (kv_quantize, kv_append, kv_dequantize) on CPU against their
-pure-torch twins in hfquant/ref.py, on every kernel path this CPU can run.
+"""The quantized KV-cache ops (kv_quantize, kv_append, kv_dequantize) against their pure-torch
+twins in hfquant/ref.py, on every device (`device`: the CPU, and CUDA where present) and every
+kernel path this CPU can run.
 
 Unlike the matmul ops these are pure element-wise arithmetic done in the twin's order
 (fp32 min/max, one division, round-half-even, c * scale + min with fp contraction off),
 so everything must match BITWISE: the packed codes, the fp16 scales/mins and the
 dequantized states in float32, bfloat16 and float16, with NaN exactly where the twin has
-NaN. The quantizer has a single (scalar) implementation; the dequantizer has per-ISA
-clones, which is what the `isa` fixture exercises.
+NaN, on CUDA too (explicitly rounded fp32 steps, no FMA). On the CPU the quantizer has a
+single (scalar) implementation; the dequantizer has per-ISA clones, which is what the `isa`
+fixture exercises.
 """
 from __future__ import annotations
 
@@ -60,6 +62,12 @@ def _shapes(bits, g, pc):
     if not pc:  # make sure every scheme sees all three odd lengths
         seen = {s[2] for s in out}
         out += [(2, 1, T, Ds[-1]) for T in (1, 7, 129) if T not in seen]
+    # and every D with 1, 2 or 3 groups of tokens (keys) / with each odd length (values)
+    for i, D in enumerate(Ds):
+        B, H = 1 + (i + bits) % 3, 1 + (i + g // 16) % 3
+        for T in (g * (1 + i % 3),) if pc else (1, 7, 129):
+            if (B, H, T, D) not in out:
+                out.append((B, H, T, D))
     return out
 
 
@@ -77,20 +85,21 @@ def _states(shape, dtype, gen, scale=1.0):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=_scheme_id)
-def test_kv_quantize_matches_ref(isa, scheme):
+def test_kv_quantize_matches_ref(device, isa, scheme):
     bits, g, pc = scheme
     gen = torch.Generator().manual_seed(bits * 1000 + g * 2 + pc)
     for shape in _shapes(bits, g, pc):
         for dtype in DTYPES:
             x = _states(shape, dtype, gen)
-            got = OPS.kv_quantize(x, bits, g, pc)
+            got = OPS.kv_quantize(x.to(device), bits, g, pc)
             want = ref.kv_quantize_ref(x, bits, g, pc)
             *lead, T, D = shape
             P, G = (T // g, D) if pc else (T, D // g)
+            assert all(t.device.type == device for t in got)
             assert got[0].shape == (*lead, T, D * bits // 8) and got[0].dtype == torch.uint8
             assert got[1].shape == got[2].shape == (*lead, P, G)
             assert got[1].dtype == got[2].dtype == torch.float16
-            _assert_quant_eq(got, want, f"{shape} {dtype}")
+            _assert_quant_eq([t.cpu() for t in got], want, f"{shape} {dtype}")
 
 
 @pytest.mark.parametrize("bits,g,pc", [(4, 32, True), (2, 16, False), (8, 64, True), (4, 32, False)])
@@ -118,31 +127,34 @@ def test_kv_quantize_2d_3d_and_noncontiguous(bits, g, pc, dtype):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=_scheme_id)
-def test_kv_dequantize_matches_ref(isa, scheme):
+def test_kv_dequantize_matches_ref(device, isa, scheme):
     bits, g, pc = scheme
     gen = torch.Generator().manual_seed(bits * 7 + g + pc)
-    for shape in _shapes(bits, g, pc):
+    for shape, xdtype in itertools.product(_shapes(bits, g, pc), DTYPES):
         *lead, T, D = shape
-        x = _states(shape, torch.float32, gen)
-        c, s, m = OPS.kv_quantize(x, bits, g, pc)
-        # all tokens, a partial group (keys) / a prefix (values), one token
-        lengths = sorted({T, max(1, T - g // 2 - 1), max(1, T // 2 + 1), 1})
+        x = _states(shape, xdtype, gen)
+        c, s, m = OPS.kv_quantize(x.to(device), bits, g, pc)  # the device's own codes
+        cc, sc, mc = c.cpu(), s.cpu(), m.cpu()
+        # all tokens, a partial group (keys) / a prefix (values), half (whole groups for keys;
+        # none for a single group or token), one token
+        half = T // 2 // g * g if pc else T // 2
+        lengths = sorted({T, max(1, T - g // 2 - 1), max(1, T // 2 + 1), half, 1})
         for dtype, length in itertools.product(DTYPES, lengths):
-            want = ref.kv_dequantize_ref(c, s, m, length, bits, g, pc, dtype)
+            want = ref.kv_dequantize_ref(cc, sc, mc, length, bits, g, pc, dtype)
             y = OPS.kv_dequantize(c, s, m, length, bits, g, pc, dtype)
+            assert y.device.type == device
             assert y.shape == (*lead, length, D) and y.dtype == dtype and y.is_contiguous()
-            _assert_eq(y, want, f"{shape} length={length} {dtype}")
+            _assert_eq(y.cpu(), want, f"{shape} {xdtype} length={length} {dtype}")
         # into the start of a larger buffer: the rest stays as it was
-        for dtype in DTYPES:
-            length = max(1, T - 3)
-            out = torch.full((*lead, T + 5, D), -7.0, dtype=dtype)
+        for dtype, length in itertools.product(DTYPES, sorted({max(1, T - 3), T, half})):
+            out = torch.full((*lead, T + 5, D), -7.0, dtype=dtype, device=device)
             assert OPS.kv_dequantize_into(c, s, m, out, length, bits, g, pc) is None
-            _assert_eq(out[..., :length, :], ref.kv_dequantize_ref(c, s, m, length, bits, g, pc, dtype),
-                       f"{shape} out= {dtype}")
+            _assert_eq(out[..., :length, :].cpu(), ref.kv_dequantize_ref(cc, sc, mc, length, bits, g, pc, dtype),
+                       f"{shape} {xdtype} out= {dtype} length={length}")
             assert (out[..., length:, :] == -7.0).all(), "kv_dequantize wrote past length"
             want = torch.full((*lead, T + 5, D), -7.0, dtype=dtype)
-            ref.kv_dequantize_into_ref(c, s, m, want, length, bits, g, pc)
-            _assert_eq(out, want, f"{shape} out= vs twin's out=")
+            ref.kv_dequantize_into_ref(cc, sc, mc, want, length, bits, g, pc)
+            _assert_eq(out.cpu(), want, f"{shape} {xdtype} out= vs twin's out= length={length}")
 
 
 @pytest.mark.parametrize("pc", [True, False], ids=["key", "val"])
@@ -226,33 +238,38 @@ def _empty_stores(lead, cap, D, bits, g, pc, fill=0):
     (2, 16, True, [16, 16, 48, 64]),
     (8, 64, True, [64, 128]),
     (4, 128, True, [128, 128]),
+    (2, 16, False, [1, 7, 12, 17]),
+    (4, 32, False, [1, 7, 12, 17]),
+    (8, 64, True, [64, 128, 64]),
 ], ids=lambda v: str(v) if not isinstance(v, list) else "-".join(map(str, v)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kv_append_blocks_equal_quantize_of_concatenation(bits, g, pc, splits, dtype):
+def test_kv_append_blocks_equal_quantize_of_concatenation(device, bits, g, pc, splits, dtype):
     gen = torch.Generator().manual_seed(sum(splits) + bits)
-    lead, D = (2, 3), 128
+    lead = (2, 3)
     T = sum(splits)
     cap = 2 * T + (0 if pc else 3)  # spare capacity (a whole number of groups for keys)
-    x = _states((*lead, T, D), dtype, gen)
-    stores = _empty_stores(lead, cap, D, bits, g, pc)
-    twin = _empty_stores(lead, cap, D, bits, g, pc)
-    off = 0
-    for n in splits:
-        blk = x[..., off:off + n, :]
-        assert OPS.kv_append(blk, *stores, off, bits, g, pc) is None
-        ref.kv_append_ref(blk, *twin, off, bits, g, pc)
-        off += n
-    _assert_quant_eq(stores, twin, "vs kv_append_ref")
-    P = T // g if pc else T
-    want = OPS.kv_quantize(x, bits, g, pc)
-    _assert_quant_eq((stores[0][..., :T, :], stores[1][..., :P, :], stores[2][..., :P, :]), want,
-                     "vs kv_quantize of the concatenation")
-    # untouched capacity stays zero
-    assert (stores[0][..., T:, :] == 0).all()
-    assert (stores[1][..., P:, :] == 0).all() and (stores[2][..., P:, :] == 0).all()
-    # and dequantizing the stores gives the dequantized concatenation
-    y = OPS.kv_dequantize(*stores, T, bits, g, pc, dtype)
-    _assert_eq(y, OPS.kv_dequantize(*want, T, bits, g, pc, dtype), "dequantized")
+    for D in (128, 64):
+        x = _states((*lead, T, D), dtype, gen)
+        stores = [t.to(device) for t in _empty_stores(lead, cap, D, bits, g, pc)]
+        twin = _empty_stores(lead, cap, D, bits, g, pc)
+        off = 0
+        for n in splits:
+            blk = x[..., off:off + n, :]  # on the CPU a strided view
+            assert OPS.kv_append(blk.to(device), *stores, off, bits, g, pc) is None
+            ref.kv_append_ref(blk, *twin, off, bits, g, pc)
+            off += n
+        _assert_quant_eq([t.cpu() for t in stores], twin, f"D={D} vs kv_append_ref")
+        P = T // g if pc else T
+        want = OPS.kv_quantize(x.to(device), bits, g, pc)
+        head = [t.cpu() for t in (stores[0][..., :T, :], stores[1][..., :P, :], stores[2][..., :P, :])]
+        _assert_quant_eq(head, [t.cpu() for t in want], f"D={D} vs kv_quantize of the concatenation")
+        _assert_quant_eq(head, ref.kv_quantize_ref(x, bits, g, pc), f"D={D} vs the twin of the concatenation")
+        # untouched capacity stays zero
+        assert (stores[0][..., T:, :] == 0).all()
+        assert (stores[1][..., P:, :] == 0).all() and (stores[2][..., P:, :] == 0).all()
+        # and dequantizing the stores gives the dequantized concatenation
+        y = OPS.kv_dequantize(*stores, T, bits, g, pc, dtype)
+        _assert_eq(y.cpu(), OPS.kv_dequantize(*want, T, bits, g, pc, dtype).cpu(), f"D={D} dequantized")
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -365,53 +382,93 @@ def test_kv_extreme_magnitudes_and_zeros_match_ref(isa, pc):
                 assert (OPS.kv_dequantize(*got, 48, bits, g, pc, torch.float32) == 0).all()
 
 
+@pytest.mark.parametrize("pc", [True, False], ids=["key", "val"])
+def test_kv_extreme_and_nonfinite_groups_match_ref(device, isa, pc):
+    """NaN, inf, constant groups, groups past the float16 range (their min/scale become inf) and
+    tiny values in one tensor."""
+    gen = torch.Generator().manual_seed(5)
+    for bits in (2, 4, 8):
+        x = torch.randn(2, 2, 64, 64, generator=gen)
+        x[0, 0, 3, 5] = float("nan")
+        x[0, 1, 10, 7] = float("inf")
+        x[1, 0, :32, :] = 3.0  # constant groups
+        x[1, 1, 40:, 32:] = 1e5  # beyond fp16: the group's min/scale become inf
+        x[1, 1, :8, :8] = 1e-7
+        got = OPS.kv_quantize(x.to(device), bits, 32, pc)
+        want = ref.kv_quantize_ref(x, bits, 32, pc)
+        assert all(t.device.type == device for t in got)
+        _assert_quant_eq([t.cpu() for t in got], want, f"bits={bits}")
+        y = OPS.kv_dequantize(*got, 64, bits, 32, pc, torch.float32)
+        _assert_eq(y.cpu(), ref.kv_dequantize_ref(*want, 64, bits, 32, pc, torch.float32), f"bits={bits} dequantized")
+
+
 # --------------------------------------------------------------------------------- opcheck
 
 
 @pytest.mark.parametrize("pc", [True, False], ids=["key", "val"])
-def test_opcheck(pc):
+def test_opcheck(device, pc):
     gen = torch.Generator().manual_seed(0)
     bits, g = 4, 32
-    x = _states((2, 3, 64, 64), torch.float32, gen)
+    x = _states((2, 3, 64, 64), torch.float32, gen).to(device)
     torch.library.opcheck(OPS.kv_quantize.default, (x, bits, g, pc))
     torch.library.opcheck(OPS.kv_quantize.default, (x.to(torch.bfloat16), 2, 16, pc))
-    stores = _empty_stores((2, 3), 128, 64, bits, g, pc)
+    stores = [t.to(device) for t in _empty_stores((2, 3), 128, 64, bits, g, pc)]
     torch.library.opcheck(OPS.kv_append.default, (x[..., :32, :], *stores, 32, bits, g, pc))
     c, s, m = OPS.kv_quantize(x, bits, g, pc)
     torch.library.opcheck(OPS.kv_dequantize.default, (c, s, m, 50, bits, g, pc, torch.float16))
     torch.library.opcheck(OPS.kv_dequantize.default, (c, s, m, 64, bits, g, pc, torch.float32))
+    # float16 states: dequantize to bfloat16, into a float32 buffer, append into full stores
+    x16 = _states((1, 2, 64, 64), torch.float16, gen).to(device)
+    torch.library.opcheck(OPS.kv_quantize.default, (x16, 4, 32, pc))
+    c, s, m = OPS.kv_quantize(x16, 4, 32, pc)
+    torch.library.opcheck(OPS.kv_dequantize.default, (c, s, m, 64, 4, 32, pc, torch.bfloat16))
+    out = torch.empty(1, 2, 64, 64, dtype=torch.float32, device=device)
+    torch.library.opcheck(OPS.kv_dequantize_into.default, (c, s, m, out, 32, 4, 32, pc))
+    torch.library.opcheck(OPS.kv_append.default, (x16[..., :32, :], c, s, m, 32, 4, 32, pc))
 
 
-def test_opcheck_kv_dequantize_into():
-    x = torch.randn(2, 3, 64, 64)
+def test_opcheck_kv_dequantize_into(device):
+    x = torch.randn(2, 3, 64, 64, device=device)
     c, s, m = OPS.kv_quantize(x, 4, 32, True)
-    out = torch.zeros(2, 3, 80, 64, dtype=torch.bfloat16)
+    out = torch.zeros(2, 3, 80, 64, dtype=torch.bfloat16, device=device)
     torch.library.opcheck(OPS.kv_dequantize_into.default, (c, s, m, out, 50, 4, 32, True))
 
 
 # ---------------------------------------------------------------------------------- errors
 
 
-def test_ops_reject_bad_arguments():
-    x = torch.randn(2, 3, 64, 64)
+def test_ops_reject_bad_arguments(device):
+    x = torch.randn(2, 3, 64, 64, device=device)
     ck, sk, mk = OPS.kv_quantize(x, 4, 32, True)  # keys: params [2, 3, 2, 64]
     cv, sv, mv = OPS.kv_quantize(x, 4, 32, False)  # values: params [2, 3, 64, 2]
     wide = OPS.kv_quantize(torch.randn(1, 4, 1024), 8, 32, False)  # quantizes; the dequantizer stops at 512
-    cases = [
+    shared = [  # on every device
+        (lambda: OPS.kv_quantize(x, 4, 48, False), "group_size=48 does not divide head_dim=64"),
+        (lambda: OPS.kv_append(x[..., :32, :], ck, sk, mk, 64, 4, 32, True),
+         r"tokens \[64, 96\) do not fit the stores' capacity"),
+    ]
+    x1 = x[:1, :2].contiguous()
+    c1, s1, m1 = OPS.kv_quantize(x1, 4, 32, True)
+    cuda_only = [  # tensors left on the CPU
+        (lambda: OPS.kv_dequantize(c1, s1.cpu(), m1, 64, 4, 32, True, torch.float32),
+         "kv_dequantize: scales is on cpu"),
+        (lambda: OPS.kv_append(x1.cpu()[..., :32, :], c1, s1, m1, 0, 4, 32, True), "kv_append: x is on cpu"),
+        (lambda: OPS.kv_dequantize_into(c1, s1, m1, torch.empty(1, 2, 64, 64), 64, 4, 32, True),
+         "kv_dequantize_into: out is on cpu"),
+    ]
+    cpu_only = [
         # kv_quantize
         (lambda: OPS.kv_quantize(x, 3, 32, True), "bits=3 is not supported"),
         (lambda: OPS.kv_quantize(x, 16, 32, False), "bits=16 is not supported"),
         (lambda: OPS.kv_quantize(x, 4, 0, True), "group_size=0 must be positive"),
         (lambda: OPS.kv_quantize(x, 4, 0, False), "group_size=0 must be positive"),
         (lambda: OPS.kv_quantize(x, 4, -32, False), "group_size=-32 must be positive"),
-        (lambda: OPS.kv_quantize(x, 4, 48, False), "group_size=48 does not divide head_dim=64"),
         (lambda: OPS.kv_quantize(x[..., :63, :], 4, 32, True), "32-token groups; got 63 tokens"),
         (lambda: OPS.kv_quantize(x[..., :6], 2, 2, False), "head_dim=6 does not pack into whole bytes"),
         (lambda: OPS.kv_quantize(x.to(torch.int32), 4, 32, False), "must be float32, bfloat16 or float16"),
         (lambda: OPS.kv_quantize(x.double(), 4, 32, False), "must be float32, bfloat16 or float16"),
         (lambda: OPS.kv_quantize(x[0, 0, 0], 4, 32, False), "tokens, head_dim"),
         # kv_append
-        (lambda: OPS.kv_append(x[..., :32, :], ck, sk, mk, 64, 4, 32, True), r"tokens \[64, 96\) do not fit"),
         (lambda: OPS.kv_append(x[..., :8, :], cv, sv, mv, 60, 4, 32, False), r"tokens \[60, 68\) do not fit"),
         (lambda: OPS.kv_append(x[..., :8, :], cv, sv, mv, -1, 4, 32, False), r"tokens \[-1, 7\) do not fit"),
         (lambda: OPS.kv_append(x[..., :32, :], ck, sk, mk, 16, 4, 32, True), "32-token boundaries"),
@@ -460,6 +517,6 @@ def test_ops_reject_bad_arguments():
         (lambda: OPS.kv_dequantize_into(cv, sv, mv, torch.empty(3, 2, 8, 64), 8, 4, 32, False),
          "out has shape"),
     ]
-    for fn, msg in cases:
+    for fn, msg in shared + (cpu_only if device == "cpu" else cuda_only):
         with pytest.raises(RuntimeError, match=msg):
             fn()

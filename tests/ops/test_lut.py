@@ -2,13 +2,11 @@
 
 Every kernel path this CPU can run is forced in turn (the ``isa`` fixture). Small layers run
 the GEMV kernels at every M; the realistic shape crosses the default GEMV/blocked threshold,
-and a subprocess test sends every case to the blocked path (HFQUANT_GEMV_MAX_M=0).
+and a test sends every case to the blocked path (hfquant.settings.gemv_max_m=0).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import itertools
 
 import pytest
 import torch
@@ -183,57 +181,45 @@ def test_lut_linear_strided_and_batched_x(isa, dtype):
         check(y, x, idx, tab, None, bits, gs, N, K, dtype, f"{isa} {name}")
 
 
-_FORCE_PATH_SCRIPT = r"""
-import itertools, torch
-from hfquant._ext import _C
-from hfquant import ref
-from hfquant.formats import pack_indices
-torch.set_num_threads(1)
-gen = torch.Generator().manual_seed(6)
-for isa in _C.available_isas():
-    _C.set_cpu_isa(isa)
-    for bits, gs, (N, K) in itertools.product((2, 3, 4), (-1, 32), ((3, 17), (37, 300))):
-        G = ref.lut_group_geometry(gs, K)[1]
-        qw = pack_indices(torch.randint(0, 1 << bits, (N, K), generator=gen), bits)
-        cb = torch.randn(N, G, 1 << bits, generator=gen)
-        idx, tab = torch.ops.hfquant.lut_repack(qw, cb, bits, gs, K)
-        w = ref.lut_dequantize_packed_ref(idx, tab, gs, K).double()
-        for M, (dtype, tol) in ((5, (torch.float32, 1e-4)), (64, (torch.bfloat16, 1e-2)),
-                                (33, (torch.float16, 2e-3))):
-            x = torch.randn(M, K, generator=gen).to(dtype)
-            b = torch.randn(N, generator=gen).to(dtype) if M % 2 else None
-            y = torch.ops.hfquant.lut_linear(x, idx, tab, b, bits, gs, N, K).double()
-            want = ref.lut_linear_ref(x.double(), idx, tab, None if b is None else b.double(), bits, gs, N, K)
-            scale = max(want.abs().max().item(), (x.double().abs() @ w.abs().t()).max().item())
-            err = (y - want).abs().max().item()
-            assert err <= tol * scale, (isa, bits, gs, N, K, M, dtype, err / scale)
-print("ok")
-"""
-
-
 def test_lut_linear_forced_blocked_path():
-    """HFQUANT_GEMV_MAX_M=0 sends every M, on every path and layer size, to the blocked path
+    """settings.gemv_max_m=0 sends every M, on every path and layer size, to the blocked path
     (decode + GEMM). The GEMV kernels serve every M of the small shapes above (layers below
     256K weights never leave them), so they need no forcing."""
-    env = dict(os.environ, HFQUANT_GEMV_MAX_M="0", OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", _FORCE_PATH_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    gen = torch.Generator().manual_seed(6)
+    before = hfquant.settings.as_dict()
+    for isa in _C.available_isas():
+        with hfquant.settings(isa=isa, gemv_max_m=0):
+            for bits, gs, (N, K) in itertools.product((2, 3, 4), (-1, 32), ((3, 17), (37, 300))):
+                G = ref.lut_group_geometry(gs, K)[1]
+                qw = pack_indices(torch.randint(0, 1 << bits, (N, K), generator=gen), bits)
+                cb = torch.randn(N, G, 1 << bits, generator=gen)
+                idx, tab = torch.ops.hfquant.lut_repack(qw, cb, bits, gs, K)
+                w = ref.lut_dequantize_packed_ref(idx, tab, gs, K).double()
+                for M, (dtype, tol) in ((5, (torch.float32, 1e-4)), (64, (torch.bfloat16, 1e-2)),
+                                        (33, (torch.float16, 2e-3))):
+                    x = torch.randn(M, K, generator=gen).to(dtype)
+                    b = torch.randn(N, generator=gen).to(dtype) if M % 2 else None
+                    y = torch.ops.hfquant.lut_linear(x, idx, tab, b, bits, gs, N, K).double()
+                    want = ref.lut_linear_ref(x.double(), idx, tab, None if b is None else b.double(), bits, gs, N, K)
+                    scale = max(want.abs().max().item(), (x.double().abs() @ w.abs().t()).max().item())
+                    err = (y - want).abs().max().item()
+                    assert err <= tol * scale, (isa, bits, gs, N, K, M, dtype, err / scale)
+    assert hfquant.settings.as_dict() == before
 
 
-def test_lut_backend_ref_matches_native(monkeypatch):
-    """HFQUANT_BACKEND=ref routes the wrappers to the twins: same layout, same outputs."""
+def test_lut_backend_ref_matches_native():
+    """settings.backend="ref" routes the wrappers to the twins: same layout, same outputs."""
     gen = torch.Generator().manual_seed(10)
     N, K, bits, gs = 20, 100, 4, 32
     qw, cb = make_lut(N, K, bits, gs, gen)
     x = torch.randn(3, K, generator=gen)
     native = hfquant.ops.lut_repack(qw, cb, bits, gs, K)
     y_native = hfquant.ops.lut_linear(x, *native, None, bits, gs, N, K)
-    monkeypatch.setenv("HFQUANT_BACKEND", "ref")
-    twin = hfquant.ops.lut_repack(qw, cb, bits, gs, K)
-    assert all(torch.equal(a, b) for a, b in zip(native, twin))
-    check(y_native, x, *twin, None, bits, gs, N, K, torch.float32, "ref backend")
-    assert hfquant.ops.lut_linear(x, *twin, None, bits, gs, N, K).dtype == torch.float32
+    with hfquant.settings(backend="ref"):
+        twin = hfquant.ops.lut_repack(qw, cb, bits, gs, K)
+        assert all(torch.equal(a, b) for a, b in zip(native, twin))
+        check(y_native, x, *twin, None, bits, gs, N, K, torch.float32, "ref backend")
+        assert hfquant.ops.lut_linear(x, *twin, None, bits, gs, N, K).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- opcheck

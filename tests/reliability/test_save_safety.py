@@ -16,7 +16,9 @@ import pytest
 import torch
 import transformers.modeling_utils as mu
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
+
+from _utils import save_tiny_llama
 
 import hfquant
 import hfquant.fileio as fio
@@ -39,12 +41,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def float_dir(root):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-    path = root / "float"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_llama(root / "float")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import hfquant  # noqa: F401  (registers the op's autograd formula)
 from hfquant import formats, ops, ref
 from hfquant.nn import QuantLinear
-from hfquant.qat.autograd import QLinearRefFunction, packed_scales_from
+from hfquant.qat.autograd import packed_scales_from, qlinear_backward
 from hfquant.qat.scale_training import enable_scale_training
 
 from _utils import assert_close
@@ -16,6 +16,24 @@ from _utils import assert_close
 SCHEMES = [(4, -1, True), (4, 32, False), (4, 64, True), (8, -1, False), (8, 32, True)]
 IDS = [f"w{b}{'c' if g == -1 else f'g{g}'}{'' if s else 'a'}" for b, g, s in SCHEMES]
 N, K = 37, 100
+
+
+class QLinearRefFunction(torch.autograd.Function):
+    """ref.qlinear_ref forward with the analytic backward of hfquant/qat/autograd.py: the
+    gradcheck target in float64 (the native op computes in float32 only)."""
+
+    @staticmethod
+    def forward(ctx, x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features):
+        ctx.save_for_backward(x, packed_weight, packed_scales, bias)
+        ctx.args = (bits, group_size, out_features, in_features)
+        return ref.qlinear_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, packed_weight, packed_scales, bias = ctx.saved_tensors
+        gx, gps, gb = qlinear_backward(grad_y, x, packed_weight, packed_scales, bias, *ctx.args,
+                                       needs=ctx.needs_input_grad[:4])
+        return gx, None, gps, gb, None, None, None, None
 
 
 def _layer(bits, group_size, symmetric, seed=0, n=N):

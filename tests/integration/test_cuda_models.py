@@ -1,10 +1,11 @@
 """The modules and a whole model on CUDA: moving quantized layers between devices, a
-checkpoint saved on the CPU loaded with device_map="cuda" and back, generate on the GPU
-(with the quantized KV cache too), and the errors for bad placements.
+checkpoint saved on the CPU loaded with device_map="cuda" and back, generate on the GPU, and
+the errors for bad placements (skipped without a GPU); generate with the quantized KV cache on
+every device (`device`).
 
 The model is a small randomly initialised Llama with the default model's layer geometry
 (hidden 576, 9 heads / 3 KV heads of 64, MLP 1536) but 2 layers and a small vocabulary,
-built in the test (no download). Skipped without a GPU.
+built in the test (no download).
 """
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hfquant
-from cuda_util import requires_cuda
+from _devices import requires_cuda
 from hfquant.nn import Int8Linear, QuantLinear
-
-pytestmark = requires_cuda
 
 CONFIGS = {
     "w4-g128": dict(bits=4, group_size=128),
@@ -50,6 +49,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@requires_cuda
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cpu_checkpoint_loads_on_gpu_and_back(float_dir, tmp_path, name):
     cfg = hfquant.HfQuantConfig(**CONFIGS[name])
@@ -84,6 +84,7 @@ def test_cpu_checkpoint_loads_on_gpu_and_back(float_dir, tmp_path, name):
     assert torch.equal(back, want)
 
 
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_modules_move_and_match(dtype):
     torch.manual_seed(3)
@@ -109,6 +110,7 @@ def test_modules_move_and_match(dtype):
             mod.to("cpu")
 
 
+@requires_cuda
 def test_mixed_devices_are_named():
     lin = nn.Linear(64, 16)
     mod = QuantLinear.from_float(lin, 4, 32, True).to("cuda")
@@ -119,6 +121,7 @@ def test_mixed_devices_are_named():
         mod8(torch.randn(2, 64))
 
 
+@requires_cuda
 def test_validate_environment_names_bad_devices():
     from hfquant.quantizer import check_cuda_devices
 
@@ -130,15 +133,15 @@ def test_validate_environment_names_bad_devices():
 
 @pytest.mark.skipif(not hasattr(transformers.cache_utils, "BaseQuantizedLayer"),
                     reason="this transformers has no BaseQuantizedLayer (QuantizedKVCache needs it)")
-def test_quantized_kv_cache_generate_on_gpu(float_dir):
+def test_quantized_kv_cache_generate(float_dir, device):
     cfg = hfquant.HfQuantConfig(bits=4, group_size=64)
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg, device_map="cuda").eval()
-    ids = torch.randint(3, 1024, (1, 100), generator=torch.Generator().manual_seed(2)).cuda()
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg, device_map=device).eval()
+    ids = torch.randint(3, 1024, (1, 100), generator=torch.Generator().manual_seed(2)).to(device)
     cache = hfquant.QuantizedKVCache(model.config, bits=4, group_size=32, residual_length=32)
     out = model.generate(ids, max_new_tokens=12, do_sample=False, cache=cache)
     assert out.shape == (1, 112)
     layer = cache.layers[0]
-    assert layer._qlen >= 64 and layer._stores["k"][0].device.type == "cuda"
+    assert layer._qlen >= 64 and layer._stores["k"][0].device.type == device
     # the first new token from the quantized past matches the logits of a full-precision pass closely
     with torch.no_grad():
         full = model(ids).logits[0, -1]

@@ -4,7 +4,7 @@ tools/emulate_cuda_skinny.py replays csrc/cuda/qlinear_skinny.cuh lane by lane i
 (index arithmetic, shared-memory staging, weight decode, mma.m16n8k16 fragment layouts,
 split-K) over the CUDA layout that hfquant.ref.repack_cuda_ref defines, and compares with
 ref.qlinear_ref. A change of that layout which the kernel's addressing does not follow fails
-here on a CPU; the kernel itself runs in test_cuda_qlinear.py on a GPU.
+here on a CPU; the kernel itself runs in test_qlinear.py (its cuda params) on a GPU.
 """
 from __future__ import annotations
 

@@ -1,0 +1,82 @@
+"""GPTQ ("gptq"): weight-only, second-order error compensation calibrated layer by layer
+(hfquant/algorithms/gptq.py), stored in format v1 with an optional column permutation."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from ..nn import QuantLinear
+from .base import DEFAULT_CALIBRATION, check_calibration, check_number, register_method
+from .rtn import Rtn
+
+# GPTQ and AWQ calibrate on more windows by default (the papers' 128)
+CALIBRATED_SAMPLES = 128
+
+
+@dataclasses.dataclass
+class GptqSettings:
+    calibration: dict[str, Any] | None = None
+    act_order: bool = True
+    damp: float = 0.01
+    clip_search: bool = True
+
+
+class CalibratedMethod(Rtn):
+    """A weight-only method calibrated on text after the float model loaded."""
+
+    calibration_samples = CALIBRATED_SAMPLES
+    qat = False
+
+    @classmethod
+    def make_settings(cls, values):
+        values = dict(values)
+        values["calibration"] = {**DEFAULT_CALIBRATION, "n_samples": cls.default_samples(values),
+                                 **(values.get("calibration") or {})}
+        return cls.Settings(**values)
+
+    @classmethod
+    def default_samples(cls, values) -> int:
+        return cls.calibration_samples
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        check_calibration(self.settings.calibration)
+
+    def needs_float_model(self) -> bool:
+        return True
+
+
+@register_method
+class Gptq(CalibratedMethod):
+    name = "gptq"
+    Settings = GptqSettings
+    SETTING_TYPES = {"act_order": "bool", "clip_search": "bool", "damp": "number", "calibration": "dict"}
+    NONE_OK = ("calibration",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.results = {}
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        check_number("damp", self.settings.damp, 0, 1, low_open=True)
+
+    @property
+    def act_order(self) -> bool:
+        return self.settings.act_order
+
+    def calibrate(self, model, targets, embeds, heads, tokenizer=None) -> None:
+        from ..algorithms.gptq import gptq_model
+
+        self.results = gptq_model(model, self.config, targets, tokenizer)
+
+    def quantize_layer(self, name, module, transposed) -> nn.Module:
+        r = self.results.pop(name, None)
+        if r is None:  # outside the decoder blocks GPTQ walks: round to nearest, identity permutation
+            return super().quantize_layer(name, module, transposed)
+        return QuantLinear.from_quantized(r.quantized, module.bias, r.perm, act_order=self.act_order)
+
+    def short_name(self) -> str:
+        return f"gptq-{super().short_name()}"
