@@ -94,8 +94,8 @@ NOT_IN_FORMAT = {"Q4_0: extreme / -8, may clip": "needs negative scales, which f
 CHOICES = [
     ("LLM.int8 fold_norms", [("on (default)", dict(method="llm_int8"), True),
                              ("off", dict(method="llm_int8", fold_norms=False), False)]),
-    ("W8A8 fold_norms", [("off (default)", dict(method="w8a8"), True),
-                         ("on", dict(method="w8a8", fold_norms=True), False)]),
+    ("W8A8 fold_norms", [("on (default)", dict(method="w8a8"), True),
+                         ("off", dict(method="w8a8", fold_norms=False), False)]),
     ("LLM.int8 threshold (norm scales folded)", [("4", dict(method="llm_int8", llm_int8_threshold=4.0), False),
                                                  ("6 (default)", dict(method="llm_int8"), True),
                                                  ("8", dict(method="llm_int8", llm_int8_threshold=8.0), False)]),
@@ -103,6 +103,9 @@ CHOICES = [
      [("0.5 (used)", dict(method="w8a8", smoothquant_alpha=0.5), True),
       ("0.6", dict(method="w8a8", smoothquant_alpha=0.6), False),
       ("0.7", dict(method="w8a8", smoothquant_alpha=0.7), False)]),
+    ("rtn_mse max_shrink (W4 g128)", [("0.5 (default)", dict(method="rtn_mse", max_shrink=0.5), True),
+                                      ("0.2", dict(method="rtn_mse", max_shrink=0.2), False),
+                                      ("0.1", dict(method="rtn_mse", max_shrink=0.1), False)]),
 ]
 
 
@@ -124,16 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default=None, help="comma-separated question numbers (0-2: the W4 grids)")
     p.add_argument("--json", type=Path, default=None, help="also keep the measurements in this file")
-    p.add_argument("--from-json", type=Path, default=None, help="render a kept run instead of measuring")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="render kept runs instead of measuring; a later file's questions replace an earlier's")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
     command = "python benchmarks/choose_defaults.py" + "".join(" " + shlex.quote(a) for a in
                                                                (sys.argv[1:] if argv is None else argv))
     if args.from_json:
-        d = json.loads(args.from_json.read_text())
-        return render(d["results"], d["base"], d["command"], d["windows"], d["threads"], d["cpu"], d["date"],
-                      d["seconds"], d.get("model_dir", "smollm2-135m-float32"),
+        return render(*merge_runs([json.loads(f.read_text()) for f in args.from_json]),
                       args.docs if args.write_docs else None)
     torch.set_num_threads(args.threads)
     model_dir = str(data.default_model_dir("float32"))
@@ -188,6 +190,22 @@ def main(argv: list[str] | None = None) -> int:
                   args.docs if args.write_docs else None)
 
 
+def merge_runs(runs: list[dict]) -> tuple:
+    """One table from kept runs on the same model and windows: a later run's questions replace
+    an earlier's (a default changed, its question measured again); every command is listed."""
+    first = runs[0]
+    for r in runs[1:]:
+        if (r["base"], r["windows"], r.get("model_dir")) != (first["base"], first["windows"], first.get("model_dir")):
+            raise SystemExit("choose_defaults: the runs to merge differ in model, windows or baseline")
+    results: dict[str, dict] = {}
+    for r in runs:
+        results.update({q["question"]: q for q in r["results"]})
+    threads = sorted({r["threads"] for r in runs})
+    return (list(results.values()), first["base"], [r["command"] for r in runs], first["windows"],
+            "/".join(map(str, threads)), first["cpu"], max(r["date"] for r in runs), sum(r["seconds"] for r in runs),
+            first.get("model_dir", "smollm2-135m-float32"))
+
+
 def render(results, base, command, windows, threads, cpu, date, seconds, model_dir, docs) -> int:
     """Prints (and with ``docs`` writes) the section; returns 1 where a default is not the
     candidate validation picks among those format v1 can store."""
@@ -209,7 +227,9 @@ def render(results, base, command, windows, threads, cpu, date, seconds, model_d
                              "on validation"], rows)
     body = "\n".join([
         "### Defaults chosen on validation text", "",
-        f"Command: `{command}`", "",
+        ("Command: " if isinstance(command, str) or len(command) == 1 else "Commands (a later one's questions "
+         "replace the earlier's): ") + "; ".join(f"`{c}`" for c in ([command] if isinstance(command, str)
+                                                                   else command)), "",
         f"Model {Path(model_dir).name} (fp32: validation {base[0]:.3f}, test {base[1]:.3f}); validation: "
         f"{windows} windows of 512 tokens from the last {100 - 100 * CALIB_SHARE:.0f}% of WikiText-2 "
         f"validation (calibration reads only the first {100 * CALIB_SHARE:.0f}%); test: the first {windows} "

@@ -28,8 +28,8 @@ ROWS = {
     "gptq-w4g128": "W4 g128, GPTQ (16 calibration windows)",
     "gptq-w4g128a": "W4 g128 asymmetric, GPTQ (16 windows)",
     "llm_int8": "LLM.int8 (threshold 6, norm scales folded)",
-    "w8a8": "W8A8 dynamic",
-    "w8a8sq": "W8A8 + SmoothQuant 0.5",
+    "w8a8": "W8A8 dynamic (norm scales folded)",
+    "w8a8sq": "W8A8 + SmoothQuant {smoothquant_alpha:g}",  # the alpha the run recorded
 }
 
 
@@ -56,6 +56,7 @@ def render(doc: dict) -> str:
         r = res.get(name)
         if r is None:
             continue
+        label = label.format(**(r.get("settings") or {}))
         if not r.get("ok"):
             lines.append(f"| {label} | n/a ({r.get('error', 'failed')}) | | | |")
             continue

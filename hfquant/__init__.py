@@ -11,11 +11,12 @@ import sys as _sys
 def _load() -> None:
     """Loads the native ops and the public API, and registers "hfquant" with transformers (once)."""
     global HfQuantConfig, QuantizedKVCache, Int8Linear, LutLinear, QuantLinear, FakeQuantLinear, convert
-    global enable_scale_training, prepare_qat, register_lora, settings, __version__
+    global enable_scale_training, prepare_qat, register_lora, settings, save_pretrained, quantized_cache, __version__
     from . import _ext  # loads the native ops
     from .runtime import settings  # the kernel and backend switches, seeded from HFQUANT_* variables
     from .config import HfQuantConfig
-    from .kv_cache import QuantizedKVCache
+    from .fileio import save_pretrained
+    from .kv_cache import QuantizedKVCache, quantized_cache
     from .nn import Int8Linear, LutLinear, QuantLinear
     from .qat import FakeQuantLinear, convert, enable_scale_training, prepare_qat, register_lora
 
@@ -36,7 +37,8 @@ def _cli_starting() -> bool:
 
 
 _LOADED_NAMES = ("HfQuantConfig", "QuantizedKVCache", "Int8Linear", "LutLinear", "QuantLinear", "FakeQuantLinear",
-                 "convert", "enable_scale_training", "prepare_qat", "register_lora", "settings", "__version__")
+                 "convert", "enable_scale_training", "prepare_qat", "register_lora", "settings", "save_pretrained", "quantized_cache",
+                 "__version__")
 
 
 def __getattr__(name: str):
@@ -86,4 +88,5 @@ def quantize_model(model, config: HfQuantConfig | None = None, tokenizer=None, *
 
 
 __all__ = ["HfQuantConfig", "Int8Linear", "LutLinear", "QuantLinear", "QuantizedKVCache", "quantize_model", "__version__",
-           "FakeQuantLinear", "convert", "enable_scale_training", "prepare_qat", "register_lora", "settings"]
+           "FakeQuantLinear", "convert", "enable_scale_training", "prepare_qat", "register_lora", "settings",
+           "save_pretrained", "quantized_cache"]

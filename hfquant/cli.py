@@ -102,9 +102,9 @@ def _cmd_quantize(args) -> int:
                                 method=args.method,
                                 modules_to_not_convert=args.skip if args.skip is not None else None, **extra)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=cfg)
-    model.save_pretrained(args.out_dir)
+    hfquant.save_pretrained(model, args.out_dir)
     try:
-        AutoTokenizer.from_pretrained(args.model_dir).save_pretrained(args.out_dir)
+        hfquant.save_pretrained(AutoTokenizer.from_pretrained(args.model_dir), args.out_dir)
     except (OSError, ValueError) as exc:
         print(f"note: no tokenizer copied ({exc})", file=sys.stderr)
     print(f"wrote {args.out_dir} ({cfg.short_name})")
@@ -225,7 +225,7 @@ def _cmd_eval(args) -> int:
     from . import data
     from .evaluate import decode_speed, model_bytes, perplexity, perplexity_with_cache, size_on_disk
     from .evaluate.compare import check_model_dir
-    from .evaluate.run_one import ALL_CONFIGS, KV_CHUNK, kv_cache_settings, load
+    from .evaluate.run_one import ALL_CONFIGS, KV_CHUNK, cache_factory, kv_cache_settings, load
 
     if args.config and args.bits:
         raise ValueError("give either --config or --bits/--group-size, not both")
@@ -258,14 +258,12 @@ def _cmd_eval(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
         described = {"config": "as saved", "checkpoint": saved} if saved else {"config": "float32"}
     stride = args.stride or args.window
-    kv = kv_cache_settings(model)
+    kv = kv_cache_settings(model, args.config)
     if kv is None:
         ppl = perplexity(model, tok, text, max_length=args.window, stride=stride, max_tokens=args.max_tokens,
                          progress=True)
     else:
-        from .kv_cache import QuantizedKVCache
-
-        ppl = perplexity_with_cache(model, tok, text, lambda: QuantizedKVCache(model.config, *kv),
+        ppl = perplexity_with_cache(model, tok, text, cache_factory(model, kv),
                                     max_length=args.window, stride=stride, chunk=KV_CHUNK,
                                     max_tokens=args.max_tokens, progress=True)
     res = {
@@ -273,7 +271,7 @@ def _cmd_eval(args) -> int:
         "perplexity": ppl, "perplexity_tokens": n_tokens, "window": args.window, "stride": stride,
         "size_on_disk_bytes": size_on_disk(args.model_dir) if not args.config and not args.bits else None,
         "memory_bytes": model_bytes(model),
-        "decode_tokens_per_s": decode_speed(model, tok),
+        "decode_tokens_per_s": decode_speed(model, tok, cache=cache_factory(model, kv)),
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(res, indent=2))
@@ -422,7 +420,7 @@ def main(argv=None) -> int:
     q.add_argument("--smoothquant-alpha", type=float, default=None,
                    help="calibrate SmoothQuant with this migration strength (0..1) while quantizing")
     q.add_argument("--fold-norms", action=argparse.BooleanOptionalAction, default=None,
-                   help="move pre-norm scales into the next layers first (default: on for llm_int8, off for w8a8)")
+                   help="move pre-norm scales into the next layers first (default on)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: columns by decreasing Hessian diagonal, permutation stored (default on)")
     q.add_argument("--damp", type=float, default=None, help="gptq: Hessian dampening relative to its mean diagonal "

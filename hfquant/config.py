@@ -60,8 +60,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             the pre-norms (RMSNorm/LayerNorm before q/k/v and gate/up) into the weights that
             follow them, so that per-token int8 quantization sees the normalised residual
             stream rather than channels the norm amplified. Exact for the float model, no
-            calibration. Default: True for "llm_int8", False for "w8a8" (the choice measured on
-            validation text: docs/accuracy.md); False gives the plain published schemes.
+            calibration. Default: True (the choice measured on validation text for both methods:
+            docs/accuracy.md); False gives the plain published schemes.
         calibration: {"text": path or None (WikiText-2 validation), "n_samples": 32 (128 for
             gptq/awq), "seq_len": 512} for the calibrating methods.
         act_order: for "gptq": process columns by decreasing Hessian diagonal and store the

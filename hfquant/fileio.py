@@ -449,3 +449,19 @@ def atomic_dir(final: str):
         raise
     finally:
         _ACTIVE.discard(key)
+
+
+def save_pretrained(model, save_directory, **kwargs):
+    """``model.save_pretrained(save_directory, **kwargs)`` made atomic (atomic_dir): the files
+    are written into a staging folder that then replaces their namesakes in one step, so an
+    interrupted save leaves the old checkpoint, and the folder's other files (optimizer state,
+    logs, a README) stay as they were. Works for anything with a save_pretrained (models,
+    tokenizers). ``push_to_hub`` and non-main processes save in place, as transformers does."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise ValueError(f"hfquant.save_pretrained: {type(model).__name__} has no save_pretrained")
+    if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+        return model.save_pretrained(save_directory, **kwargs)
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise ValueError(f"hfquant.save_pretrained: the save directory must be a path, got {save_directory!r}")
+    with atomic_dir(save_directory) as stage:
+        return model.save_pretrained(stage, **kwargs)

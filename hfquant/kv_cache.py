@@ -221,35 +221,23 @@ class QuantizedKVCache(Cache):
         return sum(layer.memory_bytes(allocated) for layer in self.layers)
 
 
-def bind_to_generate(model, bits: int, group_size: int = 64, residual_length: int = 128) -> None:
-    """Makes ``model.generate`` (and the pipelines that call it) use a fresh QuantizedKVCache
-    whenever the caller passes no cache. A method bound to this model instance; transformers
-    itself is not patched. The model's attention is checked now, so an unsupported model
-    fails at load time, naming its type."""
-    config = model.config
-    QuantizedKVCache(config, bits, group_size, residual_length)  # validates
-    bind_generate(model)
-    model._hfquant_kv_cache = (bits, group_size, residual_length)
+def kv_cache_settings(model) -> tuple[int, int, int] | None:
+    """(bits, group_size, residual_length) of the KV cache that the model's hfquant
+    quantization_config asks for (kv_cache_bits, ...), or None."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    if q is None:
+        return None
+    get = q.get if isinstance(q, dict) else (lambda key, default=None: getattr(q, key, default))
+    if get("quant_method") != "hfquant" or get("kv_cache_bits") is None:
+        return None
+    return get("kv_cache_bits"), get("kv_cache_group_size", 64), get("kv_cache_residual_length", 128)
 
 
-def _generate(self, *args, **kwargs):
-    # generate of a model that hfquant loaded: an empty prompt is refused by name (the model's
-    # attention would fail on it with a reshape error), and a fresh QuantizedKVCache is given
-    # where the model has KV cache settings and the caller passed no cache
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[-1] == 0 \
-            and kwargs.get("inputs_embeds") is None:
-        raise ValueError("hfquant: generate got an empty input (0 tokens); give at least one token")
-    settings = getattr(self, "_hfquant_kv_cache", None)
-    if settings and kwargs.get("cache") is None and kwargs.get("past_key_values") is None \
-            and kwargs.get("use_cache", True):
-        kwargs["cache"] = QuantizedKVCache(self.config, *settings)
-    return type(self).generate(self, *args, **kwargs)
-
-
-def bind_generate(model) -> None:
-    """Binds ``_generate`` to this model instance (once); transformers itself is not patched."""
-    import types
-
-    if getattr(model.__dict__.get("generate"), "__func__", None) is not _generate:
-        model.generate = types.MethodType(_generate, model)
+def quantized_cache(model) -> QuantizedKVCache | None:
+    """A fresh QuantizedKVCache with the settings the model's quantization_config holds
+    (HfQuantConfig(kv_cache_bits=...)), for one generate call, or None when it holds none:
+    ``model.generate(ids, cache=hfquant.quantized_cache(model))``; a pipeline takes it the same
+    way (``pipe(prompt, cache=hfquant.quantized_cache(pipe.model))``). A cache holds one
+    generation's keys and values: make a new one for each call."""
+    settings = kv_cache_settings(model)
+    return None if settings is None else QuantizedKVCache(model.config, *settings)

@@ -1,11 +1,8 @@
 """HfQuantQuantizer: the transformers integration (quantize on load, save, reload)."""
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import re
-import types
 
 import torch
 from transformers.core_model_loading import ConversionOps
@@ -14,7 +11,6 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import _ext, checkpoint
 from .config import HfQuantConfig
-from .fileio import atomic_dir
 from .mapped_pages import release_file_range, release_mapped_pages, safetensors_ranges
 from .methods import layer_tensor_keys
 from .nn import PackedLinear
@@ -272,17 +268,14 @@ class HfQuantQuantizer(HfQuantizer):
 
 
 def _finish(model, config: HfQuantConfig) -> None:
-    """What every loaded hfquant model gets: an atomic save_pretrained, a generate that refuses
-    an empty prompt by name, and the quantized KV cache for generate when the config asks for one."""
-    _make_save_atomic(model)
-    if callable(getattr(type(model), "generate", None)):
-        from .kv_cache import bind_generate
+    """Checks, at load time, what the config asks of generate: a KV cache the model's attention
+    can hold (an unsupported model fails now, naming its type, rather than at its first
+    generate). Nothing is bound to the model: generate takes hfquant.quantized_cache(model)."""
+    if config.kv_cache_bits is not None and hasattr(model, "config"):
+        from .kv_cache import QuantizedKVCache
 
-        bind_generate(model)
-    if config.kv_cache_bits is not None:
-        from .kv_cache import bind_to_generate
-
-        bind_to_generate(model, config.kv_cache_bits, config.kv_cache_group_size, config.kv_cache_residual_length)
+        QuantizedKVCache(model.config, config.kv_cache_bits, config.kv_cache_group_size,
+                         config.kv_cache_residual_length)
 
 
 def _warn_buffers_not_offloaded(model) -> None:
@@ -310,27 +303,3 @@ def attach_quantizer(model, config: HfQuantConfig, kept: list[str]) -> None:
 
 def _first_quantized(model) -> str | None:
     return next((n for n, m in model.named_modules() if isinstance(m, PackedLinear)), None)
-
-
-def _make_save_atomic(model) -> None:
-    """Makes this model's save_pretrained write into a staging folder that then replaces the
-    files it writes in one step (hfquant.fileio.atomic_dir): an interrupted save leaves the
-    old checkpoint, and the other files of the folder (optimizer state, logs, README) stay."""
-    if getattr(model, "_hfquant_atomic_save", False):
-        return
-
-    # A method bound to the model (not a closure over it), so that a deepcopy of the model
-    # saves the copy.
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        original = functools.partial(type(self).save_pretrained, self)
-        if (kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True)
-                or not isinstance(save_directory, (str, os.PathLike))):
-            return original(save_directory, *args, **kwargs)
-        final = os.path.abspath(os.fspath(save_directory))
-        if os.path.isfile(final):
-            raise ValueError(f"hfquant: save_pretrained target {final} is a file, not a directory")
-        with atomic_dir(final) as tmp:
-            return original(tmp, *args, **kwargs)
-
-    model.save_pretrained = types.MethodType(save_pretrained, model)
-    model._hfquant_atomic_save = True

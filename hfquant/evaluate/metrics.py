@@ -153,25 +153,27 @@ class _StepClock:
 
 @torch.no_grad()
 def decode_speed(model, tokenizer, new_tokens: int = 64, prompt_tokens: int = 32, batch: int = 1,
-                 repeats: int = 3, on_run=None) -> float:
+                 repeats: int = 3, on_run=None, cache=None) -> float:
     """Decode tokens/s (sequence steps x batch), prefill excluded, median of repeats.
 
     Each repeat is one greedy ``generate`` of ``new_tokens + 1`` tokens; the clock runs from
     the end of the first step (prefill and first token) to the end of the last, so the rate
     covers ``new_tokens`` decode steps and no prefill. One short warm-up run precedes them.
     ``on_run(seconds)``, if given, is called with the wall time of each whole repeat.
+    ``cache``, if given, makes the KV cache of each generate call (a fresh one each time).
     """
     from transformers import StoppingCriteriaList
 
     ids = _prompt_ids(tokenizer, prompt_tokens).repeat(batch, 1)
     kw = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    fresh = (lambda: {"cache": cache()}) if cache is not None else dict
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw, **fresh())  # warm-up
     rates = []
     for _ in range(repeats):
         clock = _StepClock()
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                       stopping_criteria=StoppingCriteriaList([clock]), **kw)
+                       stopping_criteria=StoppingCriteriaList([clock]), **kw, **fresh())
         if on_run is not None:
             on_run(time.perf_counter() - t0)
         steps = len(clock.times) - 1

@@ -39,7 +39,8 @@ CONFIGS = {
                                      calibration={"n_samples": 16})),
     "llm_int8": ("hfquant", dict(method="llm_int8")),
     "w8a8": ("hfquant", dict(method="w8a8")),
-    "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.5)),
+    # SmoothQuant's migration strength chosen on validation text (docs/accuracy.md, defaults-validation)
+    "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.6)),
     "km4": ("hfquant", dict(method="kmeans", bits=4)),
     "km3": ("hfquant", dict(method="kmeans", bits=3)),
     # quantized KV cache (QuantizedKVCache: group 64, newest 128 tokens in full precision):
@@ -158,12 +159,8 @@ def load(model_dir: str, name: str):
     kind, s = ALL_CONFIGS[name]
     if kind == "plain":
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, s["dtype"]))
-    if kind == "kv":
-        from ..kv_cache import bind_to_generate
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, s["dtype"]))
-        bind_to_generate(model, s["kv_cache_bits"])  # generate() then uses a QuantizedKVCache
-        return model
+    if kind == "kv":  # a float model; its generate calls take a QuantizedKVCache (kv_cache_settings)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, s["dtype"]))
     if kind == "hfquant":
         import hfquant
 
@@ -218,9 +215,25 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def kv_cache_settings(model) -> tuple[int, int, int] | None:
-    """(bits, group_size, residual_length) of the quantized KV cache generate() uses, or None."""
-    return getattr(model, "_hfquant_kv_cache", None) or None
+def kv_cache_settings(model, config_name: str | None = None) -> tuple[int, int, int] | None:
+    """(bits, group_size, residual_length) of the quantized KV cache this configuration generates
+    with: a "kv" configuration's own (group 64, newest 128 tokens in full precision), else the one
+    the model's quantization_config asks for; None for neither."""
+    from ..kv_cache import kv_cache_settings as saved
+
+    kind, s = ALL_CONFIGS.get(config_name, (None, {}))
+    if kind == "kv":
+        return s["kv_cache_bits"], 64, 128
+    return saved(model)
+
+
+def cache_factory(model, kv):
+    """A callable making a fresh QuantizedKVCache with the settings ``kv`` (None: no cache given)."""
+    if kv is None:
+        return None
+    from ..kv_cache import QuantizedKVCache
+
+    return lambda: QuantizedKVCache(model.config, *kv)
 
 
 def run(args: dict) -> dict:
@@ -286,16 +299,14 @@ def run(args: dict) -> dict:
     res["rss_at_inference_start_bytes"] = _vm_rss_bytes()
     reset = _reset_rss_peak()
     t0 = time.perf_counter()
-    kv = kv_cache_settings(model)
+    kv = kv_cache_settings(model, name)
     res["perplexity"] = None
     if n_tokens < window:
         res["perplexity_na"] = (f"the text has {n_tokens} tokens, fewer than one window of {window}; "
                                 "give a longer text (--text) or a smaller --window")
     elif kv is not None:
         # the cache in the loop: windows fed 32 tokens at a time through a fresh quantized cache
-        from ..kv_cache import QuantizedKVCache
-
-        res["perplexity"] = perplexity_with_cache(model, tok, text, lambda: QuantizedKVCache(model.config, *kv),
+        res["perplexity"] = perplexity_with_cache(model, tok, text, cache_factory(model, kv),
                                                   max_length=window, stride=stride, chunk=KV_CHUNK,
                                                   max_tokens=args["max_tokens"])
         res["perplexity_method"] = (f"windows fed {KV_CHUNK} tokens at a time through a QuantizedKVCache "
@@ -318,10 +329,10 @@ def run(args: dict) -> dict:
     rapl0, cpu0, w0 = _rapl_uj(), _cpu_seconds(), time.perf_counter()
     runs = []
     res["decode_tokens_per_s"]["1"] = decode_speed(model, tok, new_tokens=args["new_tokens"], batch=1,
-                                                   repeats=reps, on_run=runs.append)
+                                                   repeats=reps, on_run=runs.append, cache=cache_factory(model, kv))
     rapl1, cpu1, w1 = _rapl_uj(), _cpu_seconds(), time.perf_counter()
     res["decode_tokens_per_s"]["8"] = decode_speed(model, tok, new_tokens=args["new_tokens"], batch=8,
-                                                   repeats=reps)
+                                                   repeats=reps, cache=cache_factory(model, kv))
     secs["decode"] = time.perf_counter() - t0
     tokens = (args["new_tokens"] + 1) * reps
     energy = {"tokens": tokens, "wall_seconds": w1 - w0, "cpu_seconds": cpu1 - cpu0,

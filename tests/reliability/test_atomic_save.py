@@ -1,4 +1,4 @@
-"""save_pretrained interrupted between files (a fault injected into the second shard write)
+"""hfquant.save_pretrained (the atomic save) interrupted between files (a fault injected into the second shard write)
 leaves either the old checkpoint byte for byte, or no directory at the target at all."""
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_interrupted_sharded_save_leaves_nothing_new(model, tmp_path, monkeypatc
     target = tmp_path / "new"
     calls = _fail_on_call(monkeypatch, 2, exc)
     with pytest.raises(type(exc)):
-        model.save_pretrained(target, max_shard_size="1MB")
+        hfquant.save_pretrained(model, target, max_shard_size="1MB")
     assert len(calls) == 2  # the first shard was written, then the fault
     assert not target.exists()
     assert os.listdir(tmp_path) == []  # no temporary directory left behind either
@@ -51,12 +51,12 @@ def test_interrupted_sharded_save_leaves_nothing_new(model, tmp_path, monkeypatc
 
 def test_interrupted_overwrite_keeps_the_old_checkpoint(model, tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    model.save_pretrained(target, max_shard_size="1MB")
+    hfquant.save_pretrained(model, target, max_shard_size="1MB")
     (target / "README.md").write_text("kept beside the model")
     before = _digest(target)
     _fail_on_call(monkeypatch, 3, OSError("disk full (injected)"))
     with pytest.raises(OSError, match="injected"):
-        model.save_pretrained(target, max_shard_size="2MB")
+        hfquant.save_pretrained(model, target, max_shard_size="2MB")
     monkeypatch.undo()
     assert _digest(target) == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -69,9 +69,9 @@ def test_completed_overwrite_replaces_all_files(model, tmp_path):
     """A sharded checkpoint overwritten by a single-file one keeps no stale shard or index
     (which transformers would otherwise prefer), and keeps the user's other files."""
     target = tmp_path / "ckpt"
-    model.save_pretrained(target, max_shard_size="1MB")
+    hfquant.save_pretrained(model, target, max_shard_size="1MB")
     (target / "README.md").write_text("kept")
-    model.save_pretrained(target)
+    hfquant.save_pretrained(model, target)
     assert sorted(os.listdir(target)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     again = AutoModelForCausalLM.from_pretrained(target)
     with torch.no_grad():
@@ -83,5 +83,5 @@ def test_in_memory_quantized_model_saves_atomically(slice_dir, tmp_path, monkeyp
     hfquant.quantize_model(model, hfquant.HfQuantConfig(bits=8, group_size=-1))
     _fail_on_call(monkeypatch, 1, OSError("injected"))
     with pytest.raises(OSError):
-        model.save_pretrained(tmp_path / "q")
+        hfquant.save_pretrained(model, tmp_path / "q")
     assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""save_pretrained into a folder that holds more than a checkpoint (a Trainer output folder):
+"""hfquant.save_pretrained (the atomic save) into a folder that holds more than a checkpoint (a Trainer output folder):
 the other files survive, the checkpoint switches in one step (kill -9 at every file-system
 call of the save leaves the old or the new one), a full disk changes nothing, and the next
 save cleans up after a killed one. A tiny random Llama keeps it fast."""
@@ -52,7 +52,7 @@ def qmodel(float_dir):
 @pytest.fixture(scope="module")
 def refs(root, float_dir, qmodel):
     """{"old": tensors of the float checkpoint, "new": tensors the quantized save writes}."""
-    qmodel.save_pretrained(root / "new_ref")
+    hfquant.save_pretrained(qmodel, root / "new_ref")
     return {"old": load_file(float_dir / "model.safetensors"), "new": load_file(root / "new_ref" / "model.safetensors")}
 
 
@@ -122,7 +122,7 @@ def test_trainer_folder_survives_the_save(tmp_path, float_dir, qmodel, refs):
     os.chmod(target, 0o751)
     users = _user_files(target)
     inode = os.stat(target / "optimizer.pt").st_ino
-    qmodel.save_pretrained(target)
+    hfquant.save_pretrained(qmodel, target)
     assert _user_files(target) == users
     assert os.stat(target / "optimizer.pt").st_ino == inode  # the same file, not a copy
     assert os.stat(target).st_mode & 0o777 == 0o751
@@ -141,7 +141,7 @@ def test_stale_shards_of_an_older_save_are_removed(tmp_path, float_dir, qmodel, 
     assert len(shards) > 2 and (target / "model.safetensors.index.json").exists()
     (target / "model.fp16.safetensors").write_bytes(b"another variant: not ours to remove")
     users = _user_files(target)
-    qmodel.save_pretrained(target)
+    hfquant.save_pretrained(qmodel, target)
     assert _user_files(target) == users
     assert sorted(n for n in os.listdir(target) if _is_checkpoint_file(n)) == [
         "config.json", "generation_config.json", "model.fp16.safetensors", "model.safetensors"]
@@ -149,7 +149,7 @@ def test_stale_shards_of_an_older_save_are_removed(tmp_path, float_dir, qmodel, 
     os.unlink(target / "model.fp16.safetensors")
     assert _state(target, refs) == "new"
     # and back: a sharded save over a single file leaves no model.safetensors behind
-    qmodel.save_pretrained(target, max_shard_size="20KB")
+    hfquant.save_pretrained(qmodel, target, max_shard_size="20KB")
     assert not (target / "model.safetensors").exists() and (target / "model.safetensors.index.json").exists()
     assert _user_files(target) == users
 
@@ -200,7 +200,7 @@ for line in sys.stdin:
         else:
             arm(int(arg), what == "fallback")
         try:
-            model.save_pretrained(target)
+            hfquant.save_pretrained(model, target)
         except BaseException as exc:
             print(f"error {exc}", flush=True)
             os._exit(3)
@@ -251,7 +251,7 @@ def test_kill_at_every_step_leaves_old_or_new(tmp_path, float_dir, qmodel, refs,
             assert state in ("old", "new"), f"call {n}"
         if state is not None:
             AutoModelForCausalLM.from_pretrained(target)  # loadable as it is
-        qmodel.save_pretrained(target)  # the next save cleans up and succeeds
+        hfquant.save_pretrained(qmodel, target)  # the next save cleans up and succeeds
         assert _state(target, refs) == "new", f"call {n}"
         assert _user_files(target) == users, f"call {n}"
         _no_strays(target)
@@ -295,7 +295,7 @@ def test_no_space_while_writing_weights(tmp_path, float_dir, qmodel, refs, monke
 
     monkeypatch.setattr(mu, "safe_save_file", half_written)
     with pytest.raises(OSError) as info:
-        qmodel.save_pretrained(target)
+        hfquant.save_pretrained(qmodel, target)
     assert str(info.value) == (f"hfquant: could not save into {target}: No space left on device "
                                "(the folder was left as it was)")
     assert info.value.errno == errno.ENOSPC
@@ -310,7 +310,7 @@ def test_without_hard_links_the_fallback_keeps_every_file(tmp_path, float_dir, q
         raise OSError(errno.EPERM, "hard links not allowed here")
 
     monkeypatch.setattr(os, "link", no_link)
-    qmodel.save_pretrained(target)
+    hfquant.save_pretrained(qmodel, target)
     assert _state(target, refs) == "new"
     assert _user_files(target) == users
     _no_strays(target)
@@ -336,7 +336,7 @@ def test_strays_give_back_user_files_and_live_ones_stay(tmp_path, float_dir, qmo
     live = tmp_path / f".run.hfquant-save-{os.getppid()}-live0000-2"
     live.mkdir()
     (live / "config.json").write_text("{}")
-    qmodel.save_pretrained(target)
+    hfquant.save_pretrained(qmodel, target)
     assert (target / "notes.txt").read_text() == "only here"
     assert (target / "runs" / "late.log").read_text() == "late"
     assert (target / "sub").is_dir()
@@ -349,7 +349,7 @@ def test_a_folder_left_only_in_a_killed_save_is_restored(tmp_path, float_dir, qm
     old = _trainer_folder(tmp_path / f".run.hfquant-save-{_dead_pid()}-abcd1234-1", float_dir)
     users = _user_files(old)
     target = tmp_path / "run"
-    qmodel.save_pretrained(target)
+    hfquant.save_pretrained(qmodel, target)
     assert _user_files(target) == users
     assert _state(target, refs) == "new"
     _no_strays(target)
