@@ -99,13 +99,13 @@ CHOICES = [
     ("LLM.int8 threshold (norm scales folded)", [("4", dict(method="llm_int8", llm_int8_threshold=4.0), False),
                                                  ("6 (default)", dict(method="llm_int8"), True),
                                                  ("8", dict(method="llm_int8", llm_int8_threshold=8.0), False)]),
-    ("W8A8 SmoothQuant alpha (README's and compare's w8a8sq: 0.5)",
-     [("0.5 (used)", dict(method="w8a8", smoothquant_alpha=0.5), True),
-      ("0.6", dict(method="w8a8", smoothquant_alpha=0.6), False),
+    ("W8A8 SmoothQuant alpha (README's and compare's w8a8sq)",
+     [("0.5", dict(method="w8a8", smoothquant_alpha=0.5), False),
+      ("0.6 (used)", dict(method="w8a8", smoothquant_alpha=0.6), True),
       ("0.7", dict(method="w8a8", smoothquant_alpha=0.7), False)]),
-    ("rtn_mse max_shrink (W4 g128)", [("0.5 (default)", dict(method="rtn_mse", max_shrink=0.5), True),
+    ("rtn_mse max_shrink (W4 g128)", [("0.5", dict(method="rtn_mse", max_shrink=0.5), False),
                                       ("0.2", dict(method="rtn_mse", max_shrink=0.2), False),
-                                      ("0.1", dict(method="rtn_mse", max_shrink=0.1), False)]),
+                                      ("0.1 (default)", dict(method="rtn_mse", max_shrink=0.1), True)]),
 ]
 
 
