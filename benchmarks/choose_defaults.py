@@ -70,15 +70,12 @@ def _grid_full(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _grid_mse(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The full grid with each group's range shrunk by the factor of least squared weight error
-    (method rtn_mse, its default settings)."""
+    """The full grid with each group's range shrunk by the factor of least squared weight error,
+    up to half of it (method rtn_mse with max_shrink 0.5; its own sweep is a question below)."""
     from hfquant.algorithms.gptq import search_clip
     from hfquant.formats.v1 import grouped
-    from hfquant.methods.rtn_mse import RtnMseSettings
 
-    s = RtnMseSettings()
-    clip = search_clip(grouped(w.float(), group_size), None, 4, True, w.dtype, steps=s.clip_steps,
-                       max_shrink=s.max_shrink)
+    clip = search_clip(grouped(w.float(), group_size), None, 4, True, w.dtype, steps=20, max_shrink=0.5)
     return formats.fake_quantize(w, 4, -1 if group_size == w.shape[1] else group_size, True, clip=clip)
 
 
@@ -88,7 +85,7 @@ GRIDS = {"full grid, nothing clipped (default)": _grid_full, "max abs / 7": _gri
 # positive (the extreme lands on the code -8), and format v1 refuses negative scales; the MSE
 # clip search is a method of its own (rtn_mse), measured here beside the grids
 NOT_IN_FORMAT = {"Q4_0: extreme / -8, may clip": "needs negative scales, which format v1 refuses",
-                 "MSE clip search": "method rtn_mse, not a grid of rtn"}
+                 "MSE clip search": "method rtn_mse (max_shrink 0.5), not a grid of rtn"}
 
 # (question, [(candidate label, HfQuantConfig settings, is the default)])
 CHOICES = [
@@ -135,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/choose_defaults.py" + "".join(" " + shlex.quote(a) for a in
                                                                (sys.argv[1:] if argv is None else argv))
     if args.from_json:
-        return render(*merge_runs([json.loads(f.read_text()) for f in args.from_json]),
-                      args.docs if args.write_docs else None)
+        merged = list(merge_runs([json.loads(f.read_text()) for f in args.from_json]))
+        merged[2] = merged[2] + [command]  # and the command that rendered them
+        return render(*merged, args.docs if args.write_docs else None)
     torch.set_num_threads(args.threads)
     model_dir = str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -153,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 perplexity(model, tok, test, max_length=512, stride=512, max_windows=args.windows))
 
     base = score(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
-    questions = [(f"W4 {'per channel' if g == -1 else f'g{g}'} symmetric grid (RTN)",
-                  [(label, (fn, g), "default" in label) for label, fn in GRIDS.items()]) for g in (128, -1, 32)]
-    questions += CHOICES
+    questions = all_questions()
     results = []
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as calib:
         calib.write(calib_text)
@@ -190,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                   args.docs if args.write_docs else None)
 
 
+def all_questions() -> list:
+    """(question, [(candidate label, how, is the default)]): the W4 grids at g128, per channel and
+    g32, then CHOICES."""
+    grids = [(f"W4 {'per channel' if g == -1 else f'g{g}'} symmetric grid (RTN)",
+              [(label, (fn, g), "default" in label) for label, fn in GRIDS.items()]) for g in (128, -1, 32)]
+    return grids + CHOICES
+
+
 def merge_runs(runs: list[dict]) -> tuple:
     """One table from kept runs on the same model and windows: a later run's questions replace
     an earlier's (a default changed, its question measured again); every command is listed."""
@@ -200,6 +204,8 @@ def merge_runs(runs: list[dict]) -> tuple:
     results: dict[str, dict] = {}
     for r in runs:
         results.update({q["question"]: q for q in r["results"]})
+    # the questions the script asks now, in its order (a question reworded since is dropped)
+    results = {q: results[q] for q, _ in all_questions() if q in results}
     threads = sorted({r["threads"] for r in runs})
     return (list(results.values()), first["base"], [r["command"] for r in runs], first["windows"],
             "/".join(map(str, threads)), first["cpu"], max(r["date"] for r in runs), sum(r["seconds"] for r in runs),
@@ -227,9 +233,9 @@ def render(results, base, command, windows, threads, cpu, date, seconds, model_d
                              "on validation"], rows)
     body = "\n".join([
         "### Defaults chosen on validation text", "",
-        ("Command: " if isinstance(command, str) or len(command) == 1 else "Commands (a later one's questions "
-         "replace the earlier's): ") + "; ".join(f"`{c}`" for c in ([command] if isinstance(command, str)
-                                                                   else command)), "",
+        ("Command: " if isinstance(command, str) else "Commands (the runs, a later one's questions replacing "
+         "the earlier's, each keeping its measurements with --json; then the one that merged them): ")
+        + "; ".join(f"`{c}`" for c in ([command] if isinstance(command, str) else command)), "",
         f"Model {Path(model_dir).name} (fp32: validation {base[0]:.3f}, test {base[1]:.3f}); validation: "
         f"{windows} windows of 512 tokens from the last {100 - 100 * CALIB_SHARE:.0f}% of WikiText-2 "
         f"validation (calibration reads only the first {100 * CALIB_SHARE:.0f}%); test: the first {windows} "
