@@ -41,6 +41,9 @@ CONFIGS = {
     "w8a8": ("hfquant", dict(method="w8a8")),
     # SmoothQuant's migration strength chosen on validation text (docs/accuracy.md, defaults-validation)
     "w8a8sq": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.6)),
+    # the published schemes: W8A8 without the norm-scale fold, SmoothQuant at the paper's 0.5
+    "w8a8-nofold": ("hfquant", dict(method="w8a8", fold_norms=False)),
+    "w8a8sq0.5": ("hfquant", dict(method="w8a8", smoothquant_alpha=0.5)),
     "km4": ("hfquant", dict(method="kmeans", bits=4)),
     "km3": ("hfquant", dict(method="kmeans", bits=3)),
     # quantized KV cache (QuantizedKVCache: group 64, newest 128 tokens in full precision):
