@@ -174,17 +174,17 @@ def test_interrupted_save_leaves_no_loadable_dir(w8_saved, tmp_path, monkeypatch
 
     monkeypatch.setattr(mu, "safe_save_file", boom)
     with pytest.raises(OSError, match="injected"):
-        model.save_pretrained(str(target))
+        hfquant.save_pretrained(model, str(target))
     assert not target.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith("new")]  # no temp dir left behind
 
     # an existing checkpoint survives a failed overwrite untouched
     monkeypatch.undo()
-    model.save_pretrained(str(target))
+    hfquant.save_pretrained(model, str(target))
     before = sorted(os.listdir(target))
     monkeypatch.setattr(mu, "safe_save_file", boom)
     with pytest.raises(OSError):
-        model.save_pretrained(str(target))
+        hfquant.save_pretrained(model, str(target))
     assert sorted(os.listdir(target)) == before
     monkeypatch.undo()
     AutoModelForCausalLM.from_pretrained(str(target))
