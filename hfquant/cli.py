@@ -141,7 +141,7 @@ def _cmd_info(args) -> int:
             kept |= {k[: -len(".weight")] for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2}
         kept -= quantized
         info.update({
-            "scheme": _describe_scheme(q),
+            "scheme": _saved_method(q).describe(q),
             "method": q.get("method"), "bits": q.get("bits"), "group_size": q.get("group_size"),
             "symmetric": q.get("symmetric"), "format_version": q.get("format_version"),
             "modules_to_not_convert": q.get("modules_to_not_convert"),
@@ -210,11 +210,6 @@ def _saved_method(q: dict):
     from .methods import get_method
 
     return get_method(q.get("method", "rtn"))
-
-
-def _describe_scheme(q: dict) -> str:
-    """The weight scheme of an hfquant quantization_config in words."""
-    return _saved_method(q).describe(q)
 
 
 def _cmd_eval(args) -> int:

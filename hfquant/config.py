@@ -156,7 +156,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         if name.startswith("__") or "settings" not in self.__dict__:
             raise AttributeError(name)
         settings = self.__dict__["settings"]
-        if name in {f for f in vars(settings)}:
+        if name in vars(settings):
             return getattr(settings, name)
         raise AttributeError(f"HfQuantConfig: method {self.__dict__.get('method')!r} has no setting {name!r}")
 

@@ -13,8 +13,6 @@ from .runtime import settings as _settings
 from .formats.kernel_layouts import (CUDA_ROW_PAD, I8_CUDA_PAD, I8_KG, I8_TILE, K_ALIGN, LUT_TABLE, LUT_UNIT_K, NR,
                                      cuda_seg_k, group_geometry, lut_group_geometry, round_up)
 
-_NR = NR
-
 
 def _ref():
     """hfquant/ref.py, the pure-torch twins: imported only when the ref backend is selected."""
@@ -53,10 +51,10 @@ def _repack_fake(qweight, scales, zeros, bits, group_size, in_features):
         sb = scales.new_empty((G, 1 if zeros is None else 2, Np), dtype=torch.float32)
         return w, sb
     Kp = round_up(in_features, K_ALIGN)
-    T = -(-N // _NR)
+    T = -(-N // NR)
     unit = 32 if bits == 4 else 16
-    w = qweight.new_empty((T, Kp // unit, _NR, 16), dtype=torch.uint8)
-    sb = scales.new_empty((T, G, 2, _NR), dtype=torch.float32)
+    w = qweight.new_empty((T, Kp // unit, NR, 16), dtype=torch.uint8)
+    sb = scales.new_empty((T, G, 2, NR), dtype=torch.float32)
     return w, sb
 
 

@@ -95,14 +95,24 @@ def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
                          + did_you_mean(key, layers))
 
 
-def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_weights: bool) -> list[str]:
-    """Swaps target layers for empty QuantLinear modules (on the module's device, usually meta)."""
+def _plan(model: nn.Module, config: HfQuantConfig, pre_quantized: bool):
+    """(linear layers to quantize, linear layers kept, embeddings to quantize, tied heads), the
+    names checked first; the heads that share a quantized embedding are neither target nor kept."""
     check_overrides(model, config)
     targets, kept = find_targets(model, config)
     embeds = embedding_targets(model, config)
-    heads = tied_heads(model, config, embeds, pre_quantized=not expect_float_weights)
+    heads = tied_heads(model, config, embeds, pre_quantized=pre_quantized)
     targets = [t for t in targets if t[0] not in heads]
     kept = [k for k in kept if k not in heads]
+    if not targets:
+        raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    return targets, kept, embeds, heads
+
+
+def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_weights: bool) -> list[str]:
+    """Swaps target layers for the method's empty layers (Method.empty_layer, on the module's
+    device, usually meta), and embeddings for empty QuantEmbedding."""
+    targets, kept, embeds, heads = _plan(model, config, pre_quantized=not expect_float_weights)
     tied = tied_sources(model)
     for name, module, transposed in targets:
         w = module.weight
@@ -118,8 +128,6 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
         if name in tied:
             untie(model, name)
         set_module(model, name, new)
-    if not targets:
-        raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
     for name, module in embeds:
         scheme = config.scheme_for(name)
         w = module.weight
@@ -138,14 +146,7 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
     (hfquant/methods/): its calibration step runs first on the float model where it has one
     (GPTQ, AWQ, mixed precision, SmoothQuant, the norm-scale fold). ``tokenizer`` serves the
     calibration (by default the one saved beside the model is loaded)."""
-    check_overrides(model, config)
-    targets, kept = find_targets(model, config)
-    embeds = embedding_targets(model, config)
-    heads = tied_heads(model, config, embeds, pre_quantized=False)
-    targets = [t for t in targets if t[0] not in heads]
-    kept = [k for k in kept if k not in heads]
-    if not targets:
-        raise ValueError("hfquant: the model has no nn.Linear (or Conv1D) layer to quantize")
+    targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
     method = config.impl
     if method.needs_float_model():
         method.calibrate(model, targets, embeds, heads, tokenizer)

@@ -76,3 +76,15 @@ def save_tiny_llama(path, seed: int = 0):
                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+def load_benchmark(name: str):
+    """The module benchmarks/<name>.py, loaded by path (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                  f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -186,12 +186,32 @@ class Method:
 
     @classmethod
     def make_settings(cls, values: dict[str, Any]):
-        """The Settings dataclass from the arguments given (defaults for the others)."""
+        """The Settings dataclass from the arguments given (defaults for the others): None stands
+        for the default of a setting whose default is not None, lists of names or ints are copied
+        into lists, and a ``calibration`` setting is completed from DEFAULT_CALIBRATION (with
+        ``default_samples`` windows)."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Settings)}
+        values = {k: v for k, v in values.items()
+                  if v is not None or fields[k].default is None}
+        for k, v in values.items():
+            if cls.SETTING_TYPES.get(k) in ("names", "ints") and isinstance(v, (list, tuple)):
+                values[k] = list(v)
+        if "calibration" in fields:
+            values["calibration"] = {**DEFAULT_CALIBRATION, "n_samples": cls.default_samples(values),
+                                     **(values.get("calibration") or {})}
         return cls.Settings(**values)
+
+    @classmethod
+    def default_samples(cls, values: dict[str, Any]) -> int:
+        """Calibration windows when ``calibration`` does not say (a method may make it depend on
+        its other settings)."""
+        return DEFAULT_CALIBRATION["n_samples"]
 
     def check_settings(self) -> None:
         """Raises ValueError naming a bad setting of this method (types first, then values)."""
         check_types(vars(self.settings), self.SETTING_TYPES, self.NONE_OK)
+        if "calibration" in vars(self.settings):
+            check_calibration(self.settings.calibration)
 
     @property
     def settings(self):

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..nn import QuantLinear
-from .base import DEFAULT_CALIBRATION, check_calibration, check_number, register_method
+from .base import check_number, register_method
 from .rtn import Rtn
 
 # GPTQ and AWQ calibrate on more windows by default (the papers' 128)
@@ -26,23 +26,11 @@ class GptqSettings:
 class CalibratedMethod(Rtn):
     """A weight-only method calibrated on text after the float model loaded."""
 
-    calibration_samples = CALIBRATED_SAMPLES
     qat = False
 
     @classmethod
-    def make_settings(cls, values):
-        values = dict(values)
-        values["calibration"] = {**DEFAULT_CALIBRATION, "n_samples": cls.default_samples(values),
-                                 **(values.get("calibration") or {})}
-        return cls.Settings(**values)
-
-    @classmethod
     def default_samples(cls, values) -> int:
-        return cls.calibration_samples
-
-    def check_settings(self) -> None:
-        super().check_settings()
-        check_calibration(self.settings.calibration)
+        return CALIBRATED_SAMPLES
 
     def needs_float_model(self) -> bool:
         return True

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..nn import Int8Linear
 from .rtn import quantize_rtn_by_rows
-from .base import DEFAULT_CALIBRATION, Method, check_calibration, check_number, register_method
+from .base import Method, check_number, register_method
 
 
 @dataclasses.dataclass
@@ -45,19 +45,6 @@ class LlmInt8(Method):
         super().__init__(config)
         self.smooth = {}
 
-    @classmethod
-    def make_settings(cls, values):
-        values = dict(values)
-        for key in ("fold_norms", "smooth_modules"):  # None: the default
-            if key in values and values[key] is None:
-                del values[key]
-        if "smooth_modules" in values:
-            sm = values["smooth_modules"]
-            values["smooth_modules"] = [sm] if isinstance(sm, str) else list(sm) if isinstance(sm, (list, tuple)) \
-                else sm
-        values["calibration"] = {**DEFAULT_CALIBRATION, **(values.get("calibration") or {})}
-        return cls.Settings(**values)
-
     @property
     def threshold(self) -> float:
         """The outlier threshold the layers run with (0: plain W8A8)."""
@@ -76,7 +63,6 @@ class LlmInt8(Method):
                              "(0 turns outlier detection off)")
         if s.smoothquant_alpha is not None:
             check_number("smoothquant_alpha", s.smoothquant_alpha, 0, 1)
-        check_calibration(s.calibration)
 
     def needs_float_model(self) -> bool:
         return self.settings.smoothquant_alpha is not None or self.settings.fold_norms

@@ -39,15 +39,6 @@ class Mixed(Gptq):
     w8_group_size = None  # its bits vary per layer
 
     @classmethod
-    def make_settings(cls, values):
-        values = dict(values)
-        if values.get("mixed_bits") is None:
-            values.pop("mixed_bits", None)
-        else:
-            values["mixed_bits"] = list(values["mixed_bits"])
-        return super().make_settings(values)
-
-    @classmethod
     def default_samples(cls, values) -> int:
         return CALIBRATED_SAMPLES if values.get("mixed_base") == "gptq" else DEFAULT_MIXED_SAMPLES
 

@@ -159,7 +159,8 @@ def prepare_qat(model: nn.Module, config: HfQuantConfig | None = None, learn_sca
     if is_quantized(model):
         raise ValueError("prepare_qat: the model is already quantized (it holds hfquant quantized layers); "
                          "QAT starts from the float model. To fine-tune a quantized model, use "
-                         "hfquant.enable_scale_training (scales only) or LoRA through peft")
+                         "hfquant.enable_scale_training (scales only) or LoRA through peft "
+                         "(hfquant.register_lora)")
     if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ValueError("prepare_qat: the model already holds FakeQuantLinear layers (prepare_qat ran on it)")
     check_overrides(model, config)

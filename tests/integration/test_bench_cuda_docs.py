@@ -2,13 +2,13 @@
 run's rows (fake rows here) into a copy of docs/benchmarks.md, and --from-json."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from _utils import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -17,10 +17,7 @@ BEGIN, END = "<!-- bench:cuda:begin -->", "<!-- bench:cuda:end -->"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cuda", REPO / "benchmarks" / "bench_cuda.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_cuda")
 
 
 def fake_run(**extra) -> dict:

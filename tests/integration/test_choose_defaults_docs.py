@@ -3,21 +3,15 @@ replace an earlier's, a question reworded since is dropped), the pick among the 
 format can store, the exit code when a default is not the pick, and the section it writes."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from _utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def choose():
-    spec = importlib.util.spec_from_file_location("choose_defaults", REPO / "benchmarks" / "choose_defaults.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("choose_defaults")
 
 
 def _run(choose, questions: dict[str, list[tuple[str, float, bool]]], command: str, threads=1) -> dict:

@@ -5,20 +5,13 @@ by at most 1.3 x (the bytes the quantized model holds + one bf16 decoder layer).
 ~1.5B-parameter version is benchmarks/bench_memory.py (figures in docs/reliability.md)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_memory.py"
+from _utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_memory")
 
 
 def test_quantize_on_load_peak_memory(bench, tmp_path):
