@@ -40,20 +40,10 @@ CALIB_SHARE = 0.8
 
 
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """w [N, K] as [N, G, group_size], the last group padded with zeros (a zero changes no
-    symmetric group's largest magnitude, so a short last group keeps its own scale)."""
+    """w [N, K] as [N, G, group_size], the last group padded with zeros."""
     N, K = w.shape
     pad = -K % group_size
     return torch.nn.functional.pad(w.float(), (0, pad)).reshape(N, -1, group_size)
-
-
-def _grid_q4_0(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Q4_0-style symmetric 4-bit: s = (the group's largest-magnitude weight) / -8, codes
-    clamp(round(w / s), -8, 7): the extreme lands on -8 exactly, its opposite side may clip."""
-    g = _groups(w, group_size)
-    ext = g.gather(-1, g.abs().argmax(-1, keepdim=True))
-    s = torch.where(ext == 0, torch.ones_like(ext), ext / -8)
-    return (torch.clamp(torch.round(g / s), -8, 7) * s).reshape(w.shape[0], -1)[:, :w.shape[1]]
 
 
 def _grid_maxabs(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -63,14 +53,8 @@ def _grid_maxabs(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return (torch.clamp(torch.round(g / s), -7, 7) * s).reshape(w.shape[0], -1)[:, :w.shape[1]]
 
 
-def _grid_full(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """hfquant's symmetric grid (formats.group_params): the smallest step whose -8..7 grid
-    holds the group's range."""
-    return formats.fake_quantize(w, 4, -1 if group_size == w.shape[1] else group_size, True)
-
-
 def _grid_mse(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The full grid with each group's range shrunk by the factor of least squared weight error,
+    """The range grid with each group's range shrunk by the factor of least squared weight error,
     up to half of it (method rtn_mse with max_shrink 0.5; its own sweep is a question below)."""
     from hfquant.algorithms.gptq import search_clip
     from hfquant.formats.v1 import grouped
@@ -79,13 +63,54 @@ def _grid_mse(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return formats.fake_quantize(w, 4, -1 if group_size == w.shape[1] else group_size, True, clip=clip)
 
 
-GRIDS = {"full grid, nothing clipped (default)": _grid_full, "max abs / 7": _grid_maxabs,
-         "Q4_0: extreme / -8, may clip": _grid_q4_0, "MSE clip search": _grid_mse}
-# candidates that cannot be method rtn's default: Q4_0's step is negative where the extreme is
-# positive (the extreme lands on the code -8), and format v1 refuses negative scales; the MSE
-# clip search is a method of its own (rtn_mse), measured here beside the grids
-NOT_IN_FORMAT = {"Q4_0: extreme / -8, may clip": "needs negative scales, which format v1 refuses",
-                 "MSE clip search": "method rtn_mse (max_shrink 0.5), not a grid of rtn"}
+def _gguf(kind: str):
+    """GGUF's own rounding (the gguf package's reference quantizer, which follows llama.cpp's),
+    blocks of 32: Q4_0 (scale = the largest-magnitude weight / -8, fp16) or Q4_1 (scale and
+    minimum, fp16)."""
+    def grid(w: torch.Tensor, group_size: int) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, quants
+
+        t = getattr(GGMLQuantizationType, kind)
+        a = w.detach().float().numpy()
+        return torch.from_numpy(quants.dequantize(quants.quantize(a, t), t).reshape(a.shape).copy())
+    return grid
+
+
+# defaults kept although validation picks another candidate, and why (written under the table)
+KEPT = {"W4 g32 asymmetric zero point (RTN)":
+        "the float offset wins at g32 only because this model's weights come from a Q4_1 GGUF (blocks of 32, "
+        "a float minimum each), so that grid reproduces them; at g128 and per channel it loses by far (the "
+        "near-zero weights of a group share one rounding offset), and one default serves every group size"}
+
+# fake-quantized candidates that are not method rtn's stored grids, and why
+NOT_IN_FORMAT = {"max abs / 7": "an earlier grid, for comparison",
+                 "MSE clip search": "method rtn_mse (max_shrink 0.5), not a grid of rtn",
+                 "GGUF Q4_0 (llama.cpp's rounding)": "GGUF's format, for comparison",
+                 "GGUF Q4_1 (llama.cpp's rounding)": "GGUF's format, for comparison"}
+
+
+def grid_questions() -> list:
+    """The W4 grids at g128, per channel and g32: symmetric (grid), asymmetric (zero_point); GGUF's
+    Q4_0 / Q4_1 beside the g32 ones (their blocks are 32)."""
+    out = []
+    for g in (128, -1, 32):
+        where = "per channel" if g == -1 else f"g{g}"
+        default_grid = hfquant.HfQuantConfig(bits=4, group_size=g).grid
+        sym = [(f"{grid}{' (default)' if grid == default_grid else ''}", dict(bits=4, group_size=g, grid=grid),
+                grid == default_grid) for grid in formats.GRIDS]
+        sym += [("max abs / 7", (_grid_maxabs, g), False), ("MSE clip search", (_grid_mse, g), False)]
+        if g == 32:
+            sym.append(("GGUF Q4_0 (llama.cpp's rounding)", (_gguf("Q4_0"), g), False))
+        out.append((f"W4 {where} symmetric grid (RTN)", sym))
+        default_zp = hfquant.HfQuantConfig(bits=4, group_size=g, symmetric=False).zero_point
+        asym = [(f"{zp}{' (default)' if zp == default_zp else ''}",
+                 dict(bits=4, group_size=g, symmetric=False, zero_point=zp), zp == default_zp)
+                for zp in formats.ZERO_POINTS]
+        if g == 32:
+            asym.append(("GGUF Q4_1 (llama.cpp's rounding)", (_gguf("Q4_1"), g), False))
+        out.append((f"W4 {where} asymmetric zero point (RTN)", asym))
+    return out
+
 
 # (question, [(candidate label, HfQuantConfig settings, is the default)])
 CHOICES = [
@@ -122,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--windows", type=int, default=8, help="512-token windows scored in each split (default 8)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", default=None, help="comma-separated question numbers (0-2: the W4 grids)")
+    p.add_argument("--only", default=None, help="comma-separated question numbers (0-5: the W4 grids)")
     p.add_argument("--json", type=Path, default=None, help="also keep the measurements in this file")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="render kept runs instead of measuring; a later file's questions replace an earlier's")
@@ -187,11 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def all_questions() -> list:
-    """(question, [(candidate label, how, is the default)]): the W4 grids at g128, per channel and
-    g32, then CHOICES."""
-    grids = [(f"W4 {'per channel' if g == -1 else f'g{g}'} symmetric grid (RTN)",
-              [(label, (fn, g), "default" in label) for label, fn in GRIDS.items()]) for g in (128, -1, 32)]
-    return grids + CHOICES
+    """(question, [(candidate label, how, is the default)]): the W4 grids (grid_questions), then
+    CHOICES."""
+    return grid_questions() + CHOICES
 
 
 def merge_runs(runs: list[dict]) -> tuple:
@@ -215,7 +238,7 @@ def merge_runs(runs: list[dict]) -> tuple:
 def render(results, base, command, windows, threads, cpu, date, seconds, model_dir, docs) -> int:
     """Prints (and with ``docs`` writes) the section; returns 1 where a default is not the
     candidate validation picks among those format v1 can store."""
-    rows, disagree = [], []
+    rows, disagree, kept = [], [], []
     for r in results:
         question, measured = r["question"], r["candidates"]
         storable = [m for m in measured if m["label"] not in NOT_IN_FORMAT]
@@ -228,7 +251,10 @@ def render(results, base, command, windows, threads, cpu, date, seconds, model_d
             rows.append([question, m["label"], f"{m['valid']:.3f} ({100 * (m['valid'] / base[0] - 1):+.2f}%)",
                          f"{m['test']:.3f} ({100 * (m['test'] / base[1] - 1):+.2f}%)", note])
         if not best["default"]:
-            disagree.append(f"{question}: validation picks {best['label']!r}")
+            if question in KEPT:
+                kept.append(f"{question}: validation picks {best['label']!r}; the default is kept: {KEPT[question]}")
+            else:
+                disagree.append(f"{question}: validation picks {best['label']!r}")
     table = common.md_table(["setting", "candidate", "validation perplexity", "test perplexity",
                              "on validation"], rows)
     body = "\n".join([
@@ -239,13 +265,15 @@ def render(results, base, command, windows, threads, cpu, date, seconds, model_d
         f"Model {Path(model_dir).name} (fp32: validation {base[0]:.3f}, test {base[1]:.3f}); validation: "
         f"{windows} windows of 512 tokens from the last {100 - 100 * CALIB_SHARE:.0f}% of WikiText-2 "
         f"validation (calibration reads only the first {100 * CALIB_SHARE:.0f}%); test: the first {windows} "
-        f"windows of WikiText-2 raw test. Among the candidates checkpoint format v1 can store, the one with the "
+        f"windows of WikiText-2 raw test. Among the candidates the checkpoint format can store, the one with the "
         f"lowest validation perplexity is chosen; the test column reports it. {threads} threads, {cpu}; run "
         f"{date}, {seconds:.0f} s.", "", table, "",
-        "Grid rows are fake-quantized (the float model with each weight but lm_head, which is tied and kept, "
-        "replaced by its W4 values on that grid); the default grid's rows are what RTN stores. Q4_0 puts each "
-        "group's largest-magnitude weight on the code -8 exactly, so its step is negative where that weight is "
-        "positive: storing it needs signed scales in the checkpoint format.",
+        "Rows named by a grid or zero point are models quantized by method rtn (what it stores). The rows marked "
+        "for comparison are fake-quantized: the float model with each Linear weight but lm_head (tied, kept) "
+        "replaced by its W4 values on that grid; GGUF's rows round with the gguf package's reference quantizer, "
+        "blocks of 32. The default model's weights come from a Q4_1 GGUF, so they lie on a Q4_1 grid: the float "
+        "offset at g32 reproduces them.",
+        "" if not kept else "\nKept against validation: " + "; ".join(kept) + ".",
         "" if not disagree else "\nNot picked by validation: " + "; ".join(disagree) + "."])
     print(body)
     if docs is not None:

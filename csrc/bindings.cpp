@@ -34,6 +34,10 @@ namespace hfquant::cpu {
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
                        const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
                        int64_t out_features, int64_t in_features);
+// csrc/cpu/qlinear_routed.cpp, the CPU kernel of torch.ops.hfquant.qlinear_routed
+at::Tensor qlinear_routed_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                              const at::Tensor& expert_ids, const std::optional<at::Tensor>& bias, int64_t bits,
+                              int64_t group_size, int64_t out_features, int64_t in_features);
 }  // namespace hfquant::cpu
 
 PYBIND11_MODULE(_C, m) {
@@ -117,6 +121,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("packed_scales"), py::arg("bias"), py::arg("bits"), py::arg("group_size"),
         py::arg("out_features"), py::arg("in_features"), py::call_guard<py::gil_scoped_release>(),
         "hfquant::qlinear's CPU kernel called directly (eager inference fast path).");
+  // The same for hfquant::qlinear_routed (hfquant.ops.qlinear_routed, same conditions).
+  m.def("qlinear_routed_cpu",
+        [](const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+           const at::Tensor& expert_ids, const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+           int64_t out_features, int64_t in_features) {
+          try {
+            return hfquant::cpu::qlinear_routed_cpu(x, packed_weight, packed_scales, expert_ids, bias, bits,
+                                                    group_size, out_features, in_features);
+          } catch (const c10::Error& e) {
+            throw std::runtime_error(e.what_without_backtrace());
+          }
+        },
+        py::arg("x"), py::arg("packed_weight"), py::arg("packed_scales"), py::arg("expert_ids"), py::arg("bias"),
+        py::arg("bits"), py::arg("group_size"), py::arg("out_features"), py::arg("in_features"),
+        py::call_guard<py::gil_scoped_release>(),
+        "hfquant::qlinear_routed's CPU kernel called directly (eager inference fast path).");
   m.def("available_isas", []() {
     std::vector<std::string> out;
     for (auto isa : hfquant::cpu::available_isas()) out.emplace_back(hfquant::cpu::isa_name(isa));

@@ -4,10 +4,11 @@
 
 TORCH_LIBRARY(hfquant, m) {
   // Canonical checkpoint tensors -> the CPU kernel layout (see docs/formats.md,
-  // "Kernel layout"). Returns (packed_weight uint8, packed_scales float32).
+  // "Kernel layout"). Returns (packed_weight uint8, packed_scales float32). `offsets` (float
+  // [N, G], exclusive with zeros): weight = code * scale + offset (format version 2).
   m.def(
       "repack(Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, "
-      "int in_features) -> (Tensor, Tensor)");
+      "int in_features, Tensor? offsets=None) -> (Tensor, Tensor)");
   // y = x @ dequant(W)^T + bias with W in the kernel layout made by repack.
   m.def(
       "qlinear(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor? bias, int bits, "
@@ -17,6 +18,12 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "qembedding(Tensor ids, Tensor packed_weight, Tensor packed_scales, int bits, int group_size, "
       "int out_features, int in_features, ScalarType dtype) -> Tensor");
+  // Routed experts (MoE): y[r] = x[r] @ W[e]^T + bias[e] with e = expert_ids[r], from the
+  // repack outputs of E experts stacked on a leading dim; each expert's rows exactly as
+  // qlinear gives them. x [R, K], expert_ids int64/int32 [R], bias [E, N] -> [R, N].
+  m.def(
+      "qlinear_routed(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor expert_ids, Tensor? bias, "
+      "int bits, int group_size, int out_features, int in_features) -> Tensor");
 
   // --- int8 activations (W8A8, LLM.int8()); layout in csrc/cpu/int8_gemm.h ---
   // int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N]).

@@ -13,7 +13,7 @@ import re
 import torch
 from safetensors import safe_open
 
-from .nn import PackedLinear
+from .nn import PackedLinear, QuantExperts
 
 # safetensors dtype names -> torch dtypes (the ones torch can hold)
 _DTYPES = {
@@ -86,7 +86,7 @@ def check_keys(model, files) -> None:
     ignore_missing = _regex(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
     ignore_unexpected = _regex([*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
                                 *_ALWAYS_IGNORED])
-    quantized = tuple(n + "." for n, m in model.named_modules() if isinstance(m, PackedLinear))
+    quantized = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (PackedLinear, QuantExperts)))
 
     missing = sorted(k for k in expected if not (k in header or k in tied
                                                  or (ignore_missing and ignore_missing.search(k))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -97,6 +98,8 @@ def _cmd_quantize(args) -> int:
     extra = _method_settings(args)
     if args.quantize_embeddings is not None:
         extra["quantize_embeddings"] = args.quantize_embeddings
+    if args.rotation is not None:
+        extra.update(rotation=args.rotation, rotation_seed=args.rotation_seed)
     group_size = args.group_size if args.group_size is not None else default_group_size(args.method, args.bits)
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=group_size, symmetric=not args.asymmetric,
                                 method=args.method,
@@ -140,6 +143,8 @@ def _cmd_info(args) -> int:
             # 2-D float weights are the matrices kept in full precision (norms are 1-D)
             kept |= {k[: -len(".weight")] for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2}
         kept -= quantized
+        experts = {k[: -len(".gate_up_qweight")] for shapes in headers.values() for k in shapes
+                   if k.endswith(".gate_up_qweight")}
         info.update({
             "scheme": _saved_method(q).describe(q),
             "method": q.get("method"), "bits": q.get("bits"), "group_size": q.get("group_size"),
@@ -151,7 +156,9 @@ def _cmd_info(args) -> int:
             **({"quantize_embeddings": True, "tied_modules": q.get("tied_modules") or {}}
                if q.get("quantize_embeddings") else {}),
             "quantized_layers": len(quantized),
+            "quantized_expert_modules": len(experts),
             "full_precision_matrices": sorted(kept),
+            "unexcluded_float_matrices": _unexcluded_float(headers, q),
         })
         from .evaluate.bits_plot import bits_summary, checkpoint_bits, plot_bits
 
@@ -163,7 +170,7 @@ def _cmd_info(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
-            if k == "full_precision_matrices":
+            if k in ("full_precision_matrices", "unexcluded_float_matrices"):
                 print(f"{k}: {len(v)}" + (f" ({', '.join(v[:6])}{', ...' if len(v) > 6 else ''})" if v else ""))
             elif k == "modules_override" and q and _saved_method(q).writes_overrides:
                 print(f"{k}: {len(v)} entries (bits per layer chosen by {q.get('method')})")
@@ -184,6 +191,29 @@ def _read_config(model_dir: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"hfquant: {path} does not hold a JSON object")
     return config
+
+
+def _unexcluded_float(headers: dict, q: dict) -> list[str]:
+    """The float matrices (2-D or 3-D, over 1M elements) of a checkpoint that are not quantized
+    and that modules_to_not_convert does not name: neither embeddings nor MoE routers."""
+    from .experts import LEFTOVER_MIN_ELEMENTS
+    from .methods import layer_tensor_keys
+    from .modeling import is_listed
+
+    skip = q.get("modules_to_not_convert") or []
+    quantized = tuple(f".{k}" for k in layer_tensor_keys()) + tuple(
+        f".{p}_{k}" for p in ("gate_up", "down") for k in ("qweight", "scales", "zeros"))
+    out = []
+    for shapes in headers.values():
+        for k, shape in shapes.items():
+            if len(shape) not in (2, 3) or math.prod(shape) < LEFTOVER_MIN_ELEMENTS or k.endswith(quantized):
+                continue
+            module = k.rpartition(".")[0]
+            last = module.rpartition(".")[2]
+            if is_listed(module, skip) or "embed" in last or last in ("wte", "wpe", "gate", "router"):
+                continue
+            out.append(k)
+    return sorted(out)
 
 
 def _safetensors_headers(model_dir: str) -> dict[str, dict[str, list[int]]]:
@@ -346,7 +376,8 @@ def default_group_size(method: str, bits: int | None) -> int | None:
 _SETTING_OPTIONS = {"llm_int8_threshold": "--threshold", "smoothquant_alpha": "--smoothquant-alpha",
                     "fold_norms": "--fold-norms", "act_order": "--act-order", "damp": "--damp",
                     "clip_search": "--clip-search", "target_bits": "--target-bits", "mixed_bits": "--mixed-bits",
-                    "sensitivity": "--sensitivity", "mixed_base": "--mixed-base",
+                    "sensitivity": "--sensitivity", "mixed_base": "--mixed-base", "grid": "--grid",
+                    "zero_point": "--zero-point",
                     "calibration": "--calib-text, --calib-samples, --calib-seq-len"}
 
 
@@ -410,6 +441,14 @@ def main(argv=None) -> int:
                    help="default -1 (one scale per output channel) for --bits 8 and for llm_int8, w8a8, kmeans; "
                         "128 otherwise")
     q.add_argument("--asymmetric", action="store_true", help="per-group zero points")
+    q.add_argument("--grid", choices=["range", "extreme", "best"], default=None,
+                   help="rtn, symmetric: how each group's scale is placed (default best; extreme = GGUF Q4_0's)")
+    q.add_argument("--rotation", choices=["hadamard"], default=None,
+                   help="rotate the residual stream and v/o by seeded randomized Hadamard matrices before "
+                        "quantizing (exact in float; docs/accuracy.md measures it)")
+    q.add_argument("--rotation-seed", type=int, default=0, help="seed of --rotation's random signs (default 0)")
+    q.add_argument("--zero-point", choices=["integer", "float"], default=None,
+                   help="rtn with --asymmetric: integer zero points (default) or float offsets (GGUF Q4_1's grid)")
     q.add_argument("--threshold", dest="llm_int8_threshold", type=float, default=None,
                    help="LLM.int8 outlier threshold (default 6; 0: off)")
     q.add_argument("--smoothquant-alpha", type=float, default=None,

@@ -10,28 +10,29 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .algorithms.rotation import check_rotation_args
 from .kv_cache import check_kv_cache_args
 from .methods import FORMAT_VERSION, get_method, method_names, methods_taking
 from .methods.base import check_types
-from .modeling import is_listed, name_matches
+from .modeling import is_listed, overrides_for
 
 DEFAULT_SKIP = ["lm_head"]
 
 # The common settings' types (None is accepted where the argument's default is None).
 _TYPES = {
     **dict.fromkeys(("bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size",
-                     "kv_cache_residual_length"), "int"),
+                     "kv_cache_residual_length", "rotation_seed"), "int"),
     **dict.fromkeys(("symmetric", "quantize_embeddings"), "bool"),
-    "method": "str",
+    **dict.fromkeys(("method", "rotation"), "str"),
     "modules_to_not_convert": "names",
     **dict.fromkeys(("modules_override", "tied_modules"), "dict"),
 }
-_NONE_OK = {"bits", "group_size", "kv_cache_bits", "quantize_embeddings", "modules_to_not_convert",
-            "modules_override", "tied_modules"}
+_NONE_OK = {"bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size", "quantize_embeddings",
+            "modules_to_not_convert", "modules_override", "tied_modules", "rotation"}
 # attributes of the shell itself; every other public attribute is a setting of the method
 _OWN = {"quant_method", "format_version", "bits", "group_size", "symmetric", "method", "modules_to_not_convert",
         "modules_override", "quantize_embeddings", "tied_modules", "kv_cache_bits", "kv_cache_group_size",
-        "kv_cache_residual_length", "settings", "impl"}
+        "kv_cache_residual_length", "rotation", "rotation_seed", "settings", "impl"}
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -44,6 +45,13 @@ class HfQuantConfig(QuantizationConfigMixin):
             of a row may be shorter when it does not divide the layer's in_features.
             Default: 128 for "rtn", -1 for the activation methods.
         symmetric: symmetric codes (no zero point) or asymmetric with a per-group zero point.
+        grid: for "rtn", symmetric: how each group's scale is placed. "best" (default, chosen on
+            validation text: docs/accuracy.md) takes per group the one of "range" (the group's
+            range, nothing clipped) and "extreme" (GGUF Q4_0's placement: the largest-magnitude
+            weight on the lowest code, a signed scale) with the smaller squared error. "extreme"
+            and "best" are checkpoint format version 2; a version 1 config means "range".
+        zero_point: for "rtn", asymmetric: "integer" (default) or "float" (weight = code *
+            scale + offset, GGUF Q4_1's grid; format version 2, CPU kernels only).
         method: "rtn" (weight-only, round to nearest, quantized while the weights load);
             "gptq" (weight-only, GPTQ: second-order error compensation calibrated layer by
             layer on ``calibration`` text after the float model loaded); "awq" (weight-only,
@@ -71,19 +79,31 @@ class HfQuantConfig(QuantizationConfigMixin):
             it (GPTQ's mse grid; AWQ's clipping search on calibration outputs); default True.
         kv_cache_bits: None (default) or 8, 4, 2: ``generate`` (and pipelines) of the loaded
             model use a QuantizedKVCache with these bits unless a cache is passed.
-        kv_cache_group_size, kv_cache_residual_length: its group size (64) and full-precision
-            window (128 tokens).
-        modules_to_not_convert: module names (exact, or a suffix after a dot) kept in full
-            precision; a single string is one name. Defaults to ["lm_head"]. A name other than
-            lm_head that matches no linear layer or embedding of the model is an error when the
-            model loads.
+        kv_cache_group_size, kv_cache_residual_length: its group size (None: the largest of
+            64, 32, 16, 8 dividing the model's head_dim) and full-precision window (128 tokens).
+        modules_to_not_convert: modules kept in full precision, with everything under them
+            (``model.layers.1``, ``vision_tower``): whole names, their ends after a dot
+            (``down_proj``), or ``re:<pattern>`` matched from the start of the name (re.match);
+            a single string is one name. A key (but ``lm_head``) that names no module is an
+            error when the model loads. Left out (None): ["lm_head"] plus, found when the model
+            loads, the output heads tied to an embedding and the vision/audio encoders and
+            multimodal projectors (``replace.default_skip``); saved as the expanded list.
         modules_override: per-module settings, ``{"model.layers.0.mlp.down_proj": {"bits": 8}}``;
-            keys are module names (exact, or a suffix after a dot).
+            keys as for modules_to_not_convert (a block's entry applies to the layers under it;
+            the entry naming the nearest module wins).
         quantize_embeddings: also quantize the token embeddings (nn.Embedding) with the
             scheme that applies to them (``scheme_for``; override per module as for linear
             layers). A tied lm_head then shares the quantized table (TiedQuantLinear: one
             copy, the output projection runs the W4/W8 GEMV on it) whether or not it is in
             modules_to_not_convert. Methods rtn, gptq, awq, mixed. Default False.
+        rotation: None (default) or "hadamard": before quantizing, fold the norm scales into the
+            layers that follow them and rotate the residual stream (embedding, every block's input
+            and output projections, lm_head) by a randomized Hadamard matrix, and v/o per head
+            (hfquant/algorithms/rotation.py; QuaRot / SpinQuant style, offline only). The float
+            model computes the same function; outliers spread over all channels. Llama-style
+            RMSNorm pre-norm decoders only. Format version 2; the checkpoint holds the rotated
+            weights, so reloading does nothing more. An output head tied to the embedding is untied.
+        rotation_seed: seed of the random signs of the rotation (default 0).
         tied_modules: filled while quantizing: {lm_head name: embedding name} of the output
             projections that share a quantized embedding (so reloading can rebuild the tie).
 
@@ -118,12 +138,14 @@ class HfQuantConfig(QuantizationConfigMixin):
         method: str = "rtn",
         modules_to_not_convert: list[str] | None = None,
         modules_override: dict[str, dict[str, Any]] | None = None,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         kv_cache_bits: int | None = None,
-        kv_cache_group_size: int = 64,
+        kv_cache_group_size: int | None = None,
         kv_cache_residual_length: int = 128,
         quantize_embeddings: bool | None = None,
         tied_modules: dict[str, str] | None = None,
+        rotation: str | None = None,
+        rotation_seed: int = 0,
         **settings,
     ):
         settings.pop("quant_method", None)
@@ -132,6 +154,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             modules_to_not_convert = [modules_to_not_convert]
         check_types(locals(), _TYPES, _NONE_OK)
         cls = get_method(method)
+        if format_version == 1:  # a version 1 checkpoint (or request): its settings' defaults of then
+            settings = {**{k: v for k, v in cls.version1_settings.items() if k in cls.setting_names()},
+                        **settings}
         _check_setting_names(cls, method, settings)
         object.__setattr__(self, "impl", None)
         self.quant_method = "hfquant"
@@ -147,7 +172,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.kv_cache_bits = kv_cache_bits
         self.kv_cache_group_size = kv_cache_group_size
         self.kv_cache_residual_length = kv_cache_residual_length
+        self.rotation = rotation
+        self.rotation_seed = rotation_seed
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
+        # the entries added for the model as it loads (replace.add_default_skip); None: the user's list stays as given
+        self._auto_skip = [] if modules_to_not_convert is None else None
         self.modules_override = copy.deepcopy(modules_override) if modules_override else {}
         self.post_init()
 
@@ -179,14 +208,24 @@ class HfQuantConfig(QuantizationConfigMixin):
     def post_init(self):
         check_types(vars(self), _TYPES, _NONE_OK)
         impl = self.impl
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version is not None and self.format_version not in range(1, FORMAT_VERSION + 1):
             raise ValueError(
                 f"HfQuantConfig: format_version={self.format_version!r} is not supported by this hfquant "
-                f"(it reads format_version {FORMAT_VERSION}); upgrade hfquant to load this checkpoint"
+                f"(it reads format_version 1 to {FORMAT_VERSION}); upgrade hfquant to load this checkpoint"
             )
         get_method(self.method)
         impl.check_scheme("HfQuantConfig", self.bits, self.group_size, self.symmetric)
         impl.check_settings()
+        check_rotation_args(self.rotation, self.rotation_seed)
+        needed = max(impl.format_version(), 2 if self.rotation else 1)
+        if self.format_version is None:
+            self.format_version = needed
+        elif self.format_version < needed and self.rotation and impl.format_version() <= self.format_version:
+            raise ValueError(f"HfQuantConfig: format_version={self.format_version} cannot hold a rotated model "
+                             f"(rotation={self.rotation!r}): it needs format_version {needed}")
+        elif self.format_version < needed:
+            raise ValueError(f"HfQuantConfig: format_version={self.format_version} cannot hold this scheme "
+                             f"({self.short_name}, {impl.to_dict()}): it needs format_version {needed}")
         if self.kv_cache_bits is not None:
             try:
                 check_kv_cache_args(self.kv_cache_bits, self.kv_cache_group_size, self.kv_cache_residual_length)
@@ -215,16 +254,15 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     @property
     def needs_float_model(self) -> bool:
-        """Whether quantizing needs the whole float model first (calibration, or the norm-scale
-        fold), instead of quantizing each weight as it loads."""
-        return self.impl.needs_float_model()
+        """Whether quantizing needs the whole float model first (calibration, the norm-scale
+        fold, a rotation), instead of quantizing each weight as it loads."""
+        return self.impl.needs_float_model() or self.rotation is not None
 
     def scheme_for(self, module_name: str) -> dict[str, Any]:
         """The bits / group_size / symmetric that apply to one module."""
         scheme = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
-        for key, over in self.modules_override.items():
-            if name_matches(module_name, key):
-                scheme.update(over)
+        for over in overrides_for(module_name, self.modules_override):
+            scheme.update(over)
         return scheme
 
     def is_skipped(self, module_name: str) -> bool:
@@ -232,13 +270,14 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     @staticmethod
     def is_listed(module_name: str, keys) -> bool:
-        """Whether a list of module names (exact, or a suffix after a dot) names this module."""
+        """Whether a list of keys (modeling.name_matches) names this module or a parent."""
         return is_listed(module_name, keys)
 
     def to_dict(self) -> dict[str, Any]:
+        version = max(self.format_version or 1, self.impl.format_version(), 2 if self.rotation else 1)
         d = {
             "quant_method": "hfquant",
-            "format_version": self.format_version,
+            "format_version": version,
             "method": self.method,
             "bits": self.bits,
             "group_size": self.group_size,
@@ -247,6 +286,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             "modules_override": copy.deepcopy(self.modules_override),
             **self.impl.to_dict(),
         }
+        if version == 1:  # a version 1 checkpoint reads in releases that know only version 1's settings
+            for key in self.impl.version1_settings:
+                d.pop(key, None)
         if self.quantize_embeddings:
             d["quantize_embeddings"] = True
             d["tied_modules"] = dict(self.tied_modules)
@@ -256,6 +298,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             d["kv_cache_bits"] = self.kv_cache_bits
             d["kv_cache_group_size"] = self.kv_cache_group_size
             d["kv_cache_residual_length"] = self.kv_cache_residual_length
+        if self.rotation is not None:  # rotated checkpoints are format version 2
+            d["rotation"] = self.rotation
+            d["rotation_seed"] = self.rotation_seed
         return d
 
     @classmethod

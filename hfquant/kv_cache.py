@@ -11,11 +11,21 @@ happens once per token, straight into preallocated stores (``hfquant::kv_append`
 step the stores are dequantized into the attention's dtype (``hfquant::kv_dequantize_into``)
 in front of the full-precision window. Beam search reorders the stores exactly (rows of
 codes move, nothing is requantized).
+
+The cache has one layer per decoder layer, of the kind transformers' DynamicCache builds for
+the config's ``layer_types``: full attention; sliding (and chunked) attention, whose store
+drops the whole blocks that fell out of the window, so a layer never holds more than
+``sliding_window + residual_length + group_size`` tokens; linear-attention / mamba state, kept
+by transformers' own full-precision layer; layers with both. Encoder-decoder models take an
+``EncoderDecoderCache`` from ``quantized_cache(model)`` (quantized self-attention, float
+cross-attention).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLayer, EncoderDecoderCache
 
 try:
     from transformers.cache_utils import BaseQuantizedLayer
@@ -26,31 +36,81 @@ except ImportError:  # older transformers: hfquant imports, only this cache is u
             raise ImportError("hfquant.QuantizedKVCache needs a transformers release with "
                               "cache_utils.BaseQuantizedLayer (5.24 has it)")
 
+try:
+    from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+except ImportError:  # older transformers: only the linear-attention / hybrid / dummy layers are unavailable
+
+    class LinearAttentionLayer:  # type: ignore[no-redef]
+        def __init__(self, *args, **kwargs):
+            raise ImportError("hfquant.QuantizedKVCache: linear-attention, hybrid and KV-sharing layers need a "
+                              "transformers release with cache_utils.LinearAttentionLayer (5.25 has it)")
+
+    DummyLayer = LinearAttentionLayer  # type: ignore[misc]
+
 from . import ops
 
+logger = logging.getLogger("hfquant")
+
 SUPPORTED_BITS = (2, 4, 8)
+# the default group size is the largest of these that divides head_dim
+DEFAULT_GROUP_SIZES = (64, 32, 16, 8)
 
 
 def check_kv_cache_args(bits, group_size, residual_length) -> None:
+    """Checks the settings; group_size None means the default for the model's head_dim."""
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"QuantizedKVCache: bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
         raise ValueError(f"QuantizedKVCache: group_size={group_size!r} must be a positive integer")
     if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
         raise ValueError(f"QuantizedKVCache: residual_length={residual_length!r} must be an integer >= 0")
 
 
-class QuantizedKVLayer(BaseQuantizedLayer):
-    """One attention layer's cache: packed key/value stores plus a full-precision window."""
+def default_group_size(head_dim: int) -> int:
+    """The largest of 64, 32, 16, 8 that divides head_dim (64 -> 64, 96 -> 32, 80 -> 16)."""
+    for g in DEFAULT_GROUP_SIZES:
+        if head_dim % g == 0:
+            return g
+    raise ValueError(f"QuantizedKVCache: no default group size divides head_dim={head_dim} (the default is the "
+                     f"largest of {DEFAULT_GROUP_SIZES} dividing it); set kv_cache_group_size (group_size) to a "
+                     "divisor of head_dim")
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128):
+
+def _check_group_size(group_size: int, head_dim: int) -> None:
+    if head_dim % group_size:
+        raise ValueError(f"QuantizedKVCache: group_size={group_size} (kv_cache_group_size) does not divide "
+                         f"head_dim={head_dim}; leave kv_cache_group_size unset for the largest of "
+                         f"{DEFAULT_GROUP_SIZES} dividing head_dim, or use a divisor of it")
+
+
+class QuantizedKVLayer(BaseQuantizedLayer):
+    """One attention layer's cache: packed key/value stores plus a full-precision window.
+
+    With ``sliding_window`` it is a sliding (or chunked) attention layer that behaves as
+    transformers' DynamicSlidingWindowLayer: ``update`` returns the last ``sliding_window - 1``
+    past tokens and the new ones, ``get_mask_sizes`` says so, and the store drops the whole
+    blocks that no later step can see."""
+
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128,
+                 sliding_window: int | None = None):
         super().__init__()
         check_kv_cache_args(bits, group_size, residual_length)
+        if group_size is None:
+            raise ValueError("QuantizedKVLayer: group_size must be set (QuantizedKVCache picks the default)")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"QuantizedKVCache: sliding_window={sliding_window!r} must be a positive integer")
         self.bits = bits
         self.group_size = group_size
         self.residual_length = residual_length
+        self.sliding_window = sliding_window
         self._qlen = 0  # tokens in the quantized stores
         self._stores: dict[str, list[torch.Tensor]] = {}  # "k"/"v" -> [codes, scales, mins]
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.sliding_window is not None
 
     # BaseQuantizedLayer's hooks: this layer quantizes into its stores in update() instead.
     def _quantize(self, tensor):
@@ -61,10 +121,9 @@ class QuantizedKVLayer(BaseQuantizedLayer):
 
     # -- storage ----------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        D = key_states.shape[-1]
-        if D % self.group_size or value_states.shape[-1] % self.group_size:
-            raise ValueError(f"QuantizedKVCache: group_size={self.group_size} does not divide head_dim={D}")
-        self.device, self.dtype = key_states.device, key_states.dtype
+        _check_group_size(self.group_size, key_states.shape[-1])
+        _check_group_size(self.group_size, value_states.shape[-1])
+        self.device = key_states.device
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self._qlen = 0
@@ -103,7 +162,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
     def _dequantized(self, key: str, total: int, per_channel: bool) -> torch.Tensor:
         """A [..., total, D] buffer whose first _qlen tokens hold the dequantized store."""
         like = self.keys if key == "k" else self.values
-        out = torch.empty(*like.shape[:-2], total, like.shape[-1], dtype=self.dtype, device=self.device)
+        out = torch.empty(*like.shape[:-2], total, like.shape[-1], dtype=like.dtype, device=like.device)
         if self._qlen:
             c, s, m = self._stores[key]
             ops.kv_dequantize_into(c, s, m, out, self._qlen, self.bits, self.group_size, per_channel)
@@ -114,6 +173,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[-2]
+        past = self.cumulative_length
         self.cumulative_length += t
         q, r = self._qlen, self.keys.shape[-2]
         total = q + r + t
@@ -126,16 +186,52 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         # Flush whole groups of the oldest full-precision tokens, keeping >= residual_length.
         g = self.group_size
         flush = max(0, (r + t - self.residual_length) // g * g)
-        if flush:
-            self._grow(keys, values, q + flush)
+        # A sliding layer's next step sees the last sliding_window - 1 tokens: whole blocks
+        # before them are dropped (those not yet quantized are never quantized).
+        drop = 0
+        if self.sliding_window is not None:
+            drop = min(max(0, total - self.sliding_window + 1) // g, (q + flush) // g) * g
+        kept = q - min(drop, q)  # stored tokens that stay
+        if kept < q:
+            self._drop_front(q - kept)
+        first = max(q, drop)  # buffer index of the first token to quantize now
+        n = q + flush - first
+        if n > 0:
+            self._grow(keys, values, kept + n)
             for key, src, per_channel in (("k", keys, True), ("v", values, False)):
                 c, s, m = self._stores[key]
-                ops.kv_append(src[..., q:q + flush, :], c, s, m, q, self.bits, g, per_channel)
-            self._qlen = q + flush
+                ops.kv_append(src[..., first:q + flush, :], c, s, m, kept, self.bits, g, per_channel)
+        self._qlen = kept + max(n, 0)
         # the window is copied out so that the returned buffers are not kept alive
         self.keys = keys[..., q + flush:, :].clone()
         self.values = values[..., q + flush:, :].clone()
+        if self.sliding_window is not None:
+            visible = min(past, self.sliding_window - 1) + t
+            return keys[..., total - visible:, :], values[..., total - visible:, :]
         return keys, values
+
+    def _drop_front(self, n: int) -> None:
+        """Drops the oldest n (whole groups of) tokens of the stores."""
+        q = self._qlen
+        for key, per_channel in (("k", True), ("v", False)):
+            c, s, m = self._stores[key]
+            rows, first = self._param_rows(q, per_channel), self._param_rows(n, per_channel)
+            c[..., :q - n, :] = c[..., n:q, :].clone()
+            s[..., :rows - first, :] = s[..., first:rows, :].clone()
+            m[..., :rows - first, :] = m[..., first:rows, :].clone()
+        self._qlen = q - n
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is None:
+            return super().get_mask_sizes(query_length)
+        return DynamicSlidingWindowLayer.get_mask_sizes(self, query_length)
+
+    def get_max_length(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def stored_tokens(self) -> int:
+        """Tokens held: the quantized store and the full-precision window."""
+        return self._qlen + (self.keys.shape[-2] if self.is_initialized else 0)
 
     def _select(self, fn) -> None:
         """Applies fn (a batch-dimension selection) to the stores and the window."""
@@ -183,61 +279,188 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         return total
 
 
-def cache_geometry(config) -> tuple[int, int]:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+class QuantizedHybridKVLayer(LinearAttentionLayer, QuantizedKVLayer):
+    """A layer with a linear-attention (mamba) state, kept in full precision as transformers
+    keeps it, and quantized attention keys/values (full or sliding)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128,
+                 sliding_window: int | None = None, number_of_states: int = 1):
+        QuantizedKVLayer.__init__(self, bits, group_size, residual_length, sliding_window)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # the attention update passes (keys, values); the linear-attention state updates pass keywords
+        if len(args) == 2 and not kwargs:
+            QuantizedKVLayer.lazy_initialization(self, *args)
+        elif not args:
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        QuantizedKVLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        QuantizedKVLayer.reorder_cache(self, beam_idx)
+
+    def get_seq_length(self) -> int:
+        return QuantizedKVLayer.get_seq_length(self)
+
+    def get_max_length(self) -> int:
+        return QuantizedKVLayer.get_max_length(self)
+
+
+# layer types (transformers' names) that QuantizedKVCache serves
+_SLIDING = ("sliding_attention", "chunked_attention")
+_LINEAR = ("linear_attention", "conv")
+_HYBRID = ("hybrid", "hybrid_sliding")
+SERVED_LAYER_TYPES = ("full_attention", *_SLIDING, *_LINEAR, *_HYBRID, "dummy")
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _model_type(config) -> str:
+    return getattr(_text_config(config), "model_type", None) or getattr(config, "model_type", None) \
+        or type(config).__name__
+
+
+def cache_plan(config) -> tuple[int, list[tuple[str, dict]]]:
+    """(head_dim, [(layer_type, layer kwargs)] per decoder layer) as transformers' DynamicCache
+    reads them from the config; raises, naming the model type and the layer type, for a layer
+    this cache does not serve."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = _text_config(config)
+    model_type = _model_type(config)
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * (layers or 0)
-    other = sorted(set(layer_types) - {"full_attention"})
-    model_type = getattr(text, "model_type", type(config).__name__)
-    if not layers or not head_dim or other:
-        why = f"layer types {other}" if other else "no num_hidden_layers / head_dim in its config"
-        raise ValueError(f"QuantizedKVCache: a {model_type} model cannot use it ({why}); it serves decoders whose "
-                         "layers are all full attention")
-    return layers, head_dim
+    hidden = getattr(text, "hidden_size", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    if not layers or not head_dim:
+        raise ValueError(f"QuantizedKVCache: a {model_type} model cannot use it (no num_hidden_layers / head_dim in "
+                         "its config)")
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+    except AttributeError:  # a config without per-layer settings: all full attention
+        layer_types, layer_kwargs = ["full_attention"] * layers, [{}] * layers
+    layer_types, layer_kwargs = list(layer_types), list(layer_kwargs)
+    decoder_layers = getattr(text, "num_decoder_layers", None)
+    if getattr(config, "is_encoder_decoder", False) and decoder_layers and set(layer_types) == {"full_attention"}:
+        layer_types, layer_kwargs = ["full_attention"] * decoder_layers, [{}] * decoder_layers
+    for i, layer_type in enumerate(layer_types):
+        if layer_type not in SERVED_LAYER_TYPES:
+            raise ValueError(f"QuantizedKVCache: a {model_type} model cannot use it (layer {i} is {layer_type!r}; "
+                             f"it serves {', '.join(SERVED_LAYER_TYPES)})")
+    return head_dim, list(zip(layer_types, layer_kwargs))
+
+
+def _make_layer(layer_type: str, kwargs: dict, bits: int, group_size: int, residual_length: int):
+    window = kwargs.get("sliding_window") if layer_type in (*_SLIDING, "hybrid_sliding") else None
+    if layer_type in ("full_attention", *_SLIDING):
+        return QuantizedKVLayer(bits, group_size, residual_length, window)
+    if layer_type in _HYBRID:
+        return QuantizedHybridKVLayer(bits, group_size, residual_length, window, kwargs.get("number_of_states", 1))
+    if layer_type in _LINEAR:
+        return LinearAttentionLayer(number_of_states=kwargs.get("number_of_states", 1))
+    return DummyLayer()
 
 
 class QuantizedKVCache(Cache):
-    """A transformers Cache whose layers store keys and values quantized to ``bits`` (8, 4, 2).
+    """A transformers Cache whose attention layers store keys and values quantized to ``bits``.
+
+    Its layers follow the config's layer types (see the module docstring); a layer type it
+    does not serve is an error naming the model type and the layer type.
 
     Args:
-        config: the model's config (number of layers, head_dim, attention layer types).
+        config: the model's config (layers, head_dim, layer types, sliding_window).
         bits: 8, 4 or 2.
-        group_size: channels per value group and tokens per key group (must divide head_dim).
+        group_size: channels per value group and tokens per key group (must divide head_dim);
+            None (default): the largest of 64, 32, 16, 8 dividing head_dim.
         residual_length: newest tokens kept in full precision (flushed in whole groups).
     """
 
-    def __init__(self, config, bits: int = 4, group_size: int = 64, residual_length: int = 128):
+    def __init__(self, config, bits: int = 4, group_size: int | None = None, residual_length: int = 128):
         check_kv_cache_args(bits, group_size, residual_length)
-        layers, head_dim = cache_geometry(config)
-        if head_dim % group_size:
-            raise ValueError(f"QuantizedKVCache: group_size={group_size} does not divide head_dim={head_dim}")
+        head_dim, plan = cache_plan(config)
+        if group_size is None:
+            group_size = default_group_size(head_dim)
+        _check_group_size(group_size, head_dim)
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        super().__init__(layers=[QuantizedKVLayer(bits, group_size, residual_length) for _ in range(layers)])
+        super().__init__(layers=[_make_layer(t, kw, bits, group_size, residual_length) for t, kw in plan])
+        # an encoder-decoder model given this cache alone would append its cross-attention
+        # keys/values to the self-attention layers: refused unless for_encoder_decoder made it
+        self._encoder_decoder = _model_type(config) if getattr(config, "is_encoder_decoder", False) else None
+
+    @classmethod
+    def for_encoder_decoder(cls, config, bits: int = 4, group_size: int | None = None,
+                            residual_length: int = 128) -> EncoderDecoderCache:
+        """The cache of an encoder-decoder model: an EncoderDecoderCache of a QuantizedKVCache
+        (self-attention) and a float DynamicCache (cross-attention keys/values, written once)."""
+        cache = cls(config, bits, group_size, residual_length)
+        cache._encoder_decoder = None
+        return EncoderDecoderCache(cache, DynamicCache(config=config))
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self._encoder_decoder:
+            raise ValueError(f"QuantizedKVCache: a {self._encoder_decoder} model is an encoder-decoder: pass "
+                             "hfquant.quantized_cache(model) or QuantizedKVCache.for_encoder_decoder(config, ...) "
+                             "(an EncoderDecoderCache), not a QuantizedKVCache alone")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def memory_bytes(self, allocated: bool = False) -> int:
-        """Bytes held by the cache (see QuantizedKVLayer.memory_bytes)."""
-        return sum(layer.memory_bytes(allocated) for layer in self.layers)
+        """Bytes of keys and values held by the attention layers (see QuantizedKVLayer.memory_bytes);
+        linear-attention states are not counted."""
+        return sum(layer.memory_bytes(allocated) for layer in self.layers if isinstance(layer, QuantizedKVLayer))
 
 
-def kv_cache_settings(model) -> tuple[int, int, int] | None:
+def kv_cache_settings(model) -> tuple[int, int | None, int] | None:
     """(bits, group_size, residual_length) of the KV cache that the model's hfquant
-    quantization_config asks for (kv_cache_bits, ...), or None."""
+    quantization_config asks for (kv_cache_bits, ...), or None; group_size None is the default
+    for the model's head_dim."""
     q = getattr(getattr(model, "config", None), "quantization_config", None)
     if q is None:
         return None
     get = q.get if isinstance(q, dict) else (lambda key, default=None: getattr(q, key, default))
     if get("quant_method") != "hfquant" or get("kv_cache_bits") is None:
         return None
-    return get("kv_cache_bits"), get("kv_cache_group_size", 64), get("kv_cache_residual_length", 128)
+    return get("kv_cache_bits"), get("kv_cache_group_size"), get("kv_cache_residual_length", 128)
 
 
-def quantized_cache(model) -> QuantizedKVCache | None:
+def kv_cache_problem(config, bits, group_size, residual_length) -> str | None:
+    """Why a QuantizedKVCache with these settings cannot serve a model of this config, or None."""
+    try:
+        QuantizedKVCache(config, bits, group_size, residual_length)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def warn_unserved(config, bits, why: str) -> None:
+    logger.warning("hfquant: kv_cache_bits=%s is not used for this %s model, generate keeps transformers' default "
+                   "cache: %s", bits, _model_type(config), why)
+
+
+def quantized_cache(model) -> Cache | None:
     """A fresh QuantizedKVCache with the settings the model's quantization_config holds
     (HfQuantConfig(kv_cache_bits=...)), for one generate call, or None when it holds none:
     ``model.generate(ids, cache=hfquant.quantized_cache(model))``; a pipeline takes it the same
     way (``pipe(prompt, cache=hfquant.quantized_cache(pipe.model))``). A cache holds one
-    generation's keys and values: make a new one for each call."""
+    generation's keys and values: make a new one for each call. An encoder-decoder model gets
+    an EncoderDecoderCache (quantized self-attention, float cross-attention). A model the cache
+    cannot serve gets None (generate then uses its default cache) and a warning."""
     settings = kv_cache_settings(model)
-    return None if settings is None else QuantizedKVCache(model.config, *settings)
+    if settings is None:
+        return None
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    try:
+        if encoder_decoder:
+            return QuantizedKVCache.for_encoder_decoder(model.config, *settings)
+        return QuantizedKVCache(model.config, *settings)
+    except ValueError as e:
+        warn_unserved(model.config, settings[0], str(e))
+        return None

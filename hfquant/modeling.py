@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import logging
+import re
 
 import torch
 from torch import Tensor, nn
@@ -13,13 +15,47 @@ logger = logging.getLogger("hfquant")
 
 
 def name_matches(name: str, key: str) -> bool:
-    """Whether ``key`` names the module ``name``: the whole name, or its end after a dot."""
-    return name == key or name.endswith("." + key)
+    """Whether ``key`` names the module ``name``: the whole name, its end after a dot, or, for a
+    key ``re:<pattern>``, the pattern matched from the start of the name (``re.match``, as
+    llm-compressor's ignore lists: anchored at the start, not the end)."""
+    if name == key:
+        return True
+    if key.startswith("re:"):
+        return key_pattern(key).match(name) is not None
+    return name.endswith("." + key)
+
+
+@functools.lru_cache(maxsize=512)
+def key_pattern(key: str) -> re.Pattern:
+    """The compiled pattern of a ``re:`` key; ValueError if it is no regular expression."""
+    try:
+        return re.compile(key[3:])
+    except re.error as e:
+        raise ValueError(f'hfquant: "{key}" is not a valid regular expression ({e})') from None
+
+
+def match_depth(name: str, key: str) -> int | None:
+    """How many dotted parts the longest of ``name`` and its parents that ``key`` names has
+    (a parent names everything under it), or None."""
+    if not key.startswith("re:") and key not in name:
+        return None  # a name key matches only where it is part of the name
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        if name_matches(".".join(parts[:i]), key):
+            return i
+    return None
 
 
 def is_listed(name: str, keys) -> bool:
-    """Whether a list of module names (exact, or a suffix after a dot) names this module."""
-    return any(name_matches(name, key) for key in keys)
+    """Whether a list of keys (see ``name_matches``) names this module or one of its parents."""
+    return any(match_depth(name, key) is not None for key in keys)
+
+
+def overrides_for(name: str, overrides: dict) -> list:
+    """The values of ``overrides`` whose key names this module or a parent, the one naming the
+    nearest module last (a layer's entry wins over its block's); ties keep the dict's order."""
+    hits = [(d, i, v) for i, (k, v) in enumerate(overrides.items()) if (d := match_depth(name, k)) is not None]
+    return [v for _, _, v in sorted(hits, key=lambda h: h[:2])]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -35,7 +71,10 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def did_you_mean(key: str, names: list[str]) -> str:
     """' (did you mean: a, b?)' over the names and their dotted suffixes (not those starting at a
-    layer index), or ''."""
+    layer index), or ''. A ``re:`` pattern found inside a name, not at its start, gets ``re:.*<pattern>``."""
+    if key.startswith("re:"):
+        found = any(key_pattern(key).search(n) for n in names)
+        return f" (patterns match from the start of the name: did you mean re:.*{key[3:]}?)" if found else ""
     parts = [n.split(".") for n in names if n]
     candidates = sorted({".".join(p[i:]) for p in parts for i in range(len(p)) if i == 0 or not p[i].isdigit()})
     close = difflib.get_close_matches(key, candidates, n=3)
@@ -61,6 +100,33 @@ def untie(model: nn.Module, name: str) -> None:
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False
     logger.info("hfquant: %s was tied to another weight; it is untied and quantized", name)
+
+
+def own_tied_params(model: nn.Module, name: str) -> None:
+    """Gives the untied module ``name`` its own copy of each parameter still tied to another
+    (BERT's ``cls.predictions.decoder.bias`` shares ``cls.predictions.bias``): the config no
+    longer ties them on reload, so the checkpoint must hold both."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not tied:
+        return
+    module = model.get_submodule(name)
+    for key, p in list(module._parameters.items()):
+        if p is not None and tied.pop(f"{name}.{key}", None) is not None:
+            module._parameters[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+def tied_output_heads(model: nn.Module) -> list[str]:
+    """The linear layers whose weight is tied to an embedding's (lm_head, BERT's
+    cls.predictions.decoder, T5's lm_head)."""
+    heads = []
+    for head, src in tied_sources(model).items():
+        try:
+            m, source = model.get_submodule(head), model.get_submodule(src.removesuffix(".weight"))
+        except AttributeError:
+            continue
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and isinstance(source, nn.Embedding):
+            heads.append(head)
+    return heads
 
 
 def attention_geometry(model: nn.Module, attn: nn.Module) -> tuple[int, int, int] | None:

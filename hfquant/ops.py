@@ -40,7 +40,7 @@ def _direct_ok(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torc
 
 
 @torch.library.register_fake("hfquant::repack")
-def _repack_fake(qweight, scales, zeros, bits, group_size, in_features):
+def _repack_fake(qweight, scales, zeros, bits, group_size, in_features, offsets=None):
     torch._check(bits in (4, 8), lambda: f"hfquant::repack: bits={bits} is not supported (use 4 or 8)")
     N = qweight.shape[0]
     gs, G = group_geometry(group_size, in_features)
@@ -68,18 +68,20 @@ def _qlinear_fake(x, packed_weight, packed_scales, bias, bits, group_size, out_f
 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-           group_size: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+           group_size: int, in_features: int,
+           offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical checkpoint tensors -> the kernel layout (docs/formats.md).
 
     qweight: 4-bit uint8 [N, ceil(K/2)]; 8-bit int8 [N, K] (symmetric) or uint8 [N, K] (asymmetric).
-    scales: floating [N, G]; zeros: uint8 [N, G] or None (symmetric).
+    scales: floating [N, G]; zeros: uint8 [N, G] or None (symmetric); offsets: floating [N, G]
+    instead of zeros for float offsets (weight = code * scale + offset; CPU only).
     Returns packed_weight uint8 [T, Kp/32 or Kp/16, 4, 16] and packed_scales float32 [T, G, 2, 4]
     on the CPU; on CUDA packed_weight uint8 [Np, Kp*bits/8] and packed_scales float32
     [G, 1 or 2, Np] (docs/formats.md, "Kernel layout").
     """
     if _backend() == "ref":
-        return _ref().repack_ref(qweight, scales, zeros, bits, group_size, in_features)
-    return torch.ops.hfquant.repack(qweight, scales, zeros, bits, group_size, in_features)
+        return _ref().repack_ref(qweight, scales, zeros, bits, group_size, in_features, offsets)
+    return torch.ops.hfquant.repack(qweight, scales, zeros, bits, group_size, in_features, offsets)
 
 
 def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
@@ -93,6 +95,43 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
         return _C.qlinear_cpu(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features)
     return torch.ops.hfquant.qlinear(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
                                      in_features)
+
+
+@torch.library.register_fake("hfquant::qlinear_routed")
+def _qlinear_routed_fake(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size, out_features,
+                         in_features):
+    torch._check(x.dim() == 2 and x.shape[1] == in_features,
+                 lambda: f"hfquant::qlinear_routed: x has shape {list(x.shape)}, expected [rows, "
+                         f"in_features={in_features}]")
+    torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"hfquant::qlinear_routed: x must be float32, bfloat16 or float16, got {x.dtype}")
+    torch._check(expert_ids.dtype in (torch.int64, torch.int32),
+                 lambda: f"hfquant::qlinear_routed: expert_ids must be int64 or int32, got {expert_ids.dtype}")
+    torch._check(expert_ids.dim() == 1 and expert_ids.shape[0] == x.shape[0],
+                 lambda: f"hfquant::qlinear_routed: expert_ids has shape {list(expert_ids.shape)}, expected "
+                         f"[{x.shape[0]}] (one expert per row of x)")
+    return x.new_empty((x.shape[0], out_features))
+
+
+def qlinear_routed(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
+                   expert_ids: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+                   out_features: int, in_features: int) -> torch.Tensor:
+    """Routed experts (MoE): y[r] = x[r] @ W[e]^T + bias[e], e = expert_ids[r].
+
+    x float32/bfloat16/float16 [R, K]; packed_weight / packed_scales: ``repack``'s outputs of the
+    E experts stacked on a new leading dim (CPU: uint8 [E, T, U, 4, 16], float32 [E, T, G, 2, 4]);
+    expert_ids int64/int32 [R] in [0, E); bias [E, N] in x.dtype or float32, or None.
+    Returns [R, N] in x.dtype, each expert's rows exactly as ``qlinear`` on them gives them;
+    only the selected experts' weights are read.
+    """
+    if _backend() == "ref":
+        return _ref().qlinear_routed_ref(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
+                                         out_features, in_features)
+    if _direct_ok(x, packed_weight, packed_scales, bias) and type(expert_ids) is torch.Tensor:
+        return _C.qlinear_routed_cpu(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
+                                     out_features, in_features)
+    return torch.ops.hfquant.qlinear_routed(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
+                                            out_features, in_features)
 
 
 @torch.library.register_fake("hfquant::qembedding")

@@ -13,8 +13,11 @@ from . import _ext, checkpoint
 from .config import HfQuantConfig
 from .mapped_pages import release_file_range, release_mapped_pages, safetensors_ranges
 from .methods import layer_tensor_keys
-from .nn import PackedLinear
+from .modeling import own_tied_params
+from .experts import find_experts, warn_float_leftovers
+from .nn import PackedLinear, QuantExperts
 from .replace import check_overrides, quantize_in_place, replace_with_empty
+from .algorithms.rotation import check_rotatable
 
 logger = logging.getLogger("hfquant")
 
@@ -81,8 +84,18 @@ class HfQuantQuantize(ConversionOps):
         target_key, value = next(iter(input_dict.items()))
         value = value[0] if isinstance(value, list) else value
         module, tensor_name = get_module_from_name(model, target_key)
-        w = value.t() if module.float_weight_transposed else value
         name = target_key[: -len(tensor_name) - 1]
+        if isinstance(module, QuantExperts):
+            # a 3-D expert tensor (transformers may have merged it from per-expert checkpoint tensors)
+            tensors = self.hf_quantizer.quantization_config.impl.quantize_experts(
+                name, module, tensor_name.removesuffix("_proj"), value)
+            self._release_source(value, kwargs.get("source_patterns"))
+            del module._parameters[tensor_name], value
+            if missing_keys is not None:
+                missing_keys.discard(target_key)
+            release_freed_memory()
+            return {f"{name}.{k}": t for k, t in tensors.items()}
+        w = value.t() if module.float_weight_transposed else value
         tensors = self.hf_quantizer.quantization_config.impl.quantize_weight(name, module, w)
         self._release_source(value, kwargs.get("source_patterns"))
         out = {f"{name}.{k}": t for k, t in tensors.items()}
@@ -145,6 +158,9 @@ class HfQuantQuantizer(HfQuantizer):
         if self.quantization_config.needs_float_model and not self.pre_quantized:
             # Calibration / norm folding need the float model: the layers are quantized after loading.
             check_overrides(model, self.quantization_config)  # a misspelt module name fails before loading
+            for name, _, _ in find_experts(model, self.quantization_config)[0]:
+                self.quantization_config.impl.check_experts(name)  # refused before loading, not after
+            check_rotatable(model, self.quantization_config)  # a model the rotation cannot serve, too
             return model
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
                                                          expect_float_weights=not self.pre_quantized)
@@ -165,6 +181,10 @@ class HfQuantQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
+        if isinstance(module, QuantExperts):
+            if self.pre_quantized:
+                return tensor_name in module.tensor_keys()
+            return tensor_name in ("gate_up_proj", "down_proj") and tensor_name in module._parameters
         if not isinstance(module, PackedLinear):
             return False
         if self.pre_quantized:
@@ -180,6 +200,7 @@ class HfQuantQuantizer(HfQuantizer):
         config = self.quantization_config
         if config.needs_float_model and not self.pre_quantized:
             self.modules_to_not_convert = quantize_in_place(model, config)
+            warn_float_leftovers(model, config)
             _finish(model, config)
             return model
         for name, module in model.named_modules():
@@ -193,6 +214,7 @@ class HfQuantQuantizer(HfQuantizer):
                     name, module, w.t() if module.float_weight_transposed else w))
                 del module.tied_source
                 module.pack()
+                own_tied_params(model, name)  # its bias, if tied, too: the saved config ties nothing of it
                 continue
             if module._offloaded():
                 # accelerate keeps this layer's tensors on disk (or in CPU memory) and loads them
@@ -212,6 +234,21 @@ class HfQuantQuantizer(HfQuantizer):
             module.validate(name)
             module.pack()
             release_freed_memory()
+        for name, module in model.named_modules():
+            if not isinstance(module, QuantExperts):
+                continue
+            left = [p for p in ("gate_up_proj", "down_proj") if p in module._parameters]
+            if left:
+                raise ValueError(f"hfquant: the checkpoint has no tensor {name}.{left[0]}")
+            for key in module.tensor_keys():
+                t = getattr(module, key)
+                if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
+                    raise ValueError(f"hfquant: the checkpoint has no tensor {name}.{key} "
+                                     "(missing from the safetensors files, or a truncated checkpoint)")
+            module.validate(name)
+            module.pack()
+            release_freed_memory()
+        warn_float_leftovers(model, config)
         _warn_buffers_not_offloaded(model)
         _finish(model, config)
         return model
@@ -268,14 +305,17 @@ class HfQuantQuantizer(HfQuantizer):
 
 
 def _finish(model, config: HfQuantConfig) -> None:
-    """Checks, at load time, what the config asks of generate: a KV cache the model's attention
-    can hold (an unsupported model fails now, naming its type, rather than at its first
-    generate). Nothing is bound to the model: generate takes hfquant.quantized_cache(model)."""
+    """Checks, at load time, what the config asks of generate: a KV cache the model's layers can
+    hold. One they cannot is a warning naming the model and layer type, never a failed load
+    (hfquant.quantized_cache(model) then gives None: generate uses its default cache). Nothing
+    is bound to the model: generate takes hfquant.quantized_cache(model)."""
     if config.kv_cache_bits is not None and hasattr(model, "config"):
-        from .kv_cache import QuantizedKVCache
+        from .kv_cache import kv_cache_problem, warn_unserved
 
-        QuantizedKVCache(model.config, config.kv_cache_bits, config.kv_cache_group_size,
-                         config.kv_cache_residual_length)
+        why = kv_cache_problem(model.config, config.kv_cache_bits, config.kv_cache_group_size,
+                               config.kv_cache_residual_length)
+        if why:
+            warn_unserved(model.config, config.kv_cache_bits, why)
 
 
 def _warn_buffers_not_offloaded(model) -> None:
@@ -298,6 +338,7 @@ def attach_quantizer(model, config: HfQuantConfig, kept: list[str]) -> None:
     model.is_quantized = True
     model.quantization_method = "hfquant"
     model.config._is_quantized = True
+    warn_float_leftovers(model, config)
     _finish(model, config)
 
 

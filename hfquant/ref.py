@@ -28,14 +28,18 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric:
 
 
 # --- the CUDA kernel layout (csrc/cuda/qlinear_layout.cuh, docs/formats.md) ----------------
-def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
+def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int, offsets=None):
     """Twin of ``hfquant::repack`` on CUDA: canonical tensors -> the CUDA kernel layout.
 
     packed_weight uint8 [Np, Kp*bits/8] (Np = round_up(N, 64), Kp = round_up(K, 128 | 64)),
     codes permuted inside each 64-byte row segment so that one 16-byte load per lane holds
     the mma.m16n8k16 B fragments; packed_scales float32 [G, P, Np]: plane 0 the scales,
-    plane 1 (asymmetric only, P = 2) the zero points; padding is 0.
+    plane 1 (asymmetric only, P = 2) the zero points; padding is 0. Float offsets are refused,
+    as by the op (its tensor-core path multiplies integer v - z).
     """
+    if offsets is not None:
+        raise ValueError('hfquant::repack: float offsets (zero_point="float") are not supported by the CUDA '
+                         'kernels yet; quantize with zero_point="integer" to run on CUDA')
     K = in_features
     N = qweight.shape[0]
     dev = qweight.device
@@ -60,18 +64,21 @@ def repack_cuda_ref(qweight, scales, zeros, bits: int, group_size: int, in_featu
     return w, ps
 
 
-def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int):
+def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: int, offsets=None):
     """Twin of ``hfquant::repack``: canonical tensors -> (packed_weight, packed_scales).
 
-    CUDA tensors get the CUDA kernel layout (``repack_cuda_ref``), like the op."""
+    CUDA tensors get the CUDA kernel layout (``repack_cuda_ref``), like the op. ``offsets``
+    (float [N, G], instead of zeros): the weight is code * scale + offset."""
     if qweight.is_cuda:
-        return repack_cuda_ref(qweight, scales, zeros, bits, group_size, in_features)
+        return repack_cuda_ref(qweight, scales, zeros, bits, group_size, in_features, offsets)
+    if offsets is not None and zeros is not None:
+        raise ValueError("hfquant::repack: zeros and offsets are exclusive (integer zero points or float offsets)")
     K = in_features
     N = qweight.shape[0]
     gs, G = group_geometry(group_size, K)
     Kp = round_up(K, K_ALIGN)
     T = -(-N // NR)
-    v = unpack_codes(qweight, bits, K, zeros is not None)
+    v = unpack_codes(qweight, bits, K, zeros is not None or offsets is not None)
     vp = torch.zeros(T * NR, Kp, dtype=torch.int32)
     vp[:N, :K] = v
     if bits == 4:
@@ -89,7 +96,7 @@ def repack_ref(qweight, scales, zeros, bits: int, group_size: int, in_features: 
     off = 128.0 if bits == 4 else 0.0
     sb = torch.zeros(T * NR, G, 2, dtype=torch.float32)
     sb[:N, :, 0] = s
-    sb[:N, :, 1] = s * (z + off)
+    sb[:N, :, 1] = s * (z + off) if offsets is None else s * off - offsets.to(torch.float32)
     sb = sb.reshape(T, NR, G, 2).permute(0, 2, 3, 1).contiguous()
     return w, sb
 
@@ -124,7 +131,7 @@ def qembedding_ref(ids, packed_weight, packed_scales, bits: int, group_size: int
         off = 128.0 if bits == 4 else 0.0
         s = sb[..., 0]
         # the layout holds s * (z + off); z is integral and comes back exactly
-        z = torch.where(s > 0, torch.round(sb[..., 1] / torch.where(s > 0, s, 1.0)) - off, 0.0)
+        z = torch.where(s != 0, torch.round(sb[..., 1] / torch.where(s != 0, s, 1.0)) - off, 0.0)
     gidx = torch.clamp(torch.arange(v.shape[1], device=v.device) // gs, max=G - 1)
     w = (v.to(torch.float32) - z[:, gidx]) * s[:, gidx]
     return w[:, :K].to(dtype).reshape(*ids.shape, K)
@@ -138,6 +145,27 @@ def qlinear_ref(x, packed_weight, packed_scales, bias, bits: int, group_size: in
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype)
+
+
+def qlinear_routed_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: int, group_size: int,
+                       out_features: int, in_features: int) -> torch.Tensor:
+    """Twin of ``hfquant::qlinear_routed``: for each expert e present, ``qlinear_ref`` of its rows
+    (expert_ids == e) with packed_weight[e], packed_scales[e] and bias[e]; [R, N] in x.dtype."""
+    if expert_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"hfquant::qlinear_routed: expert_ids must be int64 or int32, got {expert_ids.dtype}")
+    E = packed_weight.shape[0]
+    ids = expert_ids.long()
+    bad = (ids < 0) | (ids >= E)
+    if bad.any():
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"hfquant::qlinear_routed: expert id {int(ids[r])} at row {r} is out of range for {E} "
+                         "experts")
+    y = x.new_empty((x.shape[0], out_features))
+    for e in torch.unique(ids).tolist():
+        rows = (ids == e).nonzero().flatten()
+        y[rows] = qlinear_ref(x[rows], packed_weight[e], packed_scales[e], None if bias is None else bias[e], bits,
+                              group_size, out_features, in_features)
+    return y
 
 
 # --- int8 activations (W8A8, LLM.int8()) -------------------------------------------------

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_SKIP, HfQuantConfig
-from .modeling import did_you_mean, is_conv1d, name_matches, set_module, tied_sources, untie
+from .experts import find_experts
+from .modeling import (did_you_mean, is_conv1d, is_listed, key_pattern, name_matches, own_tied_params,
+                       set_module, tied_output_heads, tied_sources, untie)
 from .nn import QuantEmbedding, TiedQuantLinear
 from .nn.embedding import check_embedding
 
@@ -32,11 +34,17 @@ def embedding_targets(model: nn.Module, config: HfQuantConfig) -> list[tuple[str
     """The nn.Embedding layers to quantize (config.quantize_embeddings, not skipped)."""
     if not config.quantize_embeddings:
         return []
+    # a head with a bias cannot share a quantized table (TiedQuantLinear has none): its embedding stays float
+    biased = {tied_sources(model)[h].removesuffix(".weight"): h for h in tied_output_heads(model)
+              if getattr(model.get_submodule(h), "bias", None) is not None}
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not config.is_skipped(name):
             try:
                 check_embedding(module)
+                if name in biased:
+                    raise ValueError(f"{biased[name]} shares its weight and has a bias, which a shared quantized "
+                                     "table does not hold")
             except ValueError as e:
                 logger.warning("hfquant: %s stays in full precision: %s", name, e)
                 continue
@@ -69,30 +77,67 @@ def _tie_heads(model: nn.Module, heads: dict[str, str]) -> None:
         logger.info("hfquant: %s shares the quantized table of %s", head, emb)
 
 
+# the last part of the name of a vision/audio encoder or multimodal projector kept in float by default
+ENCODER_NAMES = ("vision_tower", "vision_model", "visual", "audio_tower", "multi_modal_projector", "mm_projector")
+
+
+def default_skip(model: nn.Module) -> list[str]:
+    """The modules kept in float by default besides lm_head: every sub-model built from the
+    model config's ``vision_config`` / ``audio_config`` (a PreTrainedModel holding that config),
+    every module whose name ends in one of ENCODER_NAMES (the outermost only), and the linear
+    layers whose weight is tied to an embedding (BERT's cls.predictions.decoder)."""
+    from transformers import PreTrainedModel
+
+    cfg = getattr(model, "config", None)
+    encoders = [c for c in (getattr(cfg, "vision_config", None), getattr(cfg, "audio_config", None)) if c is not None]
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        sub = m.config if isinstance(m, PreTrainedModel) else None
+        if name.rsplit(".", 1)[-1] in ENCODER_NAMES or (
+                sub is not None and any(sub is c or type(sub) is type(c) for c in encoders)):
+            found.append(name)
+    return found + [h for h in tied_output_heads(model) if not is_listed(h, found)]
+
+
+def add_default_skip(model: nn.Module, config: HfQuantConfig) -> None:
+    """Where modules_to_not_convert was left out, adds default_skip's modules to it (once per
+    model: the entries added for another model are replaced), so the saved config lists them."""
+    auto = config.__dict__.get("_auto_skip")
+    if auto is None:
+        return
+    user = [k for k in config.modules_to_not_convert if k not in auto]
+    new = [n for n in default_skip(model) if not is_listed(n, user)]
+    config.modules_to_not_convert = user + new
+    config._auto_skip = new
+    if new:
+        logger.info("hfquant: kept in full precision by default: %s", ", ".join(new))
+
+
 def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
-    """Raises unless every name of modules_override names a module, and every name of
-    modules_to_not_convert (but the default, lm_head, which a model may lack) a linear layer or
-    an embedding, by the rule of ``is_listed`` (the whole name, or its end after a dot)."""
-    names = [n for n, _ in model.named_modules()]
+    """Adds the default entries (add_default_skip), then raises unless every key of
+    modules_override and modules_to_not_convert (but lm_head, which a model may lack) names a
+    module of the model by the rule of ``name_matches`` (the whole name, its end after a dot, or
+    a ``re:`` pattern); a parent module stands for everything under it."""
+    for what, keys in (("modules_override", list(config.modules_override)),
+                       ("modules_to_not_convert", config.modules_to_not_convert)):
+        for key in keys:
+            if key.startswith("re:"):
+                try:
+                    key_pattern(key)
+                except ValueError as e:
+                    raise ValueError(f"hfquant: {what}: {str(e).removeprefix('hfquant: ')}") from None
+    add_default_skip(model, config)
+    names = [n for n, _ in model.named_modules() if n]
     for key in config.modules_override:
         if not any(name_matches(n, key) for n in names):
             raise ValueError(f"hfquant: modules_override names {key!r}, but the model has no module of that name"
                              + did_you_mean(key, names))
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)]
     for key in config.modules_to_not_convert:
-        if key in DEFAULT_SKIP or any(name_matches(n, key) for n in layers):
-            continue
-        parents = [n for n in names if name_matches(n, key)]
-        inside = [(p, n) for p in parents for n in layers if n.startswith(p + ".")]
-        if inside:
-            p, n = inside[0]
-            raise ValueError(f'hfquant: modules_to_not_convert names "{key}", which is not a linear layer or an '
-                             f"embedding: list the layers inside it to keep them in full precision (e.g. "
-                             f"{key + n[len(p):]})")
-        if parents:
-            continue  # a module without layers (a norm): it stays in full precision anyway
-        raise ValueError(f'hfquant: modules_to_not_convert names "{key}", which matches no module of the model'
-                         + did_you_mean(key, layers))
+        if key not in DEFAULT_SKIP and not any(name_matches(n, key) for n in names):
+            raise ValueError(f'hfquant: modules_to_not_convert names "{key}", which matches no module of the model'
+                             + did_you_mean(key, names))
 
 
 def _plan(model: nn.Module, config: HfQuantConfig, pre_quantized: bool):
@@ -113,6 +158,9 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     """Swaps target layers for the method's empty layers (Method.empty_layer, on the module's
     device, usually meta), and embeddings for empty QuantEmbedding."""
     targets, kept, embeds, heads = _plan(model, config, pre_quantized=not expect_float_weights)
+    experts, kept_experts = find_experts(model, config)
+    for name, _, _ in experts:
+        config.impl.check_experts(name)  # a method without expert support refuses before anything changes
     tied = tied_sources(model)
     for name, module, transposed in targets:
         w = module.weight
@@ -135,9 +183,11 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
             module.num_embeddings, module.embedding_dim, scheme["bits"], scheme["group_size"], scheme["symmetric"],
             dtype=w.dtype, device=w.device, padding_idx=module.padding_idx,
             float_weight_shape=tuple(w.shape) if expect_float_weights else None))
+    for name, module, shapes in experts:
+        set_module(model, name, config.impl.empty_experts(name, module, shapes, float_weights=expect_float_weights))
     _tie_heads(model, heads)
     config.tied_modules = heads
-    return kept
+    return kept + kept_experts
 
 
 @torch.no_grad()
@@ -145,9 +195,18 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
     """Quantizes the layers of a model in memory, one layer at a time, by the config's method
     (hfquant/methods/): its calibration step runs first on the float model where it has one
     (GPTQ, AWQ, mixed precision, SmoothQuant, the norm-scale fold). ``tokenizer`` serves the
-    calibration (by default the one saved beside the model is loaded)."""
+    calibration (by default the one saved beside the model is loaded). A config with a
+    ``rotation`` rotates the float model first (algorithms/rotation.py)."""
     targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
     method = config.impl
+    experts, kept_experts = find_experts(model, config)
+    for name, _, _ in experts:
+        method.check_experts(name)
+    if config.rotation is not None:
+        from .algorithms.rotation import apply_rotation
+
+        apply_rotation(model, config)  # may untie lm_head: the plan is made again
+        targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
     if method.needs_float_model():
         method.calibrate(model, targets, embeds, heads, tokenizer)
     tied = tied_sources(model)
@@ -159,6 +218,8 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         new = method.quantize_layer(name, module, transposed)
         new.pack()
         set_module(model, name, new)
+        if name in tied:
+            own_tied_params(model, name)
     for name, module in embeds:
         if module.weight.device.type == "meta":
             raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
@@ -166,6 +227,12 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         new = QuantEmbedding.from_embedding(module, scheme["bits"], scheme["group_size"], scheme["symmetric"])
         new.pack()
         set_module(model, name, new)
+    for name, module, shapes in experts:
+        if module.gate_up_proj.device.type == "meta":
+            raise ValueError(f"hfquant: {name} has no weights (meta device); load the model first")
+        new = method.quantize_experts_module(name, module, shapes["num_experts"])
+        new.pack()
+        set_module(model, name, new)
     _tie_heads(model, heads)
     config.tied_modules = heads
-    return kept
+    return kept + kept_experts

@@ -69,17 +69,19 @@ enum class Path { Gemv, Gemm, Blocked };
 //  - portable: the GEMV is scalar, the blocked path wins almost at once.
 // Tiny layers (below 256K weights) stay on the GEMV kernels unless the Gemm path serves
 // them: there the BLAS GEMM's packing and thread start-up cost more than they save.
-Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
-  const int64_t forced_max_m = switches::gemv_max_m();
-  const bool gemm_on = switches::qgemm();
-  const bool bf16 = xt == at::kBFloat16;
+bool has_gemm_path(Isa isa, at::ScalarType xt) {
   // bf16 x on avx512bf16 CPUs keeps the bf16 paths (vdpbf16ps GEMV, oneDNN's bf16 GEMM).
-  const bool has_gemm =
-      gemm_on && (isa == Isa::Avx512Bf16 ? !bf16 : isa == Isa::Avx512 || isa == Isa::Avx2);
-  const Path big = has_gemm ? Path::Gemm : Path::Blocked;
-  if (forced_max_m >= 0) return M <= forced_max_m ? Path::Gemv : big;
-  if (has_gemm) return M < gemm_min_m(isa, bits) ? Path::Gemv : Path::Gemm;
-  if (N * Kp < (int64_t(1) << 18)) return Path::Gemv;
+  return switches::qgemm() &&
+         (isa == Isa::Avx512Bf16 ? xt != at::kBFloat16 : isa == Isa::Avx512 || isa == Isa::Avx2);
+}
+
+// The largest M of the GEMV kernels (Gemv for M <= this, the larger-M path above).
+int64_t gemv_limit(Isa isa, at::ScalarType xt, int64_t bits, int64_t N, int64_t Kp) {
+  const int64_t forced_max_m = switches::gemv_max_m();
+  const bool bf16 = xt == at::kBFloat16;
+  if (forced_max_m >= 0) return forced_max_m;
+  if (has_gemm_path(isa, xt)) return gemm_min_m(isa, bits) - 1;
+  if (N * Kp < (int64_t(1) << 18)) return INT64_MAX;
   int64_t max_m;
   switch (isa) {
     // avx512bf16 measured with 2 threads at 4096x4096: bf16 W4 GEMV wins to M=64, W8 to M=16;
@@ -89,7 +91,12 @@ Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N,
     case Isa::Avx2: max_m = bf16 ? 8 : 16; break;
     default: max_m = 2;
   }
-  return M <= max_m ? Path::Gemv : Path::Blocked;
+  return max_m;
+}
+
+Path choose_path(Isa isa, at::ScalarType xt, int64_t bits, int64_t M, int64_t N, int64_t Kp) {
+  if (M <= gemv_limit(isa, xt, bits, N, Kp)) return Path::Gemv;
+  return has_gemm_path(isa, xt) ? Path::Gemm : Path::Blocked;
 }
 
 // Rows dequantized per GEMM call on the blocked path (the block_rows switch overrides):
@@ -124,14 +131,24 @@ IsaFns fns_for(Isa isa) {
 
 }  // namespace
 
+GemvPlan qlinear_gemv_plan(DType xt, int64_t bits, int64_t N, int64_t Kp) {
+  const Isa isa = active_isa();
+  const IsaFns fns = fns_for(isa);
+  const at::ScalarType st = xt == DType::BF16 ? at::kBFloat16 : xt == DType::F16 ? at::kHalf : at::kFloat;
+  return {fns.gemv, fns.prepare, isa == Isa::Avx512Bf16 && bits == 4, gemv_limit(isa, st, bits, N, Kp)};
+}
+
 // qweight: 4-bit uint8 [N, ceil(K/2)] (element k in byte k/2, low nibble for even k),
 //          8-bit int8 [N, K] (symmetric) or uint8 [N, K] (asymmetric, with zeros);
 // scales : float32/bfloat16/float16 [N, G], G = ceil(K/group_size) (1 for group_size -1);
-// zeros  : optional uint8 [N, G] zero points (0..15 or 0..255); absent = symmetric.
+// zeros  : optional uint8 [N, G] zero points (0..15 or 0..255); absent = symmetric;
+// offsets: optional float [N, G] (instead of zeros): weight = code * scale + offset, codes
+//          unsigned as with zeros; the layout's second value is then s * OFF - offset.
 // Returns (packed_weight uint8 [T, Kp/32|Kp/16, 4, 16], packed_scales float32 [T, G, 2, 4]).
 std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const at::Tensor& scales,
                                               const std::optional<at::Tensor>& zeros, int64_t bits,
-                                              int64_t group_size, int64_t in_features) {
+                                              int64_t group_size, int64_t in_features,
+                                              const std::optional<at::Tensor>& offsets) {
   check_bits_group("repack", bits, group_size);
   const int64_t K = in_features;
   TORCH_CHECK(K > 0, "hfquant::repack: in_features=", K, " must be positive");
@@ -144,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const a
     TORCH_CHECK(qweight.size(1) == (K + 1) / 2, "hfquant::repack: 4-bit qweight has ", qweight.size(1),
                 " columns, expected ceil(in_features/2)=", (K + 1) / 2);
   } else {
-    const bool asym = zeros.has_value();
+    const bool asym = zeros.has_value() || offsets.has_value();
     TORCH_CHECK(qweight.scalar_type() == (asym ? at::kByte : at::kChar), "hfquant::repack: 8-bit ",
                 asym ? "asymmetric qweight must be uint8" : "symmetric qweight must be int8", ", got ",
                 qweight.scalar_type());
@@ -165,6 +182,15 @@ std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const a
     TORCH_CHECK(zeros->device() == qweight.device(), "hfquant::repack: zeros is on ", zeros->device(),
                 ", qweight on ", qweight.device());
   }
+  if (offsets) {
+    TORCH_CHECK(!zeros, "hfquant::repack: zeros and offsets are exclusive (integer zero points or float offsets)");
+    TORCH_CHECK(offsets->is_floating_point(), "hfquant::repack: offsets must be floating point, got ",
+                offsets->scalar_type());
+    TORCH_CHECK(offsets->dim() == 2 && offsets->size(0) == N && offsets->size(1) == G,
+                "hfquant::repack: offsets has shape ", offsets->sizes(), ", expected [", N, ", ", G, "]");
+    TORCH_CHECK(offsets->device().is_cpu(), "hfquant::repack: offsets is on ", offsets->device(),
+                ", qweight on ", qweight.device());
+  }
   TORCH_CHECK(qweight.device().is_cpu() && scales.device().is_cpu(),
               "hfquant::repack: CPU kernel called with tensors on ", qweight.device());
 
@@ -178,6 +204,8 @@ std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const a
   const uint8_t* q = reinterpret_cast<const uint8_t*>(qw.data_ptr());
   const float* s = sc.data_ptr<float>();
   const uint8_t* z = zp.defined() ? zp.data_ptr<uint8_t>() : nullptr;
+  at::Tensor mo = offsets ? offsets->to(at::kFloat).contiguous() : at::Tensor();
+  const float* m = mo.defined() ? mo.data_ptr<float>() : nullptr;
   uint8_t* wo = w.data_ptr<uint8_t>();
   float* so = sb.data_ptr<float>();
   const int64_t qcols = qw.size(1);
@@ -206,15 +234,19 @@ std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const a
             dst |= j < 16 ? uint8_t(v) : uint8_t(v << 4);
           } else {
             // symmetric int8 is stored as v = q + 128 (two's complement flip of the sign bit)
-            v = z ? row[k] : (row[k] ^ 0x80);
+            v = (z || m) ? row[k] : (row[k] ^ 0x80);
             wo[((t * U + k / 16) * kNR + r) * 16 + (k % 16)] = uint8_t(v);
           }
         }
         for (int64_t g = 0; g < G; ++g) {
           const float sc_ = s[n * G + g];
-          const int zz = z ? int(z[n * G + g]) : sym_zero;
           so[((t * G + g) * 2 + 0) * kNR + r] = sc_;
-          so[((t * G + g) * 2 + 1) * kNR + r] = sc_ * (float(zz) + off);
+          if (m) {
+            so[((t * G + g) * 2 + 1) * kNR + r] = sc_ * off - m[n * G + g];
+          } else {
+            const int zz = z ? int(z[n * G + g]) : sym_zero;
+            so[((t * G + g) * 2 + 1) * kNR + r] = sc_ * (float(zz) + off);
+          }
         }
       }
     }
@@ -348,8 +380,13 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, con
     y = at::empty({M, N}, x.options());
     const OutView o{y.data_ptr(), xt, N, bias ? b32.data_ptr<float>() : nullptr};
     const GemvKernel kern = fns.gemv;
-    // A grain of 8 tiles (32 rows) keeps per-thread work above the scheduling cost.
-    at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) { kern(p, a, o, t0, t1); });
+    // Tasks get whole steps of kGemvTileStep tiles (the M = 1 kernels group tiles from the
+    // start of their range: the same result for any thread count), a grain of 8 tiles (32
+    // rows) keeps per-thread work above the scheduling cost.
+    const int64_t steps = (T + kGemvTileStep - 1) / kGemvTileStep;
+    at::parallel_for(0, steps, 8 / kGemvTileStep, [&](int64_t q0, int64_t q1) {
+      kern(p, a, o, q0 * kGemvTileStep, std::min(T, q1 * kGemvTileStep));
+    });
   } else {
     // Blocked path: dequantize a block of rows into a buffer that stays in L2/L3, then
     // ATen's GEMM on it.
@@ -430,9 +467,10 @@ at::Tensor qembedding_cpu(const at::Tensor& ids, const at::Tensor& packed_weight
         for (int64_t g = 0; g < G; ++g) {
           const float* sg = sb + (t * G + g) * 2 * kNR;
           // the layout holds s and s * (z + off); z is integral, so it is recovered exactly and
-          // the row is (v - z) * s, bit for bit what the checkpoint tensors stand for
+          // the row is (v - z) * s, bit for bit what the checkpoint tensors stand for (a layout
+          // made with float offsets is not an embedding's: QuantEmbedding has integer zeros)
           const float s = sg[r];
-          const float z = s > 0.f ? std::nearbyint(sg[kNR + r] / s) - off : 0.f;
+          const float z = s != 0.f ? std::nearbyint(sg[kNR + r] / s) - off : 0.f;
           const int64_t k1 = std::min(K, (g + 1) * gs);
           for (int64_t k = g * gs; k < k1; ++k) {
             int v;

@@ -11,6 +11,7 @@
 //   sb[T][G][2][4] float32: sb[t][g][0][r] = scale s, sb[t][g][1][r] = s * (z + OFF),
 //   OFF = 128 for 4-bit (the kernels may read a 4-bit code as the value 128 + v, which
 //   is the bf16 bit pattern 0x4300 | v), 0 for 8-bit; z = zero point (8 / 128 symmetric).
+//   With float offsets m (weight = v * s + m) the second value is s * OFF - m instead.
 // Semantics: y[m,n] = sum_g ( s * sum_{k in g} (v + OFF) x[m,k]  -  s(z+OFF) * X[m,g] )
 //            where X[m,g] = sum_{k in g} x[m,k];  this equals sum_k (v - z) s x[m,k].
 #pragma once
@@ -66,6 +67,11 @@ void gemv_avx2(const PackedView& p, const ActView& a, const OutView& o, int64_t 
 void gemv_avx512(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
 void gemv_avx512bf16(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1);
 
+// The qlinear dispatcher hands a GemvKernel tile ranges that start at multiples of this
+// (the M = 1 kernels group 4 tiles from the start of their range): its result does not
+// depend on the thread count, and an op calling the kernels the same way gets it bit for bit.
+constexpr int64_t kGemvTileStep = 4;
+
 // Fills the ActView buffers from M rows of x (dtype xt, k contiguous, row stride ldx
 // elements): xo fp32 [M][Kp] zero padded, xs [M][G]; with split (avx512bf16 only) also
 // xhi/xlo [M][Kp] (xlo all zero when xt is bf16).
@@ -77,6 +83,18 @@ void prepare_avx2(const void* x, DType xt, int64_t ldx, int64_t M, const PackedV
                   float* xs, uint16_t* xhi, uint16_t* xlo);
 void prepare_avx512(const void* x, DType xt, int64_t ldx, int64_t M, const PackedView& p, bool split,
                     float* xo, float* xs, uint16_t* xhi, uint16_t* xlo);
+
+// What qlinear (qlinear.cpp) does for x of dtype xt and an [N, K] weight (Kp = padded K) on
+// the active ISA, for ops built on its kernels (qlinear_routed.cpp): calls of M <= max_m rows
+// take the GEMV kernel `gemv` on activations made by `prepare` (split: with the bf16 hi/lo
+// halves), larger M another path.
+struct GemvPlan {
+  GemvKernel gemv;
+  PrepareFn prepare;
+  bool split;
+  int64_t max_m;
+};
+GemvPlan qlinear_gemv_plan(DType xt, int64_t bits, int64_t N, int64_t Kp);
 
 // Register-blocked fp32 GEMM for larger M (qgemm_kernel.h): x ([M][K] of dtype xt_dt, row
 // stride ldx) is first laid out as fp32 xt [ceil(M/16)][Kp][16], zero padded, by slices c

@@ -188,8 +188,12 @@ void dispatch_x(at::ScalarType t, F&& f) {
 // layout in qlinear_layout.cuh. All on qweight's CUDA device.
 std::tuple<at::Tensor, at::Tensor> repack_cuda(const at::Tensor& qweight, const at::Tensor& scales,
                                                const std::optional<at::Tensor>& zeros, int64_t bits,
-                                               int64_t group_size, int64_t in_features) {
+                                               int64_t group_size, int64_t in_features,
+                                               const std::optional<at::Tensor>& offsets) {
   check_bits_group("repack", bits, group_size);
+  // The tensor-core path multiplies integer (v - z) in fp16/bf16: a float offset does not fit it.
+  HQ_CHECK(!offsets, "hfquant::repack: float offsets (zero_point=\"float\") are not supported by the CUDA "
+           "kernels yet; quantize with zero_point=\"integer\" to run on CUDA");
   const int64_t K = in_features;
   HQ_CHECK(K > 0, "hfquant::repack: in_features=", K, " must be positive");
   const at::Device dev = cuda_device({&qweight, &scales, opt(zeros)});

@@ -29,6 +29,18 @@ The scales are folded where the previous op can absorb them, with the rules of
 SmoothQuant (algorithms/smoothquant.py): input_layernorm -> q/k/v, v_proj -> o_proj (one
 factor per kv channel under grouped-query attention), post_attention_layernorm ->
 gate/up, up_proj -> down_proj. Layers without such a previous op get only the clipping.
+
+Fused MoE experts (3-D gate_up_proj [E, 2I, H] / down_proj [E, H, I]) follow the joint
+variant of AWQ for mixture-of-experts blocks: the post-attention norm feeds the router and
+every expert, so one scale vector is searched for all experts' gate_up matrices together
+(and any other layer of the MoE block that reads the norm's output, a shared expert's
+gate/up), on the MoE block's output error; it is folded into the norm, and the router's
+columns are multiplied by it (exact: the routing does not change). down_proj gets a scale per
+expert, searched on the intermediate activations of the tokens routed to that expert and
+folded into the "up" half of its gate_up rows. Clipping is searched per expert matrix on its
+routed tokens. Experts that receive no calibration token keep the joint scale but get no
+down scale and no clipping (round to nearest), and are reported. Expert modules of another
+layout (transposed, or with their own gate function, as gpt-oss) get only the clipping.
 """
 from __future__ import annotations
 
@@ -188,7 +200,14 @@ def search_clip(M: Tensor, w: Tensor, scheme: dict, scale_dtype, separate: bool 
 def _clip_weight(m: nn.Module, transposed: bool, c_lo: Tensor, c_hi: Tensor, scheme: dict) -> None:
     """Clamps the weight to its clipped group ranges, so that round-to-nearest of the result
     uses exactly the clipped scales."""
-    w = _weight(m, transposed).detach().float()
+    wc = _clipped(_weight(m, transposed), c_lo, c_hi, scheme)
+    with torch.no_grad():
+        m.weight.copy_((wc.t() if transposed else wc).to(m.weight.dtype))
+
+
+def _clipped(w: Tensor, c_lo: Tensor, c_hi: Tensor, scheme: dict) -> Tensor:
+    """The weight [N, K] (float32) clamped to its clipped group ranges."""
+    w = w.detach().float()
     N, K = w.shape
     wg = grouped(w, scheme["group_size"])
     if scheme["symmetric"]:
@@ -197,9 +216,7 @@ def _clip_weight(m: nn.Module, transposed: bool, c_lo: Tensor, c_hi: Tensor, sch
     else:
         lo = wg.amin(-1).clamp(max=0.0) * c_lo
         hi = wg.amax(-1).clamp(min=0.0) * c_hi
-    wc = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None]).reshape(N, -1)[:, :K]
-    with torch.no_grad():
-        m.weight.copy_((wc.t() if transposed else wc).to(m.weight.dtype))
+    return torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None]).reshape(N, -1)[:, :K]
 
 
 def _scale_groups(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, str, list[str], tuple | None]]:
@@ -309,13 +326,273 @@ def _collect(block: nn.Module, inputs, modules: dict[str, nn.Module], inspect: d
     return stats, seen
 
 
+class _ExpertStats:
+    """Input statistics of one fused experts module (a forward pre-hook): of all its tokens,
+    and per expert of the tokens routed to it (gate_up and down inputs, the down inputs with
+    the module's current float weights)."""
+
+    def __init__(self, num_experts: int):
+        self.all: _InputStats | None = None
+        self.per: dict[str, list[_InputStats | None]] = {p: [None] * num_experts for p in ("gate_up", "down")}
+        self.tokens = [0] * num_experts
+        self.input_ptr: int | None = None  # storage of the first call's hidden states
+
+    def __call__(self, module, args, kw) -> None:
+        from .gptq import routed_call, routed_inputs
+
+        hidden, idx = routed_call(module, args, kw)
+        if self.input_ptr is None:
+            self.input_ptr = hidden.data_ptr()
+        if self.all is None:
+            self.all = _InputStats(hidden.shape[-1], hidden.device)
+        self.all.add(hidden)
+        for e in range(len(self.tokens)):
+            got = routed_inputs(module, hidden, idx, e)
+            if got is None:
+                continue
+            for p, x in zip(("gate_up", "down"), got):
+                if self.per[p][e] is None:
+                    self.per[p][e] = _InputStats(x.shape[-1], x.device)
+                self.per[p][e].add(x)
+            self.tokens[e] += got[0].shape[0]
+
+
+def _expert_view(module: nn.Module, proj: str, e: int) -> Tensor:
+    from .gptq import expert_weight
+
+    return expert_weight(module, proj, e)
+
+
+class _RoundedExperts:
+    """Within the context, the fused experts modules compute with their round-to-nearest
+    weights (one matrix per expert); their float weights are restored after."""
+
+    def __init__(self, experts: dict[str, tuple[nn.Module, int, dict]]):
+        self.experts = list(experts.values())
+        self.saved: list[tuple[Tensor, Tensor]] = []
+
+    def __enter__(self):
+        for m, count, sc in self.experts:
+            self.saved.append((m.gate_up_proj.detach().clone(), m.down_proj.detach().clone()))
+            for p in ("gate_up", "down"):
+                for e in range(count):
+                    w = _expert_view(m, p, e)
+                    w.copy_(fake_quantize(w.detach().float(), sc["bits"], sc["group_size"], sc["symmetric"],
+                                          w.dtype).to(w.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        for (m, _, _), (gu, down) in zip(self.experts, self.saved):
+            m.gate_up_proj.copy_(gu)
+            m.down_proj.copy_(down)
+        return False
+
+
+def _norm_consumers(owner: nn.Module, experts: nn.Module, hidden: int) -> dict[nn.Module, int]:
+    """{module: -1} for the modules of the MoE block ``owner`` with a 2-D weight [*, hidden]
+    (router, shared expert layers) besides the experts: the candidate readers of the norm's
+    output, whose first input's data_ptr _awq_experts records in place of the -1."""
+    return {m: -1 for m in owner.modules() if m is not experts and m is not owner
+            and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2
+            and m.weight.shape[-1] == hidden}
+
+
+def _awq_experts(model: nn.Module, block: nn.Module, inputs, targets: dict, stats: dict, done: list,
+                 experts: dict[str, tuple[nn.Module, int, dict]], clip_search: bool, chosen: dict,
+                 empty: dict[str, list[int]]) -> None:
+    """AWQ of the fused experts modules of one block (see the module docstring), in place on
+    their float weights, after the block's other groups; also finishes the other layers of
+    the MoE block that read the norm's output (scaled with the experts, then clipped)."""
+    from .layerwise import hooked_pass
+
+    norm2 = getattr(block, "post_attention_layernorm", None)
+    pre_norms = (getattr(block, "input_layernorm", None) is not None and norm2 is not None
+                 and not hasattr(block, "pre_feedforward_layernorm")
+                 and not hasattr(block, "post_feedforward_layernorm"))
+    owners = {n: block.get_submodule(n.rsplit(".", 1)[0]) if "." in n else block for n in experts}
+    estats = {n: _ExpertStats(count) for n, (_, count, _) in experts.items()}
+    consumers = {n: _norm_consumers(owners[n], m, m.gate_up_proj.shape[-1]) for n, (m, _, _) in experts.items()}
+    calls: dict[str, list] = {n: [] for n in experts}
+    handles = []
+
+    def record(store, key):
+        def hook(module, args, kw):
+            if store[key] == -1:
+                x = args[0] if args else next(iter(kw.values()))
+                store[key] = x.data_ptr() if isinstance(x, Tensor) else -2
+        return hook
+
+    def owner_call(n):
+        def hook(module, args, kw):
+            if len(calls[n]) < LOSS_WINDOWS:
+                calls[n].append((args, kw))
+        return hook
+
+    rest = {n: m for n, (m, _, _) in targets.items() if n not in done}
+    try:
+        for n, (m, _, _) in experts.items():
+            handles.append(m.register_forward_pre_hook(estats[n], with_kwargs=True))
+            handles.append(owners[n].register_forward_pre_hook(owner_call(n), with_kwargs=True))
+            for c in consumers[n]:
+                handles.append(c.register_forward_pre_hook(record(consumers[n], c), with_kwargs=True))
+        stats_new: dict[str, _InputStats] = {}
+        last: list = [None, None]
+
+        def observe(name, x):
+            if x is last[0]:
+                stats_new[name] = last[1]
+                return
+            st = stats_new.get(name) or _InputStats(x.shape[-1], x.device)
+            st.add(x)
+            stats_new[name] = st
+            last[0], last[1] = x, st
+
+        with _Rounded(targets, done):
+            hooked_pass(block, inputs, rest, observe)
+    finally:
+        for h in handles:
+            h.remove()
+    stats.update(stats_new)
+    name_of = {id(m): n for n, (m, _, _) in targets.items()}
+
+    for n, (m, count, scheme) in experts.items():
+        es = estats[n]
+        empty[n] = [e for e in range(count) if es.tokens[e] == 0]
+        layout_ok = _halves_layout(m)
+        readers = [c for c, ptr in consumers[n].items() if ptr == es.input_ptr]
+        dense = [name_of[id(c)] for c in readers if id(c) in name_of]
+        same_scheme = all(targets[d][2] == scheme and not targets[d][1] for d in dense)
+        if (layout_ok and pre_norms and folds_into_norm(norm2) and es.all is not None and calls[n] and calls[n][0][0]
+                and same_scheme
+                and all(d not in done for d in dense)):
+            a = _joint_gate_up_scale(m, count, scheme, norm2, owners[n], readers, dense, targets, es, calls[n],
+                                     stats)
+            if a is not None:
+                chosen[f"{n}.gate_up_proj"] = a
+                for d in dense:
+                    chosen[d] = a
+        if clip_search and dense:
+            _clip_dense(dense, targets, stats)
+        done.extend(dense)
+        if layout_ok:
+            for e in range(count):
+                st = es.per["down"][e]
+                if st is None:
+                    continue
+                inter = m.down_proj.shape[-1]
+                down = _expert_view(m, "down", e)
+                s, _, _ = search_scales(st.moment(), st.mean_abs(), [down], scheme, m.down_proj.dtype)
+                up = m.gate_up_proj[e, inter:]
+                up.copy_((up.float() / s[:, None]).to(up.dtype))
+                b = m._parameters.get("gate_up_proj_bias")
+                if b is not None:
+                    b[e, inter:].copy_((b[e, inter:].float() / s).to(b.dtype))
+                down.copy_((down.float() * s).to(down.dtype))
+                st.divide(s)
+        if clip_search:
+            for p in ("gate_up", "down"):
+                for e in range(count):
+                    st = es.per[p][e]
+                    if st is None:
+                        continue
+                    w = _expert_view(m, p, e)
+                    c_lo, c_hi = search_clip(st.moment(), w, scheme, w.dtype)
+                    w.copy_(_clipped(w, c_lo, c_hi, scheme).to(w.dtype))
+
+
+def _halves_layout(m: nn.Module) -> bool:
+    """Whether an experts module computes act(gate) * up from the halves (gate, up) of its
+    gate_up [E, 2I, H] output (transformers' default gate), so that scaling up's rows scales
+    the intermediate activations."""
+    if getattr(m, "is_transposed", False) or not getattr(m, "has_gate", True):
+        return False
+    fn = getattr(type(m), "_apply_gate", None)
+    if fn is None:
+        return True
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    return fn is _default_apply_gate
+
+
+def _clip_dense(names: list[str], targets: dict, stats: dict) -> None:
+    for n in names:
+        if n in stats:
+            m, transposed, scheme = targets[n]
+            c_lo, c_hi = search_clip(stats[n].moment(), _weight(m, transposed), scheme, m.weight.dtype)
+            _clip_weight(m, transposed, c_lo, c_hi, scheme)
+
+
+def _joint_gate_up_scale(m: nn.Module, count: int, scheme: dict, norm: nn.Module, owner: nn.Module,
+                         readers: list[nn.Module], dense: list[str], targets: dict, es: _ExpertStats, calls: list,
+                         stats: dict) -> float | None:
+    """Searches one input scale for every expert's gate_up (and the quantized layers among
+    ``readers``, the other modules of the MoE block that read the norm's output) on the MoE
+    block's output error, folds it into the norm, the experts and every reader; undone (None)
+    when the block's float output changes by more than rounding (a reader not found)."""
+    dense_mods = [targets[d][0] for d in dense]
+    weights = [m.gate_up_proj[e] for e in range(count)] + [d.weight for d in dense_mods]
+    ref = [_first(owner(*a, **k)).float() for a, k in calls]
+    power = sum(float(r.pow(2).mean()) for r in ref) / len(ref)
+
+    def loss(ws: list[Tensor]) -> float:
+        saved = [m.gate_up_proj.detach().clone()] + [d.weight.detach().clone() for d in dense_mods]
+        try:
+            for e in range(count):
+                m.gate_up_proj[e].copy_(ws[e].to(m.gate_up_proj.dtype))
+            for d, w in zip(dense_mods, ws[count:]):
+                d.weight.copy_(w.to(d.weight.dtype))
+            err = sum(float((_first(owner(*a, **k)).float() - r).pow(2).mean()) for (a, k), r in zip(calls, ref))
+        finally:
+            m.gate_up_proj.copy_(saved[0])
+            for d, w in zip(dense_mods, saved[1:]):
+                d.weight.copy_(w)
+        return err / len(ref) / max(power, 1e-30)
+
+    s, a, _ = search_scales(es.all.moment(), es.all.mean_abs(), weights, scheme, norm.weight.dtype, None, loss)
+    if bool((s == 1).all()):
+        return a
+    touched = [norm.weight, m.gate_up_proj] + [c.weight for c in readers]
+    if isinstance(getattr(norm, "bias", None), Tensor):
+        touched.append(norm.bias)
+    saved = [t.detach().clone() for t in touched]
+    norm.weight.copy_((norm.weight.float() / s).to(norm.weight.dtype))
+    if isinstance(getattr(norm, "bias", None), Tensor):
+        norm.bias.copy_((norm.bias.float() / s).to(norm.bias.dtype))
+    m.gate_up_proj.copy_((m.gate_up_proj.float() * s).to(m.gate_up_proj.dtype))
+    for c in readers:
+        c.weight.copy_((c.weight.float() * s).to(c.weight.dtype))
+    # the MoE block's float output on the first window must not change beyond rounding, with
+    # its recorded input divided by s as the norm now gives it: a reader of the norm's output
+    # that was not found would see x / s
+    (x, *rest), kw = calls[0]
+    after = _first(owner(x / s.to(x.dtype), *rest, **kw)).float()
+    tol = 1e-3 if norm.weight.dtype == torch.float32 else 3e-2
+    if float((after - ref[0]).norm() / ref[0].norm().clamp_min(1e-30)) > tol:
+        for t, v in zip(touched, saved):
+            t.copy_(v)
+        logger.info("hfquant: AWQ left the experts' input scale out: the MoE block's output changed when folded")
+        return None
+    es.all.divide(s)
+    for st in es.per["gate_up"]:
+        if st is not None:
+            st.divide(s)
+    for st in {id(stats[d]): stats[d] for d in dense if d in stats}.values():
+        st.divide(s)
+    return a
+
+
 @torch.no_grad()
 def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, bool, dict]],
-              clip_search: bool) -> tuple[dict[str, float], list]:
+              clip_search: bool, experts: dict[str, tuple[nn.Module, int, dict]] | None = None,
+              empty: dict[str, list[int]] | None = None) -> tuple[dict[str, float], list]:
     """AWQ of one decoder block, in place on its float weights. ``targets``: {name inside
-    the block: (module, transposed, scheme)}. Returns ({name: chosen exponent} of the
-    scaled layers, the next block's inputs: the outputs of this block with its layers
-    rounded, as the quantized model will compute them)."""
+    the block: (module, transposed, scheme)}; ``experts``: {name inside the block: (fused
+    experts module, expert count, scheme)}, whose experts without calibration tokens are
+    listed in ``empty``. Returns ({name: chosen exponent} of the scaled layers, the next
+    block's inputs: the outputs of this block with its layers rounded, as the quantized
+    model will compute them)."""
     from .layerwise import run_block
 
     # the inputs of the attention and MLP modules on the first windows, for the norm groups' loss
@@ -376,34 +653,50 @@ def awq_block(model: nn.Module, block: nn.Module, inputs, targets: dict[str, tup
         # rescaling the rows of a finished layer later (v_proj, up_proj) keeps its rounding error relative
         clip(names)
         done.extend(names)
+    if experts:
+        _awq_experts(model, block, inputs, targets, stats, done, experts, clip_search, chosen,
+                     {} if empty is None else empty)
     clip([n for n in targets if n not in done])
-    with _Rounded(targets, list(targets)):
+    with _Rounded(targets, list(targets)), _RoundedExperts(experts or {}):
         outputs = run_block(block, inputs)
     return chosen, outputs
 
 
-def awq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, float]:
+def awq_model(model: nn.Module, config, targets, tokenizer=None, experts=()) -> dict[str, float]:
     """AWQ of every target layer inside the model's decoder blocks, block by block, as
     HfQuantConfig asks; changes the float model in place (the caller then rounds it).
-    Returns {module name: chosen scale exponent}."""
+    ``experts``: (name, module, shapes) of fused experts modules from experts.find_experts.
+    Returns {module name: chosen scale exponent} ("<experts>.gate_up_proj" for the experts'
+    joint scale)."""
     from .calibration import config_batches
+    from .gptq import warn_empty_experts
     from .layerwise import calibrate_blocks, linear_layers
 
     batches = config_batches(model, config, tokenizer, "AWQ calibration")
     by_id = {id(m): (name, transposed) for name, m, transposed in targets}
+    experts_by_id = {id(m): (name, shapes["num_experts"]) for name, m, shapes in experts}
     chosen: dict[str, float] = {}
+    empty: dict[str, list[int]] = {}
 
     def process(index, block_name, block, inputs):
-        todo = {}
+        todo, todo_experts = {}, {}
         for n, m in linear_layers(block).items():
             hit = by_id.get(id(m))
             if hit is not None:
                 todo[n] = (m, hit[1], config.scheme_for(hit[0]))
-        scaled, outputs = awq_block(model, block, inputs, todo, config.clip_search)
+        for n, m in block.named_modules():
+            hit = experts_by_id.get(id(m))
+            if hit is not None:
+                todo_experts[n] = (m, hit[1], config.scheme_for(hit[0]))
+        block_empty: dict[str, list[int]] = {}
+        scaled, outputs = awq_block(model, block, inputs, todo, config.clip_search, todo_experts, block_empty)
         for n, a in scaled.items():
             chosen[f"{block_name}.{n}"] = a
+        for n, e in block_empty.items():
+            empty[f"{block_name}.{n}"] = e
         return outputs
 
     calibrate_blocks(model, batches, process, desc="AWQ")
     logger.info("hfquant: AWQ scaled %d layers", len(chosen))
+    warn_empty_experts("AWQ", empty)
     return chosen

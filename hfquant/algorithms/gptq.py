@@ -12,6 +12,13 @@ permutation stored (``perm``) so that the stored columns, and thus the groups, a
 contiguous in that order and the layer reads its input as x[..., perm].
 
 The result is format v1 tensors (qweight, scales, zeros) plus the optional ``perm``.
+
+Fused MoE experts (hfquant.nn.QuantExperts) are calibrated per expert: each expert's
+gate_up matrix [2I, H] on the hidden states of the tokens routed to it, its down matrix
+[H, I] on those tokens' intermediate activations act(gate) * up computed with the float
+gate_up (as the dense path takes down_proj's Hessian from the float block). Experts run
+without act-order (QuantExperts holds no column permutation); an expert that receives no
+calibration token is rounded to nearest instead, and reported.
 """
 from __future__ import annotations
 
@@ -179,14 +186,120 @@ def dequantized_weight(result: GPTQResult) -> Tensor:
     return w if result.perm is None else w[:, torch.argsort(result.perm)]
 
 
+@dataclass
+class ExpertsResult:
+    """GPTQ of one fused experts module: per projection ("gate_up", "down") one quantized
+    matrix per expert ([out, in], no permutation), the relative output error of each (None
+    where rounded to nearest), and the experts that received no calibration token."""
+    quantized: dict[str, list[QuantizedWeight]]
+    errors: dict[str, list[float | None]]
+    empty: list[int]
+    tokens: list[int]
+
+
+def expert_weight(module: nn.Module, proj: str, e: int) -> Tensor:
+    """Expert ``e``'s matrix [out, in] of a projection of a fused experts module (a view)."""
+    w = getattr(module, f"{proj}_proj")[e]
+    return w.t() if getattr(module, "is_transposed", False) else w
+
+
+def expert_activation(module: nn.Module, gate_up: Tensor) -> Tensor:
+    """The activation between an experts module's projections, act(gate) * up, as its class computes it."""
+    fn = getattr(type(module), "_apply_gate", None)
+    if fn is not None:
+        return fn(module, gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def routed_call(module: nn.Module, args: tuple, kw: dict) -> tuple[Tensor, Tensor]:
+    """(hidden states [T, H], expert ids [T, k]) of a call of a fused experts module."""
+    hidden = args[0] if args else kw["hidden_states"]
+    if len(args) > 1:
+        idx = args[1]
+    else:
+        idx = kw["top_k_index"] if "top_k_index" in kw else kw["router_indices"]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden, idx.reshape(hidden.shape[0], -1)
+
+
+def routed_inputs(module: nn.Module, hidden: Tensor, idx: Tensor, e: int) -> tuple[Tensor, Tensor] | None:
+    """(gate_up input, down input) of expert ``e`` for the tokens routed to it, with the
+    module's float weights; None when no token is."""
+    tok = (idx == e).any(-1).nonzero().flatten()
+    if tok.numel() == 0:
+        return None
+    x = hidden[tok]
+    b = module._parameters.get("gate_up_proj_bias")
+    w = expert_weight(module, "gate_up", e)
+    h = expert_activation(module, nn.functional.linear(x, w.to(x.dtype), None if b is None else b[e].to(x.dtype)))
+    return x, h
+
+
+class ExpertsObserver:
+    """Per-expert Hessians of the gate_up and down inputs of one fused experts module,
+    accumulated from its calls (a forward pre-hook)."""
+
+    def __init__(self, module: nn.Module, num_experts: int):
+        self.module = module
+        self.num_experts = num_experts
+        self.acc: dict[str, list[HessianAccumulator | None]] = {p: [None] * num_experts for p in ("gate_up", "down")}
+        self.tokens = [0] * num_experts
+
+    def __call__(self, module, args, kw) -> None:
+        hidden, idx = routed_call(module, args, kw)
+        for e in range(self.num_experts):
+            got = routed_inputs(module, hidden, idx, e)
+            if got is None:
+                continue
+            for p, x in zip(("gate_up", "down"), got):
+                if self.acc[p][e] is None:
+                    self.acc[p][e] = HessianAccumulator(x.shape[-1], x.device)
+                self.acc[p][e].add(x)
+            self.tokens[e] += got[0].shape[0]
+
+
+def gptq_experts(module: nn.Module, observer: ExpertsObserver, scheme: dict, damp: float,
+                 clip_search: bool) -> ExpertsResult:
+    """GPTQ of every expert matrix of a fused experts module from the observer's Hessians
+    (round to nearest for the experts without tokens); the module's float weights are then
+    replaced by their dequantized values."""
+    from ..formats import dequantize, quantize_rtn
+
+    E = observer.num_experts
+    out = ExpertsResult({"gate_up": [], "down": []}, {"gate_up": [], "down": []},
+                        [e for e in range(E) if observer.tokens[e] == 0], list(observer.tokens))
+    for p in ("gate_up", "down"):
+        param = getattr(module, f"{p}_proj")
+        for e in range(E):
+            w = expert_weight(module, p, e)
+            acc = observer.acc[p][e]
+            if acc is None:
+                q, err = quantize_rtn(w, scheme["bits"], scheme["group_size"], scheme["symmetric"],
+                                      scale_dtype=param.dtype), None
+            else:
+                r = gptq_quantize(w, acc.hessian(), scheme["bits"], scheme["group_size"], scheme["symmetric"],
+                                  damp=damp, act_order=False, clip_search=clip_search, scale_dtype=param.dtype)
+                q, err = r.quantized, r.error
+            deq = dequantize(q.qweight, q.scales, q.zeros, q.bits, q.group_size, q.in_features, torch.float32)
+            with torch.no_grad():
+                w.copy_(deq.to(param.dtype))
+            out.quantized[p].append(q)
+            out.errors[p].append(err)
+    return out
+
+
 def gptq_block(block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, bool, dict]], damp: float,
-               act_order: bool, clip_search: bool) -> dict[str, GPTQResult]:
+               act_order: bool, clip_search: bool,
+               experts: dict[str, tuple[nn.Module, int, dict]] | None = None) -> dict[str, GPTQResult | ExpertsResult]:
     """GPTQ of the linear layers of one decoder block.
 
     ``targets``: {name inside the block: (module, transposed, scheme)}. Hessians of all
     layers are collected in one pass over the block's float inputs (layers that read the
     same tensor share one); the layers' weights are then replaced by their dequantized
     values, so that the block's outputs (the next block's inputs) see the quantized layers.
+    ``experts``: {name inside the block: (fused experts module, expert count, scheme)},
+    calibrated per expert in the same pass (gptq_experts).
     """
     from .layerwise import hooked_pass
 
@@ -202,8 +315,14 @@ def gptq_block(block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, boo
         acc[name] = h
         last[0], last[1] = x, h
 
-    hooked_pass(block, inputs, {n: m for n, (m, _, _) in targets.items()}, observe)
-    results = {}
+    observers = {n: ExpertsObserver(m, count) for n, (m, count, _) in (experts or {}).items()}
+    handles = [m.register_forward_pre_hook(observers[n], with_kwargs=True) for n, (m, _, _) in (experts or {}).items()]
+    try:
+        hooked_pass(block, inputs, {n: m for n, (m, _, _) in targets.items()}, observe)
+    finally:
+        for h in handles:
+            h.remove()
+    results: dict[str, GPTQResult | ExpertsResult] = {}
     hessians: dict[int, Tensor] = {}
     for name, (module, transposed, scheme) in targets.items():
         if name not in acc:
@@ -215,13 +334,32 @@ def gptq_block(block: nn.Module, inputs, targets: dict[str, tuple[nn.Module, boo
         deq = dequantized_weight(res).to(module.weight.dtype)
         module.weight.data.copy_(deq.t() if transposed else deq)
         results[name] = res
+    for name, (module, _, scheme) in (experts or {}).items():
+        results[name] = gptq_experts(module, observers[name], scheme, damp, clip_search)
     return results
 
 
-def gptq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, GPTQResult]:
+def warn_empty_experts(what: str, empty: dict[str, list[int]]) -> str | None:
+    """One warning naming every experts module (and its expert indices) that received no
+    calibration token (``empty``: {module name: expert indices}); returns the message (None
+    when there is none)."""
+    empty = [(n, e) for n, e in empty.items() if e]
+    if not empty:
+        return None
+    count = sum(len(e) for _, e in empty)
+    msg = (f"hfquant: {what} calibration routed no tokens to {count} expert{'s' if count > 1 else ''}, rounded to "
+           f"nearest instead: " + "; ".join(f"{n} (expert{'s' if len(e) > 1 else ''} {', '.join(map(str, e))})"
+                                            for n, e in empty))
+    logger.warning(msg)
+    return msg
+
+
+def gptq_model(model: nn.Module, config, targets, tokenizer=None,
+               experts=()) -> dict[str, GPTQResult | ExpertsResult]:
     """GPTQ of every target layer inside the model's decoder blocks, block by block, as
     HfQuantConfig asks (calibration windows, damp, act_order, clip_search, per-module
-    schemes). ``targets``: (name, module, transposed) from replace.find_targets. Returns
+    schemes). ``targets``: (name, module, transposed) from replace.find_targets; ``experts``:
+    (name, module, shapes) of fused experts modules from experts.find_experts. Returns
     {module name: result}; targets outside the blocks are not in it (the caller rounds them).
     """
     from .calibration import config_batches
@@ -229,20 +367,30 @@ def gptq_model(model: nn.Module, config, targets, tokenizer=None) -> dict[str, G
 
     batches = config_batches(model, config, tokenizer, "GPTQ calibration")
     by_id = {id(m): (name, transposed) for name, m, transposed in targets}
-    results: dict[str, GPTQResult] = {}
+    experts_by_id = {id(m): (name, shapes["num_experts"]) for name, m, shapes in experts}
+    results: dict[str, GPTQResult | ExpertsResult] = {}
 
     def process(index, block_name, block, inputs):
-        todo = {}
+        todo, todo_experts = {}, {}
         for n, m in linear_layers(block).items():
             hit = by_id.get(id(m))
             if hit is not None:
                 todo[n] = (m, hit[1], config.scheme_for(hit[0]))
-        for n, r in gptq_block(block, inputs, todo, config.damp, config.act_order, config.clip_search).items():
+        for n, m in block.named_modules():
+            hit = experts_by_id.get(id(m))
+            if hit is not None:
+                todo_experts[n] = (m, hit[1], config.scheme_for(hit[0]))
+        for n, r in gptq_block(block, inputs, todo, config.damp, config.act_order, config.clip_search,
+                               todo_experts).items():
             results[f"{block_name}.{n}"] = r
 
     calibrate_blocks(model, batches, process, desc="GPTQ")
-    if results:
-        errs = torch.tensor([r.error for r in results.values()])
-        logger.info("hfquant: GPTQ quantized %d layers; relative output error median %.3g, max %.3g",
-                    len(results), float(errs.median()), float(errs.max()))
+    layers = [r.error for r in results.values() if isinstance(r, GPTQResult)]
+    layers += [e for r in results.values() if isinstance(r, ExpertsResult) for p in r.errors.values()
+               for e in p if e is not None]
+    if layers:
+        errs = torch.tensor(layers)
+        logger.info("hfquant: GPTQ quantized %d matrices; relative output error median %.3g, max %.3g",
+                    len(layers), float(errs.median()), float(errs.max()))
+    warn_empty_experts("GPTQ", {n: r.empty for n, r in results.items() if isinstance(r, ExpertsResult)})
     return results

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..formats.v1 import fake_quantize, num_groups
+from ..modeling import is_listed
 
 logger = logging.getLogger("hfquant")
 
@@ -252,7 +253,7 @@ def allocate_bits(model: nn.Module, config, targets, embeds, heads: dict[str, st
         tensors[name] = (_weight_of(module, transposed), module, transposed)
     for name, module in embeds:
         tensors[name] = (module.weight.detach(), module, False)
-    fixed = {n for n in tensors if any(n == k or n.endswith("." + k) for k in user)}
+    fixed = {n for n in tensors if is_listed(n, user)}  # the rule of scheme_for: a block fixes its layers
 
     total = sum(w.numel() for w, _, _ in tensors.values())
     budget = config.target_bits * total

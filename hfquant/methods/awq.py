@@ -24,8 +24,9 @@ class Awq(CalibratedMethod):
 
     def calibrate(self, model, targets, embeds, heads, tokenizer=None) -> None:
         from ..algorithms.awq import awq_model
+        from ..experts import find_experts
 
-        awq_model(model, self.config, targets, tokenizer)
+        awq_model(model, self.config, targets, tokenizer, find_experts(model, self.config)[0])
 
     def short_name(self) -> str:
         return f"awq-{super().short_name()}"

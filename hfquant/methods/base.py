@@ -17,7 +17,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-FORMAT_VERSION = 1
+# The newest checkpoint format this hfquant writes and reads (it reads every earlier one). A
+# checkpoint says the lowest version its tensors need (Method.format_version), so that
+# checkpoints without version 2's grids stay readable by earlier releases.
+FORMAT_VERSION = 2
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 DEFAULT_CALIBRATION = {"text": None, "n_samples": 32, "seq_len": 512}
@@ -174,6 +177,11 @@ class Method:
     why_not_exportable: ClassVar[str] = ""
     # the checkpoint tensors of a layer, besides its bias (``<module>.<key>``)
     tensor_keys: ClassVar[tuple[str, ...]] = ("qweight", "scales", "zeros")
+    # what settings missing from a format version 1 config mean (their defaults since changed)
+    version1_settings: ClassVar[dict[str, Any]] = {}
+    # fused MoE experts (3-D gate_up_proj / down_proj, hfquant.nn.QuantExperts): whether the
+    # method quantizes them (empty_experts, quantize_experts); a model with experts is refused otherwise
+    experts: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config
@@ -226,6 +234,16 @@ class Method:
             raise ValueError(f"{where}: group_size={group_size!r} is not supported "
                              f"(use one of {SUPPORTED_GROUP_SIZES})")
 
+    def grid_args(self) -> dict:
+        """grid / zero_point of the weight-only layers (methods without these settings: the
+        version 1 grids, "range" and "integer")."""
+        return {"grid": getattr(self.settings, "grid", "range"),
+                "zero_point": getattr(self.settings, "zero_point", "integer")}
+
+    def format_version(self) -> int:
+        """The lowest checkpoint format version that holds this method's layers as configured."""
+        return 1
+
     def to_dict(self) -> dict[str, Any]:
         """The method's settings as config.json holds them."""
         return {k: _plain(v) for k, v in vars(self.settings).items()}
@@ -252,6 +270,33 @@ class Method:
 
     def quantize_layer(self, name: str, module: nn.Module, transposed: bool) -> nn.Module:
         """The quantized replacement of a float layer (after calibrate)."""
+        raise NotImplementedError
+
+    # ---- fused MoE experts
+
+    def check_experts(self, name: str) -> None:
+        """Raises unless the method quantizes fused experts (the module ``name``)."""
+        if not self.experts:
+            raise ValueError(f"hfquant: {name} holds fused MoE experts, which method {self.name!r} cannot quantize "
+                             f"yet; use method='rtn', or keep them in full precision with "
+                             f"modules_to_not_convert=[{name.rsplit('.', 1)[-1]!r}]")
+
+    def empty_experts(self, name: str, module: nn.Module, shapes: dict, float_weights: bool) -> nn.Module:
+        """The fused experts module ``name`` before its tensors load (``shapes`` from
+        hfquant.nn.experts.expert_shapes; ``module`` the float experts module it replaces)."""
+        self.check_experts(name)
+        raise NotImplementedError
+
+    def quantize_experts(self, name: str, module: nn.Module, proj: str, weight) -> dict:
+        """Quantize-on-load: the stacked tensors ({"gate_up_qweight": ...}) of one float 3-D
+        projection tensor (``proj`` "gate_up" or "down", as the model holds it) of the empty
+        experts module ``module``."""
+        self.check_experts(name)
+        raise NotImplementedError
+
+    def quantize_experts_module(self, name: str, module: nn.Module, num_experts: int) -> nn.Module:
+        """The quantized replacement of a loaded float experts module (quantize_model)."""
+        self.check_experts(name)
         raise NotImplementedError
 
     # ---- naming

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..nn import QuantLinear
+from ..nn import QuantExperts, QuantLinear
 from .base import check_number, register_method
 from .rtn import Rtn
 
@@ -27,6 +27,7 @@ class CalibratedMethod(Rtn):
     """A weight-only method calibrated on text after the float model loaded."""
 
     qat = False
+    experts = True  # each expert calibrated on the tokens routed to it (subclasses say otherwise)
 
     @classmethod
     def default_samples(cls, values) -> int:
@@ -57,14 +58,30 @@ class Gptq(CalibratedMethod):
 
     def calibrate(self, model, targets, embeds, heads, tokenizer=None) -> None:
         from ..algorithms.gptq import gptq_model
+        from ..experts import find_experts
 
-        self.results = gptq_model(model, self.config, targets, tokenizer)
+        experts = find_experts(model, self.config)[0] if self.experts else []
+        self.results = gptq_model(model, self.config, targets, tokenizer, experts)
 
     def quantize_layer(self, name, module, transposed) -> nn.Module:
         r = self.results.pop(name, None)
         if r is None:  # outside the decoder blocks GPTQ walks: round to nearest, identity permutation
             return super().quantize_layer(name, module, transposed)
         return QuantLinear.from_quantized(r.quantized, module.bias, r.perm, act_order=self.act_order)
+
+    def quantize_experts_module(self, name, module, num_experts) -> nn.Module:
+        r = self.results.pop(name, None)
+        if r is None:  # outside the decoder blocks GPTQ walks: round to nearest
+            return super().quantize_experts_module(name, module, num_experts)
+        s = self.config.scheme_for(name)
+
+        def stored(key, layer, w):  # key: "<module>.<proj>_proj.<expert>"
+            proj, e = key[len(name) + 1:].rsplit(".", 1)
+            q = r.quantized[proj.removesuffix("_proj")][int(e)]
+            return {"qweight": q.qweight, "scales": q.scales, **({} if q.zeros is None else {"zeros": q.zeros})}
+
+        return QuantExperts.from_float(module, num_experts, s["bits"], s["group_size"], s["symmetric"],
+                                       quantize=stored, name=name)
 
     def short_name(self) -> str:
         return f"gptq-{super().short_name()}"

@@ -37,6 +37,7 @@ class Mixed(Gptq):
     embeddings_default = True
     writes_overrides = True
     w8_group_size = None  # its bits vary per layer
+    experts = False  # its bit allocation does not cover fused MoE experts
 
     @classmethod
     def default_samples(cls, values) -> int:

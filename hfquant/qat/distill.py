@@ -104,7 +104,8 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
                 if full in target_names:
                     s = config.scheme_for(full)
                     f = FakeQuantLinear.from_linear(m, s["bits"], s["group_size"], s["symmetric"],
-                                                    learn_scales=learn_scales, transposed=target_names[full])
+                                                    learn_scales=learn_scales, transposed=target_names[full],
+                                                    grid=config.impl.grid_args()["grid"])
                     set_module(block, n, f)
                     fakes[n] = f
             before, after = _train_block(block, fakes, quant_in, teacher, epochs, lr, scale_lr, train_weights,
@@ -126,7 +127,8 @@ def layerwise_distill(model: nn.Module, config: HfQuantConfig | None = None, tok
             if isinstance(module, QuantLinear):
                 continue
             s = config.scheme_for(name)
-            q = QuantLinear.from_float(module, s["bits"], s["group_size"], s["symmetric"], transposed=transposed)
+            q = QuantLinear.from_float(module, s["bits"], s["group_size"], s["symmetric"], transposed=transposed,
+                                       grid=config.impl.grid_args()["grid"])
             q.pack()
             set_module(model, name, q)
     finally:

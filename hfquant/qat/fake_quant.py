@@ -27,7 +27,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def _safe(s: torch.Tensor) -> torch.Tensor:
     # a zero scale (an all-zero group) gives code z, as quantize_codes does
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s != 0, s, torch.ones_like(s))
 
 
 class FakeQuantLinear(nn.Module):
@@ -37,11 +37,12 @@ class FakeQuantLinear(nn.Module):
     each group's scale and zero point come from the current weight as in round to nearest
     (hfquant.formats.v1.group_params); with ``learn_scales`` the scales are the parameter
     ``scale`` [out, G] (initialised by round to nearest) and the zero points the buffer
-    ``zero`` [out, G] fixed at initialisation.
+    ``zero`` [out, G] fixed at initialisation. ``grid`` places a symmetric grid as method rtn's
+    setting does ("extreme" and "best" give signed scales; a learned one keeps its sign).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
-                 symmetric: bool, learn_scales: bool = False, transposed: bool = False):
+                 symmetric: bool, learn_scales: bool = False, transposed: bool = False, grid: str = "range"):
         super().__init__()
         if weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"FakeQuantLinear: weight must be a 2-D float tensor, got {tuple(weight.shape)} "
@@ -50,6 +51,7 @@ class FakeQuantLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
+        self.grid = grid if symmetric else "range"
         self.transposed = transposed
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
@@ -64,21 +66,23 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int, group_size: int, symmetric: bool,
-                    learn_scales: bool = False, transposed: bool = False) -> "FakeQuantLinear":
+                    learn_scales: bool = False, transposed: bool = False, grid: str = "range") -> "FakeQuantLinear":
         w = linear.weight.detach()
         return cls(w.t() if transposed else w, None if linear.bias is None else linear.bias.detach(), bits,
-                   group_size, symmetric, learn_scales, transposed)
+                   group_size, symmetric, learn_scales, transposed, grid)
 
     @torch.no_grad()
     def _rtn_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = v1.grouped(self.weight.detach().to(torch.float32), self.group_size)
-        return v1.group_params(w, self.bits, self.symmetric, self.weight.dtype)
+        return v1.group_params(w, self.bits, self.symmetric, self.weight.dtype, grid=self.grid)
 
     def quant_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) [out, G] float32 that the forward pass uses; the scale carries
         gradient when learned."""
         if self.learn_scales:
-            # the stored scales are >= 0 (format v1); a learned one that went negative is 0
+            if self.grid != "range":  # signed scales: each keeps the sign it started with
+                return self.scale.to(torch.float32), self.zero
+            # the stored scales are >= 0 on the range grid; a learned one that went negative is 0
             return torch.clamp(self.scale.to(torch.float32), min=0.0), self.zero
         return self._rtn_params()
 
@@ -113,7 +117,7 @@ class FakeQuantLinear(nn.Module):
         q = v1.QuantizedWeight(v1.pack_codes(codes, self.bits, self.symmetric), s.to(self.weight.dtype).contiguous(),
                                None if self.symmetric else z.to(torch.uint8).contiguous(), self.bits,
                                self.group_size, self.in_features)
-        mod = QuantLinear.from_quantized(q, None if self.bias is None else self.bias.detach())
+        mod = QuantLinear.from_quantized(q, None if self.bias is None else self.bias.detach(), grid=self.grid)
         mod.float_weight_transposed = self.transposed
         return mod
 
@@ -121,6 +125,7 @@ class FakeQuantLinear(nn.Module):
         g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, {g}, {'symmetric' if self.symmetric else 'asymmetric'}"
+                f"{'' if self.grid == 'range' else ', grid=' + self.grid}"
                 f"{', learned scales' if self.learn_scales else ''}")
 
 
@@ -132,6 +137,9 @@ def check_trainable_config(config: HfQuantConfig, what: str) -> None:
         raise ValueError(f"{what}: method={config.method!r} is not trainable by QAT ({config.impl.why_not_qat}); "
                          "use method='rtn' "
                          "with the bits / group_size / symmetric to train for")
+    if config.impl.grid_args()["zero_point"] != "integer":
+        raise ValueError(f"{what}: QAT simulates integer zero points; this config asks for zero_point="
+                         f"{config.impl.grid_args()['zero_point']!r} (use zero_point='integer')")
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -167,6 +175,10 @@ def prepare_qat(model: nn.Module, config: HfQuantConfig | None = None, learn_sca
     targets, kept = find_targets(model, config)
     if not targets:
         raise ValueError("prepare_qat: the model has no nn.Linear (or Conv1D) layer to quantize")
+    if config.rotation is not None:  # the float model is rotated first (algorithms/rotation.py)
+        from ..algorithms.rotation import apply_rotation
+
+        apply_rotation(model, config)
     tied = tied_sources(model)
     for name, module, transposed in targets:
         if module.weight.device.type == "meta":
@@ -175,7 +187,8 @@ def prepare_qat(model: nn.Module, config: HfQuantConfig | None = None, learn_sca
             untie(model, name)
         scheme = config.scheme_for(name)
         new = FakeQuantLinear.from_linear(module, scheme["bits"], scheme["group_size"], scheme["symmetric"],
-                                          learn_scales=learn_scales, transposed=transposed)
+                                          learn_scales=learn_scales, transposed=transposed,
+                                          grid=config.impl.grid_args()["grid"])
         set_module(model, name, new)
     model._hfquant_qat = {"config": config, "kept": kept}
     return model
@@ -208,7 +221,7 @@ def _config_from_layers(model: nn.Module) -> HfQuantConfig:
     layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     first = layers[0]
     config = HfQuantConfig(bits=first.bits, group_size=first.group_size, symmetric=first.symmetric,
-                           modules_to_not_convert=[])
+                           modules_to_not_convert=[], grid=first.grid)
     for name, m in model.named_modules():
         if isinstance(m, FakeQuantLinear) and (m.bits, m.group_size, m.symmetric) != \
                 (first.bits, first.group_size, first.symmetric):

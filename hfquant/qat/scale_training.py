@@ -61,8 +61,11 @@ class ScaleTrainableQuantLinear(QuantLinear):
     def _format_v1_hook(module, state_dict, prefix, local_metadata):
         key = prefix + "scales"
         if key in state_dict:
-            # format v1 has no negative scale; a trained one that crossed zero stands for 0
-            state_dict[key] = state_dict[key].detach().clamp(min=0)
+            # the range grid has no negative scale; a trained one that crossed zero stands for 0
+            # (signed grids keep their signs)
+            state_dict[key] = state_dict[key].detach()
+            if module.grid == "range":
+                state_dict[key] = state_dict[key].clamp(min=0)
         key = prefix + "zeros"
         if key in state_dict and module.zeros is not None:
             qmax = (1 << module.bits) - 1
@@ -95,6 +98,10 @@ def enable_scale_training(model: nn.Module, zeros: bool = True) -> nn.Module:
     if not layers:
         raise ValueError("enable_scale_training: the model holds no QuantLinear layer; load or quantize it with "
                          "hfquant first (a float model trains with hfquant.prepare_qat)")
+    offset = [m for m in layers if getattr(m, "offsets", None) is not None]
+    if offset:
+        raise ValueError("enable_scale_training: the model holds layers with float offsets (zero_point='float'); "
+                         "scale-only training supports integer zero points")
     for p in model.parameters():
         p.requires_grad_(False)
     for m in layers:

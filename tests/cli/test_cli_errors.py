@@ -265,9 +265,8 @@ def test_skip_string_is_one_name(tiny):
     ("mlp.dwn_proj", "rtn", 'hfquant: modules_to_not_convert names "mlp.dwn_proj", which matches no module of the '
                             "model (did you mean: mlp.down_proj, mlp.up_proj, down_proj?)"),
     ("zzz", "rtn", 'hfquant: modules_to_not_convert names "zzz", which matches no module of the model'),
-    ("model.layers.1", "rtn", 'hfquant: modules_to_not_convert names "model.layers.1", which is not a linear layer '
-                              "or an embedding: list the layers inside it to keep them in full precision (e.g. "
-                              "model.layers.1.self_attn.q_proj)"),
+    ("model.layers.7", "rtn", 'hfquant: modules_to_not_convert names "model.layers.7", which matches no module of '
+                              "the model (did you mean: model.layers.1, model.layers.0, model.layers?)"),
 ])
 def test_skip_name_matching_nothing(tiny, skip, method, msg):
     with pytest.raises(ValueError) as e:
@@ -277,13 +276,16 @@ def test_skip_name_matching_nothing(tiny, skip, method, msg):
 
 
 def test_skip_names_that_match(tiny):
-    # exact names and suffixes after a dot (the rule of is_skipped), and a norm (kept anyway)
-    cfg = HfQuantConfig(bits=4, group_size=32,
-                        modules_to_not_convert=["lm_head", "down_proj", "model.layers.0.self_attn.q_proj", "norm"])
+    # exact names and suffixes after a dot (the rule of is_skipped), a norm (kept anyway) and a
+    # block (everything under it)
+    cfg = HfQuantConfig(bits=4, group_size=32, modules_to_not_convert=[
+        "lm_head", "down_proj", "model.layers.0.self_attn.q_proj", "norm", "model.layers.1.self_attn"])
     m = AutoModelForCausalLM.from_pretrained(tiny / "float", quantization_config=cfg)
     assert type(m.model.layers[1].mlp.down_proj) is nn.Linear
     assert type(m.model.layers[0].self_attn.q_proj) is nn.Linear
-    assert type(m.model.layers[1].self_attn.q_proj).__name__ == "QuantLinear"
+    assert type(m.model.layers[0].self_attn.k_proj).__name__ == "QuantLinear"
+    assert type(m.model.layers[1].self_attn.k_proj) is nn.Linear
+    assert type(m.model.layers[1].mlp.up_proj).__name__ == "QuantLinear"
 
 
 def test_skip_default_without_lm_head(tmp_path):

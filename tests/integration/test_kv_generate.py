@@ -120,10 +120,12 @@ def test_bad_arguments(model):
         hfquant.HfQuantConfig(kv_cache_bits=5)
 
 
-def test_unsupported_model_named():
+def test_sliding_model_served():
+    """Gemma2's alternating sliding/full layers get sliding and full quantized layers
+    (tests/integration/test_kv_layer_types.py checks every layer type)."""
     from transformers import Gemma2Config
 
     cfg = Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-                       head_dim=32, intermediate_size=128, vocab_size=100)
-    with pytest.raises(ValueError, match="gemma2 model cannot use it"):
-        QuantizedKVCache(cfg, bits=4, group_size=32)
+                       head_dim=32, intermediate_size=128, vocab_size=100, sliding_window=64)
+    cache = QuantizedKVCache(cfg, bits=4, group_size=32)
+    assert [layer.sliding_window for layer in cache.layers] == [64, None]

@@ -18,7 +18,9 @@ SLICE_VOCAB = 1024
 
 # name -> HfQuantConfig arguments; "gptq" is derived from "w4g128" (see _as_act_order)
 SCHEMES = {
-    "w4g128": dict(bits=4, group_size=128),
+    # the version 1 grid: "gptq" is derived from it (GPTQ's layers use that grid, whose scales
+    # are never negative); the default grid's checkpoints are tested in tests/formats
+    "w4g128": dict(bits=4, group_size=128, grid="range"),
     "w4g128a": dict(bits=4, group_size=128, symmetric=False),
     "w8": dict(bits=8, group_size=-1),
     "kmeans": dict(method="kmeans", bits=4, kmeans_max_iter=8),

@@ -266,6 +266,47 @@ def test_fuzz_qembedding(q, data):
     assert same(got, want), f"bits={bits} g{gs} N={N} K={K} {dtype}"
 
 
+@FUZZ
+@given(q=quantized(), data=st.data())
+def test_fuzz_qlinear_routed(q, data):
+    bits, gs, N, K, qw, s, z = q
+    assume(torch.isfinite(s.float()).all())
+    CASES["qlinear_routed"] += 1
+    # E experts: the drawn weight with its rows rotated by e (one geometry, different weights)
+    E = data.draw(st.integers(1, 5))
+    packed = [OPS.repack(qw.roll(e, 0), s.roll(e, 0), None if z is None else z.roll(e, 0), bits, gs, K)
+              for e in range(E)]
+    w, sb = torch.stack([p[0] for p in packed]), torch.stack([p[1] for p in packed])
+    dtype, kind, layout = data.draw(dtypes), data.draw(kinds), data.draw(layouts)
+    R = data.draw(st.sampled_from([0, 1, 2, 3, 5, 17, 40]))
+    isa = data.draw(st.sampled_from(ISAS))
+    gen = _gen(data.draw(seeds))
+    x = view_as(floats((R, K), dtype, kind, gen, large=1e15), layout, gen)
+    ids = torch.randint(0, E, (R,), generator=gen, dtype=data.draw(st.sampled_from([torch.int64, torch.int32])))
+    bias = floats((E, N), data.draw(st.sampled_from([dtype, torch.float32])), "normal", gen) \
+        if data.draw(st.booleans()) else None
+    if R and data.draw(st.integers(0, 9)) == 0:  # an expert id out of range: refused, naming it
+        bad = ids.clone()
+        bad[-1] = data.draw(st.sampled_from([E, E + 3, -1]))
+        raises_clean(lambda: OPS.qlinear_routed(x, w, sb, bad, bias, bits, gs, N, K), "qlinear_routed")
+        return
+    y = _with_isa(isa, lambda: OPS.qlinear_routed(x, w, sb, ids, bias, bits, gs, N, K))
+    assert y.dtype == dtype and y.shape == (R, N)
+    msg = f"{isa} {dtype} bits={bits} g{gs} N={N} K={K} E={E} R={R} {kind} {layout}"
+    x2 = x.double()
+    b = None if bias is None else bias.double()
+    want = ref.qlinear_routed_ref(x2, w, sb, ids, b, bits, gs, N, K)
+    loop, scale = torch.empty_like(y), 0.0
+    for e in ids.unique().tolist():
+        rows = (ids == e).nonzero().flatten()
+        be = None if bias is None else bias[e]
+        loop[rows] = _with_isa(isa, lambda: OPS.qlinear(x[rows], w[e], sb[e], be, bits, gs, N, K))
+        W = ref.dequantize_packed_ref(w[e], sb[e], bits, gs, N, K).double()
+        scale = max(scale, _step_scale(x2[rows], sb[e], gs, N, K, W))
+    assert same(y, loop), f"{msg}: differs from qlinear on each expert's rows"
+    close(y, want, dtype, scale, msg)
+
+
 def _step_scale(x2, sb, gs, N, K, W):
     """max of |x| @ S^T (S the scale of each weight) and of |x| @ |W|^T over the finite rows."""
     rows = torch.isfinite(x2).all(1)

@@ -80,7 +80,7 @@ def test_without_register_lora_peft_refuses_quantlinear(tiny_w4):
     from peft import LoraConfig, get_peft_model
 
     with pytest.raises(ValueError, match=r"^Target module QuantLinear\(in_features=64, out_features=64, bias=False, "
-                                         r"bits=4, per-channel, symmetric\) is not supported\."):
+                                         r"bits=4, per-channel, symmetric, grid=best\) is not supported\."):
         get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_w4), LoraConfig(r=4, target_modules=["q_proj"]))
 
 

@@ -1,0 +1,182 @@
+"""Quantized KV cache on sliding-window and alternating-layer models, with real weights.
+
+The default model's weights (SmolLM2-135M, a Llama) load unchanged into two other classes:
+MistralForCausalLM with sliding_window=256 (every layer sliding), and Qwen2ForCausalLM with
+``layer_types`` alternating sliding (window 256) / full attention and its q/k/v biases set to
+zero. On a 200-token input (inside the window) both give the Llama's float logits; the
+script checks that first. Then, for each, against the float DynamicCache on the same model:
+
+* greedy agreement of the int8 cache: share of 64 greedy tokens equal to the fp cache's after
+  each of 8 prompts of 384 tokens (quick: 2) spread over WikiText-2 test;
+* perplexity with the int4 cache in the loop (hfquant.evaluate.perplexity_with_cache, windows
+  of 512 tokens fed in chunks of 32: the window of 256 slides inside each);
+* the tokens a sliding layer holds after 8192 tokens of context (quick: 2048), fed in chunks
+  of 512, against its bound sliding_window + residual_length + group_size, and the cache's
+  bytes against a full-attention-only quantized cache.
+
+    python benchmarks/bench_kv_layer_types.py
+    python benchmarks/bench_kv_layer_types.py --quick
+    python benchmarks/bench_kv_layer_types.py --write-docs
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+from hfquant import QuantizedKVCache, data  # noqa: E402
+from hfquant.evaluate import perplexity_with_cache  # noqa: E402
+
+DOC_INTRO = "# Benchmarks\n"
+WINDOW = 256
+PROMPT, NEW = 384, 64
+# the shared config fields of a Llama that Mistral and Qwen2 read the same way
+_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+           "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def variants(llama) -> dict[str, torch.nn.Module]:
+    """The Llama's weights in MistralForCausalLM (sliding) and Qwen2ForCausalLM (alternating)."""
+    c = llama.config
+    fields = {k: getattr(c, k) for k in _FIELDS if getattr(c, k, None) is not None}
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    state = llama.state_dict()
+    mistral = MistralForCausalLM(MistralConfig(**fields, head_dim=head_dim, sliding_window=WINDOW))
+    layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_hidden_layers)]
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**fields, use_sliding_window=True, sliding_window=WINDOW,
+                                         max_window_layers=0, layer_types=layer_types))
+    out = {}
+    for name, model in (("MistralForCausalLM, sliding_window 256", mistral),
+                        ("Qwen2ForCausalLM, sliding/full alternating", qwen2)):
+        sd = dict(state)
+        for key, p in model.state_dict().items():
+            if key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                sd[key] = torch.zeros_like(p)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise SystemExit(f"{name}: the weights do not load unchanged (missing {missing}, unexpected {unexpected})")
+        out[name] = model.eval()
+    return out
+
+
+@torch.no_grad()
+def greedy(model, prompt, cache) -> list[int]:
+    out = model(prompt, cache=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    toks = [int(token)]
+    for _ in range(NEW - 1):
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        toks.append(int(token))
+    return toks
+
+
+@torch.no_grad()
+def long_context(model, ids, make) -> QuantizedKVCache:
+    cache = make()
+    for i in range(0, ids.shape[1], 512):
+        model(ids[:, i:i + 512], cache=cache, use_cache=True)
+    return cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=None, help="greedy-agreement prompts (default 8, quick 2)")
+    p.add_argument("--windows", type=int, default=None, help="perplexity windows of 512 (default 8, quick 2)")
+    p.add_argument("--context", type=int, default=None, help="long-context tokens (default 8192, quick 2048)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    a = p.parse_args(argv)
+    a.prompts = a.prompts or (2 if a.quick else 8)
+    a.windows = a.windows or (2 if a.quick else 8)
+    a.context = a.context or (2048 if a.quick else 8192)
+    command = "python benchmarks/bench_kv_layer_types.py" + "".join(
+        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    md = str(data.default_model_dir("float32"))
+    tok = AutoTokenizer.from_pretrained(md)
+    llama = AutoModelForCausalLM.from_pretrained(md).eval()
+    text = data.wikitext_test()
+    all_ids = tok(text, return_tensors="pt").input_ids
+    step = (all_ids.shape[1] - PROMPT) // a.prompts
+    prompts = [all_ids[:, i * step:i * step + PROMPT] for i in range(a.prompts)]
+
+    with torch.no_grad():
+        ref_logits = llama(all_ids[:, :200]).logits
+    rows, ok = [], True
+    ids = all_ids[:, :a.context]
+    full_bytes = long_context(llama, ids, lambda: QuantizedKVCache(llama.config, bits=4)).memory_bytes()
+    for name, model in variants(llama).items():
+        with torch.no_grad():
+            diff = (model(all_ids[:, :200]).logits - ref_logits).abs().max().item()
+        if diff > 1e-4:
+            raise SystemExit(f"{name}: float logits differ from the Llama's inside the window (max {diff:.2e})")
+        cfg = model.config
+        fp_ppl = perplexity_with_cache(model, tok, text, lambda: DynamicCache(config=cfg), max_windows=a.windows)
+        q4_ppl = perplexity_with_cache(model, tok, text, lambda: QuantizedKVCache(cfg, bits=4),
+                                       max_windows=a.windows)
+        agree = []
+        for prompt in prompts:
+            ref = greedy(model, prompt, DynamicCache(config=cfg))
+            q8 = greedy(model, prompt, QuantizedKVCache(cfg, bits=8))
+            agree.append(sum(x == y for x, y in zip(ref, q8)) / NEW)
+        cache = long_context(model, ids, lambda: QuantizedKVCache(cfg, bits=4))
+        sliding = [layer for layer in cache.layers if layer.is_sliding]
+        held = max(layer.stored_tokens() for layer in sliding)
+        bound = WINDOW + cache.residual_length + cache.group_size
+        row = dict(name=name, fp=fp_ppl, q4=q4_ppl, agree=statistics.mean(agree), held=held, bound=bound,
+                   bytes=cache.memory_bytes(), full_bytes=full_bytes, diff=diff)
+        row["pass"] = row["agree"] >= 0.98 and abs(q4_ppl / fp_ppl - 1) <= 0.01 and held <= bound
+        ok &= row["pass"]
+        rows.append(row)
+        print(f"{name}: logits vs Llama {diff:.1e}; int8 agreement {row['agree']:.1%}; ppl fp {fp_ppl:.3f} "
+              f"int4 {q4_ppl:.3f} ({100 * (q4_ppl / fp_ppl - 1):+.2f}%); sliding layer holds {held} <= {bound}",
+              file=sys.stderr, flush=True)
+
+    info = common.system_info(a.threads)
+    header = ["model (SmolLM2-135M weights)", "fp logits vs Llama (200 tokens)",
+              f"int8 greedy agreement ({NEW} tokens, {a.prompts} prompts)", "perplexity fp / int4 (vs fp)",
+              f"tokens a sliding layer holds at {a.context} (bound)",
+              f"int4 cache bytes at {a.context} (full-attention cache)",
+              "checks"]
+    table = [[r["name"], f"max abs diff {r['diff']:.1e}", f"{r['agree']:.1%}",
+              f"{r['fp']:.3f} / {r['q4']:.3f} ({100 * (r['q4'] / r['fp'] - 1):+.2f}%)",
+              f"{r['held']} ({r['bound']})", f"{r['bytes'] / 2**20:.2f} MiB ({r['full_bytes'] / 2**20:.2f} MiB)",
+              "pass" if r["pass"] else "FAIL"] for r in rows]
+    body = "\n".join([
+        "### Quantized KV cache on sliding-window and alternating layers" +
+        (" (PLACEHOLDER: --quick smoke run)" if a.quick else ""), "",
+        f"Command: `{command}`", "", common.header_line(info) + ".", "",
+        "The default model's float weights loaded unchanged into MistralForCausalLM (sliding_window 256, every "
+        "layer) and Qwen2ForCausalLM (layer_types alternating sliding 256 / full, q/k/v biases zero); inside the "
+        "window both give the Llama's logits. Each QuantizedKVCache uses the defaults (group 64 for head_dim 64, "
+        f"residual 128) and is compared to the float DynamicCache on the same model. Greedy agreement: {NEW} "
+        f"tokens after each of {a.prompts} {PROMPT}-token prompts spread over WikiText-2 test. Perplexity: "
+        f"WikiText-2 test, {a.windows} windows of 512 tokens fed in chunks of 32 through the cache. Long context: "
+        f"{a.context} tokens fed in chunks of 512; tokens held = quantized store + full-precision window of the "
+        "fullest sliding layer, bound = window + residual + group. Checks: agreement >= 98%, int4 perplexity "
+        "within 1% of fp, tokens held within the bound. "
+        f"Run {time.strftime('%Y-%m-%d', time.gmtime())}, {time.perf_counter() - t_start:.0f} s.", "",
+        common.md_table(header, table)])
+    print(body)
+    if a.write_docs:
+        common.write_doc_section(a.docs, "kv-layer-types" + ("-quick" if a.quick else ""), body, DOC_INTRO)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
