@@ -464,7 +464,9 @@ def main(argv=None) -> int:
     q.add_argument("--calib-text", default=None, help="calibration text file (default: WikiText-2 validation)")
     q.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 32; 128 for gptq/awq)")
     q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
-    q.add_argument("--skip", nargs="*", default=None, help="modules kept in full precision (default: lm_head)")
+    q.add_argument("--skip", nargs="*", default=None,
+                   help="modules kept in full precision: names, name ends or re: patterns (default: lm_head, "
+                        "vision/audio encoders and heads tied to an embedding)")
     q.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     q.set_defaults(fn=_cmd_quantize)
     x = sub.add_parser("export", help="write an hfquant checkpoint in another format (gptq, compressed-tensors)")

@@ -281,23 +281,36 @@ class Method:
                              f"yet; use method='rtn', or keep them in full precision with "
                              f"modules_to_not_convert=[{name.rsplit('.', 1)[-1]!r}]")
 
+    # The experts of every method that quantizes them are weight-only QuantExperts in the method's
+    # scheme for the module, each expert matrix quantized by the method's quantize_weight.
+
     def empty_experts(self, name: str, module: nn.Module, shapes: dict, float_weights: bool) -> nn.Module:
         """The fused experts module ``name`` before its tensors load (``shapes`` from
         hfquant.nn.experts.expert_shapes; ``module`` the float experts module it replaces)."""
+        from ..nn import QuantExperts
+
         self.check_experts(name)
-        raise NotImplementedError
+        s = self.config.scheme_for(name)
+        gu = module.gate_up_proj
+        return QuantExperts(shapes["num_experts"], shapes["hidden"], shapes["intermediate"], shapes["bias"],
+                            s["bits"], s["group_size"], s["symmetric"], transposed=shapes["transposed"],
+                            dtype=gu.dtype, device=gu.device, original=module, float_weights=float_weights)
 
     def quantize_experts(self, name: str, module: nn.Module, proj: str, weight) -> dict:
         """Quantize-on-load: the stacked tensors ({"gate_up_qweight": ...}) of one float 3-D
         projection tensor (``proj`` "gate_up" or "down", as the model holds it) of the empty
-        experts module ``module``."""
+        experts module ``module``, one expert at a time as the weight of a linear layer."""
         self.check_experts(name)
-        raise NotImplementedError
+        return module.quantize_float(name, proj, weight, self.quantize_weight)
 
     def quantize_experts_module(self, name: str, module: nn.Module, num_experts: int) -> nn.Module:
         """The quantized replacement of a loaded float experts module (quantize_model)."""
+        from ..nn import QuantExperts
+
         self.check_experts(name)
-        raise NotImplementedError
+        s = self.config.scheme_for(name)
+        return QuantExperts.from_float(module, num_experts, s["bits"], s["group_size"], s["symmetric"],
+                                       quantize=self.quantize_weight, name=name)
 
     # ---- naming
 

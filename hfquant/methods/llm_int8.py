@@ -1,7 +1,11 @@
 """LLM.int8() ("llm_int8"): int8 weights per output channel, int8 activations per token
 quantized at run time, and the input columns holding an outlier (|x| >= threshold)
 multiplied in floating point. Optionally SmoothQuant or the norm-scale fold prepare the
-float model first (hfquant/algorithms/smoothquant.py)."""
+float model first (hfquant/algorithms/smoothquant.py).
+
+Fused MoE experts (hfquant.nn.QuantExperts) get the same int8 per-channel weights, multiplied
+weight-only: the routed-expert op has no int8-activation path, so the experts' activations stay
+in floating point (more accurate than int8 activations, and the same bytes read per token)."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +44,7 @@ class LlmInt8(Method):
     why_not_trainable = why_not_qat = "it quantizes activations at run time"
     why_not_exportable = "int8 activations with LLM.int8() outlier columns in floating point"
     tensor_keys = ("qweight", "scales", "smooth")
+    experts = True  # weight-only int8 (module docstring)
 
     def __init__(self, config):
         super().__init__(config)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import formats
-from ..nn import QuantExperts, QuantLinear
+from ..nn import QuantLinear
 from .base import Method, register_method
 
 # Rows quantized at a time while loading: quantize_rtn's float32 temporaries stay ~1 MB
@@ -114,22 +114,3 @@ class Rtn(Method):
         s = self.config.scheme_for(name)
         return QuantLinear.from_float(module, s["bits"], s["group_size"], s["symmetric"], transposed=transposed,
                                       act_order=self.act_order, **self.grid_args())
-
-    def empty_experts(self, name, module, shapes, float_weights) -> nn.Module:
-        self.check_experts(name)
-        s = self.config.scheme_for(name)
-        gu = module.gate_up_proj
-        return QuantExperts(shapes["num_experts"], shapes["hidden"], shapes["intermediate"], shapes["bias"],
-                            s["bits"], s["group_size"], s["symmetric"], transposed=shapes["transposed"],
-                            dtype=gu.dtype, device=gu.device, original=module, float_weights=float_weights)
-
-    def quantize_experts(self, name, module, proj, weight) -> dict:
-        self.check_experts(name)
-        # one expert at a time, each as the weight of a linear layer of its shape
-        return module.quantize_float(name, proj, weight, self.quantize_weight)
-
-    def quantize_experts_module(self, name, module, num_experts) -> nn.Module:
-        self.check_experts(name)
-        s = self.config.scheme_for(name)
-        return QuantExperts.from_float(module, num_experts, s["bits"], s["group_size"], s["symmetric"],
-                                       quantize=self.quantize_weight, name=name)
