@@ -321,7 +321,9 @@ class QuantExperts(nn.Module):
         tok = torch.arange(T, device=ids.device).repeat_interleave(k)
         weights = top_k_weights.reshape(-1)
         keep = (ids >= 0) & (ids < self.num_experts)  # id E: a slot routed nowhere (expert parallelism)
-        if not bool(keep.all()):
+        if torch.compiler.is_compiling():  # no data-dependent shapes in a graph: such slots weigh 0
+            ids, weights = torch.where(keep, ids, 0), torch.where(keep, weights, torch.zeros_like(weights))
+        elif not bool(keep.all()):
             ids, tok, weights = ids[keep], tok[keep], weights[keep]
         out = torch.zeros_like(hidden_states)
         if ids.numel() == 0:

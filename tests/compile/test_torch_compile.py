@@ -76,3 +76,38 @@ def test_generate_with_compiled_forward(model_dir, tokenizer):
     assert torch.equal(compiled, eager)
     assert counters["stats"]["unique_graphs"] >= 1  # the forward really was compiled
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("cls_name", ["Qwen3MoeForCausalLM", "GptOssForCausalLM"])
+def test_fullgraph_moe_model(cls_name, tmp_path):
+    """A whole W4 MoE model (fused experts as hfquant.nn.QuantExperts, both layouts) compiles
+    without a graph break and matches eager; inside a graph a slot routed nowhere (id E) weighs 0
+    instead of being filtered out (a data-dependent shape), with the eager result."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+    from test_moe import build, ids
+
+    from hfquant.nn import QuantExperts
+
+    build(cls_name).save_pretrained(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(bits=4, group_size=32))
+    x = ids()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = q(x).logits
+        got = torch.compile(q, fullgraph=True)(x).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+    experts = next(m for m in q.modules() if isinstance(m, QuantExperts))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, experts.hidden_dim, generator=g)
+    index = torch.randint(0, experts.num_experts, (6, 2), generator=g)
+    index[1, 0] = index[4, 1] = experts.num_experts  # routed nowhere
+    weights = torch.rand(6, 2, generator=g)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = experts(h, index, weights)
+        compiled = torch.compile(experts, fullgraph=True)(h, index, weights)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
