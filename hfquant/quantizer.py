@@ -240,6 +240,8 @@ class HfQuantQuantizer(HfQuantizer):
             left = [p for p in ("gate_up_proj", "down_proj") if p in module._parameters]
             if left:
                 raise ValueError(f"hfquant: the checkpoint has no tensor {name}.{left[0]}")
+            if module._offloaded():  # as for the linear layers above: checked and laid out per call
+                continue
             for key in module.tensor_keys():
                 t = getattr(module, key)
                 if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
@@ -321,7 +323,7 @@ def _finish(model, config: HfQuantConfig) -> None:
 def _warn_buffers_not_offloaded(model) -> None:
     device_map = getattr(model, "hf_device_map", None) or {}
     if "disk" in set(map(str, device_map.values())) and not any(
-            isinstance(m, PackedLinear) and m._offloaded() for m in model.modules()):
+            isinstance(m, (PackedLinear, QuantExperts)) and m._offloaded() for m in model.modules()):
         logger.warning("hfquant: the device_map offloads layers to disk, but the quantized tensors are buffers, "
                        "which accelerate keeps in memory unless from_pretrained gets offload_buffers=True")
 

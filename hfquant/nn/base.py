@@ -18,6 +18,15 @@ from torch import nn
 _PACK_LOCK = threading.Lock()
 
 
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloads a module's tensors (device_map with "disk", or "cpu" beside
+    an accelerator, and offload_buffers=True): its hook loads them before each call and drops
+    them after, so the kernel layout is derived per call and never kept."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in hooks)
+
+
 class PackedLinear(nn.Module):
     """Base of QuantLinear and Int8Linear; subclasses define the kernel layout."""
 
@@ -74,12 +83,7 @@ class PackedLinear(nn.Module):
             self._packed = True
 
     def _offloaded(self) -> bool:
-        """Whether accelerate offloads this layer's tensors (device_map with "disk", or "cpu"
-        beside an accelerator, and offload_buffers=True): its hook loads them before each call
-        and drops them after, so the kernel layout is derived per call and never kept."""
-        hook = getattr(self, "_hf_hook", None)
-        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-        return any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in hooks)
+        return offloaded(self)
 
     def _kernel(self) -> dict[str, torch.Tensor]:
         """The kernel layout for this call: the packed buffers (packing once on first use),

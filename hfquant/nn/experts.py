@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import formats, ops
 from ..formats.v1 import STREAM_BITS, num_groups, packed_columns
+from .base import offloaded
 from .quant_linear import QuantLinear
 
 # packing happens once per module; concurrent first calls pack exactly once
@@ -214,23 +215,42 @@ class QuantExperts(nn.Module):
                              None if z is None else z[e])
         return layer
 
+    def _kernel_tensors(self) -> dict[str, torch.Tensor]:
+        """The kernel layout ({"<proj>_packed_weight", "<proj>_packed_scales"}): ``hfquant::repack``
+        per expert, stacked."""
+        out = {}
+        for p in PROJS:
+            if getattr(self, f"{p}_qweight").device.type == "meta":
+                raise RuntimeError("hfquant: QuantExperts has no weights yet (still on the meta device)")
+            ks = [self._expert_linear(p, e)._kernel_tensors() for e in range(self.num_experts)]
+            out[f"{p}_packed_weight"] = torch.stack([k["packed_weight"] for k in ks])
+            out[f"{p}_packed_scales"] = torch.stack([k["packed_scales"] for k in ks])
+        return out
+
     def pack(self) -> None:
-        """Derives the kernel layout once (``hfquant::repack`` per expert, stacked) and releases
-        the canonical qweights."""
+        """Derives the kernel layout once and releases the canonical qweights."""
         with _PACK_LOCK:
             if self._packed:
                 return
+            for name, t in self._kernel_tensors().items():
+                self.register_buffer(name, t, persistent=False)
             for p in PROJS:
-                if getattr(self, f"{p}_qweight").device.type == "meta":
-                    raise RuntimeError("hfquant: QuantExperts has no weights yet (still on the meta device)")
-                ks = [self._expert_linear(p, e)._kernel_tensors() for e in range(self.num_experts)]
-                self.register_buffer(f"{p}_packed_weight", torch.stack([k["packed_weight"] for k in ks]),
-                                     persistent=False)
-                self.register_buffer(f"{p}_packed_scales", torch.stack([k["packed_scales"] for k in ks]),
-                                     persistent=False)
-                del ks
                 del self._buffers[f"{p}_qweight"]
             self._packed = True
+
+    def _offloaded(self) -> bool:
+        """Whether accelerate offloads this module's tensors (hfquant.nn.base.offloaded)."""
+        return offloaded(self)
+
+    def _kernel(self) -> dict[str, torch.Tensor]:
+        """The kernel layout for this call: the packed buffers (packing once on first use), or,
+        when accelerate offloads the module, derived from the tensors its hook just loaded."""
+        if not self._packed:
+            if self._offloaded():
+                self.validate()
+                return self._kernel_tensors()
+            self.pack()
+        return {f"{p}_{k}": getattr(self, f"{p}_{k}") for p in PROJS for k in ("packed_weight", "packed_scales")}
 
     def _canonical_qweight(self, proj: str) -> torch.Tensor:
         if not self._packed:
@@ -268,10 +288,10 @@ class QuantExperts(nn.Module):
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._gate_fn(self, gate_up)
 
-    def _linear(self, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
+    def _linear(self, kernel: dict, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
         n, k = self.proj_shape(proj)
         b = getattr(self, f"{proj}_proj_bias")
-        return ops.qlinear(x, getattr(self, f"{proj}_packed_weight")[e], getattr(self, f"{proj}_packed_scales")[e],
+        return ops.qlinear(x, kernel[f"{proj}_packed_weight"][e], kernel[f"{proj}_packed_scales"][e],
                            None if b is None else b[e], self.kernel_bits, self.group_size, n, k)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
@@ -283,13 +303,12 @@ class QuantExperts(nn.Module):
             top_k_index = kwargs.pop("router_indices")
         if top_k_weights is None:
             top_k_weights = kwargs.pop("routing_weights")
-        if not self._packed:
-            self.pack()
+        kernel = self._kernel()
         if hasattr(ops, "qlinear_routed"):
-            return self._forward_routed(hidden_states, top_k_index, top_k_weights)
-        return self._forward_loop(hidden_states, top_k_index, top_k_weights)
+            return self._forward_routed(kernel, hidden_states, top_k_index, top_k_weights)
+        return self._forward_loop(kernel, hidden_states, top_k_index, top_k_weights)
 
-    def _forward_loop(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    def _forward_loop(self, kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         # one hfquant::qlinear per expert hit, as the experts classes of transformers loop
         E = self.num_experts
         out = torch.zeros_like(hidden_states)
@@ -301,19 +320,19 @@ class QuantExperts(nn.Module):
             if e == E:
                 continue
             pos, tok = torch.where(mask[e])
-            h = self._apply_gate(self._linear("gate_up", hidden_states[tok], e))
-            y = self._linear("down", h.to(hidden_states.dtype), e)
+            h = self._apply_gate(self._linear(kernel, "gate_up", hidden_states[tok], e))
+            y = self._linear(kernel, "down", h.to(hidden_states.dtype), e)
             y = y * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
-    def _routed(self, proj: str, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def _routed(self, kernel: dict, proj: str, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         n, k = self.proj_shape(proj)
-        return ops.qlinear_routed(x, getattr(self, f"{proj}_packed_weight"), getattr(self, f"{proj}_packed_scales"),
+        return ops.qlinear_routed(x, kernel[f"{proj}_packed_weight"], kernel[f"{proj}_packed_scales"],
                                   expert_ids, getattr(self, f"{proj}_proj_bias"), self.kernel_bits, self.group_size,
                                   n, k)
 
-    def _forward_routed(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    def _forward_routed(self, kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         # one row per (token, slot) pair: gate_up on the token's hidden state, down on the
         # pair's own activations, each row through its expert's weights (hfquant::qlinear_routed)
         T, k = top_k_index.shape
@@ -328,8 +347,8 @@ class QuantExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         if ids.numel() == 0:
             return out
-        h = self._apply_gate(self._routed("gate_up", hidden_states[tok], ids))
-        y = self._routed("down", h.to(hidden_states.dtype), ids) * weights[:, None]
+        h = self._apply_gate(self._routed(kernel, "gate_up", hidden_states[tok], ids))
+        y = self._routed(kernel, "down", h.to(hidden_states.dtype), ids) * weights[:, None]
         return out.index_add_(0, tok, y.to(out.dtype))
 
     def dequantize_weight(self, proj: str, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -138,7 +138,7 @@ def test_experts_module_matches_dequantized_float(cls_name, symmetric):
     with torch.no_grad():
         want = deq(h, idx, wts)
         got = q(h, idx, wts)
-        loop = q._forward_loop(h, idx, wts)  # one qlinear per expert (without hfquant::qlinear_routed)
+        loop = q._forward_loop(q._kernel(), h, idx, wts)  # one qlinear per expert (without hfquant::qlinear_routed)
     assert rel(got, want) < 1e-5
     assert rel(loop, want) < 1e-5
     assert torch.allclose(got, loop, rtol=0, atol=1e-6)
@@ -290,6 +290,38 @@ def test_bad_layout_errors():
         hfquant.quantize_model(bare, bits=4, group_size=32)
     assert str(e.value) == ("hfquant: experts (Qwen3MoeExperts) holds fused experts, but the model config gives no "
                             "expert count (num_experts, num_local_experts, n_routed_experts)")
+
+
+@pytest.mark.parametrize("offload_buffers", [True, False])
+@pytest.mark.parametrize("cls_name", ["Qwen3MoeForCausalLM", "GptOssForCausalLM"])
+def test_disk_offload(saved, cls_name, offload_buffers, tmp_path, caplog):
+    """accelerate's disk offload of a decoder block holding QuantExperts: with offload_buffers
+    the quantized tensors stay on disk (meta in memory) and the kernel layout is derived per
+    call; without, they stay in memory, packed once, and a warning says so. Outputs and
+    generate are bit-identical to the model held in memory."""
+    d, _ = saved(cls_name)
+    q = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=HfQuantConfig(bits=4, group_size=32))
+    q.save_pretrained(tmp_path / "w4")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    off = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w4", device_map=device_map,
+                                                            offload_folder=str(tmp_path / "offload"),
+                                                            offload_buffers=offload_buffers)
+    experts = off.model.layers[1].mlp.experts
+    assert isinstance(experts, QuantExperts)
+    x = ids()
+    with torch.no_grad():
+        want = q(x).logits
+        for _ in range(2):
+            assert torch.equal(off(x).logits, want)
+    if offload_buffers:
+        assert experts._offloaded() and not experts._packed
+        assert all(b.device.type == "meta" for b in experts.buffers())
+    else:
+        assert not experts._offloaded() and experts._packed
+        assert "offload_buffers=True" in caplog.text
+    kw = dict(max_new_tokens=3, do_sample=False)
+    assert torch.equal(off.generate(x[:1, :5], **kw), q.generate(x[:1, :5], **kw))
 
 
 @pytest.mark.parametrize("method", ["llm_int8", "w8a8"])
