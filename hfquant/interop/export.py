@@ -11,6 +11,7 @@ float16: one rounding of each scale when the model is float32 or bfloat16).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ FORMATS = ("gptq", "compressed-tensors")
 
 class ExportError(ValueError):
     pass
+
+logger = logging.getLogger("hfquant")
 
 
 def _method_of(model) -> str:
@@ -343,7 +346,8 @@ def _expert_layers(m: QuantExperts, parts: list) -> list[tuple[str, QuantLinear]
         n, k = m.proj_shape(proj)
         rows = n // 2 if proj == "gate_up" else n
         r = slice(half * rows, (half + 1) * rows)
-        lay = QuantLinear(k, rows, False, m.bits, m.group_size, m.symmetric, dtype=s.dtype, device="meta")
+        lay = QuantLinear(k, rows, False, m.bits, m.group_size, m.symmetric, dtype=s.dtype, device="meta",
+                          grid=m.grid)
         lay.load_quantized(q[e, r], s[e, r], None if z is None else z[e, r].detach().cpu())
         if b is not None:
             lay.bias = torch.nn.Parameter(b[e, r].detach().cpu(), requires_grad=False)
@@ -384,6 +388,11 @@ def export_model(model, out_dir: str, fmt: str, source_dir: str | None = None) -
         for k, v in t.items():
             state[f"{name}.{k}"] = v.contiguous()
     qcfg = _gptq_config(layers, kept) if fmt == "gptq" else _ct_config(plan, kept)
+    if fmt == "compressed-tensors" and any(is_expert and not sym for is_expert, _, _, sym in plan.values()):
+        logger.warning("hfquant export: the MoE experts are written with zero points (an asymmetric scheme, or the "
+                       "signed scales of grid 'best' / 'extreme'); transformers' compressed-tensors loader does not "
+                       "read the zero points of experts, the compressed-tensors library does. For experts it loads, "
+                       "quantize with symmetric=True, grid='range'")
     config = model.config.to_dict()
     config["quantization_config"] = qcfg
     with atomic_dir(out_dir) as tmp:

@@ -275,11 +275,15 @@ class Method:
     # ---- fused MoE experts
 
     def check_experts(self, name: str) -> None:
-        """Raises unless the method quantizes fused experts (the module ``name``)."""
+        """Raises unless the method quantizes fused experts (the module ``name``) as configured."""
+        keep = f"modules_to_not_convert=[{name.rsplit('.', 1)[-1]!r}]"
         if not self.experts:
             raise ValueError(f"hfquant: {name} holds fused MoE experts, which method {self.name!r} cannot quantize "
-                             f"yet; use method='rtn', or keep them in full precision with "
-                             f"modules_to_not_convert=[{name.rsplit('.', 1)[-1]!r}]")
+                             f"yet; use method='rtn', or keep them in full precision with {keep}")
+        zp = self.grid_args()["zero_point"]
+        if zp != "integer" and not self.config.scheme_for(name)["symmetric"]:
+            raise ValueError(f"hfquant: {name} holds fused MoE experts, which zero_point={zp!r} does not cover yet; "
+                             f"use zero_point='integer', or keep them in full precision with {keep}")
 
     # The experts of every method that quantizes them are weight-only QuantExperts in the method's
     # scheme for the module, each expert matrix quantized by the method's quantize_weight.
@@ -294,7 +298,8 @@ class Method:
         gu = module.gate_up_proj
         return QuantExperts(shapes["num_experts"], shapes["hidden"], shapes["intermediate"], shapes["bias"],
                             s["bits"], s["group_size"], s["symmetric"], transposed=shapes["transposed"],
-                            dtype=gu.dtype, device=gu.device, original=module, float_weights=float_weights)
+                            dtype=gu.dtype, device=gu.device, original=module, float_weights=float_weights,
+                            grid=self.grid_args()["grid"])
 
     def quantize_experts(self, name: str, module: nn.Module, proj: str, weight) -> dict:
         """Quantize-on-load: the stacked tensors ({"gate_up_qweight": ...}) of one float 3-D
@@ -310,7 +315,7 @@ class Method:
         self.check_experts(name)
         s = self.config.scheme_for(name)
         return QuantExperts.from_float(module, num_experts, s["bits"], s["group_size"], s["symmetric"],
-                                       quantize=self.quantize_weight, name=name)
+                                       quantize=self.quantize_weight, name=name, grid=self.grid_args()["grid"])
 
     # ---- naming
 

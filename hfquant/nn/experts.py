@@ -94,7 +94,7 @@ class QuantExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, bias: bool, bits: int, group_size: int,
                  symmetric: bool, transposed: bool = False, dtype: torch.dtype = torch.float32, device=None,
-                 original: nn.Module | None = None, float_weights: bool = False):
+                 original: nn.Module | None = None, float_weights: bool = False, grid: str = "range"):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_dim = hidden
@@ -102,6 +102,11 @@ class QuantExperts(nn.Module):
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
+        if grid not in formats.GRIDS:
+            raise ValueError(f"hfquant: QuantExperts: grid={grid!r} is not supported (use one of {formats.GRIDS})")
+        # how the symmetric scales were placed (formats.v1.GRIDS; "range" for asymmetric experts):
+        # "extreme" and "best" store negative scales (checkpoint format version 2)
+        self.grid = grid if symmetric else "range"
         self.transposed = transposed
         self._gate_fn = getattr(type(original), "_apply_gate", _default_gate) if original is not None else _default_gate
         if original is not None:
@@ -152,17 +157,17 @@ class QuantExperts(nn.Module):
         """An empty QuantLinear with one expert's shape and scheme for a projection (the form
         Method.quantize_weight takes)."""
         n, k = self.proj_shape(proj)
-        return QuantLinear(k, n, False, self.bits, self.group_size, self.symmetric,
+        return QuantLinear(k, n, False, self.bits, self.group_size, self.symmetric, grid=self.grid,
                            dtype=getattr(self, f"{proj}_scales").dtype, device=device)
 
     @classmethod
     def from_float(cls, module: nn.Module, num_experts: int, bits: int, group_size: int, symmetric: bool,
-                   quantize=None, name: str = "") -> "QuantExperts":
+                   quantize=None, name: str = "", grid: str = "range") -> "QuantExperts":
         """Quantizes a float experts module. ``quantize(name, layer, w)`` gives one expert
         matrix's tensors (a Method.quantize_weight); plain round to nearest by default."""
         s = expert_shapes(name, module, num_experts)
         gu = module.gate_up_proj.detach()
-        new = cls(s["num_experts"], s["hidden"], s["intermediate"], s["bias"], bits, group_size, symmetric,
+        new = cls(s["num_experts"], s["hidden"], s["intermediate"], s["bias"], bits, group_size, symmetric, grid=grid,
                   transposed=s["transposed"], dtype=gu.dtype, device=gu.device, original=module)
         for p in PROJS:
             tensors = new.quantize_float(name, p, getattr(module, f"{p}_proj").detach(), quantize)
@@ -178,7 +183,8 @@ class QuantExperts(nn.Module):
         layer = self.expert_layer(proj)
         if quantize is None:
             def quantize(_, lay, w):
-                q = formats.quantize_rtn(w, lay.bits, lay.group_size, lay.symmetric, scale_dtype=lay.scales.dtype)
+                q = formats.quantize_rtn(w, lay.bits, lay.group_size, lay.symmetric, scale_dtype=lay.scales.dtype,
+                                         grid=lay.grid)
                 return {"qweight": q.qweight, "scales": q.scales, **({} if q.zeros is None else {"zeros": q.zeros})}
         parts = []
         for e in range(weight.shape[0]):
@@ -202,7 +208,8 @@ class QuantExperts(nn.Module):
             for e in range(self.num_experts):
                 z = tensors["zeros"]
                 formats.validate(f"{name}.{p}[expert {e}]", tensors["qweight"][e], tensors["scales"][e],
-                                 None if z is None else z[e], self.bits, self.group_size, k, n, self.symmetric)
+                                 None if z is None else z[e], self.bits, self.group_size, k, n, self.symmetric,
+                                 signed_scales=self.grid != "range")
 
     @property
     def kernel_bits(self) -> int:
@@ -364,4 +371,4 @@ class QuantExperts(nn.Module):
         g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
                 f"bits={self.bits}, {g}, {'symmetric' if self.symmetric else 'asymmetric'}"
-                f"{', transposed' if self.transposed else ''}")
+                f"{'' if self.grid == 'range' else f', grid={self.grid}'}{', transposed' if self.transposed else ''}")

@@ -99,6 +99,9 @@ def test_quantize_on_load_save_reload(saved, cls_name, bits, tmp_path):
                                                           quantization_config=HfQuantConfig(bits=bits, group_size=32))
     experts = [m for m in q.modules() if isinstance(m, QuantExperts)]
     assert len(experts) == 2 and all(m.bits == bits and m._packed for m in experts)
+    # RTN's default grid ("best"; signed scales below 8 bits, checkpoint format version 2), as on the linear layers
+    assert all(m.grid == "best" for m in experts)
+    assert any(bool((m.gate_up_scales < 0).any()) for m in experts) == (bits < 8)
     done, total = quantized_share(q)
     assert done >= 0.99 * total, (done, total)
     assert float_leftovers(q, q.config.quantization_config) == []
@@ -228,8 +231,9 @@ def test_malformed_expert_tensors(saved, tmp_path, key, change, message):
     from safetensors.torch import save_file
 
     d, _ = saved("Qwen3MoeForCausalLM")
+    # the version 1 grid, whose scales are never negative (the default grid's may be)
     transformers.AutoModelForCausalLM.from_pretrained(
-        d, quantization_config=HfQuantConfig(bits=4, group_size=32)).save_pretrained(tmp_path)
+        d, quantization_config=HfQuantConfig(bits=4, group_size=32, grid="range")).save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"
     with safe_open(path, "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -349,6 +353,16 @@ def test_int8_methods_quantize_experts_weight_only(saved, cls_name, method, tmp_
     with torch.no_grad():
         assert torch.equal(r(x).logits, out)
     assert r.generate(x[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_float_zero_point_refused_on_experts(saved):
+    d, _ = saved("MixtralForCausalLM")
+    with pytest.raises(ValueError) as e:
+        transformers.AutoModelForCausalLM.from_pretrained(
+            d, quantization_config=HfQuantConfig(bits=4, group_size=32, symmetric=False, zero_point="float"))
+    assert str(e.value) == ("hfquant: model.layers.0.mlp.experts holds fused MoE experts, which zero_point='float' "
+                            "does not cover yet; use zero_point='integer', or keep them in full precision with "
+                            "modules_to_not_convert=['experts']")
 
 
 @pytest.mark.parametrize("method", REFUSING)

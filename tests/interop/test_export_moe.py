@@ -174,13 +174,13 @@ def test_ragged_groups_gptq(tmp_path):
 # -- MoE experts ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", list(MOE))
 def test_moe_compressed_tensors_export(tmp_path, kind):
-    """Default scheme (signed scales on the dense layers, written with zero points; symmetric
-    experts): each expert a linear under the original checkpoint's names, in a config group of
+    """Symmetric experts on the version 1 grid (no zero points: what transformers' loader reads
+    for experts): each expert a linear under the original checkpoint's names, in a config group of
     its own that transformers' loader finds; it loads to exactly our fused experts."""
     pytest.importorskip("compressed_tensors")
     from transformers import CompressedTensorsConfig
 
-    ours = _moe(kind, bits=4, group_size=64)
+    ours = _moe(kind, bits=4, group_size=64, grid="range")
     out = str(tmp_path / "ct")
     export_model(ours, out, "compressed-tensors")
     sd = load_file(os.path.join(out, "model.safetensors"))
@@ -210,17 +210,20 @@ def test_moe_compressed_tensors_export(tmp_path, kind):
     assert isinstance(qe, QuantExperts) and qe.group_size == 64 and qe.symmetric
     for n, w in _weights(back).items():
         assert torch.equal(w, _weights(ours)[n]), n
-    _same_logits(back, ours, signed=True)
+    _same_logits(back, ours, signed=False)
 
 
+@pytest.mark.parametrize("cfg", [dict(symmetric=False), {}], ids=["asymmetric", "default-grid"])
 @pytest.mark.parametrize("kind", list(MOE))
-def test_moe_asymmetric_experts_decompress_exactly(tmp_path, kind):
-    """Asymmetric experts: the library's decompressor reads every expert matrix to exactly our
-    weights (transformers' expert loader leaves their zero points out, so it is bypassed here)."""
+def test_moe_experts_with_zero_points_decompress_exactly(tmp_path, kind, cfg, caplog):
+    """Experts written with zero points (asymmetric, or the default grid's signed scales): the
+    library's decompressor reads every expert matrix to exactly our weights (transformers' expert
+    loader leaves their zero points out, so it is bypassed here, and the export warns so)."""
     pytest.importorskip("compressed_tensors")
-    ours = _moe(kind, bits=4, group_size=64, symmetric=False)
+    ours = _moe(kind, bits=4, group_size=64, **cfg)
     out = str(tmp_path / "ct")
     export_model(ours, out, "compressed-tensors")
+    assert "transformers' compressed-tensors loader does not read the zero points of experts" in caplog.text
     sd = load_file(os.path.join(out, "model.safetensors"))
     qcfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
     qe = dict(ours.named_modules())["model.layers.0.mlp.experts"]
@@ -233,7 +236,7 @@ def test_moe_asymmetric_experts_decompress_exactly(tmp_path, kind):
     convert_checkpoint(out, str(tmp_path / "back"))
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
     assert not dict(back.named_modules())["model.layers.0.mlp.experts"].symmetric
-    _same_logits(back, ours, signed=False)
+    _same_logits(back, ours, signed=not cfg)  # the default grid: signed scales
 
 
 @pytest.mark.parametrize("kind", list(MOE))
