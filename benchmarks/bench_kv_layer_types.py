@@ -9,6 +9,7 @@ script checks that first. Then, for each, against the float DynamicCache on the 
 * greedy agreement of the int8 cache: share of 64 greedy tokens equal to the fp cache's after
   each of 8 prompts of 384 tokens (quick: 2) spread over WikiText-2 test, and per step (the fp
   cache's tokens fed, argmax compared), beside the same for the Llama itself (full attention);
+* decode speed: those greedy runs timed, the fp, int8 and int4 caches interleaved;
 * perplexity with the int4 cache in the loop (hfquant.evaluate.perplexity_with_cache, windows
   of 512 tokens fed in chunks of 32: the window of 256 slides inside each);
 * the tokens a sliding layer holds after 8192 tokens of context (quick: 2048), fed in chunks
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
+
+    def load_end() -> str:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+
+    load_start = load_end()
     md = str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(md)
     llama = AutoModelForCausalLM.from_pretrained(md).eval()
@@ -144,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         fp_ppl = perplexity_with_cache(model, tok, text, lambda: DynamicCache(config=cfg), max_windows=a.windows)
         q4_ppl = perplexity_with_cache(model, tok, text, lambda: QuantizedKVCache(cfg, bits=4),
                                        max_windows=a.windows)
-        agree, step_agree = [], []
-        for prompt in prompts:
+        agree, step_agree, secs = [], [], {"fp": [], "int8": [], "int4": []}
+        for prompt in prompts:  # the caches interleaved prompt by prompt; each greedy run timed
+            t0 = time.perf_counter()
             ref = greedy(model, prompt, DynamicCache(config=cfg))
+            t1 = time.perf_counter()
             q8 = greedy(model, prompt, QuantizedKVCache(cfg, bits=8))
+            t2 = time.perf_counter()
+            greedy(model, prompt, QuantizedKVCache(cfg, bits=4))
+            secs["fp"].append(t1 - t0), secs["int8"].append(t2 - t1), secs["int4"].append(time.perf_counter() - t2)
             agree.append(sum(x == y for x, y in zip(ref, q8)) / NEW)
             step_agree.append(forced(model, prompt, ref, QuantizedKVCache(cfg, bits=8)))
+        speed = {k: statistics.median(secs["fp"]) / statistics.median(v) for k, v in secs.items() if k != "fp"}
         if model is llama:
             held = bound = None
             cache_bytes = full_bytes
@@ -159,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             bound = WINDOW + cache.residual_length + cache.group_size
             cache_bytes = cache.memory_bytes()
         row = dict(name=name, fp=fp_ppl, q4=q4_ppl, agree=statistics.mean(agree), step=statistics.mean(step_agree),
+                   tok_s=NEW / statistics.median(secs["fp"]), speed=speed,
                    held=held, bound=bound, bytes=cache_bytes, full_bytes=full_bytes, diff=diff)
         row["pass"] = row["agree"] >= 0.98 and abs(q4_ppl / fp_ppl - 1) <= 0.01 and (held is None or held <= bound)
         ok &= row["pass"]
@@ -170,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     info = common.system_info(a.threads)
     header = ["model (SmolLM2-135M weights)", "fp logits vs Llama (200 tokens)",
               f"int8 greedy agreement ({NEW} tokens, {a.prompts} prompts)", "int8 per-step agreement",
-              "perplexity fp / int4 (vs fp)",
+              "perplexity fp / int4 (vs fp)", "decode tok/s fp cache; int8, int4 (vs fp)",
               f"tokens a sliding layer holds at {a.context} (bound)",
               f"int4 cache bytes at {a.context} (full-attention cache)",
               "checks"]
     table = [[r["name"], f"max abs diff {r['diff']:.1e}", f"{r['agree']:.1%}", f"{r['step']:.1%}",
               f"{r['fp']:.3f} / {r['q4']:.3f} ({100 * (r['q4'] / r['fp'] - 1):+.2f}%)",
+              f"{r['tok_s']:.1f}; {r['speed']['int8']:.2f}x, {r['speed']['int4']:.2f}x",
               "no sliding layer" if r["held"] is None else f"{r['held']} ({r['bound']})",
               f"{r['bytes'] / 2**20:.2f} MiB ({r['full_bytes'] / 2**20:.2f} MiB)",
               "pass" if r["pass"] else "FAIL"] for r in rows]
@@ -190,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         f"itself (full attention only), the int8 cache's effect without any sliding layer. Greedy agreement: "
         f"{NEW} tokens after each of {a.prompts} {PROMPT}-token prompts spread over WikiText-2 test, position by "
         "position (after a first differing token the continuations differ); per step: the fp cache's greedy "
-        "tokens fed to the int8-cache model, the share of steps whose argmax is the next of them. Perplexity: "
+        "tokens fed to the int8-cache model, the share of steps whose argmax is the next of them. Decode speed: "
+        f"the same greedy runs timed (fp, int8, int4 interleaved prompt by prompt; {NEW} tokens each, prefill "
+        f"of the {PROMPT}-token prompt included), median over the prompts, {a.threads} threads; load average "
+        f"{load_start} at the start, {load_end()} at the end. Perplexity: "
         f"WikiText-2 test, {a.windows} windows of 512 tokens fed in chunks of 32 through the cache. Long context: "
         f"{a.context} tokens fed in chunks of 512; tokens held = quantized store + full-precision window of the "
         "fullest sliding layer, bound = window + residual + group. Checks: agreement >= 98%, int4 perplexity "
