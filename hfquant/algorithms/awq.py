@@ -293,24 +293,31 @@ class _Rounded:
         return False
 
 
+class _StatsObserver:
+    """hooked_pass's observer: the input statistics of each layer (``stats``); layers that read
+    the same tensor one after the other share one object."""
+
+    def __init__(self):
+        self.stats: dict[str, _InputStats] = {}
+        self._last: tuple = (None, None)
+
+    def __call__(self, name: str, x: Tensor) -> None:
+        if x is self._last[0]:
+            self.stats[name] = self._last[1]
+            return
+        st = self.stats.get(name) or _InputStats(x.shape[-1], x.device)
+        st.add(x)
+        self.stats[name] = st
+        self._last = (x, st)
+
+
 def _collect(block: nn.Module, inputs, modules: dict[str, nn.Module], inspect: dict[str, nn.Module]):
     """One pass of the block over ``inputs``: the input statistics of ``modules`` (layers
     that read one tensor share one object), the calls of the ``inspect`` modules on the
     first LOSS_WINDOWS windows."""
     from .layerwise import hooked_pass
 
-    stats: dict[str, _InputStats] = {}
-    last: list = [None, None]
-
-    def observe(name, x):
-        if x is last[0]:
-            stats[name] = last[1]
-            return
-        st = stats.get(name) or _InputStats(x.shape[-1], x.device)
-        st.add(x)
-        stats[name] = st
-        last[0], last[1] = x, st
-
+    observe = _StatsObserver()
     seen: dict[str, list] = {n: [] for n in inspect}
     handles = []
     for n, mod in inspect.items():
@@ -323,7 +330,7 @@ def _collect(block: nn.Module, inputs, modules: dict[str, nn.Module], inspect: d
     finally:
         for h in handles:
             h.remove()
-    return stats, seen
+    return observe.stats, seen
 
 
 class _ExpertStats:
@@ -338,7 +345,7 @@ class _ExpertStats:
         self.input_ptr: int | None = None  # storage of the first call's hidden states
 
     def __call__(self, module, args, kw) -> None:
-        from .gptq import routed_call, routed_inputs
+        from .gptq import add_routed, routed_call
 
         hidden, idx = routed_call(module, args, kw)
         if self.input_ptr is None:
@@ -346,15 +353,7 @@ class _ExpertStats:
         if self.all is None:
             self.all = _InputStats(hidden.shape[-1], hidden.device)
         self.all.add(hidden)
-        for e in range(len(self.tokens)):
-            got = routed_inputs(module, hidden, idx, e)
-            if got is None:
-                continue
-            for p, x in zip(("gate_up", "down"), got):
-                if self.per[p][e] is None:
-                    self.per[p][e] = _InputStats(x.shape[-1], x.device)
-                self.per[p][e].add(x)
-            self.tokens[e] += got[0].shape[0]
+        add_routed(module, hidden, idx, self.per, self.tokens, _InputStats)
 
 
 def _expert_view(module: nn.Module, proj: str, e: int) -> Tensor:
@@ -435,24 +434,13 @@ def _awq_experts(model: nn.Module, block: nn.Module, inputs, targets: dict, stat
             handles.append(owners[n].register_forward_pre_hook(owner_call(n), with_kwargs=True))
             for c in consumers[n]:
                 handles.append(c.register_forward_pre_hook(record(consumers[n], c), with_kwargs=True))
-        stats_new: dict[str, _InputStats] = {}
-        last: list = [None, None]
-
-        def observe(name, x):
-            if x is last[0]:
-                stats_new[name] = last[1]
-                return
-            st = stats_new.get(name) or _InputStats(x.shape[-1], x.device)
-            st.add(x)
-            stats_new[name] = st
-            last[0], last[1] = x, st
-
+        observe = _StatsObserver()
         with _Rounded(targets, done):
             hooked_pass(block, inputs, rest, observe)
     finally:
         for h in handles:
             h.remove()
-    stats.update(stats_new)
+    stats.update(observe.stats)
     name_of = {id(m): n for n, (m, _, _) in targets.items()}
 
     for n, (m, count, scheme) in experts.items():

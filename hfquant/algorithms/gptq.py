@@ -236,6 +236,22 @@ def routed_inputs(module: nn.Module, hidden: Tensor, idx: Tensor, e: int) -> tup
     return x, h
 
 
+def add_routed(module: nn.Module, hidden: Tensor, idx: Tensor, per: dict[str, list], tokens: list[int],
+               make) -> None:
+    """Adds each expert's routed inputs (routed_inputs) of one call to its accumulators:
+    ``per[proj][e]`` (made by ``make(columns, device)`` on first use, then ``.add(x)``), and
+    counts its tokens in ``tokens[e]``."""
+    for e in range(len(tokens)):
+        got = routed_inputs(module, hidden, idx, e)
+        if got is None:
+            continue
+        for p, x in zip(("gate_up", "down"), got):
+            if per[p][e] is None:
+                per[p][e] = make(x.shape[-1], x.device)
+            per[p][e].add(x)
+        tokens[e] += got[0].shape[0]
+
+
 class ExpertsObserver:
     """Per-expert Hessians of the gate_up and down inputs of one fused experts module,
     accumulated from its calls (a forward pre-hook)."""
@@ -248,15 +264,7 @@ class ExpertsObserver:
 
     def __call__(self, module, args, kw) -> None:
         hidden, idx = routed_call(module, args, kw)
-        for e in range(self.num_experts):
-            got = routed_inputs(module, hidden, idx, e)
-            if got is None:
-                continue
-            for p, x in zip(("gate_up", "down"), got):
-                if self.acc[p][e] is None:
-                    self.acc[p][e] = HessianAccumulator(x.shape[-1], x.device)
-                self.acc[p][e].add(x)
-            self.tokens[e] += got[0].shape[0]
+        add_routed(module, hidden, idx, self.acc, self.tokens, HessianAccumulator)
 
 
 def gptq_experts(module: nn.Module, observer: ExpertsObserver, scheme: dict, damp: float,
