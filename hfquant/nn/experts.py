@@ -222,11 +222,11 @@ class QuantExperts(nn.Module):
                              None if z is None else z[e])
         return layer
 
-    def _kernel_tensors(self) -> dict[str, torch.Tensor]:
-        """The kernel layout ({"<proj>_packed_weight", "<proj>_packed_scales"}): ``hfquant::repack``
-        per expert, stacked."""
+    def _kernel_tensors(self, projs: tuple[str, ...] = PROJS) -> dict[str, torch.Tensor]:
+        """The kernel layout of ``projs`` ({"<proj>_packed_weight", "<proj>_packed_scales"}):
+        ``hfquant::repack`` per expert, stacked."""
         out = {}
-        for p in PROJS:
+        for p in projs:
             if getattr(self, f"{p}_qweight").device.type == "meta":
                 raise RuntimeError("hfquant: QuantExperts has no weights yet (still on the meta device)")
             ks = [self._expert_linear(p, e)._kernel_tensors() for e in range(self.num_experts)]
@@ -239,9 +239,9 @@ class QuantExperts(nn.Module):
         with _PACK_LOCK:
             if self._packed:
                 return
-            for name, t in self._kernel_tensors().items():
-                self.register_buffer(name, t, persistent=False)
-            for p in PROJS:
+            for p in PROJS:  # one projection at a time: its codes released before the next is laid out
+                for name, t in self._kernel_tensors((p,)).items():
+                    self.register_buffer(name, t, persistent=False)
                 del self._buffers[f"{p}_qweight"]
             self._packed = True
 
