@@ -17,8 +17,9 @@ LEFTOVER_MIN_ELEMENTS = 1 << 20
 def find_experts(model: nn.Module, config) -> tuple[list[tuple[str, nn.Module, dict]], list[str]]:
     """(name, module, shapes) of every fused experts module to quantize (3-D gate_up_proj /
     down_proj leading with the config's expert count), and those the config keeps in full
-    precision (modules_to_not_convert). A 3-D expert tensor of another layout raises a
-    ValueError naming the module."""
+    precision (modules_to_not_convert). A 3-D expert tensor of another layout, or experts the
+    config's method cannot quantize as configured (Method.check_experts), raise a ValueError
+    naming the module, before anything is changed."""
     count = expert_count(getattr(model, "config", None))
     targets, kept = [], []
     for name, module in model.named_modules():
@@ -28,6 +29,7 @@ def find_experts(model: nn.Module, config) -> tuple[list[tuple[str, nn.Module, d
         if config.is_skipped(name):
             kept.append(name)
         else:
+            config.impl.check_experts(name)
             targets.append((name, module, shapes))
     return targets, kept
 

@@ -158,8 +158,7 @@ class HfQuantQuantizer(HfQuantizer):
         if self.quantization_config.needs_float_model and not self.pre_quantized:
             # Calibration / norm folding need the float model: the layers are quantized after loading.
             check_overrides(model, self.quantization_config)  # a misspelt module name fails before loading
-            for name, _, _ in find_experts(model, self.quantization_config)[0]:
-                self.quantization_config.impl.check_experts(name)  # refused before loading, not after
+            find_experts(model, self.quantization_config)  # experts the method cannot quantize: refused now
             check_rotatable(model, self.quantization_config)  # a model the rotation cannot serve, too
             return model
         self.modules_to_not_convert = replace_with_empty(model, self.quantization_config,
@@ -200,7 +199,6 @@ class HfQuantQuantizer(HfQuantizer):
         config = self.quantization_config
         if config.needs_float_model and not self.pre_quantized:
             self.modules_to_not_convert = quantize_in_place(model, config)
-            warn_float_leftovers(model, config)
             _finish(model, config)
             return model
         for name, module in model.named_modules():
@@ -222,18 +220,7 @@ class HfQuantQuantizer(HfQuantizer):
                 continue
             if "weight" in module._parameters:
                 raise ValueError(f"hfquant: the checkpoint has no weight for {name}")
-            for key in layer_tensor_keys():
-                t = getattr(module, key, None)
-                if t is None:
-                    continue
-                if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
-                    raise ValueError(
-                        f"hfquant: the checkpoint has no tensor {name}.{key} "
-                        "(missing from the safetensors files, or a truncated checkpoint)"
-                    )
-            module.validate(name)
-            module.pack()
-            release_freed_memory()
+            _check_loaded_and_pack(name, module, layer_tensor_keys())
         for name, module in model.named_modules():
             if not isinstance(module, QuantExperts):
                 continue
@@ -242,15 +229,7 @@ class HfQuantQuantizer(HfQuantizer):
                 raise ValueError(f"hfquant: the checkpoint has no tensor {name}.{left[0]}")
             if module._offloaded():  # as for the linear layers above: checked and laid out per call
                 continue
-            for key in module.tensor_keys():
-                t = getattr(module, key)
-                if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
-                    raise ValueError(f"hfquant: the checkpoint has no tensor {name}.{key} "
-                                     "(missing from the safetensors files, or a truncated checkpoint)")
-            module.validate(name)
-            module.pack()
-            release_freed_memory()
-        warn_float_leftovers(model, config)
+            _check_loaded_and_pack(name, module, module.tensor_keys())
         _warn_buffers_not_offloaded(model)
         _finish(model, config)
         return model
@@ -306,11 +285,29 @@ class HfQuantQuantizer(HfQuantizer):
         return model
 
 
+def _check_loaded_and_pack(name: str, module, keys) -> None:
+    """Raises naming the first of ``keys`` (the module's quantized tensors) the checkpoint did not
+    fill, then validates the module and derives its kernel layout."""
+    for key in keys:
+        t = getattr(module, key, None)
+        if t is None:
+            continue
+        if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
+            raise ValueError(f"hfquant: the checkpoint has no tensor {name}.{key} "
+                             "(missing from the safetensors files, or a truncated checkpoint)")
+    module.validate(name)
+    module.pack()
+    release_freed_memory()
+
+
 def _finish(model, config: HfQuantConfig) -> None:
-    """Checks, at load time, what the config asks of generate: a KV cache the model's layers can
+    """What every quantized model gets once its layers are in place: a warning naming any large
+    weight matrix left in float that the config did not exclude (warn_float_leftovers), and the
+    load-time check of what the config asks of generate: a KV cache the model's layers can
     hold. One they cannot is a warning naming the model and layer type, never a failed load
     (hfquant.quantized_cache(model) then gives None: generate uses its default cache). Nothing
     is bound to the model: generate takes hfquant.quantized_cache(model)."""
+    warn_float_leftovers(model, config)
     if config.kv_cache_bits is not None and hasattr(model, "config"):
         from .kv_cache import kv_cache_problem, warn_unserved
 
@@ -340,7 +337,6 @@ def attach_quantizer(model, config: HfQuantConfig, kept: list[str]) -> None:
     model.is_quantized = True
     model.quantization_method = "hfquant"
     model.config._is_quantized = True
-    warn_float_leftovers(model, config)
     _finish(model, config)
 
 

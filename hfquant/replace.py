@@ -158,9 +158,7 @@ def replace_with_empty(model: nn.Module, config: HfQuantConfig, expect_float_wei
     """Swaps target layers for the method's empty layers (Method.empty_layer, on the module's
     device, usually meta), and embeddings for empty QuantEmbedding."""
     targets, kept, embeds, heads = _plan(model, config, pre_quantized=not expect_float_weights)
-    experts, kept_experts = find_experts(model, config)
-    for name, _, _ in experts:
-        config.impl.check_experts(name)  # a method without expert support refuses before anything changes
+    experts, kept_experts = find_experts(model, config)  # refuses experts the method cannot quantize
     tied = tied_sources(model)
     for name, module, transposed in targets:
         w = module.weight
@@ -200,8 +198,6 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
     targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
     method = config.impl
     experts, kept_experts = find_experts(model, config)
-    for name, _, _ in experts:
-        method.check_experts(name)
     if config.rotation is not None:
         from .algorithms.rotation import apply_rotation
 
