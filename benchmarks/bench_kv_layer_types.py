@@ -122,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-
-    def load_end() -> str:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-
-    load_start = load_end()
+    load_start = common.load_average()
     md = str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(md)
     llama = AutoModelForCausalLM.from_pretrained(md).eval()
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens fed to the int8-cache model, the share of steps whose argmax is the next of them. Decode speed: "
         f"the same greedy runs timed (fp, int8, int4 interleaved prompt by prompt; {NEW} tokens each, prefill "
         f"of the {PROMPT}-token prompt included), median over the prompts, {a.threads} threads; load average "
-        f"{load_start} at the start, {load_end()} at the end. Perplexity: "
+        f"{load_start} at the start, {common.load_average()} at the end. Perplexity: "
         f"WikiText-2 test, {a.windows} windows of 512 tokens fed in chunks of 32 through the cache. Long context: "
         f"{a.context} tokens fed in chunks of 512; tokens held = quantized store + full-precision window of the "
         "fullest sliding layer, bound = window + residual + group. Checks: agreement >= 98%, int4 perplexity "

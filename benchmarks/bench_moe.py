@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    with open("/proc/loadavg") as f:
-        load_start = " ".join(f.read().split()[:3])
+    load_start = common.load_average()
 
     base = build(a.layers, seed=0)
     models, quantize_s = {}, None
@@ -149,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             steps[name] += decode_step_times(m, ids, a.steps)
             prefill[name].append(prefill_time(m, ids[:, :a.prefill]))
         bandwidth.append(common.measure_bandwidth(1 << 30, 3)["best"])
-    with open("/proc/loadavg") as f:
-        load_end = " ".join(f.read().split()[:3])
+    load_end = common.load_average()
 
     probe = statistics.median(bandwidth)
     rows, res = [], {}

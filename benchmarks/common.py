@@ -253,6 +253,11 @@ def system_info(threads: int) -> dict[str, Any]:
     return info
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as a report states them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def header_line(info: dict[str, Any]) -> str:
     l3 = f", L3 {info['l3_bytes'] // MiB} MiB" if info.get("l3_bytes") else ""
     if "hfquant_error" in info:
