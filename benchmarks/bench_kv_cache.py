@@ -40,9 +40,14 @@ DOC_INTRO = "# Benchmarks\n"
 def kinds(config, residual: int) -> dict[str, callable]:
     """name -> factory of a fresh cache (None = transformers' DynamicCache)."""
     out = {"fp (DynamicCache)": lambda: DynamicCache(config=config)}
-    for bits, g in ((8, 64), (4, 64), (4, 32), (2, 32), (2, 16)):
-        out[f"hfquant int{bits} g{g}"] = (lambda b=bits, g=g: QuantizedKVCache(config, bits=b, group_size=g,
-                                                                                residual_length=residual))
+    # the default rotation ("auto": rotated at 4 bits) and the other choice where it is informative
+    for bits, g, rot in ((8, 64, "auto"), (4, 64, "auto"), (4, 64, None), (4, 32, "auto"), (2, 32, "auto"),
+                         (2, 32, "hadamard"), (2, 16, "auto")):
+        make = (lambda b=bits, g=g, rot=rot: QuantizedKVCache(config, bits=b, group_size=g, residual_length=residual,
+                                                               rotation=rot))
+        rotated = make().rotation == "hadamard"
+        label = (" rotated" if rotated else " unrotated") + (" (default)" if rot == "auto" else "")
+        out[f"hfquant int{bits} g{g}{label}"] = make
     try:
         import optimum.quanto  # noqa: F401
         from transformers.cache_utils import QuantizedCache
@@ -176,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         "### Quantized KV cache" + (" (PLACEHOLDER: --quick smoke run)" if a.quick else ""), "",
         f"Command: `{command}`", "", common.header_line(info) + ".", "",
         f"Default model (SmolLM2-135M, fp32 weights, 30 layers x 3 kv heads x head_dim 64); residual window "
-        f"{a.residual} tokens for every quantized cache. Perplexity: WikiText-2 test, {a.windows} windows of 512 "
+        f"{a.residual} tokens for every quantized cache; rotated: keys and values rotated per head by a seeded "
+        "randomized Hadamard matrix before quantization (keys then per token), unrotated: keys per channel; "
+        "(default): what QuantizedKVCache(config, bits) does. Perplexity: WikiText-2 test, {a.windows} windows of 512 "
         "tokens fed in chunks of 32 through the cache. Greedy agreement: 64 tokens after each of "
         f"{a.prompts} 384-token prompts spread over WikiText-2 test, against the fp cache (share of equal tokens, "
         "median position of the first different token, prompts with all 64 equal). Bytes/token: the cache's tensors (codes, fp16 scales and mins, residual "

@@ -60,6 +60,20 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "kv_dequantize_into(Tensor codes, Tensor scales, Tensor mins, Tensor(a!) out, int length, int bits, "
       "int group_size, bool per_channel) -> ()");
+  // kv_dequantize_into of per-token stores holding rotated states, each token rotated back
+  // in the same pass: out = signs * (H y) / sqrt(D) (hadamard_transform(y, signs, inverse=True));
+  // D a power of two, signs float32 [D].
+  m.def(
+      "kv_dequantize_rotated_into(Tensor codes, Tensor scales, Tensor mins, Tensor(a!) out, int length, int bits, "
+      "int group_size, Tensor signs) -> ()");
+
+  // --- online rotations (csrc/cpu/hadamard.cpp) ---
+  // Fast Walsh-Hadamard transform of each row of the last dimension p (a power of two):
+  // forward y = H (signs * x) / sqrt(p), inverse y = signs * (H x) / sqrt(p); signs float32 [p]
+  // or None; computed in float32, returned in x's dtype.
+  m.def("hadamard_transform(Tensor x, Tensor? signs, bool inverse=False) -> Tensor");
+  // The same in place (the last dimension of x contiguous; leading dimensions may be strided).
+  m.def("hadamard_transform_inplace(Tensor(a!) x, Tensor? signs, bool inverse=False) -> ()");
 
   // --- weight clustering (method "kmeans"; csrc/cpu/lut_linear.cpp, layout in lut_linear.h) ---
   // Checkpoint tensors (qweight uint8 [N, ceil(K*bits/8)] bit-stream indices, codebook

@@ -23,16 +23,16 @@ _TYPES = {
     **dict.fromkeys(("bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size",
                      "kv_cache_residual_length", "rotation_seed"), "int"),
     **dict.fromkeys(("symmetric", "quantize_embeddings"), "bool"),
-    **dict.fromkeys(("method", "rotation"), "str"),
+    **dict.fromkeys(("method", "rotation", "kv_cache_rotation"), "str"),
     "modules_to_not_convert": "names",
     **dict.fromkeys(("modules_override", "tied_modules"), "dict"),
 }
 _NONE_OK = {"bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size", "quantize_embeddings",
-            "modules_to_not_convert", "modules_override", "tied_modules", "rotation"}
+            "modules_to_not_convert", "modules_override", "tied_modules", "rotation", "kv_cache_rotation"}
 # attributes of the shell itself; every other public attribute is a setting of the method
 _OWN = {"quant_method", "format_version", "bits", "group_size", "symmetric", "method", "modules_to_not_convert",
         "modules_override", "quantize_embeddings", "tied_modules", "kv_cache_bits", "kv_cache_group_size",
-        "kv_cache_residual_length", "rotation", "rotation_seed", "settings", "impl"}
+        "kv_cache_residual_length", "kv_cache_rotation", "rotation", "rotation_seed", "settings", "impl"}
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -81,6 +81,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             model use a QuantizedKVCache with these bits unless a cache is passed.
         kv_cache_group_size, kv_cache_residual_length: its group size (None: the largest of
             64, 32, 16, 8 dividing the model's head_dim) and full-precision window (128 tokens).
+        kv_cache_rotation: "auto" (default: a Hadamard rotation of keys and values at 4 bits,
+            none at 8 and 2), "hadamard" or None (QuantizedKVCache's ``rotation``).
         modules_to_not_convert: modules kept in full precision, with everything under them
             (``model.layers.1``, ``vision_tower``): whole names, their ends after a dot
             (``down_proj``), or ``re:<pattern>`` matched from the start of the name (re.match);
@@ -142,6 +144,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         kv_cache_bits: int | None = None,
         kv_cache_group_size: int | None = None,
         kv_cache_residual_length: int = 128,
+        kv_cache_rotation: str | None = "auto",
         quantize_embeddings: bool | None = None,
         tied_modules: dict[str, str] | None = None,
         rotation: str | None = None,
@@ -172,6 +175,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.kv_cache_bits = kv_cache_bits
         self.kv_cache_group_size = kv_cache_group_size
         self.kv_cache_residual_length = kv_cache_residual_length
+        self.kv_cache_rotation = kv_cache_rotation
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
@@ -228,9 +232,11 @@ class HfQuantConfig(QuantizationConfigMixin):
                              f"({self.short_name}, {impl.to_dict()}): it needs format_version {needed}")
         if self.kv_cache_bits is not None:
             try:
-                check_kv_cache_args(self.kv_cache_bits, self.kv_cache_group_size, self.kv_cache_residual_length)
+                check_kv_cache_args(self.kv_cache_bits, self.kv_cache_group_size, self.kv_cache_residual_length,
+                                    self.kv_cache_rotation)
             except ValueError as e:
-                raise ValueError(f"HfQuantConfig: kv_cache_bits / kv_cache_group_size / kv_cache_residual_length: "
+                raise ValueError(f"HfQuantConfig: kv_cache_bits / kv_cache_group_size / kv_cache_residual_length / "
+                                 f"kv_cache_rotation: "
                                  f"{e}") from None
         if self.quantize_embeddings and not impl.embeddings:
             raise ValueError(f"HfQuantConfig: quantize_embeddings is supported with methods "
@@ -298,6 +304,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             d["kv_cache_bits"] = self.kv_cache_bits
             d["kv_cache_group_size"] = self.kv_cache_group_size
             d["kv_cache_residual_length"] = self.kv_cache_residual_length
+            if self.kv_cache_rotation != "auto":  # the default is left out (configs before it read back the same)
+                d["kv_cache_rotation"] = self.kv_cache_rotation
         if self.rotation is not None:  # rotated checkpoints are format version 2
             d["rotation"] = self.rotation
             d["rotation_seed"] = self.rotation_seed

@@ -12,6 +12,11 @@ step the stores are dequantized into the attention's dtype (``hfquant::kv_dequan
 in front of the full-precision window. Beam search reorders the stores exactly (rows of
 codes move, nothing is requantized).
 
+With ``rotation="hadamard"`` (the default at 4 bits) the tokens are rotated per head by a
+seeded randomized Hadamard matrix (``hfquant::hadamard_transform``) before they are quantized,
+keys then per token like values, and rotated back after dequantization: exact in float, it
+spreads the outlier channels of keys over the head.
+
 The cache has one layer per decoder layer, of the kind transformers' DynamicCache builds for
 the config's ``layer_types``: full attention; sliding (and chunked) attention, whose store
 drops the whole blocks that fell out of the window, so a layer never holds more than
@@ -48,16 +53,22 @@ except ImportError:  # older transformers: only the linear-attention / hybrid / 
     DummyLayer = LinearAttentionLayer  # type: ignore[misc]
 
 from . import ops
+from .algorithms.rotation import HadamardRotation, hadamard_factorization
 
 logger = logging.getLogger("hfquant")
 
 SUPPORTED_BITS = (2, 4, 8)
+ROTATIONS = ("auto", "hadamard", None)
+# "auto" rotates at these bits (measured: docs/benchmarks.md, quantized KV cache)
+AUTO_ROTATION_BITS = (4,)
 # the default group size is the largest of these that divides head_dim
 DEFAULT_GROUP_SIZES = (64, 32, 16, 8)
 
 
-def check_kv_cache_args(bits, group_size, residual_length) -> None:
+def check_kv_cache_args(bits, group_size, residual_length, rotation="auto") -> None:
     """Checks the settings; group_size None means the default for the model's head_dim."""
+    if rotation not in ROTATIONS:
+        raise ValueError(f"QuantizedKVCache: rotation={rotation!r} is not supported (use one of {ROTATIONS})")
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"QuantizedKVCache: bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
@@ -93,7 +104,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
     blocks that no later step can see."""
 
     def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, rotation: HadamardRotation | None = None):
         super().__init__()
         check_kv_cache_args(bits, group_size, residual_length)
         if group_size is None:
@@ -105,6 +116,10 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self.group_size = group_size
         self.residual_length = residual_length
         self.sliding_window = sliding_window
+        # rotated states spread a channel's outliers over the head: keys are then quantized per
+        # token (as values), without rotation per channel (KIVI)
+        self.rotation = rotation
+        self.key_per_channel = rotation is None
         self._qlen = 0  # tokens in the quantized stores
         self._stores: dict[str, list[torch.Tensor]] = {}  # "k"/"v" -> [codes, scales, mins]
 
@@ -123,12 +138,19 @@ class QuantizedKVLayer(BaseQuantizedLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _check_group_size(self.group_size, key_states.shape[-1])
         _check_group_size(self.group_size, value_states.shape[-1])
+        if self.rotation is not None and not key_states.shape[-1] == value_states.shape[-1] == self.rotation.n:
+            raise ValueError(f"QuantizedKVCache: the rotation is of size {self.rotation.n}, the keys/values have "
+                             f"head_dim {key_states.shape[-1]}/{value_states.shape[-1]}")
         self.device = key_states.device
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self._qlen = 0
         self._stores = {}
         self.is_initialized = True
+
+    def _layouts(self) -> tuple[tuple[str, bool], tuple[str, bool]]:
+        """(store, quantized per channel over blocks of tokens?) for keys and values."""
+        return ("k", self.key_per_channel), ("v", False)
 
     def _param_rows(self, tokens: int, per_channel: bool) -> int:
         """Rows of scales/mins for `tokens` tokens: one per group of tokens (keys) or per token."""
@@ -144,7 +166,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
             return
         g = self.group_size
         new_cap = -(-max(need, cap + cap // 4) // g) * g
-        for key, like, per_channel in (("k", like_k, True), ("v", like_v, False)):
+        for (key, per_channel), like in zip(self._layouts(), (like_k, like_v)):
             *lead, _, D = like.shape
             p_rows = self._param_rows(new_cap, per_channel)
             p_cols = D if per_channel else D // g
@@ -165,7 +187,14 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         out = torch.empty(*like.shape[:-2], total, like.shape[-1], dtype=like.dtype, device=like.device)
         if self._qlen:
             c, s, m = self._stores[key]
+            rot = self.rotation
+            if rot is not None and rot.mix is None:  # 2^k: rotated back in the dequantizer's pass
+                ops.kv_dequantize_rotated_into(c, s, m, out, self._qlen, self.bits, self.group_size,
+                                               rot.signs.to(out.device))
+                return out
             ops.kv_dequantize_into(c, s, m, out, self._qlen, self.bits, self.group_size, per_channel)
+            if rot is not None:
+                rot.inverse_(out[..., :self._qlen, :])
         return out
 
     # -- the cache protocol -------------------------------------------------------------------
@@ -177,7 +206,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self.cumulative_length += t
         q, r = self._qlen, self.keys.shape[-2]
         total = q + r + t
-        keys = self._dequantized("k", total, True)
+        keys = self._dequantized("k", total, self.key_per_channel)
         values = self._dequantized("v", total, False)
         keys[..., q:q + r, :] = self.keys
         keys[..., q + r:, :] = key_states
@@ -198,9 +227,12 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         n = q + flush - first
         if n > 0:
             self._grow(keys, values, kept + n)
-            for key, src, per_channel in (("k", keys, True), ("v", values, False)):
+            for (key, per_channel), src in zip(self._layouts(), (keys, values)):
                 c, s, m = self._stores[key]
-                ops.kv_append(src[..., first:q + flush, :], c, s, m, kept, self.bits, g, per_channel)
+                block = src[..., first:q + flush, :]
+                if self.rotation is not None:
+                    block = self.rotation.forward(block)
+                ops.kv_append(block, c, s, m, kept, self.bits, g, per_channel)
         self._qlen = kept + max(n, 0)
         # the window is copied out so that the returned buffers are not kept alive
         self.keys = keys[..., q + flush:, :].clone()
@@ -213,7 +245,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
     def _drop_front(self, n: int) -> None:
         """Drops the oldest n (whole groups of) tokens of the stores."""
         q = self._qlen
-        for key, per_channel in (("k", True), ("v", False)):
+        for key, per_channel in self._layouts():
             c, s, m = self._stores[key]
             rows, first = self._param_rows(q, per_channel), self._param_rows(n, per_channel)
             c[..., :q - n, :] = c[..., n:q, :].clone()
@@ -267,7 +299,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         total = 0
         if self.is_initialized:
             total += self.keys.nbytes + self.values.nbytes
-        for key, per_channel in (("k", True), ("v", False)):
+        for key, per_channel in self._layouts():
             if key not in self._stores:
                 continue
             c, s, m = self._stores[key]
@@ -287,8 +319,9 @@ class QuantizedHybridKVLayer(LinearAttentionLayer, QuantizedKVLayer):
     is_croppable = False
 
     def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128,
-                 sliding_window: int | None = None, number_of_states: int = 1):
-        QuantizedKVLayer.__init__(self, bits, group_size, residual_length, sliding_window)
+                 sliding_window: int | None = None, number_of_states: int = 1,
+                 rotation: HadamardRotation | None = None):
+        QuantizedKVLayer.__init__(self, bits, group_size, residual_length, sliding_window, rotation)
         LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
 
     def lazy_initialization(self, *args, **kwargs) -> None:
@@ -359,12 +392,14 @@ def cache_plan(config) -> tuple[int, list[tuple[str, dict]]]:
     return head_dim, list(zip(layer_types, layer_kwargs))
 
 
-def _make_layer(layer_type: str, kwargs: dict, bits: int, group_size: int, residual_length: int):
+def _make_layer(layer_type: str, kwargs: dict, bits: int, group_size: int, residual_length: int,
+                rotation: HadamardRotation | None):
     window = kwargs.get("sliding_window") if layer_type in (*_SLIDING, "hybrid_sliding") else None
     if layer_type in ("full_attention", *_SLIDING):
-        return QuantizedKVLayer(bits, group_size, residual_length, window)
+        return QuantizedKVLayer(bits, group_size, residual_length, window, rotation)
     if layer_type in _HYBRID:
-        return QuantizedHybridKVLayer(bits, group_size, residual_length, window, kwargs.get("number_of_states", 1))
+        return QuantizedHybridKVLayer(bits, group_size, residual_length, window, kwargs.get("number_of_states", 1),
+                                      rotation)
     if layer_type in _LINEAR:
         return LinearAttentionLayer(number_of_states=kwargs.get("number_of_states", 1))
     return DummyLayer()
@@ -382,26 +417,40 @@ class QuantizedKVCache(Cache):
         group_size: channels per value group and tokens per key group (must divide head_dim);
             None (default): the largest of 64, 32, 16, 8 dividing head_dim.
         residual_length: newest tokens kept in full precision (flushed in whole groups).
+        rotation: "hadamard": keys and values are rotated per head by a seeded randomized
+            Hadamard matrix before they are quantized (and back when read: exact in float),
+            which spreads outlier channels; keys are then quantized per token. None: no
+            rotation, keys per channel. "auto" (default): "hadamard" at 4 bits where head_dim
+            has a Hadamard size (2^k, or 2^k times a Paley order), None otherwise (at 2 bits
+            per-token rotated keys measured worse than per-channel ones).
     """
 
-    def __init__(self, config, bits: int = 4, group_size: int | None = None, residual_length: int = 128):
-        check_kv_cache_args(bits, group_size, residual_length)
+    def __init__(self, config, bits: int = 4, group_size: int | None = None, residual_length: int = 128,
+                 rotation: str | None = "auto"):
+        check_kv_cache_args(bits, group_size, residual_length, rotation)
         head_dim, plan = cache_plan(config)
         if group_size is None:
             group_size = default_group_size(head_dim)
         _check_group_size(group_size, head_dim)
+        if rotation == "auto":
+            rotation = "hadamard" if bits in AUTO_ROTATION_BITS and hadamard_factorization(head_dim) else None
+        elif rotation == "hadamard" and not hadamard_factorization(head_dim):
+            raise ValueError(f"QuantizedKVCache: rotation='hadamard' has no Hadamard matrix for head_dim={head_dim} "
+                             "(sizes 2^k and 2^k times a Paley order are served); use rotation=None")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        super().__init__(layers=[_make_layer(t, kw, bits, group_size, residual_length) for t, kw in plan])
+        self.rotation = rotation
+        rot = HadamardRotation(head_dim, seed=0) if rotation == "hadamard" else None
+        super().__init__(layers=[_make_layer(t, kw, bits, group_size, residual_length, rot) for t, kw in plan])
         # an encoder-decoder model given this cache alone would append its cross-attention
         # keys/values to the self-attention layers: refused unless for_encoder_decoder made it
         self._encoder_decoder = _model_type(config) if getattr(config, "is_encoder_decoder", False) else None
 
     @classmethod
     def for_encoder_decoder(cls, config, bits: int = 4, group_size: int | None = None,
-                            residual_length: int = 128) -> EncoderDecoderCache:
+                            residual_length: int = 128, rotation: str | None = "auto") -> EncoderDecoderCache:
         """The cache of an encoder-decoder model: an EncoderDecoderCache of a QuantizedKVCache
         (self-attention) and a float DynamicCache (cross-attention keys/values, written once)."""
-        cache = cls(config, bits, group_size, residual_length)
+        cache = cls(config, bits, group_size, residual_length, rotation)
         cache._encoder_decoder = None
         return EncoderDecoderCache(cache, DynamicCache(config=config))
 
@@ -418,8 +467,8 @@ class QuantizedKVCache(Cache):
         return sum(layer.memory_bytes(allocated) for layer in self.layers if isinstance(layer, QuantizedKVLayer))
 
 
-def kv_cache_settings(model) -> tuple[int, int | None, int] | None:
-    """(bits, group_size, residual_length) of the KV cache that the model's hfquant
+def kv_cache_settings(model) -> tuple[int, int | None, int, str | None] | None:
+    """(bits, group_size, residual_length, rotation) of the KV cache that the model's hfquant
     quantization_config asks for (kv_cache_bits, ...), or None; group_size None is the default
     for the model's head_dim."""
     q = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -428,13 +477,14 @@ def kv_cache_settings(model) -> tuple[int, int | None, int] | None:
     get = q.get if isinstance(q, dict) else (lambda key, default=None: getattr(q, key, default))
     if get("quant_method") != "hfquant" or get("kv_cache_bits") is None:
         return None
-    return get("kv_cache_bits"), get("kv_cache_group_size"), get("kv_cache_residual_length", 128)
+    return (get("kv_cache_bits"), get("kv_cache_group_size"), get("kv_cache_residual_length", 128),
+            get("kv_cache_rotation", "auto"))
 
 
-def kv_cache_problem(config, bits, group_size, residual_length) -> str | None:
+def kv_cache_problem(config, bits, group_size, residual_length, rotation="auto") -> str | None:
     """Why a QuantizedKVCache with these settings cannot serve a model of this config, or None."""
     try:
-        QuantizedKVCache(config, bits, group_size, residual_length)
+        QuantizedKVCache(config, bits, group_size, residual_length, rotation)
     except ValueError as e:
         return str(e)
     return None

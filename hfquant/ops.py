@@ -9,6 +9,7 @@ import torch
 
 from . import _ext  # noqa: F401  (registers torch.ops.hfquant)
 from ._ext import _C
+from . import transforms as _transforms
 from .runtime import settings as _settings
 from .formats.kernel_layouts import (CUDA_ROW_PAD, I8_CUDA_PAD, I8_KG, I8_TILE, K_ALIGN, LUT_TABLE, LUT_UNIT_K, NR,
                                      cuda_seg_k, group_geometry, lut_group_geometry, round_up)
@@ -266,6 +267,20 @@ def _kv_dequantize_into_fake(codes, scales, mins, out, length, bits, group_size,
     return None
 
 
+@torch.library.register_fake("hfquant::kv_dequantize_rotated_into")
+def _kv_dequantize_rotated_into_fake(codes, scales, mins, out, length, bits, group_size, signs):
+    return None
+
+
+def _kv_dequantize_rotated_into_composite(codes, scales, mins, out, length, bits, group_size, signs):
+    """Devices without the fused kernel (CUDA for now): dequantize, then the transform in place."""
+    torch.ops.hfquant.kv_dequantize_into(codes, scales, mins, out, length, bits, group_size, False)
+    torch.ops.hfquant.hadamard_transform_inplace(out[..., :length, :], signs, True)
+
+
+torch.library.register_kernel("hfquant::kv_dequantize_rotated_into", "cuda", _kv_dequantize_rotated_into_composite)
+
+
 def kv_quantize(x: torch.Tensor, bits: int, group_size: int, per_channel: bool):
     """x [..., T, D] -> (codes uint8 [..., T, D*bits/8], scales fp16, mins fp16)."""
     if _backend() == "ref":
@@ -294,6 +309,76 @@ def kv_dequantize_into(codes, scales, mins, out: torch.Tensor, length: int, bits
     if _backend() == "ref":
         return _ref().kv_dequantize_into_ref(codes, scales, mins, out, length, bits, group_size, per_channel)
     torch.ops.hfquant.kv_dequantize_into(codes, scales, mins, out, length, bits, group_size, per_channel)
+
+
+# --- online rotations (fast Walsh-Hadamard transform) -----------------------------------------
+@torch.library.register_fake("hfquant::hadamard_transform")
+def _hadamard_transform_fake(x, signs, inverse=False):
+    p = x.shape[-1]
+    torch._check(p >= 1 and (p & (p - 1)) == 0,
+                 lambda: f"hfquant::hadamard_transform: the last dimension of x ({p}) must be a power of two")
+    torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"hfquant::hadamard_transform: x must be float32, bfloat16 or float16, got {x.dtype}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("hfquant::hadamard_transform_inplace")
+def _hadamard_transform_inplace_fake(x, signs, inverse=False):
+    return None
+
+
+def _hadamard_transform_composite(x, signs, inverse=False):
+    """Devices without a native kernel (CUDA for now): the torch butterflies, same results."""
+    return _transforms.fwht(x, signs, inverse)
+
+
+def _hadamard_transform_inplace_composite(x, signs, inverse=False):
+    x.copy_(_transforms.fwht(x, signs, inverse))
+
+
+torch.library.register_kernel("hfquant::hadamard_transform", "cuda", _hadamard_transform_composite)
+torch.library.register_kernel("hfquant::hadamard_transform_inplace", "cuda", _hadamard_transform_inplace_composite)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    _, signs, inverse = inputs
+    ctx.signs, ctx.inverse = signs, inverse
+
+
+def _hadamard_backward(ctx, grad):
+    # the transform is linear: the forward's gradient is the inverse transform and vice versa
+    # (for any diagonal signs: (H D / sqrt(p))^T = D H / sqrt(p))
+    return torch.ops.hfquant.hadamard_transform(grad.contiguous(), ctx.signs, not ctx.inverse), None, None
+
+
+torch.library.register_autograd("hfquant::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup)
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
+    """Fast Walsh-Hadamard transform of the last dimension p (a power of two), orthonormal:
+    forward H (signs * x) / sqrt(p), inverse signs * (H x) / sqrt(p) (H the Sylvester matrix;
+    signs float32 [p], normally random +-1, or None). Float32 arithmetic, x's dtype out. Other
+    sizes: hfquant.transforms.HadamardRotation."""
+    if _backend() == "ref":
+        return _ref().hadamard_transform_ref(x, signs, inverse)
+    return torch.ops.hfquant.hadamard_transform(x, signs, inverse)
+
+
+def hadamard_transform_inplace(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> None:
+    """``hadamard_transform`` written into x (its last dimension contiguous)."""
+    if _backend() == "ref":
+        x.copy_(_ref().hadamard_transform_ref(x, signs, inverse))
+        return
+    torch.ops.hfquant.hadamard_transform_inplace(x, signs, inverse)
+
+
+def kv_dequantize_rotated_into(codes, scales, mins, out: torch.Tensor, length: int, bits: int, group_size: int,
+                               signs: torch.Tensor) -> None:
+    """``kv_dequantize_into`` of per-token stores holding rotated states, each token rotated back
+    in the same pass (``hadamard_transform(..., signs, inverse=True)``); head_dim a power of two."""
+    if _backend() == "ref":
+        return _ref().kv_dequantize_rotated_into_ref(codes, scales, mins, out, length, bits, group_size, signs)
+    torch.ops.hfquant.kv_dequantize_rotated_into(codes, scales, mins, out, length, bits, group_size, signs)
 
 
 # --- weight clustering (LUT kernel) -----------------------------------------------------------

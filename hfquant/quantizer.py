@@ -312,7 +312,7 @@ def _finish(model, config: HfQuantConfig) -> None:
         from .kv_cache import kv_cache_problem, warn_unserved
 
         why = kv_cache_problem(model.config, config.kv_cache_bits, config.kv_cache_group_size,
-                               config.kv_cache_residual_length)
+                               config.kv_cache_residual_length, config.kv_cache_rotation)
         if why:
             warn_unserved(model.config, config.kv_cache_bits, why)
 

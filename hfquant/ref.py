@@ -16,6 +16,7 @@ from .formats.kernel_layouts import (CUDA_ROW_PAD, CUDA_SEG_BYTES, I8_CUDA_PAD, 
                                      qweight_from_packed, round_up)
 from .formats.kernel_layouts import dequantize_packed as dequantize_packed_ref  # noqa: F401
 from .formats.v1 import unpack_int4
+from .transforms import fwht
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric: bool) -> torch.Tensor:
@@ -353,6 +354,17 @@ def kv_dequantize_into_ref(codes, scales, mins, out, length: int, bits: int, gro
     out[..., :length, :] = kv_dequantize_ref(codes, scales, mins, length, bits, group_size, per_channel, out.dtype)
 
 
+def kv_dequantize_rotated_into_ref(codes, scales, mins, out, length: int, bits: int, group_size: int,
+                                   signs) -> None:
+    """Twin of hfquant::kv_dequantize_rotated_into: dequantize (per token) in out's dtype, then the
+    inverse transform of each token."""
+    D = codes.shape[-1] * 8 // bits
+    if D & (D - 1):
+        raise ValueError(f"hfquant::kv_dequantize_rotated_into: head_dim={D} is not a power of two")
+    kv_dequantize_into_ref(codes, scales, mins, out, length, bits, group_size, False)
+    out[..., :length, :] = fwht(out[..., :length, :], signs, inverse=True)
+
+
 def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: int, per_channel: bool) -> None:
     """Twin of ``hfquant::kv_append``: kv_quantize of x written into the stores at token offset."""
     t = x.shape[-2]
@@ -367,6 +379,11 @@ def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: in
 
 
 # --- weight clustering (LUT kernel, csrc/cpu/lut_linear.h) -----------------------------------
+
+
+def hadamard_transform_ref(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
+    """Twin of hfquant::hadamard_transform: the butterflies in torch (bit for bit in float32)."""
+    return fwht(x, signs, inverse)
 
 
 def lut_repack_ref(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int, in_features: int):

@@ -31,6 +31,7 @@
 
 #include "cpu/aten_util.h"
 #include "cpu/cpu_features.h"
+#include "cpu/hadamard.h"
 
 namespace hfquant::cpu {
 namespace {
@@ -321,9 +322,12 @@ void kv_append_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 
 namespace {
 
-// Writes the first `length` tokens of the stores into the first tokens of y [..., >= length, D].
+// Writes the first `length` tokens of the stores into the first tokens of y [..., >= length, D];
+// with `signs` (float32 [D], D a power of two) each token is then transformed in place as
+// hfquant::hadamard_transform(..., signs, inverse=True) transforms it: signs * (H y) / sqrt(D).
 void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                     const at::Tensor& y, int64_t length, int64_t bits, int64_t group_size, bool per_channel) {
+                     const at::Tensor& y, int64_t length, int64_t bits, int64_t group_size, bool per_channel,
+                     const float* signs = nullptr) {
   const Stores s = check_stores(op, codes, scales, mins, bits, group_size, per_channel);
   TORCH_CHECK(length >= 0 && length <= s.T, "hfquant::", op, ": length=", length, " is outside the stores' ", s.T,
               " tokens");
@@ -336,6 +340,8 @@ void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& 
     TORCH_CHECK(y.size(i) == codes.size(i), "hfquant::", op, ": out has shape ", y.sizes(), ", the stores ",
                 codes.sizes());
   const int64_t ty = y.size(-2);
+  const FwhtRowFn fwht = fwht_row_kernel();
+  const float scale = 1.0f / std::sqrt(float(s.D));
   dispatch_float(dtype, op, "out", [&](auto* tag) {
     using Y = std::remove_pointer_t<decltype(tag)>;
     Y* yp = y.data_ptr<Y>();
@@ -347,10 +353,25 @@ void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& 
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / nb, t0 = (i % nb) * blk, tn = std::min(blk, length - t0);
         const int64_t pr0 = per_channel ? t0 / group_size : t0;
+        Y* out = yp + (b * ty + t0) * s.D;
         dequantize_head(codes.data_ptr<uint8_t>() + (b * s.T + t0) * s.row_bytes,
                         scales.data_ptr<c10::Half>() + (b * s.prows + pr0) * s.G,
                         mins.data_ptr<c10::Half>() + (b * s.prows + pr0) * s.G, tn, s.D, bits,
-                        group_size, per_channel, yp + (b * ty + t0) * s.D);
+                        group_size, per_channel, out);
+        if (signs != nullptr) {  // the rows just written are in L1: transform them there
+          float v[512];
+          for (int64_t t = 0; t < tn; ++t) {
+            Y* row = out + t * s.D;
+            float* f = v;
+            if constexpr (std::is_same_v<Y, float>) {
+              f = row;  // transformed where it lies
+            } else {
+              for (int64_t j = 0; j < s.D; ++j) v[j] = static_cast<float>(row[j]);
+            }
+            fwht(f, s.D, scale);
+            for (int64_t j = 0; j < s.D; ++j) row[j] = static_cast<Y>(f[j] * signs[j]);
+          }
+        }
       }
     });
   });
@@ -374,6 +395,23 @@ at::Tensor kv_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, 
   return y;
 }
 
+// kv_dequantize_into of per-token stores, each token then rotated back: signs * (H y) / sqrt(D).
+void kv_dequantize_rotated_into_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                                    const at::Tensor& out, int64_t length, int64_t bits, int64_t group_size,
+                                    const at::Tensor& signs) {
+  const char* op = "kv_dequantize_rotated_into";
+  TORCH_CHECK(signs.device().is_cpu(), "hfquant::", op, ": signs is on ", signs.device(), " but this is the CPU kernel");
+  TORCH_CHECK(codes.dim() >= 2 && (bits == 2 || bits == 4 || bits == 8), "hfquant::", op,
+              ": codes must be [..., T, D*bits/8] and bits 2, 4 or 8, got ", codes.sizes(), ", bits=", bits);
+  const int64_t D = codes.size(-1) * 8 / bits;
+  TORCH_CHECK(D >= 1 && (D & (D - 1)) == 0, "hfquant::", op, ": head_dim=", D,
+              " is not a power of two (rotate other sizes with hfquant.algorithms.rotation.HadamardRotation)");
+  TORCH_CHECK(signs.scalar_type() == at::kFloat && signs.dim() == 1 && signs.size(0) == D && signs.is_contiguous(),
+              "hfquant::", op, ": signs must be a contiguous float32 vector of head_dim=", D, " values, got ",
+              signs.scalar_type(), " ", signs.sizes());
+  dequantize_into(op, codes, scales, mins, out, length, bits, group_size, false, signs.data_ptr<float>());
+}
+
 // The same into the first `length` tokens of `out` [..., >= length, D] (its dtype), in place.
 void kv_dequantize_into_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                             const at::Tensor& out, int64_t length, int64_t bits, int64_t group_size,
@@ -388,4 +426,5 @@ TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
   m.impl("kv_append", &hfquant::cpu::kv_append_cpu);
   m.impl("kv_dequantize", &hfquant::cpu::kv_dequantize_cpu);
   m.impl("kv_dequantize_into", &hfquant::cpu::kv_dequantize_into_cpu);
+  m.impl("kv_dequantize_rotated_into", &hfquant::cpu::kv_dequantize_rotated_into_cpu);
 }

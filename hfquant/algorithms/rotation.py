@@ -25,6 +25,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..modeling import attention_geometry, folds_into_norm, text_config
 
 logger = logging.getLogger("hfquant")
@@ -124,6 +125,72 @@ def random_hadamard(n: int, generator: torch.Generator) -> Tensor:
     h = hadamard_matrix(n)
     s = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).double() * 2 - 1
     return s[:, None] * h / n ** 0.5
+
+
+# ---------------------------------------------------------------- online rotations
+
+
+class HadamardRotation:
+    """The orthonormal rotation R = diag(s) H_n / sqrt(n) of the last dimension, applied online
+    with the fast Walsh-Hadamard op: H_n = H_m (x) H_p (Paley order m, Sylvester order p = 2^k;
+    m = 1 for powers of two), s seeded random signs.
+
+    ``forward(x)``: each row x -> H_n (s * x) / sqrt(n); ``inverse(y)``: each row y ->
+    s * (H_n^T y) / sqrt(n), which undoes it; ``inverse_`` writes in place where it can. The signs
+    come from ``seed``.
+    """
+
+    def __init__(self, n: int, seed: int = 0, device=None):
+        split = hadamard_factorization(n)
+        if split is None:
+            raise ValueError(f"hfquant: no Hadamard rotation of size {n!r} is available (sizes 2^k and 2^k times "
+                             f"one of {paley_orders()[:12]} ... are)")
+        self.n, self.seed = n, seed
+        self.m, self.p = split
+        g = torch.Generator().manual_seed(seed)
+        self.signs = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.float32)
+        # the Paley factor, orthonormal: forward mixes rows of the [m, p] view with it
+        self.mix = None if self.m == 1 else (hadamard_matrix(self.m) / self.m ** 0.5).to(torch.float32)
+        if device is not None:
+            self.to(device)
+
+    def to(self, device) -> HadamardRotation:
+        self.signs = self.signs.to(device)
+        if self.mix is not None:
+            self.mix = self.mix.to(device)
+        return self
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-1] != self.n:
+            raise ValueError(f"hfquant: a Hadamard rotation of size {self.n} applied to a last dimension of "
+                             f"{x.shape[-1]}")
+        if self.signs.device != x.device:
+            self.to(x.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        if self.mix is None:
+            return ops.hadamard_transform(x, self.signs)
+        v = (x.to(torch.float32) * self.signs).reshape(*x.shape[:-1], self.m, self.p)
+        v = ops.hadamard_transform(v)
+        return torch.matmul(self.mix, v).reshape(x.shape).to(x.dtype)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        self._check(y)
+        if self.mix is None:
+            return ops.hadamard_transform(y, self.signs, inverse=True)
+        v = torch.matmul(self.mix.T, y.to(torch.float32).reshape(*y.shape[:-1], self.m, self.p))
+        v = ops.hadamard_transform(v, inverse=True).reshape(y.shape) * self.signs
+        return v.to(y.dtype)
+
+    def inverse_(self, y: Tensor) -> Tensor:
+        """inverse(y) written into y (in place where the last dimension is contiguous); returns y."""
+        self._check(y)
+        if self.mix is None and y.shape[-1] > 0 and (y.shape[-1] == 1 or y.stride(-1) == 1):
+            ops.hadamard_transform_inplace(y, self.signs, inverse=True)
+        else:
+            y.copy_(self.inverse(y))
+        return y
 
 
 # ---------------------------------------------------------------- the model

@@ -218,15 +218,15 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:200]}"
 
 
-def kv_cache_settings(model, config_name: str | None = None) -> tuple[int, int, int] | None:
-    """(bits, group_size, residual_length) of the quantized KV cache this configuration generates
+def kv_cache_settings(model, config_name: str | None = None) -> tuple[int, int, int, str | None] | None:
+    """(bits, group_size, residual_length, rotation) of the quantized KV cache this configuration generates
     with: a "kv" configuration's own (group 64, newest 128 tokens in full precision), else the one
     the model's quantization_config asks for; None for neither."""
     from ..kv_cache import kv_cache_settings as saved
 
     kind, s = ALL_CONFIGS.get(config_name, (None, {}))
     if kind == "kv":
-        return s["kv_cache_bits"], 64, 128
+        return s["kv_cache_bits"], 64, 128, s.get("kv_cache_rotation", "auto")
     return saved(model)
 
 

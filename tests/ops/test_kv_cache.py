@@ -157,6 +157,45 @@ def test_kv_dequantize_matches_ref(device, isa, scheme):
             _assert_eq(out.cpu(), want, f"{shape} {xdtype} out= vs twin's out= length={length}")
 
 
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if not s[2]], ids=_scheme_id)
+def test_kv_dequantize_rotated_into_matches_ref(device, isa, scheme):
+    """The fused dequantize + inverse Walsh-Hadamard transform (the rotated cache's read) is the
+    twin's dequantize followed by hadamard_transform(..., inverse=True), bit for bit, and only
+    the first `length` tokens are written."""
+    bits, g, _ = scheme
+    gen = torch.Generator().manual_seed(bits * 11 + g)
+    for D in (d for d in (32, 64, 128) if d % g == 0):
+        signs = (torch.randint(0, 2, (D,), generator=gen) * 2 - 1).float()
+        for T, xdtype in itertools.product((1, 7, 129), DTYPES):
+            shape = (1 + T % 2, 2, T, D)
+            c, s, m = OPS.kv_quantize(_states(shape, xdtype, gen).to(device), bits, g, False)
+            for dtype, length in itertools.product(DTYPES, sorted({T, max(1, T // 2)})):
+                out = torch.full((*shape[:2], T + 3, D), -7.0, dtype=dtype, device=device)
+                OPS.kv_dequantize_rotated_into(c, s, m, out, length, bits, g, signs.to(device))
+                want = torch.full((*shape[:2], T + 3, D), -7.0, dtype=dtype)
+                ref.kv_dequantize_rotated_into_ref(c.cpu(), s.cpu(), m.cpu(), want, length, bits, g, signs)
+                _assert_eq(out.cpu(), want, f"{shape} {xdtype} -> {dtype} length={length}")
+                plain = ref.kv_dequantize_ref(c.cpu(), s.cpu(), m.cpu(), length, bits, g, False, dtype)
+                _assert_eq(want[..., :length, :], ref.hadamard_transform_ref(plain, signs, inverse=True), "twin")
+
+
+def test_kv_dequantize_rotated_into_opcheck_and_errors(device):
+    x = torch.randn(1, 2, 32, 64, device=device)
+    c, s, m = OPS.kv_quantize(x, 4, 32, False)
+    signs = torch.ones(64, device=device)
+    torch.library.opcheck(OPS.kv_dequantize_rotated_into.default, (c, s, m, torch.zeros(1, 2, 40, 64, device=device),
+                                                                   30, 4, 32, signs))
+    out = torch.zeros(1, 2, 32, 64, device=device)
+    with pytest.raises((RuntimeError, ValueError), match="signs must be a"):
+        OPS.kv_dequantize_rotated_into(c, s, m, out, 32, 4, 32, torch.ones(32, device=device))
+    c48, s48, m48 = OPS.kv_quantize(torch.randn(1, 2, 8, 48, device=device), 4, 16, False)
+    with pytest.raises((RuntimeError, ValueError), match="(head_dim=48 is not a power of two)|(last dimension of x \\(48\\))"):
+        OPS.kv_dequantize_rotated_into(c48, s48, m48, torch.zeros(1, 2, 8, 48, device=device), 8, 4, 16,
+                                       torch.ones(48, device=device))
+    with pytest.raises(RuntimeError, match="length=40 is outside"):
+        OPS.kv_dequantize_rotated_into(c, s, m, out, 40, 4, 32, signs)
+
+
 @pytest.mark.parametrize("pc", [True, False], ids=["key", "val"])
 def test_kv_dequantize_length_zero(pc):
     x = torch.randn(2, 3, 64, 64)

@@ -1,0 +1,312 @@
+// Fast Walsh-Hadamard transform on CPU (online rotations: the quantized KV cache, activations).
+//
+// For each row x of the last dimension (length p, a power of two):
+//   forward: y = H (s * x) / sqrt(p)
+//   inverse: y = s * (H x) / sqrt(p)
+// with H the Sylvester Hadamard matrix of order p (H[i][j] = (-1)^popcount(i & j), symmetric,
+// H H = p I) and s an optional diagonal (normally random +-1 signs: then the inverse undoes the
+// forward). Rows are computed in float32 whatever the input dtype, in log2(p) butterfly stages
+// (a, b) -> (a + b, a - b) over pairs at distance 1, 2, 4, ... p/2, then the 1/sqrt(p) scale:
+// hfquant.ref.hadamard_transform_ref does the same operations in the same order, so the
+// float32 results agree bit for bit (the file is built without FMA contraction).
+//
+// The butterfly loops are compiled three times (portable, AVX2, AVX-512 target clones) and the
+// path is chosen at run time with the rest of the kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <type_traits>
+#include <utility>
+
+#if defined(HFQUANT_X86)
+#include <immintrin.h>
+#endif
+#include <vector>
+
+#include "cpu/aten_util.h"
+#include "cpu/cpu_features.h"
+#include "cpu/hadamard.h"
+
+namespace hfquant::cpu {
+namespace {
+
+constexpr int64_t kMaxLength = int64_t(1) << 20;
+
+// In-place butterflies and scale of one float32 row of length p (a power of two); rows longer
+// than kSoaMax take this path (their stages are long, contiguous and vectorize as they are).
+inline __attribute__((always_inline)) void fwht_row_impl(float* v, int64_t p, float scale) {
+  for (int64_t h = 1; h < p; h *= 2) {
+    for (int64_t i = 0; i < p; i += 2 * h) {
+      float* a = v + i;
+      float* b = v + i + h;
+      for (int64_t j = 0; j < h; ++j) {
+        const float x = a[j], y = b[j];
+        a[j] = x + y;
+        b[j] = x - y;
+      }
+    }
+  }
+  for (int64_t j = 0; j < p; ++j) v[j] *= scale;
+}
+
+// Rows up to kSoaMax long go kLanes at a time through a transposed buffer v[p][kLanes] (element
+// j of row l at v[j * kLanes + l]): every stage then works on whole vectors of kLanes floats,
+// the short stages (pairs at distance 1, 2, 4) included. Same operations per element, in the
+// same order, as the row path.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kSoaMax = 1024;
+
+inline __attribute__((always_inline)) void fwht_block_impl(float* v, int64_t p, float scale) {
+  for (int64_t h = 1; h < p; h *= 2) {
+    for (int64_t i = 0; i < p; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        float* a = v + j * kLanes;
+        float* b = v + (j + h) * kLanes;
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const float x = a[l], y = b[l];
+          a[l] = x + y;
+          b[l] = x - y;
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < p * kLanes; ++j) v[j] *= scale;
+}
+
+void fwht_row_portable(float* v, int64_t p, float scale) { fwht_row_impl(v, p, scale); }
+void fwht_block_portable(float* v, int64_t p, float scale) { fwht_block_impl(v, p, scale); }
+#if defined(HFQUANT_X86)
+// SIMD rows: the stages at distance h < W (W floats per register) inside each register, as
+// t = the register with the lanes of each pair swapped, then x + t on the lower lane of a pair
+// and t - x on the upper one (a + b and a - b, the row path's operations); the longer stages
+// on whole registers. Rows shorter than W take the block path.
+__attribute__((target("avx2,fma,f16c"))) void fwht_row_avx2(float* v, int64_t p, float scale) {
+  if (p < 8) return fwht_row_impl(v, p, scale);
+  const __m256i swap1 = _mm256_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6);
+  const __m256i swap2 = _mm256_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5);
+  const __m256i swap4 = _mm256_setr_epi32(4, 5, 6, 7, 0, 1, 2, 3);
+  for (int64_t i = 0; i < p; i += 8) {
+    __m256 x = _mm256_loadu_ps(v + i);
+    __m256 t = _mm256_permutevar8x32_ps(x, swap1);
+    x = _mm256_blend_ps(_mm256_add_ps(x, t), _mm256_sub_ps(t, x), 0xAA);
+    t = _mm256_permutevar8x32_ps(x, swap2);
+    x = _mm256_blend_ps(_mm256_add_ps(x, t), _mm256_sub_ps(t, x), 0xCC);
+    t = _mm256_permutevar8x32_ps(x, swap4);
+    x = _mm256_blend_ps(_mm256_add_ps(x, t), _mm256_sub_ps(t, x), 0xF0);
+    _mm256_storeu_ps(v + i, x);
+  }
+  for (int64_t h = 8; h < p; h *= 2)
+    for (int64_t i = 0; i < p; i += 2 * h)
+      for (int64_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + h);
+        _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, b));
+      }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < p; j += 8) _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), sc));
+}
+__attribute__((target("avx2,fma,f16c"))) void fwht_block_avx2(float* v, int64_t p, float scale) {
+  fwht_block_impl(v, p, scale);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void fwht_row_avx512(float* v, int64_t p,
+                                                                                                  float scale) {
+  if (p < 16) return fwht_row_avx2(v, p, scale);
+  const __m512i swap1 = _mm512_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const __m512i swap2 = _mm512_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const __m512i swap4 = _mm512_setr_epi32(4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  const __m512i swap8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < p; i += 16) {
+    __m512 x = _mm512_loadu_ps(v + i);
+    __m512 t = _mm512_permutexvar_ps(swap1, x);
+    x = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(x, t), _mm512_sub_ps(t, x));
+    t = _mm512_permutexvar_ps(swap2, x);
+    x = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(x, t), _mm512_sub_ps(t, x));
+    t = _mm512_permutexvar_ps(swap4, x);
+    x = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(x, t), _mm512_sub_ps(t, x));
+    t = _mm512_permutexvar_ps(swap8, x);
+    x = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(x, t), _mm512_sub_ps(t, x));
+    _mm512_storeu_ps(v + i, x);
+  }
+  for (int64_t h = 16; h < p; h *= 2)
+    for (int64_t i = 0; i < p; i += 2 * h)
+      for (int64_t j = i; j < i + h; j += 16) {
+        const __m512 a = _mm512_loadu_ps(v + j), b = _mm512_loadu_ps(v + j + h);
+        _mm512_storeu_ps(v + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(v + j + h, _mm512_sub_ps(a, b));
+      }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < p; j += 16) _mm512_storeu_ps(v + j, _mm512_mul_ps(_mm512_loadu_ps(v + j), sc));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void fwht_block_avx512(float* v,
+                                                                                                    int64_t p,
+                                                                                                    float scale) {
+  fwht_block_impl(v, p, scale);
+}
+#endif
+
+using RowFn = void (*)(float*, int64_t, float);
+
+// The active path's kernels: a row kernel, a block kernel and the longest row the block kernel
+// takes (rows up to it go through blocks: the SIMD row kernels need a register's width).
+struct Kernels {
+  RowFn row, block;
+  int64_t block_max;
+};
+
+Kernels kernels() {
+#if defined(HFQUANT_X86)
+  switch (active_isa()) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return {fwht_row_avx512, fwht_block_avx512, 8};
+    case Isa::Avx2: return {fwht_row_avx2, fwht_block_avx2, 4};
+    default: break;
+  }
+#endif
+  return {fwht_row_portable, fwht_block_portable, kSoaMax};
+}
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+inline T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+// Walks the rows of a tensor (the leading dimensions in order, any strides): `offset` is the
+// current row's first element; `seek` positions it once per task, `next` steps without divisions.
+struct RowCursor {
+  std::vector<int64_t> sizes, strides, index;  // leading dims only
+  int64_t offset = 0;
+  explicit RowCursor(const at::Tensor& t) {
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+      sizes.push_back(t.size(d));
+      strides.push_back(t.stride(d));
+    }
+    index.assign(sizes.size(), 0);
+  }
+  void seek(int64_t r) {
+    offset = 0;
+    for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+      index[d] = r % sizes[d];
+      offset += index[d] * strides[d];
+      r /= sizes[d];
+    }
+  }
+  void next() {
+    for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+      offset += strides[d];
+      if (++index[d] < sizes[d]) return;
+      offset -= index[d] * strides[d];
+      index[d] = 0;
+    }
+  }
+};
+
+void check_args(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& signs) {
+  TORCH_CHECK(x.device().is_cpu(), "hfquant::", op, ": x is on ", x.device(), " but this is the CPU kernel");
+  TORCH_CHECK(x.dim() >= 1, "hfquant::", op, ": x must have at least one dimension (the transformed one)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "hfquant::", op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t p = x.size(-1);
+  TORCH_CHECK(p >= 1 && p <= kMaxLength && (p & (p - 1)) == 0, "hfquant::", op, ": the last dimension of x (",
+              p, ") must be a power of two between 1 and ", kMaxLength,
+              " (other sizes: transform a power-of-two factor and mix the rest, see hfquant.ops.hadamard)");
+  if (signs.has_value()) {
+    const at::Tensor& s = *signs;
+    TORCH_CHECK(s.device() == x.device(), "hfquant::", op, ": signs is on ", s.device(), ", x on ", x.device());
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == p, "hfquant::", op,
+                ": signs must be a float32 vector of ", p, " values (the last dimension of x), got ",
+                s.scalar_type(), " ", s.sizes());
+  }
+}
+
+// Transforms the rows of src into dst (same shape; may be the same tensor; last dims contiguous).
+void transform(const at::Tensor& src, const at::Tensor& dst, const c10::optional<at::Tensor>& signs, bool inverse) {
+  const int64_t p = src.size(-1);
+  const int64_t rows = p ? src.numel() / p : 0;
+  if (rows == 0) return;
+  const at::Tensor sc = signs.has_value() ? signs->contiguous() : at::Tensor();
+  const float* sp = signs.has_value() ? sc.data_ptr<float>() : nullptr;
+  const float scale = 1.0f / std::sqrt(float(p));
+  const Kernels kern = kernels();
+  dispatch_float(src.scalar_type(), "hadamard_transform", "x", [&](auto* tag) {
+    using X = std::remove_pointer_t<decltype(tag)>;
+    const X* xp = src.data_ptr<X>();
+    X* yp = dst.data_ptr<X>();
+    auto load = [&](const X* in, float* to, int64_t stride) {  // to[j * stride] = (signs *) x[j]
+      if (sp != nullptr && !inverse)
+        for (int64_t j = 0; j < p; ++j) to[j * stride] = to_float(in[j]) * sp[j];
+      else
+        for (int64_t j = 0; j < p; ++j) to[j * stride] = to_float(in[j]);
+    };
+    auto store = [&](const float* from, X* out, int64_t stride) {
+      if (sp != nullptr && inverse)
+        for (int64_t j = 0; j < p; ++j) out[j] = from_float<X>(from[j * stride] * sp[j]);
+      else
+        for (int64_t j = 0; j < p; ++j) out[j] = from_float<X>(from[j * stride]);
+    };
+    if (p <= kern.block_max) {
+      const int64_t blocks = (rows + kLanes - 1) / kLanes;
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (p * kLanes));
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        std::vector<float> buf(p * kLanes, 0.0f);
+        RowCursor si(src), di(dst);
+        si.seek(b0 * kLanes);
+        di.seek(b0 * kLanes);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r0 = b * kLanes, nr = std::min(kLanes, rows - r0);
+          for (int64_t l = 0; l < nr; ++l, si.next()) load(xp + si.offset, buf.data() + l, kLanes);
+          for (int64_t l = nr; l < kLanes; ++l)
+            for (int64_t j = 0; j < p; ++j) buf[j * kLanes + l] = 0.0f;
+          kern.block(buf.data(), p, scale);
+          for (int64_t l = 0; l < nr; ++l, di.next()) store(buf.data() + l, yp + di.offset, kLanes);
+        }
+      });
+      return;
+    }
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / p);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(p);
+      RowCursor si(src), di(dst);
+      si.seek(r0);
+      di.seek(r0);
+      for (int64_t r = r0; r < r1; ++r, si.next(), di.next()) {
+        load(xp + si.offset, buf.data(), 1);
+        kern.row(buf.data(), p, scale);
+        store(buf.data(), yp + di.offset, 1);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+FwhtRowFn fwht_row_kernel() { return kernels().row; }
+
+at::Tensor hadamard_transform_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& signs, bool inverse) {
+  check_args("hadamard_transform", x, signs);
+  const at::Tensor src = x.stride(-1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  transform(src, y, signs, inverse);
+  return y;
+}
+
+void hadamard_transform_inplace_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& signs, bool inverse) {
+  check_args("hadamard_transform_inplace", x, signs);
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "hfquant::hadamard_transform_inplace: the last dimension of x must be contiguous "
+              "(stride 1), got stride ", x.stride(-1));
+  transform(x, x, signs, inverse);
+}
+
+}  // namespace hfquant::cpu
+
+TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
+  m.impl("hadamard_transform", &hfquant::cpu::hadamard_transform_cpu);
+  m.impl("hadamard_transform_inplace", &hfquant::cpu::hadamard_transform_inplace_cpu);
+}
