@@ -6,17 +6,21 @@ graph) and greedy decoding of the same prompt; the compiled run compiles
 included, is an error). Decode speed = (new_tokens - 1) / (time of new_tokens - time of
 one token), in wall time and in CPU time of the process (tokens per CPU-second: less
 sensitive to other processes on a shared machine), median of --repeats rounds; each round runs eager (dynamic cache), eager
-(static cache) and compiled in turn, so that all three see the same load. Prints a markdown table for docs/benchmarks.md.
+(static cache) and compiled in turn, so that all three see the same load. Prints a markdown table; with
+--write-docs it replaces its section of docs/benchmarks.md (one section per --embedding-bits).
 
-    python benchmarks/bench_compile.py [--new-tokens 64] [--threads 2] [--repeats 3]
+    python benchmarks/bench_compile.py [--new-tokens 64] [--threads 2] [--repeats 3] [--write-docs]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,7 +47,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="only the first N decoder blocks (quick check)")
     ap.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None,
                     help="quantize the token embedding and the tied lm_head too, with these bits (g128)")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = ap.parse_args(argv)
+    command = "python benchmarks/bench_compile.py" + "".join(
+        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,19 +94,32 @@ def main(argv=None):
     load1 = os.getloadavg()
     same = torch.equal(out_eager, out_comp)
     feats = ", ".join(k for k, v in _ext._C.cpu_features().items() if v)
-    print(f"CPU: {platform.processor() or platform.machine()} ({feats}); kernel path {_ext._C.int8_path()}; "
-          f"{args.threads} threads; torch {torch.__version__}")
-    print(f"load average (1/5/15 min) before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
-          f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}")
-    print(f"first compiled call (compilation) {compile_s:.0f} s; greedy tokens identical eager vs compiled: {same}")
-    print()
     label = "W4 g128" + (f" + embedding/lm_head W{args.embedding_bits}" if args.embedding_bits else "")
-    print(f"| {label}, batch 1 | decode tok/s (wall) | vs eager static | decode tok per CPU-second | vs eager static |")
-    print("|---|---|---|---|---|")
-    print(f"| eager, dynamic cache | {eager_dyn:.1f} | {eager_dyn / eager:.2f}x | {c_dyn:.2f} | {c_dyn / c_eager:.2f}x |")
-    print(f"| eager, static cache | {eager:.1f} | 1.00x | {c_eager:.2f} | 1.00x |")
-    print(f"| torch.compile (inductor, fullgraph), static cache | {compiled:.1f} | {compiled / eager:.2f}x | "
-          f"{c_comp:.2f} | {c_comp / c_eager:.2f}x |")
+    lines = [
+        f"### torch.compile decode, {label}", "",
+        f"Command: `{command}`", "",
+        f"CPU: {platform.processor() or platform.machine()} ({feats}); kernel path {_ext._C.int8_path()}; "
+        f"{args.threads} threads; torch {torch.__version__}; load average (1/5/15 min) before "
+        f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f}. "
+        f"{args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt, medians of {args.repeats} rounds "
+        f"after one warm-up round. First compiled call (compilation) {compile_s:.0f} s; greedy tokens identical "
+        f"eager vs compiled: {same}.", "",
+        f"| {label}, batch 1 | decode tok/s (wall) | vs eager static | decode tok per CPU-second | vs eager static |",
+        "|---|---|---|---|---|",
+        f"| eager, dynamic cache | {eager_dyn:.1f} | {eager_dyn / eager:.2f}x | {c_dyn:.2f} | {c_dyn / c_eager:.2f}x |",
+        f"| eager, static cache | {eager:.1f} | 1.00x | {c_eager:.2f} | 1.00x |",
+        f"| torch.compile (inductor, fullgraph), static cache | {compiled:.1f} | {compiled / eager:.2f}x | "
+        f"{c_comp:.2f} | {c_comp / c_eager:.2f}x |",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if args.write_docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import common
+
+        section = "compile-decode" + (f"-emb{args.embedding_bits}" if args.embedding_bits else "")
+        common.write_doc_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", section, body,
+                                 "# Benchmarks\n")
 
 
 if __name__ == "__main__":

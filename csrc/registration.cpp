@@ -13,6 +13,12 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "qlinear(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor? bias, int bits, "
       "int group_size, int out_features, int in_features) -> Tensor");
+  // The same 4-bit layer with int8 activations: x quantized per row in blocks of 32 (scale
+  // max|x| / 127, round half to even), integer dot products with the 4-bit codes (VNNI), i.e.
+  // y = x' @ dequant(W)^T + bias for the block-quantized x' (csrc/cpu/qlinear_a8.cpp).
+  m.def(
+      "qlinear_a8(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor? bias, int bits, "
+      "int group_size, int out_features, int in_features) -> Tensor");
   // Rows `ids` of the weight in that layout, in `dtype`: [..., in_features] (the lookup of a
   // quantized embedding, which may share its tensors with a tied output projection).
   m.def(

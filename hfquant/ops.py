@@ -98,6 +98,28 @@ def qlinear(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.T
                                      in_features)
 
 
+@torch.library.register_fake("hfquant::qlinear_a8")
+def _qlinear_a8_fake(x, packed_weight, packed_scales, bias, bits, group_size, out_features, in_features):
+    torch._check(bits == 4, lambda: f"hfquant::qlinear_a8: bits={bits} is not supported (4-bit weights only)")
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"hfquant::qlinear_a8: x has last dimension {x.shape[-1]}, expected {in_features}")
+    torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"hfquant::qlinear_a8: x must be float32, bfloat16 or float16, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def qlinear_a8(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
+               bias: torch.Tensor | None, bits: int, group_size: int, out_features: int,
+               in_features: int) -> torch.Tensor:
+    """``qlinear`` of a 4-bit weight with int8 activations: x quantized per row in blocks of 32
+    (max|x| / 127, round half to even), integer dot products (VNNI) with the codes; CPU."""
+    if _backend() == "ref":
+        return _ref().qlinear_a8_ref(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
+                                     in_features)
+    return torch.ops.hfquant.qlinear_a8(x, packed_weight, packed_scales, bias, bits, group_size, out_features,
+                                        in_features)
+
+
 @torch.library.register_fake("hfquant::qlinear_routed")
 def _qlinear_routed_fake(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size, out_features,
                          in_features):

@@ -148,6 +148,30 @@ def qlinear_ref(x, packed_weight, packed_scales, bias, bits: int, group_size: in
     return y.to(x.dtype)
 
 
+def quantize_act_blocks_ref(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x' float32 [..., K], q int8 [..., Kp], d float32 [..., Kp/block]): int8 per
+    block of ``block`` values (the last zero padded), d = max|x| / 127, q = round-half-even(x / d)."""
+    K = x.shape[-1]
+    xf = torch.nn.functional.pad(x.to(torch.float32), (0, (-K) % block))
+    v = xf.reshape(*xf.shape[:-1], -1, block)
+    d = v.abs().amax(-1) / 127.0
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.where(d[..., None] > 0, torch.round(v / safe[..., None]).clamp(-127, 127), torch.zeros_like(v))
+    xq = (q * d[..., None]).reshape(xf.shape)[..., :K]
+    return xq, q.to(torch.int8).reshape(xf.shape), d
+
+
+def qlinear_a8_ref(x, packed_weight, packed_scales, bias, bits: int, group_size: int, out_features: int,
+                   in_features: int) -> torch.Tensor:
+    """Twin of ``hfquant::qlinear_a8``: x quantized to int8 in blocks of 32, then the float64
+    product with the dequantized 4-bit weight."""
+    if bits != 4:
+        raise ValueError(f"hfquant::qlinear_a8: bits={bits} is not supported (4-bit weights only; use qlinear)")
+    xq = quantize_act_blocks_ref(x)[0]
+    return qlinear_ref(xq.to(torch.float64), packed_weight, packed_scales, bias, bits, group_size, out_features,
+                       in_features).to(x.dtype)
+
+
 def qlinear_routed_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: int, group_size: int,
                        out_features: int, in_features: int) -> torch.Tensor:
     """Twin of ``hfquant::qlinear_routed``: for each expert e present, ``qlinear_ref`` of its rows

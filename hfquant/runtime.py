@@ -120,6 +120,10 @@ class Settings:
     block_rows = Switch(int, None, "CPU qlinear: weight rows dequantized per GEMM call on the blocked path "
                         "(rounded down to a multiple of 4, at least 4).", minimum=1, none="about 16 MiB of rows",
                         native=("block_rows", "set_block_rows"))
+    int8_activations_min_m = Switch(int, None, "CPU weight-only 4-bit layers (QuantLinear): calls of at least "
+                                    "this many rows run with int8 activations in blocks of 32 (hfquant::qlinear_a8, "
+                                    "VNNI dot products); 1 includes decode.", minimum=1,
+                                    none="off: activations stay in their float dtype")
     qgemm = Switch(bool, True, "CPU qlinear: whether the register-blocked Gemm path may serve large M (False: "
                    "dequantize + ATen's GEMM).", native=("qgemm", "set_qgemm"))
     cuda_gemm_min_m = Switch(int, 65, "CUDA qlinear, bf16/fp16 x: smallest M that dequantizes the weight and "

@@ -29,4 +29,25 @@ void dispatch_float(at::ScalarType t, const char* op, const char* what, F&& f) {
   }
 }
 
+// Stores y[m][n] (+ bias[n]) converted to the output dtype.
+inline void store_out(const OutView& o, int64_t m, int64_t n, float v) {
+  if (o.bias) v += o.bias[n];
+  const int64_t i = m * o.ldy + n;
+  switch (o.dt) {
+    case DType::BF16: static_cast<c10::BFloat16*>(o.y)[i] = c10::BFloat16(v); break;
+    case DType::F16: static_cast<c10::Half*>(o.y)[i] = c10::Half(v); break;
+    default: static_cast<float*>(o.y)[i] = v;
+  }
+}
+
+// The geometry of a packed pair made by repack (qlinear.cpp checks it).
+struct PackedGeometry {
+  int64_t gs, G, Kp, T, U;
+};
+
+// Checks a packed pair made by repack for a [N, K] weight (the op named in the messages);
+// returns the layout's geometry.
+PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                            int64_t bits, int64_t group_size, int64_t N, int64_t K);
+
 }  // namespace hfquant::cpu

@@ -38,8 +38,9 @@ constexpr int64_t kMaxLength = int64_t(1) << 20;
 
 // In-place butterflies and scale of one float32 row of length p (a power of two); rows longer
 // than kSoaMax take this path (their stages are long, contiguous and vectorize as they are).
-inline __attribute__((always_inline)) void fwht_row_impl(float* v, int64_t p, float scale) {
-  for (int64_t h = 1; h < p; h *= 2) {
+// The stages at distances h0, 2 h0, ... p/2, then the scale (h0 = 1: the whole transform).
+inline __attribute__((always_inline)) void fwht_stages_impl(float* v, int64_t p, int64_t h0, float scale) {
+  for (int64_t h = h0; h < p; h *= 2) {
     for (int64_t i = 0; i < p; i += 2 * h) {
       float* a = v + i;
       float* b = v + i + h;
@@ -51,6 +52,10 @@ inline __attribute__((always_inline)) void fwht_row_impl(float* v, int64_t p, fl
     }
   }
   for (int64_t j = 0; j < p; ++j) v[j] *= scale;
+}
+
+inline __attribute__((always_inline)) void fwht_row_impl(float* v, int64_t p, float scale) {
+  fwht_stages_impl(v, p, 1, scale);
 }
 
 // Rows up to kSoaMax long go kLanes at a time through a transposed buffer v[p][kLanes] (element
@@ -99,15 +104,7 @@ __attribute__((target("avx2,fma,f16c"))) void fwht_row_avx2(float* v, int64_t p,
     x = _mm256_blend_ps(_mm256_add_ps(x, t), _mm256_sub_ps(t, x), 0xF0);
     _mm256_storeu_ps(v + i, x);
   }
-  for (int64_t h = 8; h < p; h *= 2)
-    for (int64_t i = 0; i < p; i += 2 * h)
-      for (int64_t j = i; j < i + h; j += 8) {
-        const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + h);
-        _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
-        _mm256_storeu_ps(v + j + h, _mm256_sub_ps(a, b));
-      }
-  const __m256 sc = _mm256_set1_ps(scale);
-  for (int64_t j = 0; j < p; j += 8) _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_loadu_ps(v + j), sc));
+  fwht_stages_impl(v, p, 8, scale);  // whole registers: the loops vectorize as they are
 }
 __attribute__((target("avx2,fma,f16c"))) void fwht_block_avx2(float* v, int64_t p, float scale) {
   fwht_block_impl(v, p, scale);
@@ -131,15 +128,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void
     x = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(x, t), _mm512_sub_ps(t, x));
     _mm512_storeu_ps(v + i, x);
   }
-  for (int64_t h = 16; h < p; h *= 2)
-    for (int64_t i = 0; i < p; i += 2 * h)
-      for (int64_t j = i; j < i + h; j += 16) {
-        const __m512 a = _mm512_loadu_ps(v + j), b = _mm512_loadu_ps(v + j + h);
-        _mm512_storeu_ps(v + j, _mm512_add_ps(a, b));
-        _mm512_storeu_ps(v + j + h, _mm512_sub_ps(a, b));
-      }
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < p; j += 16) _mm512_storeu_ps(v + j, _mm512_mul_ps(_mm512_loadu_ps(v + j), sc));
+  fwht_stages_impl(v, p, 16, scale);
 }
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void fwht_block_avx512(float* v,
                                                                                                     int64_t p,

@@ -271,12 +271,6 @@ uint8_t* scratch(int64_t bytes, at::Tensor& holder) {
 
 }  // namespace
 
-// Checks a packed pair made by repack for a [N, K] weight (the op named in the messages);
-// returns the layout's geometry.
-struct PackedGeometry {
-  int64_t gs, G, Kp, T, U;
-};
-
 PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
                             int64_t bits, int64_t group_size, int64_t N, int64_t K) {
   PackedGeometry g{};

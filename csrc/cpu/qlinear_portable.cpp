@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/aten_util.h"
 #include "cpu/qlinear.h"
 
 namespace hfquant::cpu {
@@ -30,15 +31,7 @@ inline float load_x(const void* x, DType xt, int64_t i) {
   }
 }
 
-inline void store_y(const OutView& o, int64_t m, int64_t n, float v) {
-  if (o.bias) v += o.bias[n];
-  const int64_t i = m * o.ldy + n;
-  switch (o.dt) {
-    case DType::BF16: static_cast<c10::BFloat16*>(o.y)[i] = c10::BFloat16(v); break;
-    case DType::F16: static_cast<c10::Half*>(o.y)[i] = c10::Half(v); break;
-    default: static_cast<float*>(o.y)[i] = v;
-  }
-}
+inline void store_y(const OutView& o, int64_t m, int64_t n, float v) { store_out(o, m, n, v); }
 
 }  // namespace
 

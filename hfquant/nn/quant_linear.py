@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import formats, ops
+from ..runtime import settings
 from ..formats.kernel_layouts import codes_from_packed, qweight_from_packed
 from ..formats.v1 import STREAM_BITS, num_groups, pack_bits, pack_int4, packed_columns, symmetric_zero, unpack_bits
 from .base import PackedLinear
@@ -150,6 +151,11 @@ class QuantLinear(PackedLinear):
         k = self._kernel()
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        min_m = settings.int8_activations_min_m
+        if (min_m is not None and self.kernel_bits == 4 and x.device.type == "cpu" and x.dim() > 0
+                and x.numel() >= min_m * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)):
+            return ops.qlinear_a8(x, k["packed_weight"], k["packed_scales"], self.bias, 4, self.group_size,
+                                  self.out_features, self.in_features)
         return ops.qlinear(x, k["packed_weight"], k["packed_scales"], self.bias, self.kernel_bits, self.group_size,
                            self.out_features, self.in_features)
 

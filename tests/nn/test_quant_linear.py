@@ -119,3 +119,34 @@ def test_weight_attribute_is_dequantized_copy():
     w = q.weight
     assert w.shape == (8, 64) and torch.equal(w, q.dequantize_weight())
     assert "weight" not in q.state_dict()
+
+
+def test_int8_activations_switch():
+    """hfquant.settings.int8_activations_min_m routes 4-bit layers' calls of at least that many
+    rows through hfquant::qlinear_a8 (int8 activations), smaller calls, 8-bit layers and calls
+    that need a gradient through qlinear."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    q4 = QuantLinear.from_float(lin, 4, 32, True)
+    q8 = QuantLinear.from_float(lin, 8, 32, True)
+    k = q4._kernel()
+    x1, x5 = torch.randn(1, 96), torch.randn(5, 96)
+    a8 = lambda x: hfquant.ops.qlinear_a8(x, k["packed_weight"], k["packed_scales"], q4.bias, 4, 32, 40, 96)  # noqa: E731
+    with torch.no_grad():
+        plain1, plain5 = q4(x1), q4(x5)
+        assert not torch.equal(a8(x5), plain5)  # int8 activations change the result
+        with hfquant.settings(int8_activations_min_m=4):
+            assert torch.equal(q4(x5), a8(x5)) and torch.equal(q4(x1), plain1)
+            k8 = q8._kernel()
+            assert torch.equal(q8(x5), hfquant.ops.qlinear(x5, k8["packed_weight"], k8["packed_scales"], q8.bias, 8,
+                                                           32, 40, 96))  # 8-bit: qlinear
+        with hfquant.settings(int8_activations_min_m=1):
+            assert torch.equal(q4(x1), a8(x1))
+    with hfquant.settings(int8_activations_min_m=1):
+        xg = x5.clone().requires_grad_()
+        y = q4(xg)  # a gradient is wanted: qlinear, which has one
+        torch.testing.assert_close(y.detach(), plain5)
+        y.sum().backward()
+        assert xg.grad is not None
+    with pytest.raises(ValueError, match="int8_activations_min_m"):
+        hfquant.settings.int8_activations_min_m = 0
