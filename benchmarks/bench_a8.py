@@ -4,9 +4,9 @@ process: what they cost in perplexity and what they gain in speed, on the defaul
 * perplexity of the default model at W4 g128 with the embedding and tied head at W8, with
   ``hfquant.settings.int8_activations_min_m`` None (weight-only) and 1 (every call with int8
   activations in blocks of 32), WikiText-2 validation (where defaults are chosen) and test;
-* the layers of one decoder block and the head, timed per call at M = 1 (decode) and M = 512
-  (prefill), weight-only (qlinear) vs int8 activations (qlinear_a8), cold: the calls rotate
-  through copies of the layers larger than the L3 cache; interleaved, medians;
+* the layers of one decoder block, timed per call at M = 1 (decode) and M = 512 (prefill),
+  weight-only (qlinear) vs int8 activations (qlinear_a8); at M = 1 cold: the calls rotate
+  through copies of the layer larger than twice the L3 cache (at most 512 MiB); medians;
 * the model end to end: decode tokens/s (greedy, 64 tokens after 32) and prefill of 512 tokens,
   each setting in turn per round, medians.
 
@@ -44,10 +44,11 @@ def layer_times(model, rounds: int, l3: int) -> dict[tuple[str, int, str], float
     for M in (1, 512):
         for name, mod in layers.items():
             k = mod._kernel()
-            copies = max(2, (2 * l3) // max(1, k["packed_weight"].numel()) + 1)
+            # M = 1 reads weights (cold: more than twice the L3, at most 512 MiB of copies); M = 512 computes
+            copies = 2 if M > 1 else max(2, min(2 * l3, 512 << 20) // max(1, k["packed_weight"].numel()) + 1)
             packs = [(k["packed_weight"].clone(), k["packed_scales"].clone()) for _ in range(copies)]
             x = torch.randn(M, mod.in_features)
-            for fn_name, fn in (("weight-only (qlinear)", ops.qlinear), ("int8 activations (qlinear_a8)", ops.qlinear_a8)):
+            for fn_name, fn in zip(SETTINGS, (ops.qlinear, ops.qlinear_a8)):
                 times = []
                 for _ in range(rounds):
                     t0 = time.perf_counter()
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "per row in blocks of 32, max|x| / 127, then integer dot products with the 4-bit codes); the W8 head "
         f"stays weight-only. Perplexity: WikiText-2 validation and test, {a.windows} windows of 512 tokens. "
         f"Decode: 64 greedy tokens after a 32-token prompt; prefill: one forward over 512 tokens; medians of "
-        f"{a.rounds} rounds, the settings in turn in each (one warm-up round). Layers: per call, cold (rotating "
-        f"through copies larger than twice the L3), medians of {a.rounds}. Load average before {load0}, after "
-        f"{load1}; {time.perf_counter() - t_start:.0f} s.", "",
+        f"{a.rounds} rounds, the settings in turn in each (one warm-up round). Layers: per call, at M = 1 cold "
+        f"(rotating through copies larger than twice the L3, at most 512 MiB), medians of {a.rounds}. Load "
+        f"average before {load0}, after {load1}; {time.perf_counter() - t_start:.0f} s.", "",
         model_table, "", layer_table])
     print(body)
     if a.write_docs:
