@@ -40,6 +40,10 @@ inline void store_out(const OutView& o, int64_t m, int64_t n, float v) {
   }
 }
 
+// A buffer of `bytes` for one op call's prepared activations: the calling thread's reused
+// scratch, or (above 8 MiB) a fresh tensor kept alive by `holder` (qlinear.cpp).
+uint8_t* scratch(int64_t bytes, at::Tensor& holder);
+
 // The geometry of a packed pair made by repack (qlinear.cpp checks it).
 struct PackedGeometry {
   int64_t gs, G, Kp, T, U;

@@ -254,9 +254,7 @@ std::tuple<at::Tensor, at::Tensor> repack_cpu(const at::Tensor& qweight, const a
   return {w, sb};
 }
 
-namespace {
-
-// Scratch for the prepared activations of the GEMV path: reused per calling thread so a
+// Scratch for prepared activations (the GEMV path, qlinear_a8): reused per calling thread so a
 // decode step allocates nothing; buffers above 8 MiB (large M * K) are not kept.
 uint8_t* scratch(int64_t bytes, at::Tensor& holder) {
   thread_local at::Tensor cache;
@@ -268,8 +266,6 @@ uint8_t* scratch(int64_t bytes, at::Tensor& holder) {
   if (!cache.defined() || cache.numel() < bytes) cache = at::empty({kKeep}, at::TensorOptions().dtype(at::kByte));
   return cache.data_ptr<uint8_t>();
 }
-
-}  // namespace
 
 PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
                             int64_t bits, int64_t group_size, int64_t N, int64_t K) {

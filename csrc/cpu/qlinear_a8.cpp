@@ -244,19 +244,22 @@ at::Tensor qlinear_a8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   const int64_t M = x2d.size(0);
   if (M == 0) return at::empty(out_sizes, x.options());
   const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
-  at::Tensor q = at::empty({M, geo.Kp}, x.options().dtype(at::kChar));
-  at::Tensor d = at::empty({M, geo.Kp / kBlock}, x.options().dtype(at::kFloat));
-  at::Tensor X = at::empty({M, geo.G}, x.options().dtype(at::kFloat));
+  // q int8 [M][Kp], d float [M][Kp/32], X float [M][G] in one scratch buffer (64-byte aligned parts)
+  const int64_t qbytes = round_up(M * geo.Kp, 64), dbytes = round_up(M * (geo.Kp / kBlock) * 4, 64);
+  at::Tensor holder;
+  uint8_t* buf = scratch(qbytes + dbytes + round_up(M * geo.G * 4, 64), holder);
+  int8_t* q = reinterpret_cast<int8_t*>(buf);
+  float* d = reinterpret_cast<float*>(buf + qbytes);
+  float* X = reinterpret_cast<float*>(buf + qbytes + dbytes);
   dispatch_float(x.scalar_type(), op, "x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_rows<T>(xk.data_ptr<T>(), xk.stride(0), M, K, geo.Kp, geo.gs, geo.G, q.data_ptr<int8_t>(),
-                     d.data_ptr<float>(), X.data_ptr<float>());
+    quantize_rows<T>(xk.data_ptr<T>(), xk.stride(0), M, K, geo.Kp, geo.gs, geo.G, q, d, X);
   });
   at::Tensor b32;
   if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
   at::Tensor y = at::empty({M, N}, x.options());
   const OutView o{y.data_ptr(), dtype_of(x.scalar_type()), N, bias ? b32.data_ptr<float>() : nullptr};
-  const A8 a{q.data_ptr<int8_t>(), d.data_ptr<float>(), X.data_ptr<float>(), M};
+  const A8 a{q, d, X, M};
   const A8Kernel kern = a8_kernel();
   // tasks of >= 8 tiles (32 rows), fewer when M is large
   const int64_t grain = std::max<int64_t>(1, 8 / std::max<int64_t>(1, M / 8));
