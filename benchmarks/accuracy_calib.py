@@ -12,7 +12,6 @@ share of RTN's gap a method recovers, size on disk and the quantize time.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-dir", type=Path, default=None, help="write the bits-per-layer plot of mixed configs here")
     p.add_argument("--title", default="Calibrated weight-only methods: GPTQ, AWQ")
     args = p.parse_args(argv)
-    command = "python benchmarks/accuracy_calib.py" + "".join(" " + shlex.quote(a) for a in
-                                                              (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

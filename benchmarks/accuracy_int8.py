@@ -12,7 +12,6 @@ start of the test split (disjoint).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
-    command = "python benchmarks/accuracy_int8.py" + "".join(" " + shlex.quote(a) for a in
-                                                             (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(model_dir)

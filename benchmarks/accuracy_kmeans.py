@@ -14,7 +14,6 @@ float32, as by default).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
-    command = "python benchmarks/accuracy_kmeans.py" + "".join(" " + shlex.quote(a) for a in
-                                                               (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
-    command = "python benchmarks/accuracy_qat.py" + "".join(" " + shlex.quote(a) for a in
-                                                            (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown:

@@ -13,7 +13,6 @@ validation split, test windows from the start of the test split.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
-    command = "python benchmarks/accuracy_rotation.py" + "".join(" " + shlex.quote(a) for a in
-                                                                 (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(data.default_model_dir("float32"))

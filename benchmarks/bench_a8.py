@@ -15,7 +15,6 @@ process: what they cost in perplexity and what they gain in speed, on the defaul
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -67,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     a = p.parse_args(argv)
-    command = "python benchmarks/bench_a8.py" + "".join(" " + shlex.quote(x) for x in
-                                                          (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
 
 
 def _time_generate(model, ids, n, cache_impl):
@@ -49,8 +52,7 @@ def main(argv=None):
                     help="quantize the token embedding and the tied lm_head too, with these bits (g128)")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = ap.parse_args(argv)
-    command = "python benchmarks/bench_compile.py" + "".join(
-        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,11 +116,8 @@ def main(argv=None):
     body = "\n".join(lines)
     print(body)
     if args.write_docs:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import common
-
         section = "compile-decode" + (f"-emb{args.embedding_bits}" if args.embedding_bits else "")
-        common.write_doc_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", section, body,
+        common.write_doc_section(HERE.parent / "docs" / "benchmarks.md", section, body,
                                  "# Benchmarks\n")
 
 

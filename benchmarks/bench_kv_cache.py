@@ -18,7 +18,6 @@ transformers' own quantized cache (optimum-quanto backend, when installed), in o
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -102,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     a.reps = a.reps or (2 if a.quick else 5)
     a.windows = a.windows or (2 if a.quick else 8)
     a.prompts = a.prompts or (2 if a.quick else 8)
-    command = "python benchmarks/bench_kv_cache.py" + "".join(" " + shlex.quote(x) for x in
-                                                              (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     md = str(data.default_model_dir("float32"))

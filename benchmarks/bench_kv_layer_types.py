@@ -23,7 +23,6 @@ script checks that first. Then, for each, against the float DynamicCache on the 
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -118,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     a.prompts = a.prompts or (2 if a.quick else 8)
     a.windows = a.windows or (2 if a.quick else 8)
     a.context = a.context or (2048 if a.quick else 8192)
-    command = "python benchmarks/bench_kv_layer_types.py" + "".join(
-        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     load_start = common.load_average()

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -684,8 +683,7 @@ def run(args: argparse.Namespace, command: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = ARGS if argv is None and "ARGS" in globals() else parse_args(argv)
-    command = "python benchmarks/bench_linear.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     return run(args, command)
 
 

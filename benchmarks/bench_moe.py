@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import statistics
 import sys
 import time
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     a = p.parse_args(argv)
-    command = "python benchmarks/bench_moe.py" + "".join(
-        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     load_start = common.load_average()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
-    command = "python benchmarks/choose_defaults.py" + "".join(" " + shlex.quote(a) for a in
-                                                               (sys.argv[1:] if argv is None else argv))
+    command = common.command_line(__file__, argv)
     if args.from_json:
         merged = list(merge_runs([json.loads(f.read_text()) for f in args.from_json]))
         merged[2] = merged[2] + [command]  # and the command that rendered them

@@ -9,7 +9,9 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +253,13 @@ def system_info(threads: int) -> dict[str, Any]:
     except Exception as exc:  # the benchmark still runs the torch peers without hfquant
         info["hfquant_error"] = f"{type(exc).__name__}: {exc}"
     return info
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run, as a section states it: ``python benchmarks/<script>``
+    with the arguments (``argv``, or the process's own when None), shell-quoted."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python benchmarks/{Path(script).name}" + "".join(" " + shlex.quote(a) for a in args)
 
 
 def load_average() -> str:

@@ -116,10 +116,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self.group_size = group_size
         self.residual_length = residual_length
         self.sliding_window = sliding_window
-        # rotated states spread a channel's outliers over the head: keys are then quantized per
-        # token (as values), without rotation per channel (KIVI)
         self.rotation = rotation
-        self.key_per_channel = rotation is None
         self._qlen = 0  # tokens in the quantized stores
         self._stores: dict[str, list[torch.Tensor]] = {}  # "k"/"v" -> [codes, scales, mins]
 
@@ -147,6 +144,12 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self._qlen = 0
         self._stores = {}
         self.is_initialized = True
+
+    @property
+    def key_per_channel(self) -> bool:
+        """Rotated states spread a channel's outliers over the head: keys are then quantized per
+        token (as values); without rotation per channel (KIVI)."""
+        return self.rotation is None
 
     def _layouts(self) -> tuple[tuple[str, bool], tuple[str, bool]]:
         """(store, quantized per channel over blocks of tokens?) for keys and values."""

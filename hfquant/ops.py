@@ -380,7 +380,7 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, inver
     """Fast Walsh-Hadamard transform of the last dimension p (a power of two), orthonormal:
     forward H (signs * x) / sqrt(p), inverse signs * (H x) / sqrt(p) (H the Sylvester matrix;
     signs float32 [p], normally random +-1, or None). Float32 arithmetic, x's dtype out. Other
-    sizes: hfquant.transforms.HadamardRotation."""
+    sizes: hfquant.algorithms.rotation.HadamardRotation."""
     if _backend() == "ref":
         return _ref().hadamard_transform_ref(x, signs, inverse)
     return torch.ops.hfquant.hadamard_transform(x, signs, inverse)

@@ -19,8 +19,7 @@ def check_fwht_args(op: str, x: Tensor, signs: Tensor | None) -> None:
     p = x.shape[-1]
     if p < 1 or p > 1 << 20 or p & (p - 1):
         raise ValueError(f"hfquant::{op}: the last dimension of x ({p}) must be a power of two between 1 and "
-                         f"{1 << 20} (other sizes: transform a power-of-two factor and mix the rest, see "
-                         "hfquant.ops.hadamard)")
+                         f"{1 << 20} (other sizes: hfquant.algorithms.rotation.HadamardRotation)")
     if signs is not None:
         if signs.device != x.device:
             raise ValueError(f"hfquant::{op}: signs is on {signs.device}, x on {x.device}")

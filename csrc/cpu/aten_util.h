@@ -54,4 +54,11 @@ struct PackedGeometry {
 PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
                             int64_t bits, int64_t group_size, int64_t N, int64_t K);
 
+// The argument checks of a linear op on that layout (qlinear, qlinear_a8): bits and group size,
+// the sizes, x (CPU, float, last dimension K; `device_hint` follows the device message), the
+// packed pair and the bias; returns the layout's geometry.
+PackedGeometry check_linear_call(const char* op, const at::Tensor& x, const at::Tensor& packed_weight,
+                                 const at::Tensor& packed_scales, const std::optional<at::Tensor>& bias, int64_t bits,
+                                 int64_t group_size, int64_t N, int64_t K, const char* device_hint);
+
 }  // namespace hfquant::cpu

@@ -36,9 +36,9 @@ namespace {
 
 constexpr int64_t kMaxLength = int64_t(1) << 20;
 
-// In-place butterflies and scale of one float32 row of length p (a power of two); rows longer
-// than kSoaMax take this path (their stages are long, contiguous and vectorize as they are).
-// The stages at distances h0, 2 h0, ... p/2, then the scale (h0 = 1: the whole transform).
+// In-place butterflies and scale of one float32 row of length p (a power of two): the stages at
+// distances h0, 2 h0, ... p/2, then the scale (h0 = 1: the whole transform). Rows longer than
+// the active path's block_max (below) take the row kernels built on it.
 inline __attribute__((always_inline)) void fwht_stages_impl(float* v, int64_t p, int64_t h0, float scale) {
   for (int64_t h = h0; h < p; h *= 2) {
     for (int64_t i = 0; i < p; i += 2 * h) {
@@ -158,15 +158,6 @@ Kernels kernels() {
   return {fwht_row_portable, fwht_block_portable, kSoaMax};
 }
 
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
-}
-template <typename T>
-inline T from_float(float v) {
-  return static_cast<T>(v);
-}
-
 // Walks the rows of a tensor (the leading dimensions in order, any strides): `offset` is the
 // current row's first element; `seek` positions it once per task, `next` steps without divisions.
 struct RowCursor {
@@ -205,7 +196,7 @@ void check_args(const char* op, const at::Tensor& x, const c10::optional<at::Ten
   const int64_t p = x.size(-1);
   TORCH_CHECK(p >= 1 && p <= kMaxLength && (p & (p - 1)) == 0, "hfquant::", op, ": the last dimension of x (",
               p, ") must be a power of two between 1 and ", kMaxLength,
-              " (other sizes: transform a power-of-two factor and mix the rest, see hfquant.ops.hadamard)");
+              " (other sizes: hfquant.algorithms.rotation.HadamardRotation)");
   if (signs.has_value()) {
     const at::Tensor& s = *signs;
     TORCH_CHECK(s.device() == x.device(), "hfquant::", op, ": signs is on ", s.device(), ", x on ", x.device());
@@ -230,15 +221,15 @@ void transform(const at::Tensor& src, const at::Tensor& dst, const c10::optional
     X* yp = dst.data_ptr<X>();
     auto load = [&](const X* in, float* to, int64_t stride) {  // to[j * stride] = (signs *) x[j]
       if (sp != nullptr && !inverse)
-        for (int64_t j = 0; j < p; ++j) to[j * stride] = to_float(in[j]) * sp[j];
+        for (int64_t j = 0; j < p; ++j) to[j * stride] = static_cast<float>(in[j]) * sp[j];
       else
-        for (int64_t j = 0; j < p; ++j) to[j * stride] = to_float(in[j]);
+        for (int64_t j = 0; j < p; ++j) to[j * stride] = static_cast<float>(in[j]);
     };
     auto store = [&](const float* from, X* out, int64_t stride) {
       if (sp != nullptr && inverse)
-        for (int64_t j = 0; j < p; ++j) out[j] = from_float<X>(from[j * stride] * sp[j]);
+        for (int64_t j = 0; j < p; ++j) out[j] = static_cast<X>(from[j * stride] * sp[j]);
       else
-        for (int64_t j = 0; j < p; ++j) out[j] = from_float<X>(from[j * stride]);
+        for (int64_t j = 0; j < p; ++j) out[j] = static_cast<X>(from[j * stride]);
     };
     if (p <= kern.block_max) {
       const int64_t blocks = (rows + kLanes - 1) / kLanes;

@@ -454,6 +454,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   return y.reshape(out_sizes);
 }
 
+i8::Path active_int8_path() { return int8_path(); }
+
 const char* int8_path_name() { return path_name(int8_path()); }
 
 void set_int8_path(const std::string& name) {

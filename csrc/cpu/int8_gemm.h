@@ -78,7 +78,8 @@ extern const RowFns kRowsPortable, kRowsAvx2, kRowsAvx512;
 }  // namespace hfquant::cpu::i8
 
 namespace hfquant::cpu {
-const char* int8_path_name();  // kernel path of the int8 GEMM under the active ISA
+i8::Path active_int8_path();    // kernel path of the int8 GEMM under the active ISA (or forced)
+const char* int8_path_name();  // its name
 // Forces an int8 kernel path ("auto" restores the choice from the active ISA); raises if
 // this CPU cannot run it.
 void set_int8_path(const std::string& name);

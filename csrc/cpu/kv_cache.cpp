@@ -323,12 +323,23 @@ void kv_append_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 namespace {
 
 // Writes the first `length` tokens of the stores into the first tokens of y [..., >= length, D];
-// with `signs` (float32 [D], D a power of two) each token is then transformed in place as
-// hfquant::hadamard_transform(..., signs, inverse=True) transforms it: signs * (H y) / sqrt(D).
+// with `rotation_signs` (float32 [D], D a power of two) each token is then transformed in place
+// as hfquant::hadamard_transform(..., signs, inverse=True) transforms it: signs * (H y) / sqrt(D).
 void dequantize_into(const char* op, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                      const at::Tensor& y, int64_t length, int64_t bits, int64_t group_size, bool per_channel,
-                     const float* signs = nullptr) {
+                     const at::Tensor* rotation_signs = nullptr) {
   const Stores s = check_stores(op, codes, scales, mins, bits, group_size, per_channel);
+  const float* signs = nullptr;
+  if (rotation_signs != nullptr) {
+    const at::Tensor& r = *rotation_signs;
+    TORCH_CHECK((s.D & (s.D - 1)) == 0, "hfquant::", op, ": head_dim=", s.D,
+                " is not a power of two (rotate other sizes with hfquant.algorithms.rotation.HadamardRotation)");
+    TORCH_CHECK(r.device().is_cpu(), "hfquant::", op, ": signs is on ", r.device(), " but this is the CPU kernel");
+    TORCH_CHECK(r.scalar_type() == at::kFloat && r.dim() == 1 && r.size(0) == s.D && r.is_contiguous(), "hfquant::",
+                op, ": signs must be a contiguous float32 vector of head_dim=", s.D, " values, got ", r.scalar_type(),
+                " ", r.sizes());
+    signs = r.data_ptr<float>();
+  }
   TORCH_CHECK(length >= 0 && length <= s.T, "hfquant::", op, ": length=", length, " is outside the stores' ", s.T,
               " tokens");
   const at::ScalarType dtype = y.scalar_type();
@@ -399,17 +410,7 @@ at::Tensor kv_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, 
 void kv_dequantize_rotated_into_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                                     const at::Tensor& out, int64_t length, int64_t bits, int64_t group_size,
                                     const at::Tensor& signs) {
-  const char* op = "kv_dequantize_rotated_into";
-  TORCH_CHECK(signs.device().is_cpu(), "hfquant::", op, ": signs is on ", signs.device(), " but this is the CPU kernel");
-  TORCH_CHECK(codes.dim() >= 2 && (bits == 2 || bits == 4 || bits == 8), "hfquant::", op,
-              ": codes must be [..., T, D*bits/8] and bits 2, 4 or 8, got ", codes.sizes(), ", bits=", bits);
-  const int64_t D = codes.size(-1) * 8 / bits;
-  TORCH_CHECK(D >= 1 && (D & (D - 1)) == 0, "hfquant::", op, ": head_dim=", D,
-              " is not a power of two (rotate other sizes with hfquant.algorithms.rotation.HadamardRotation)");
-  TORCH_CHECK(signs.scalar_type() == at::kFloat && signs.dim() == 1 && signs.size(0) == D && signs.is_contiguous(),
-              "hfquant::", op, ": signs must be a contiguous float32 vector of head_dim=", D, " values, got ",
-              signs.scalar_type(), " ", signs.sizes());
-  dequantize_into(op, codes, scales, mins, out, length, bits, group_size, false, signs.data_ptr<float>());
+  dequantize_into("kv_dequantize_rotated_into", codes, scales, mins, out, length, bits, group_size, false, &signs);
 }
 
 // The same into the first `length` tokens of `out` [..., >= length, D] (its dtype), in place.

@@ -296,27 +296,34 @@ PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, con
 // packed_scales: float32 [T, G, 2, 4]                                (from repack)
 // bias         : optional [N], any floating dtype
 // returns      : x.dtype [..., N]
+PackedGeometry check_linear_call(const char* op, const at::Tensor& x, const at::Tensor& packed_weight,
+                                 const at::Tensor& packed_scales, const std::optional<at::Tensor>& bias, int64_t bits,
+                                 int64_t group_size, int64_t N, int64_t K, const char* device_hint) {
+  check_bits_group(op, bits, group_size);
+  TORCH_CHECK(N > 0 && K > 0, "hfquant::", op, ": out_features=", N, " and in_features=", K, " must be positive");
+  TORCH_CHECK(x.device().is_cpu(), "hfquant::", op, ": x is on ", x.device(), " but this is the CPU kernel",
+              device_hint);
+  TORCH_CHECK(is_float(x.scalar_type()), "hfquant::", op, ": x must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::", op, ": x has last dimension ", x.dim() ? x.size(-1) : 0,
+              ", expected in_features=", K);
+  const PackedGeometry geo = check_packed(op, packed_weight, packed_scales, bits, group_size, N, K);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hfquant::", op, ": bias has shape ", bias->sizes(),
+                ", expected [", N, "]");
+    TORCH_CHECK(bias->is_floating_point() && bias->device().is_cpu(), "hfquant::", op,
+                ": bias must be a floating point CPU tensor");
+  }
+  return geo;
+}
+
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
                        const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
                        int64_t out_features, int64_t in_features) {
-  check_bits_group("qlinear", bits, group_size);
   const int64_t N = out_features, K = in_features;
-  TORCH_CHECK(N > 0 && K > 0, "hfquant::qlinear: out_features=", N, " and in_features=", K,
-              " must be positive");
-  TORCH_CHECK(x.device().is_cpu(), "hfquant::qlinear: x is on ", x.device(),
-              " but this is the CPU kernel (is the CUDA extension built?)");
-  TORCH_CHECK(is_float(x.scalar_type()),
-              "hfquant::qlinear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::qlinear: x has last dimension ",
-              x.dim() ? x.size(-1) : 0, ", expected in_features=", K);
-  const PackedGeometry geo = check_packed("qlinear", packed_weight, packed_scales, bits, group_size, N, K);
+  const PackedGeometry geo = check_linear_call("qlinear", x, packed_weight, packed_scales, bias, bits, group_size, N,
+                                               K, " (is the CUDA extension built?)");
   const int64_t gs = geo.gs, G = geo.G, Kp = geo.Kp, T = geo.T;
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hfquant::qlinear: bias has shape ", bias->sizes(),
-                ", expected [", N, "]");
-    TORCH_CHECK(bias->is_floating_point() && bias->device().is_cpu(),
-                "hfquant::qlinear: bias must be a floating point CPU tensor");
-  }
 
   PackedView p{packed_weight.data_ptr<uint8_t>(), packed_scales.data_ptr<float>(), bits, N, K, Kp, T, G, gs};
   auto out_sizes = x.sizes().vec();

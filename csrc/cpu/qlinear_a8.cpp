@@ -11,14 +11,14 @@
 // Kernels: AVX-512 VNNI (vpdpbusd: 64 codes x 64 int8 per instruction), AVX2 (vpmaddubsw +
 // vpmaddwd), portable C++; the int8 path setting (hfquant.settings.int8_path) chooses, as for
 // the int8 GEMM. Weights of 8 bits are refused (their codes do not fit the unsigned operand
-// with room to spare: use qlinear).
+// with room to spare: use qlinear). A block of x holding NaN or inf makes its row's outputs NaN.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <limits>
 
 #if defined(HFQUANT_X86)
 #include <immintrin.h>
@@ -57,8 +57,14 @@ void quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, in
       for (int64_t b = 0; b < B; ++b) {
         const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
         float amax = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xr[k])));
-        const float scale = amax / 127.0f;
+        bool finite = true;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = static_cast<float>(xr[k]);
+          finite = finite && std::isfinite(v);
+          amax = std::max(amax, std::fabs(v));
+        }
+        // a block holding NaN or inf gets a NaN scale (codes 0): its rows' outputs are NaN
+        const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
         int32_t sum = 0;
         for (int64_t k = k0; k < k0 + kBlock; ++k) {
           int32_t v = 0;
@@ -202,9 +208,12 @@ using A8Kernel = void (*)(const PackedView&, const A8&, const OutView&, int64_t,
 
 A8Kernel a8_kernel() {
 #if defined(HFQUANT_X86)
-  const char* path = int8_path_name();
-  if (std::strcmp(path, "avx512vnni") == 0) return a8_tiles<tile_vnni512>;
-  if (std::strcmp(path, "avx2") == 0 || std::strcmp(path, "avxvnni") == 0) return a8_tiles<tile_avx2>;
+  switch (active_int8_path()) {
+    case i8::Path::Vnni512: return a8_tiles<tile_vnni512>;
+    case i8::Path::AvxVnni:
+    case i8::Path::Avx2: return a8_tiles<tile_avx2>;
+    default: break;
+  }
 #endif
   return a8_tiles<tile_portable>;
 }
@@ -220,22 +229,8 @@ at::Tensor qlinear_a8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
                           int64_t out_features, int64_t in_features) {
   const char* op = "qlinear_a8";
   TORCH_CHECK(bits == 4, "hfquant::qlinear_a8: bits=", bits, " is not supported (4-bit weights only; use qlinear)");
-  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 32 == 0), "hfquant::qlinear_a8: group_size=",
-              group_size, " must be -1 (per channel) or a positive multiple of 32");
   const int64_t N = out_features, K = in_features;
-  TORCH_CHECK(N > 0 && K > 0, "hfquant::qlinear_a8: out_features=", N, " and in_features=", K, " must be positive");
-  TORCH_CHECK(x.device().is_cpu(), "hfquant::qlinear_a8: x is on ", x.device(), " but this is the CPU kernel");
-  TORCH_CHECK(is_float(x.scalar_type()), "hfquant::qlinear_a8: x must be float32, bfloat16 or float16, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "hfquant::qlinear_a8: x has last dimension ", x.dim() ? x.size(-1) : 0,
-              ", expected in_features=", K);
-  const PackedGeometry geo = check_packed(op, packed_weight, packed_scales, bits, group_size, N, K);
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hfquant::qlinear_a8: bias has shape ", bias->sizes(),
-                ", expected [", N, "]");
-    TORCH_CHECK(bias->is_floating_point() && bias->device().is_cpu(),
-                "hfquant::qlinear_a8: bias must be a floating point CPU tensor");
-  }
+  const PackedGeometry geo = check_linear_call(op, x, packed_weight, packed_scales, bias, bits, group_size, N, K, "");
   const PackedView p{packed_weight.data_ptr<uint8_t>(), packed_scales.data_ptr<float>(), bits, N, K,
                      geo.Kp, geo.T, geo.G, geo.gs};
   auto out_sizes = x.sizes().vec();

@@ -31,8 +31,6 @@ inline float load_x(const void* x, DType xt, int64_t i) {
   }
 }
 
-inline void store_y(const OutView& o, int64_t m, int64_t n, float v) { store_out(o, m, n, v); }
-
 }  // namespace
 
 void gemv_portable(const PackedView& p, const ActView& a, const OutView& o, int64_t t0, int64_t t1) {
@@ -54,7 +52,7 @@ void gemv_portable(const PackedView& p, const ActView& a, const OutView& o, int6
           const float s = sb[r];
           acc += s * dot - (sb[kNR + r] - off * s) * a.xs[m * p.G + g];
         }
-        store_y(o, m, n, acc);
+        store_out(o, m, n, acc);
       }
     }
   }

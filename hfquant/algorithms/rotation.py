@@ -120,10 +120,15 @@ def hadamard_matrix(n: int) -> Tensor:
     return h if m == 1 else torch.kron(_paley(m), h)
 
 
+def random_signs(n: int, generator: torch.Generator) -> Tensor:
+    """n random +-1 from ``generator``, float64."""
+    return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).double() * 2 - 1
+
+
 def random_hadamard(n: int, generator: torch.Generator) -> Tensor:
     """diag(s) H / sqrt(n), s random +-1 from ``generator``: orthonormal, float64 [n, n]."""
     h = hadamard_matrix(n)
-    s = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).double() * 2 - 1
+    s = random_signs(n, generator)
     return s[:, None] * h / n ** 0.5
 
 
@@ -147,8 +152,7 @@ class HadamardRotation:
                              f"one of {paley_orders()[:12]} ... are)")
         self.n, self.seed = n, seed
         self.m, self.p = split
-        g = torch.Generator().manual_seed(seed)
-        self.signs = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.float32)
+        self.signs = random_signs(n, torch.Generator().manual_seed(seed)).to(torch.float32)
         # the Paley factor, orthonormal: forward mixes rows of the [m, p] view with it
         self.mix = None if self.m == 1 else (hadamard_matrix(self.m) / self.m ** 0.5).to(torch.float32)
         if device is not None:

@@ -73,6 +73,21 @@ def test_activation_quantization_and_edges(i8path):
     assert torch.equal(xq[:32], torch.zeros(32))
 
 
+def test_nonfinite_rows_are_nan(i8path):
+    """A row of x holding NaN or inf gives NaN outputs, as the twin does (never finite garbage);
+    the other rows are unaffected."""
+    gen = torch.Generator().manual_seed(7)
+    N, K, gs = 12, 96, 32
+    w, sb = _pack(N, K, gs, False, gen)
+    x = torch.randn(3, K, generator=gen)
+    x[0, 5] = float("nan")
+    x[1, 70] = float("inf")
+    y = OPS.qlinear_a8(x, w, sb, None, 4, gs, N, K)
+    want = ref.qlinear_a8_ref(x, w, sb, None, 4, gs, N, K)
+    assert y[:2].isnan().all() and want[:2].isnan().all()
+    _check(y[2:], x[2:], w, sb, None, gs, N, K, torch.float32, "finite row")
+
+
 def test_fuzz(i8path):
     gen = torch.Generator().manual_seed(5)
     for _ in range(40):
