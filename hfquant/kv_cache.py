@@ -509,11 +509,16 @@ def quantized_cache(model) -> Cache | None:
     settings = kv_cache_settings(model)
     if settings is None:
         return None
-    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
     try:
-        if encoder_decoder:
-            return QuantizedKVCache.for_encoder_decoder(model.config, *settings)
-        return QuantizedKVCache(model.config, *settings)
+        return build_quantized_cache(model.config, settings)
     except ValueError as e:
         warn_unserved(model.config, settings[0], str(e))
         return None
+
+
+def build_quantized_cache(config, settings) -> Cache:
+    """The QuantizedKVCache (an EncoderDecoderCache around it for an encoder-decoder model) of
+    kv_cache_settings' ``settings``; raises ValueError for a model it cannot serve."""
+    if getattr(config, "is_encoder_decoder", False):
+        return QuantizedKVCache.for_encoder_decoder(config, *settings)
+    return QuantizedKVCache(config, *settings)

@@ -305,9 +305,13 @@ def _finish(model, config: HfQuantConfig) -> None:
     weight matrix left in float that the config did not exclude (warn_float_leftovers), and the
     load-time check of what the config asks of generate: a KV cache the model's layers can
     hold. One they cannot is a warning naming the model and layer type, never a failed load
-    (hfquant.quantized_cache(model) then gives None: generate uses its default cache). Nothing
-    is bound to the model: generate takes hfquant.quantized_cache(model)."""
+    (hfquant.quantized_cache(model) then gives None). generate, given no cache, takes the
+    model's hfquant cache (hfquant/generation.py: the QuantizedKVCache of kv_cache_bits, else
+    transformers' DynamicCache appending into preallocated buffers)."""
+    from .generation import bind_generate_cache
+
     warn_float_leftovers(model, config)
+    bind_generate_cache(model)
     if config.kv_cache_bits is not None and hasattr(model, "config"):
         from .kv_cache import kv_cache_problem, warn_unserved
 

@@ -124,6 +124,10 @@ class Settings:
                                     "this many rows run with int8 activations in blocks of 32 (hfquant::qlinear_a8, "
                                     "VNNI dot products); 1 includes decode.", minimum=1,
                                     none="off: activations stay in their float dtype")
+    generate_cache = Switch(str, "auto", "The cache generate gives a hfquant model when the caller passes none: "
+                            "'auto' is the QuantizedKVCache of the model's kv_cache_bits, else transformers' "
+                            "DynamicCache appending in place into preallocated buffers (hfquant/generation.py); "
+                            "'transformers' is transformers' own choice.", choices=("auto", "transformers"))
     qgemm = Switch(bool, True, "CPU qlinear: whether the register-blocked Gemm path may serve large M (False: "
                    "dequantize + ATen's GEMM).", native=("qgemm", "set_qgemm"))
     cuda_gemm_min_m = Switch(int, 65, "CUDA qlinear, bf16/fp16 x: smallest M that dequantizes the weight and "

@@ -148,8 +148,9 @@ def test_batch_with_padding(model, tokenizer, wikitext):
 
 
 def test_config_kv_cache_bits_used_by_generate_and_pipeline(model_dir, tokenizer, tmp_path, monkeypatch):
-    """The KV cache settings saved in the config reach generate and pipelines through
-    hfquant.quantized_cache(model), an explicit call (nothing is bound to the model)."""
+    """The KV cache settings saved in the config reach generate and pipelines: generate given
+    no cache makes one (hfquant/generation.py), hfquant.quantized_cache(model) makes one for
+    an explicit call, and a cache the caller passes is used as it is."""
     cfg = hfquant.HfQuantConfig(bits=8, group_size=-1, kv_cache_bits=4, kv_cache_group_size=32,
                                 kv_cache_residual_length=16, kv_cache_rotation=None)
     q = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
@@ -164,16 +165,18 @@ def test_config_kv_cache_bits_used_by_generate_and_pipeline(model_dir, tokenizer
 
     monkeypatch.setattr(QuantizedKVCache, "__init__", spy)
     ids = tokenizer("The capital of France is", return_tensors="pt")
-    again.generate(**ids, max_new_tokens=4, do_sample=False, cache=hfquant.quantized_cache(again))
+    explicit = again.generate(**ids, max_new_tokens=4, do_sample=False, cache=hfquant.quantized_cache(again))
     text = pipeline("text-generation", model=again, tokenizer=tokenizer)(
-        "The capital of France is", max_new_tokens=4, do_sample=False,
-        cache=hfquant.quantized_cache(again))[0]["generated_text"]
+        "The capital of France is", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert "Paris" in text
-    assert made and made[0] == (4, 32, 16, None) and made[1] == (4, 32, 16, None)
-    # nothing is bound: without the call generate uses transformers' own cache
+    assert made == [(4, 32, 16, None)] * 2
     made.clear()
-    again.generate(**ids, max_new_tokens=2)
+    assert torch.equal(again.generate(**ids, max_new_tokens=4, do_sample=False), explicit)
+    assert made == [(4, 32, 16, None)]
+    made.clear()
     again.generate(**ids, max_new_tokens=2, cache=DynamicCache(config=again.config))
+    with hfquant.settings(generate_cache="transformers"):
+        again.generate(**ids, max_new_tokens=2)
     assert not made
     assert "generate" not in vars(again) and "save_pretrained" not in vars(again)
     # a float model's config asks for no quantized cache
