@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 from hfquant import QuantizedKVCache, data  # noqa: E402
+from hfquant.attention import enable_rotated_attention  # noqa: E402
+from hfquant.generation import _preallocate  # noqa: E402
 from hfquant.evaluate import perplexity_with_cache  # noqa: E402
 
 DOC_INTRO = "# Benchmarks\n"
@@ -38,7 +40,8 @@ DOC_INTRO = "# Benchmarks\n"
 
 def kinds(config, residual: int) -> dict[str, callable]:
     """name -> factory of a fresh cache (None = transformers' DynamicCache)."""
-    out = {"fp (DynamicCache)": lambda: DynamicCache(config=config)}
+    out = {"fp (DynamicCache)": lambda: DynamicCache(config=config),
+           "fp (preallocated: generate's default)": lambda: _preallocate(DynamicCache(config=config), 0)}
     # the default rotation ("auto": rotated at 4 bits) and the other choice where it is informative
     for bits, g, rot in ((8, 64, "auto"), (4, 64, "auto"), (4, 64, None), (4, 32, "auto"), (2, 32, "auto"),
                          (2, 32, "hadamard"), (2, 16, "auto")):
@@ -62,8 +65,9 @@ def kinds(config, residual: int) -> dict[str, callable]:
 def cache_bytes(cache) -> int | None:
     if isinstance(cache, QuantizedKVCache):
         return cache.memory_bytes()
-    if isinstance(cache, DynamicCache) and type(cache) is DynamicCache:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+    if isinstance(cache, DynamicCache) and type(cache) is DynamicCache:  # the tokens held (not spare capacity)
+        return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                   for layer in cache.layers if layer.is_initialized)
     return None
 
 
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     md = str(data.default_model_dir("float32"))
     tok = AutoTokenizer.from_pretrained(md)
     model = AutoModelForCausalLM.from_pretrained(md).eval()
+    # as a hfquant model with kv_cache_bits runs: rotated caches are read as stored
+    assert enable_rotated_attention(model)
     text = data.wikitext_test()
     ks = kinds(model.config, a.residual)
 
@@ -181,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Default model (SmolLM2-135M, fp32 weights, 30 layers x 3 kv heads x head_dim 64); residual window "
         f"{a.residual} tokens for every quantized cache; rotated: keys and values rotated per head by a seeded "
         "randomized Hadamard matrix before quantization (keys then per token), unrotated: keys per channel; "
-        "(default): what QuantizedKVCache(config, bits) does. Perplexity: WikiText-2 test, {a.windows} windows of 512 "
+        "(default): what QuantizedKVCache(config, bits) does. The model runs hfquant's rotated attention (as a "
+        "hfquant model with kv_cache_bits does; hfquant/attention.py): rotated caches are read as stored, the query "
+        "and the attention output rotated instead. Preallocated: transformers' DynamicCache with hfquant's "
+        "PreallocatedLayer, what generate gives a hfquant model without kv_cache_bits. "
+        f"Perplexity: WikiText-2 test, {a.windows} windows of 512 "
         "tokens fed in chunks of 32 through the cache. Greedy agreement: 64 tokens after each of "
         f"{a.prompts} 384-token prompts spread over WikiText-2 test, against the fp cache (share of equal tokens, "
         "median position of the first different token, prompts with all 64 equal). Bytes/token: the cache's tensors (codes, fp16 scales and mins, residual "

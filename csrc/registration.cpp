@@ -81,6 +81,11 @@ TORCH_LIBRARY(hfquant, m) {
   // The same in place (the last dimension of x contiguous; leading dimensions may be strided).
   m.def("hadamard_transform_inplace(Tensor(a!) x, Tensor? signs, bool inverse=False) -> ()");
 
+  // --- fused decoder pieces (csrc/cpu/norm.cpp) ---
+  // RMSNorm of the last dimension D: y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), the
+  // mean and rsqrt in float32; y in the dtype torch promotes x and weight to; weight [D].
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+
   // --- weight clustering (method "kmeans"; csrc/cpu/lut_linear.cpp, layout in lut_linear.h) ---
   // Checkpoint tensors (qweight uint8 [N, ceil(K*bits/8)] bit-stream indices, codebook
   // [N, G, 2^bits]) -> (packed indices uint8 [N, Kp/2], one nibble per index; packed

@@ -54,6 +54,7 @@ except ImportError:  # older transformers: only the linear-attention / hybrid / 
 
 from . import ops
 from .algorithms.rotation import HadamardRotation, hadamard_factorization
+from .attention import ROTATED_SDPA, ROTATION_ATTR, uses_rotated_attention
 
 logger = logging.getLogger("hfquant")
 
@@ -117,6 +118,9 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self.residual_length = residual_length
         self.sliding_window = sliding_window
         self.rotation = rotation
+        # with a rotation: hand the states to attention as stored, rotated (the model runs
+        # hfquant.attention.ROTATED_SDPA, which rotates the query and the output instead)
+        self.rotated_reads = False
         self._qlen = 0  # tokens in the quantized stores
         self._stores: dict[str, list[torch.Tensor]] = {}  # "k"/"v" -> [codes, scales, mins]
 
@@ -190,7 +194,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         out = torch.empty(*like.shape[:-2], total, like.shape[-1], dtype=like.dtype, device=like.device)
         if self._qlen:
             c, s, m = self._stores[key]
-            rot = self.rotation
+            rot = None if self.rotated_reads else self.rotation
             if rot is not None and rot.mix is None:  # 2^k: rotated back in the dequantizer's pass
                 ops.kv_dequantize_rotated_into(c, s, m, out, self._qlen, self.bits, self.group_size,
                                                rot.signs.to(out.device))
@@ -204,6 +208,8 @@ class QuantizedKVLayer(BaseQuantizedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.rotated_reads:  # the window and the returned states are rotated too
+            key_states, value_states = self.rotation.forward(key_states), self.rotation.forward(value_states)
         t = key_states.shape[-2]
         past = self.cumulative_length
         self.cumulative_length += t
@@ -233,7 +239,7 @@ class QuantizedKVLayer(BaseQuantizedLayer):
             for (key, per_channel), src in zip(self._layouts(), (keys, values)):
                 c, s, m = self._stores[key]
                 block = src[..., first:q + flush, :]
-                if self.rotation is not None:
+                if self.rotation is not None and not self.rotated_reads:
                     block = self.rotation.forward(block)
                 ops.kv_append(block, c, s, m, kept, self.bits, g, per_channel)
         self._qlen = kept + max(n, 0)
@@ -242,7 +248,10 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         self.values = values[..., q + flush:, :].clone()
         if self.sliding_window is not None:
             visible = min(past, self.sliding_window - 1) + t
-            return keys[..., total - visible:, :], values[..., total - visible:, :]
+            keys, values = keys[..., total - visible:, :], values[..., total - visible:, :]
+        if self.rotated_reads:
+            setattr(keys, ROTATION_ATTR, self.rotation)
+            setattr(values, ROTATION_ATTR, self.rotation)
         return keys, values
 
     def _drop_front(self, n: int) -> None:
@@ -421,7 +430,9 @@ class QuantizedKVCache(Cache):
             None (default): the largest of 64, 32, 16, 8 dividing head_dim.
         residual_length: newest tokens kept in full precision (flushed in whole groups).
         rotation: "hadamard": keys and values are rotated per head by a seeded randomized
-            Hadamard matrix before they are quantized (and back when read: exact in float),
+            Hadamard matrix before they are quantized (and back when read: exact in float;
+            a model running hfquant.attention.ROTATED_SDPA, as a hfquant model with
+            kv_cache_bits does, reads them rotated and rotates its query and output instead),
             which spreads outlier channels; keys are then quantized per token. None: no
             rotation, keys per channel. "auto" (default): "hadamard" at 4 bits where head_dim
             has a Hadamard size (2^k, or 2^k times a Paley order), None otherwise (at 2 bits
@@ -444,6 +455,12 @@ class QuantizedKVCache(Cache):
         self.rotation = rotation
         rot = HadamardRotation(head_dim, seed=0) if rotation == "hadamard" else None
         super().__init__(layers=[_make_layer(t, kw, bits, group_size, residual_length, rot) for t, kw in plan])
+        # a model running hfquant's rotated attention reads the rotated states as stored
+        self._attn_config = _text_config(config)
+        self.rotated_reads = rot is not None and uses_rotated_attention(self._attn_config)
+        for layer in self.layers:
+            if isinstance(layer, QuantizedKVLayer):
+                layer.rotated_reads = self.rotated_reads
         # an encoder-decoder model given this cache alone would append its cross-attention
         # keys/values to the self-attention layers: refused unless for_encoder_decoder made it
         self._encoder_decoder = _model_type(config) if getattr(config, "is_encoder_decoder", False) else None
@@ -462,6 +479,10 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"QuantizedKVCache: a {self._encoder_decoder} model is an encoder-decoder: pass "
                              "hfquant.quantized_cache(model) or QuantizedKVCache.for_encoder_decoder(config, ...) "
                              "(an EncoderDecoderCache), not a QuantizedKVCache alone")
+        if self.rotated_reads and not uses_rotated_attention(self._attn_config):
+            raise ValueError(f"QuantizedKVCache: this cache hands rotated states to {ROTATED_SDPA} attention, but "
+                             f"the model now runs {getattr(self._attn_config, '_attn_implementation', None)!r}: "
+                             "make a new cache after changing the attention implementation")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def memory_bytes(self, allocated: bool = False) -> int:
@@ -491,6 +512,11 @@ def kv_cache_problem(config, bits, group_size, residual_length, rotation="auto")
     except ValueError as e:
         return str(e)
     return None
+
+
+def kv_cache_rotates(config, bits, group_size, residual_length, rotation="auto") -> bool:
+    """Whether a QuantizedKVCache with these settings (that can serve the model) rotates its states."""
+    return QuantizedKVCache(config, bits, group_size, residual_length, rotation).rotation == "hadamard"
 
 
 def warn_unserved(config, bits, why: str) -> None:

@@ -394,6 +394,37 @@ def hadamard_transform_inplace(x: torch.Tensor, signs: torch.Tensor | None = Non
     torch.ops.hfquant.hadamard_transform_inplace(x, signs, inverse)
 
 
+# --- fused decoder pieces ----------------------------------------------------------------------
+@torch.library.register_fake("hfquant::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    torch._check(x.dim() >= 1, lambda: "hfquant::rms_norm: x must have at least one dimension, got a scalar")
+    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+                 lambda: f"hfquant::rms_norm: weight must be a vector of {x.shape[-1]} values (the last dimension "
+                         f"of x), got shape {list(weight.shape)}")
+    for name, t in (("x", x), ("weight", weight)):
+        torch._check(t.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                     lambda: f"hfquant::rms_norm: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def _rms_norm_composite(x, weight, eps):
+    """Devices without a native kernel (CUDA for now): the torch formula."""
+    return _transforms.rms_norm(x, weight, eps)
+
+
+torch.library.register_kernel("hfquant::rms_norm", "cuda", _rms_norm_composite)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dimension D as Llama-family decoders compute it: ``weight * (x *
+    rsqrt(mean(x^2) + eps)).to(x.dtype)``, the mean and rsqrt in float32; x float32/bfloat16/
+    float16 [..., D], weight [D]; the result in the dtype torch promotes x and weight to. No
+    autograd (inference; hfquant.fusion keeps the module's own forward where gradients flow)."""
+    if _backend() == "ref":
+        return _ref().rms_norm_ref(x, weight, eps)
+    return torch.ops.hfquant.rms_norm(x, weight, eps)
+
+
 def kv_dequantize_rotated_into(codes, scales, mins, out: torch.Tensor, length: int, bits: int, group_size: int,
                                signs: torch.Tensor) -> None:
     """``kv_dequantize_into`` of per-token stores holding rotated states, each token rotated back

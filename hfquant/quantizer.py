@@ -307,18 +307,27 @@ def _finish(model, config: HfQuantConfig) -> None:
     hold. One they cannot is a warning naming the model and layer type, never a failed load
     (hfquant.quantized_cache(model) then gives None). generate, given no cache, takes the
     model's hfquant cache (hfquant/generation.py: the QuantizedKVCache of kv_cache_bits, else
-    transformers' DynamicCache appending into preallocated buffers)."""
+    transformers' DynamicCache appending into preallocated buffers; a rotated one is read in
+    its rotated space by the model's attention, hfquant/attention.py), and RMSNorm modules
+    run as one op at inference (hfquant/fusion.py)."""
+    from .fusion import fuse_norms
     from .generation import bind_generate_cache
 
     warn_float_leftovers(model, config)
     bind_generate_cache(model)
+    fuse_norms(model)
     if config.kv_cache_bits is not None and hasattr(model, "config"):
-        from .kv_cache import kv_cache_problem, warn_unserved
+        from .attention import enable_rotated_attention
+        from .kv_cache import kv_cache_problem, kv_cache_rotates, warn_unserved
 
-        why = kv_cache_problem(model.config, config.kv_cache_bits, config.kv_cache_group_size,
-                               config.kv_cache_residual_length, config.kv_cache_rotation)
+        kv = (model.config, config.kv_cache_bits, config.kv_cache_group_size, config.kv_cache_residual_length,
+              config.kv_cache_rotation)
+        why = kv_cache_problem(*kv)
         if why:
             warn_unserved(model.config, config.kv_cache_bits, why)
+        elif kv_cache_rotates(*kv):
+            # attention reads the rotated cache as stored (hfquant/attention.py)
+            enable_rotated_attention(model)
 
 
 def _warn_buffers_not_offloaded(model) -> None:

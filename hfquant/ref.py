@@ -16,7 +16,7 @@ from .formats.kernel_layouts import (CUDA_ROW_PAD, CUDA_SEG_BYTES, I8_CUDA_PAD, 
                                      qweight_from_packed, round_up)
 from .formats.kernel_layouts import dequantize_packed as dequantize_packed_ref  # noqa: F401
 from .formats.v1 import unpack_int4
-from .transforms import fwht
+from .transforms import fwht, rms_norm
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, asymmetric: bool) -> torch.Tensor:
@@ -408,6 +408,11 @@ def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: in
 def hadamard_transform_ref(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
     """Twin of hfquant::hadamard_transform: the butterflies in torch (bit for bit in float32)."""
     return fwht(x, signs, inverse)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Twin of hfquant::rms_norm: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), float32 inside."""
+    return rms_norm(x, weight, eps)
 
 
 def lut_repack_ref(qweight: torch.Tensor, codebook: torch.Tensor, bits: int, group_size: int, in_features: int):

@@ -128,6 +128,9 @@ class Settings:
                             "'auto' is the QuantizedKVCache of the model's kv_cache_bits, else transformers' "
                             "DynamicCache appending in place into preallocated buffers (hfquant/generation.py); "
                             "'transformers' is transformers' own choice.", choices=("auto", "transformers"))
+    fused_ops = Switch(bool, True, "hfquant models on the CPU: RMSNorm modules whose forward was checked to "
+                       "compute Llama's formula run hfquant::rms_norm at inference (hfquant/fusion.py); False: "
+                       "their own forward.")
     qgemm = Switch(bool, True, "CPU qlinear: whether the register-blocked Gemm path may serve large M (False: "
                    "dequantize + ATen's GEMM).", native=("qgemm", "set_qgemm"))
     cuda_gemm_min_m = Switch(int, 65, "CUDA qlinear, bf16/fp16 x: smallest M that dequantizes the weight and "

@@ -1,4 +1,5 @@
-"""The fast Walsh-Hadamard transform in torch.
+"""Pure-torch forms of hfquant's elementwise transforms: the fast Walsh-Hadamard transform
+and RMSNorm.
 
 ``fwht`` is the pure-torch form of ``hfquant::hadamard_transform`` (the same float32 operations
 in the same order as the CPU kernel, so the two agree bit for bit): it serves devices without a
@@ -49,3 +50,12 @@ def fwht(x: Tensor, signs: Tensor | None = None, inverse: bool = False) -> Tenso
     if signs is not None and inverse:
         v = v * signs
     return v.to(x.dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The RMSNorm of Llama-family decoders, as their modules compute it:
+    ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with the mean and rsqrt in float32
+    (the pure-torch form of ``hfquant::rms_norm``)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

@@ -37,6 +37,7 @@ SAMPLES = {
     "block_rows": [1, 64, None],
     "int8_activations_min_m": [1, 512, None],
     "generate_cache": ["transformers", "auto"],
+    "fused_ops": [False, True],
     "qgemm": [False, True],
     "cuda_gemm_min_m": [0, 1 << 30, 65],
     "cuda_skinny_max_m": [64, 16, 0],
@@ -69,7 +70,7 @@ def test_switch_list_and_defaults():
     assert list(Settings.switches()) == list(SAMPLES)
     assert Settings.defaults() == {"backend": "native", "isa": "auto", "int8_path": "auto", "gemv_max_m": None,
                                    "gemm_min_m": None, "block_rows": None, "int8_activations_min_m": None, "generate_cache": "auto",
-                                   "qgemm": True, "cuda_gemm_min_m": 65,
+                                   "fused_ops": True, "qgemm": True, "cuda_gemm_min_m": 65,
                                    "cuda_skinny_max_m": 0, "cuda_skinny_segs": 0, "cuda_int8_lt": False}
     for name, switch in Settings.switches().items():
         assert switch.env == "HFQUANT_" + name.upper()

@@ -201,3 +201,30 @@ def test_sliding_model_served():
                        head_dim=32, intermediate_size=128, vocab_size=100, sliding_window=64)
     cache = QuantizedKVCache(cfg, bits=4, group_size=32)
     assert [layer.sliding_window for layer in cache.layers] == [64, None]
+
+
+def test_kv_cache_bits_4_reads_rotated_states(model_dir, prompt):
+    """A hfquant model whose config asks for the rotated int4 cache runs hfquant's rotated
+    attention: generate's default cache hands the states as stored (no transform of the whole
+    store per step) and the generation is the one of rotating the store back, on the real
+    model and text, to float rounding."""
+    from hfquant.attention import ROTATED_SDPA
+
+    q = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(
+        bits=8, group_size=-1, kv_cache_bits=4)).eval()
+    assert q.config._attn_implementation == ROTATED_SDPA
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    out = q.generate(prompt, **kw)
+    assert isinstance(out.cache, QuantizedKVCache) and out.cache.rotated_reads
+    q.set_attn_implementation("sdpa")
+    back = QuantizedKVCache(q.config, bits=4)
+    ref = q.generate(prompt, cache=back, **kw)
+    assert not back.rotated_reads and back.layers[0]._qlen == out.cache.layers[0]._qlen > 0
+    assert torch.equal(out.sequences, ref.sequences)
+    a, b = torch.stack(ref.logits), torch.stack(out.logits)
+    assert ((a - b).norm() / a.norm()).item() < 1e-4
+    # at 8 bits the cache does not rotate: the model keeps transformers' sdpa
+    q8 = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(
+        bits=8, group_size=-1, kv_cache_bits=8))
+    assert q8.config._attn_implementation == "sdpa"

@@ -86,6 +86,50 @@ def test_int8_cache_matches_fp_cache(name):
                 assert layer.stored_tokens() <= _bound(layer) and layer.get_max_length() == WINDOW
 
 
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "phi3_head_dim_96"])
+def test_rotated_reads_match_rotating_back(name):
+    """A model running hfquant's rotated attention gets the rotated cache's states as stored
+    (the query and the output rotated instead of every stored token): the same generation as
+    rotating the cache back, to float rounding, on every layer layout (sliding, hybrid, ...)."""
+    from hfquant.attention import ROTATED_SDPA, enable_rotated_attention
+
+    make, _ = CONFIGS[name]
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(make()).eval()
+    ids = torch.randint(3, 256, (1, 100))
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=0)
+    back = QuantizedKVCache(model.config, bits=4, residual_length=8, rotation="hadamard")
+    ref = model.generate(ids, cache=back, **kw)
+    assert not back.rotated_reads
+    if model.config._attn_implementation != "sdpa":  # gpt-oss runs eager attention (sinks): left as it is
+        assert not enable_rotated_attention(model) and model.config._attn_implementation == "eager"
+        assert not QuantizedKVCache(model.config, bits=4, rotation="hadamard").rotated_reads
+        return
+    assert enable_rotated_attention(model) and model.config._attn_implementation == ROTATED_SDPA
+    cache = QuantizedKVCache(model.config, bits=4, residual_length=8, rotation="hadamard")
+    assert cache.rotated_reads
+    out = model.generate(ids, cache=cache, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    a, b = torch.stack(ref.logits), torch.stack(out.logits)
+    assert ((a - b).norm() / a.norm()).item() < 1e-4
+    for layer in cache.layers:
+        if isinstance(layer, QuantizedKVLayer):
+            assert layer.rotated_reads and layer._qlen > 0
+    # an unrotated cache through the rotated attention is plain sdpa
+    plain = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    model.set_attn_implementation("sdpa")
+    again = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+    assert torch.equal(plain.sequences, again.sequences)
+    assert torch.equal(torch.stack(plain.logits), torch.stack(again.logits))
+    # a cache made for the rotated attention refuses a model switched away from it
+    with pytest.raises(ValueError) as e:
+        model.generate(ids, cache=cache, max_new_tokens=2)
+    assert str(e.value) == ("QuantizedKVCache: this cache hands rotated states to hfquant_rotated_sdpa attention, "
+                            "but the model now runs 'sdpa': make a new cache after changing the attention "
+                            "implementation")
+
+
 def _feed(layers, chunks, D=16, heads=2, seed=0):
     """Feeds the same random keys/values in chunks to each layer; yields (t, past, outputs)."""
     g = torch.Generator().manual_seed(seed)
