@@ -8,7 +8,9 @@ token per step, where rotating the cache back costs a transform of every stored 
 step (0.84x decode at 8k tokens of context, docs/benchmarks.md).
 
 ``ROTATED_SDPA`` is transformers' sdpa attention with that wrapper, registered in its
-AttentionInterface (and sdpa's mask function under the same name). The cache hands rotated
+AttentionInterface (and sdpa's mask function under the same name) when the first model is
+switched to it (``enable_rotated_attention``; a hfquant model whose ``kv_cache_bits`` cache
+rotates is switched at load). The cache hands rotated
 keys and values (each carrying its rotation as ``_hfquant_rotation``) only to a model whose
 config names this implementation; any other tensor passes through unchanged.
 """
@@ -39,8 +41,11 @@ def rotated_sdpa_attention_forward(module, query, key, value, attention_mask, **
     return out, weights
 
 
-AttentionInterface.register(ROTATED_SDPA, rotated_sdpa_attention_forward)
-AttentionMaskInterface.register(ROTATED_SDPA, sdpa_mask)
+def _register() -> None:
+    """Registers ROTATED_SDPA with transformers (once; at the first model that runs it, so that
+    importing hfquant changes nothing in transformers)."""
+    AttentionInterface.register(ROTATED_SDPA, rotated_sdpa_attention_forward)
+    AttentionMaskInterface.register(ROTATED_SDPA, sdpa_mask)
 
 
 def uses_rotated_attention(config) -> bool:
@@ -58,6 +63,7 @@ def enable_rotated_attention(model) -> bool:
         return True
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
+    _register()
     try:
         model.set_attn_implementation(ROTATED_SDPA)
     except (ValueError, ImportError, AttributeError) as e:  # a model class that refuses custom attention
