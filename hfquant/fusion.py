@@ -4,8 +4,9 @@ A decode step of a small model is mostly dispatch: a Llama-family RMSNorm module
 ATen calls from Python per token, twice per layer. ``fuse_norms`` gives each norm module whose
 class computes ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` (checked numerically on
 the module itself, per class, in the model's dtype and in float32, before anything changes) a
-forward running ``hfquant::rms_norm``: one call. Classes computing anything else (Gemma's
-``1 + weight``, norms with a bias, LayerNorm) fail the check and keep their forward.
+forward running ``hfquant::rms_norm``: one call, bit for bit the same result. Classes computing
+anything else, even in another order (Gemma's ``1 + weight``, norms with a bias, LayerNorm),
+fail the check and keep their forward.
 
 The fused forward is an instance attribute: the class, the parameters and the state dict
 are untouched. It runs the module's own forward where that is needed: when gradients flow
@@ -41,8 +42,8 @@ def _norm_parts(module: nn.Module) -> tuple[torch.Tensor, float] | None:
 
 
 def _computes_rms_norm(module: nn.Module, weight: torch.Tensor, eps: float) -> bool:
-    """Whether the module's own forward gives hfquant::rms_norm's result (to rounding) on
-    seeded inputs in the weight's dtype and in float32."""
+    """Whether the module's own forward gives hfquant::rms_norm's result, bit for bit, on seeded
+    inputs in the weight's dtype and in float32."""
     gen = torch.Generator().manual_seed(0)
     d = weight.shape[0]
     try:
@@ -54,8 +55,7 @@ def _computes_rms_norm(module: nn.Module, weight: torch.Tensor, eps: float) -> b
                 got = ops.rms_norm(x, weight, eps)
                 if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype:
                     return False
-                tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-                if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 1e-2):
+                if not torch.equal(got, want):  # the op is the formula bit for bit: anything else differs
                     return False
     except Exception:  # a forward that does not take one tensor is not a plain norm
         return False

@@ -2,11 +2,12 @@
 // own forward is seven ATen calls, each dispatched from Python, per norm and token).
 //   x [..., D] float32 / bfloat16 / float16, any strides; weight [D] float32 / bfloat16 / float16;
 //   eps >= 0 -> y [..., D] contiguous, in the dtype torch promotes x and weight to, with
-//   r = 1 / sqrt(sum_k x[k]^2 / D + eps)      (float32)
-//   h = x * r, rounded to x's dtype
+//   v = mean_k x[k]^2                          (float32: ATen's own pow and mean, so the sum's
+//                                               order, and every bit, is the module's)
+//   h = x * (1 / sqrt(v + eps)), rounded to x's dtype
 //   y = weight * h                            (a float32 product rounded to y's dtype)
-// which is what `weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)`
-// gives, up to the order of the float32 sum of squares (16 running sums here).
+// which is `weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)` bit for
+// bit: the elementwise steps are the same IEEE operations in the same order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,10 +21,8 @@ namespace hfquant::cpu {
 
 namespace {
 
-constexpr int kSums = 16;
-
 template <typename X, typename W, typename Y>
-void rms_rows(const X* x, const W* w, Y* y, int64_t rows, int64_t D, float eps) {
+void rms_rows(const X* x, const float* var, const W* w, Y* y, int64_t rows, int64_t D, float eps) {
   std::vector<float> wf(D);
   for (int64_t k = 0; k < D; ++k) wf[k] = static_cast<float>(w[k]);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(D, 1));
@@ -31,20 +30,7 @@ void rms_rows(const X* x, const W* w, Y* y, int64_t rows, int64_t D, float eps) 
     for (int64_t r = r0; r < r1; ++r) {
       const X* xr = x + r * D;
       Y* yr = y + r * D;
-      float acc[kSums] = {};
-      int64_t k = 0;
-      for (; k + kSums <= D; k += kSums)
-        for (int j = 0; j < kSums; ++j) {
-          const float v = static_cast<float>(xr[k + j]);
-          acc[j] += v * v;
-        }
-      for (int j = 0; k < D; ++k, ++j) {
-        const float v = static_cast<float>(xr[k]);
-        acc[j] += v * v;
-      }
-      float sum = 0.0f;
-      for (int j = 0; j < kSums; ++j) sum += acc[j];
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(D) + eps);
+      const float inv = 1.0f / std::sqrt(var[r] + eps);
       for (int64_t j = 0; j < D; ++j) {
         const X h = static_cast<X>(static_cast<float>(xr[j]) * inv);
         yr[j] = static_cast<Y>(wf[j] * static_cast<float>(h));
@@ -69,13 +55,17 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(), weight.scalar_type())));
   const int64_t rows = D ? x.numel() / D : 0;
   if (rows == 0) return y;
+  // the mean of squares by ATen's own kernels, as the module computes it
+  const at::Tensor xf = xc.scalar_type() == at::kFloat ? xc : xc.to(at::kFloat);
+  const at::Tensor var = at::mean(at::pow(xf, 2), {-1}, /*keepdim=*/true).contiguous();
   dispatch_float(x.scalar_type(), "rms_norm", "x", [&](auto* xt) {
     using X = std::remove_pointer_t<decltype(xt)>;
     dispatch_float(weight.scalar_type(), "rms_norm", "weight", [&](auto* wt) {
       using W = std::remove_pointer_t<decltype(wt)>;
       dispatch_float(y.scalar_type(), "rms_norm", "y", [&](auto* yt) {
         using Y = std::remove_pointer_t<decltype(yt)>;
-        rms_rows<X, W, Y>(xc.data_ptr<X>(), wc.data_ptr<W>(), y.data_ptr<Y>(), rows, D, static_cast<float>(eps));
+        rms_rows<X, W, Y>(xc.data_ptr<X>(), var.data_ptr<float>(), wc.data_ptr<W>(), y.data_ptr<Y>(), rows, D,
+                          static_cast<float>(eps));
       });
     });
   });
