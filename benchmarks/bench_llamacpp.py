@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -192,9 +193,11 @@ CMAKE_OPTIONS = [
 ]
 
 
-def build(llama: Path, work: Path, commit: str, jobs: int, log: Path) -> Path:
-    """Builds the TARGETS once into work/build; returns the folder of the binaries."""
-    bindir = work / "build" / "bin"
+def build(llama: Path, work: Path, commit: str, jobs: int, log: Path, extra: list[str]) -> Path:
+    """Builds the TARGETS once into work/build (work/build-<hash> for extra CMake options);
+    returns the folder of the binaries."""
+    folder = work / ("build" if not extra else "build-" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:10])
+    bindir = folder / "bin"
     if all((bindir / t).is_file() for t in TARGETS):
         return bindir
     cmake = shutil.which("cmake")
@@ -205,9 +208,9 @@ def build(llama: Path, work: Path, commit: str, jobs: int, log: Path) -> Path:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     print(f"building llama.cpp {commit[:12]} ({', '.join(TARGETS)}), log in {log}", flush=True)
     t0 = time.perf_counter()
-    run_logged([cmake, "-S", llama, "-B", work / "build", *gen, *CMAKE_OPTIONS, f"-DLLAMA_BUILD_COMMIT={commit[:7]}"],
-               log, "cmake configure of llama.cpp", capture=False)
-    run_logged([cmake, "--build", work / "build", "--target", *TARGETS, "-j", jobs], log, "cmake build of llama.cpp",
+    run_logged([cmake, "-S", llama, "-B", folder, *gen, *CMAKE_OPTIONS, *extra,
+                f"-DLLAMA_BUILD_COMMIT={commit[:7]}"], log, "cmake configure of llama.cpp", capture=False)
+    run_logged([cmake, "--build", folder, "--target", *TARGETS, "-j", jobs], log, "cmake build of llama.cpp",
                capture=False)
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     return bindir
@@ -362,7 +365,8 @@ def render(res: dict) -> str:
         "## Side by side with llama.cpp (`benchmarks/bench_llamacpp.py`)", "",
         f"Command: `{res['command']}`", "",
         f"{header_line(res['info'])}. llama.cpp {l['commit'][:12]} as vendored by llama-cpp-python {l['version']} "
-        f"(its sdist on the package index), built by the script with CMake (Release, GGML_NATIVE=ON, static; "
+        f"(its sdist on the package index), built by the script with CMake (Release, GGML_NATIVE=ON, static"
+        f"{''.join(', ' + o for o in l.get('cmake_extra', []))}; "
         f"backends: {l['backends']}); llama-bench names the CPU \"{l['cpu_info']}\". Load average (1 min) "
         f"{res['load_start']:.2f} at the start, {res['load_end']:.2f} at the end; {res['date'][:10]}; "
         f"{res['minutes']:.0f} min in all.", "",
@@ -403,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{LLAMA_CPP_PYTHON}")
     ap.add_argument("--work", type=Path, default=None,
                     help="build and GGUF folder; default <hfquant cache>/llamacpp-<version>")
+    ap.add_argument("--cmake-arg", action="append", default=[],
+                    help="an extra CMake option for llama.cpp's build (repeatable), after the script's own, e.g. "
+                    "-DGGML_NATIVE=OFF with explicit -DGGML_AVX512=ON ... where the native build fails on a CPU; "
+                    "each set of options builds into its own folder")
     ap.add_argument("--write-docs", action="store_true", help="write the section 'llamacpp' of --docs")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--json", type=Path, default=None, help="write every sample and setting to this file")
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder {work}; every command's output goes to {log}", flush=True)
     llama = llamacpp_sources(src, work, log)
     commit = llamacpp_commit(llama)
-    bindir = build(llama, work, commit, a.threads, work / "build.log")
+    bindir = build(llama, work, commit, a.threads, work / "build.log", a.cmake_arg)
     model_dir = data.default_model_dir("float32")
     ggufs = make_ggufs(llama, bindir, model_dir, work, [t for t in LLAMA_TYPES if t in configs], a.threads, log)
     text = data.text_path("wiki.test.raw")
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
            "settings": dict({k: getattr(a, k) for k in ("threads", "rounds", "prompt_tokens", "decode_tokens",
                                                          "ppl_windows")}, configs=configs),
            "info": system_info(a.threads),
-           "llamacpp": {"version": version, "commit": commit, **llama_facts,
+           "llamacpp": {"version": version, "commit": commit, **llama_facts, "cmake_extra": a.cmake_arg,
                         "tensor_types": {t: tensor_types(f) for t, f in ggufs.items()}},
            "results": results}
     body = render(res)

@@ -116,6 +116,17 @@ def _generate(model, ids, **kw):
                           output_logits=True, **kw)
 
 
+def _both(model, ids, n, **kw):
+    """n greedy tokens with transformers' cache and with the one hfquant gives: (ref, out)."""
+    with hfquant.settings(generate_cache="transformers"):
+        ref = _generate(model, ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    return ref, _generate(model, ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+
+def _w8(cls, path):
+    return cls.from_pretrained(path, quantization_config=hfquant.HfQuantConfig(bits=8, group_size=-1)).eval()
+
+
 def _check_same(a, b):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.logits, b.logits):
@@ -133,19 +144,13 @@ def test_generate_uses_preallocated_layers_and_matches(tiny_w4):
     model = tiny_w4
     assert generate_cache_bound(model)
     ids = torch.randint(3, 256, (2, 21))
-    kw = dict(max_new_tokens=30, min_new_tokens=30)
-    with hfquant.settings(generate_cache="transformers"):
-        ref = _generate(model, ids, **kw)
+    ref, out = _both(model, ids, 30)
     assert all(type(layer) is DynamicLayer for layer in ref.cache.layers)
-    out = _generate(model, ids, **kw)
     assert type(out.cache) is DynamicCache and all(isinstance(layer, PreallocatedLayer) for layer in out.cache.layers)
     # room for generate's whole length (the last token is never cached), allocated once
     assert out.cache.layers[0]._buffers[0].shape[-2] == 21 + 30 - 1
     _check_same(ref, out)
-    # beam search reorders the layers every step
-    with hfquant.settings(generate_cache="transformers"):
-        ref = _generate(model, ids, num_beams=3, **kw)
-    _check_same(ref, _generate(model, ids, num_beams=3, **kw))
+    _check_same(*_both(model, ids, 30, num_beams=3))  # beam search reorders the layers every step
 
 
 def test_generate_leaves_callers_choices_alone(tiny_w4):
@@ -189,12 +194,7 @@ SLIDING = {
 def test_sliding_layers_stay_transformers_own(tmp_path, name):
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(SLIDING[name]()).save_pretrained(tmp_path)
-    model = T.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(
-        bits=8, group_size=-1)).eval()
-    ids = torch.randint(3, 256, (1, 30))
-    with hfquant.settings(generate_cache="transformers"):
-        ref = _generate(model, ids, max_new_tokens=20, min_new_tokens=20)
-    out = _generate(model, ids, max_new_tokens=20, min_new_tokens=20)
+    ref, out = _both(_w8(T.AutoModelForCausalLM, tmp_path), torch.randint(3, 256, (1, 30)), 20)
     kinds = [type(layer) for layer in out.cache.layers]
     assert kinds == [PreallocatedLayer if type(r) is DynamicLayer else DynamicSlidingWindowLayer
                      for r in ref.cache.layers]
@@ -207,12 +207,7 @@ def test_encoder_decoder_self_attention_preallocated(tmp_path):
                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     T.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path)
-    model = T.T5ForConditionalGeneration.from_pretrained(tmp_path, quantization_config=hfquant.HfQuantConfig(
-        bits=8, group_size=-1)).eval()
-    ids = torch.randint(3, 256, (1, 17))
-    with hfquant.settings(generate_cache="transformers"):
-        ref = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
-    out = _generate(model, ids, max_new_tokens=12, min_new_tokens=12)
+    ref, out = _both(_w8(T.T5ForConditionalGeneration, tmp_path), torch.randint(3, 256, (1, 17)), 12)
     assert isinstance(out.cache, EncoderDecoderCache)
     assert all(isinstance(layer, PreallocatedLayer) for layer in out.cache.self_attention_cache.layers)
     assert all(type(layer) is DynamicLayer for layer in out.cache.cross_attention_cache.layers)
@@ -227,9 +222,6 @@ def test_default_model_same_tokens_and_logits(model_dir, tokenizer, wikitext):
     """Real weights and text: W4 g128 default model, 320-token prompt, 24 greedy tokens."""
     model = T.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(
         bits=4, group_size=128)).eval()
-    ids = tokenizer(wikitext[:8000], return_tensors="pt").input_ids[:, :320]
-    with hfquant.settings(generate_cache="transformers"):
-        ref = _generate(model, ids, max_new_tokens=24, min_new_tokens=24)
-    out = _generate(model, ids, max_new_tokens=24, min_new_tokens=24)
+    ref, out = _both(model, tokenizer(wikitext[:8000], return_tensors="pt").input_ids[:, :320], 24)
     assert isinstance(out.cache.layers[0], PreallocatedLayer)
     _check_same(ref, out)

@@ -62,14 +62,19 @@ def _bound(layer) -> int:
     return layer.sliding_window + layer.residual_length + layer.group_size
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_int8_cache_matches_fp_cache(name):
-    make, kinds = CONFIGS[name]
+def _tiny(name):
+    """(a random model of CONFIGS[name], a 100-token prompt, generate's arguments for 30 greedy tokens)."""
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(make()).eval()
-    ids = torch.randint(3, 256, (1, 100))
+    model = T.AutoModelForCausalLM.from_config(CONFIGS[name][0]()).eval()
     kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True,
               output_logits=True, pad_token_id=0)
+    return model, torch.randint(3, 256, (1, 100)), kw
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_int8_cache_matches_fp_cache(name):
+    kinds = CONFIGS[name][1]
+    model, ids, kw = _tiny(name)
     ref = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
     cache = QuantizedKVCache(model.config, bits=8, residual_length=8)
     out = model.generate(ids, cache=cache, **kw)
@@ -93,12 +98,7 @@ def test_rotated_reads_match_rotating_back(name):
     rotating the cache back, to float rounding, on every layer layout (sliding, hybrid, ...)."""
     from hfquant.attention import ROTATED_SDPA, enable_rotated_attention
 
-    make, _ = CONFIGS[name]
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(make()).eval()
-    ids = torch.randint(3, 256, (1, 100))
-    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True,
-              output_logits=True, pad_token_id=0)
+    model, ids, kw = _tiny(name)
     back = QuantizedKVCache(model.config, bits=4, residual_length=8, rotation="hadamard")
     ref = model.generate(ids, cache=back, **kw)
     assert not back.rotated_reads
