@@ -5,7 +5,8 @@ by an orthonormal R (hfquant.algorithms.rotation.HadamardRotation). Since (Rq).(
 softmax(...) (V R^T) = (softmax(...) V) R^T, attention can run on the rotated states as they
 are stored if the query is rotated first and the output rotated back: two transforms of one
 token per step, where rotating the cache back costs a transform of every stored token every
-step (0.84x decode at 8k tokens of context, docs/benchmarks.md).
+step (measured 0.84x of the unrotated cache's decode at 8k tokens of context that way, 0.94x
+this way: docs/benchmarks.md, kv-cache).
 
 ``ROTATED_SDPA`` is transformers' sdpa attention with that wrapper, registered in its
 AttentionInterface (and sdpa's mask function under the same name) when the first model is

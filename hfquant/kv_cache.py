@@ -15,7 +15,10 @@ codes move, nothing is requantized).
 With ``rotation="hadamard"`` (the default at 4 bits) the tokens are rotated per head by a
 seeded randomized Hadamard matrix (``hfquant::hadamard_transform``) before they are quantized,
 keys then per token like values, and rotated back after dequantization: exact in float, it
-spreads the outlier channels of keys over the head.
+spreads the outlier channels of keys over the head. A model running hfquant's rotated attention
+(hfquant/attention.py; a hfquant model whose kv_cache_bits cache rotates does) reads them as
+stored instead: the window is rotated too, and the query and the output are rotated in place of
+the whole store.
 
 The cache has one layer per decoder layer, of the kind transformers' DynamicCache builds for
 the config's ``layer_types``: full attention; sliding (and chunked) attention, whose store
