@@ -50,7 +50,7 @@ class PreallocatedLayer(DynamicLayer):
         if self._buffers is None:
             return False
         for held, buf, new in zip((self.keys, self.values), self._buffers, (key_states, value_states)):
-            if (held.data_ptr() != buf.data_ptr() or held.dim() != buf.dim() or held.stride() != buf.stride()
+            if (held.data_ptr() != buf.data_ptr() or held.stride() != buf.stride()
                     or held.shape[:-2] != buf.shape[:-2] or held.shape[-1] != buf.shape[-1]
                     or new.shape[:-2] != buf.shape[:-2] or new.shape[-1] != buf.shape[-1]
                     or new.dtype != buf.dtype or new.device != buf.device):
@@ -129,13 +129,12 @@ def bind_generate_cache(model) -> bool:
     if original is None or not hasattr(model, "generate"):
         return False
     try:
-        params = inspect.signature(original).parameters
+        signature = inspect.signature(original)
     except (TypeError, ValueError):
         return False
-    if any(name not in params for name in _NEEDED):
+    if any(name not in signature.parameters for name in _NEEDED):
         logger.debug("hfquant: generate keeps transformers' cache (unknown %s signature)", _PREPARE)
         return False
-    signature = inspect.signature(original)
 
     def prepare(self, *args, **kwargs):
         result = original(self, *args, **kwargs)

@@ -508,20 +508,6 @@ def kv_cache_settings(model) -> tuple[int, int | None, int, str | None] | None:
             get("kv_cache_rotation", "auto"))
 
 
-def kv_cache_problem(config, bits, group_size, residual_length, rotation="auto") -> str | None:
-    """Why a QuantizedKVCache with these settings cannot serve a model of this config, or None."""
-    try:
-        QuantizedKVCache(config, bits, group_size, residual_length, rotation)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def kv_cache_rotates(config, bits, group_size, residual_length, rotation="auto") -> bool:
-    """Whether a QuantizedKVCache with these settings (that can serve the model) rotates its states."""
-    return QuantizedKVCache(config, bits, group_size, residual_length, rotation).rotation == "hadamard"
-
-
 def warn_unserved(config, bits, why: str) -> None:
     logger.warning("hfquant: kv_cache_bits=%s is not used for this %s model, generate keeps transformers' default "
                    "cache: %s", bits, _model_type(config), why)

@@ -318,16 +318,17 @@ def _finish(model, config: HfQuantConfig) -> None:
     fuse_norms(model)
     if config.kv_cache_bits is not None and hasattr(model, "config"):
         from .attention import enable_rotated_attention
-        from .kv_cache import kv_cache_problem, kv_cache_rotates, warn_unserved
+        from .kv_cache import QuantizedKVCache, warn_unserved
 
-        kv = (model.config, config.kv_cache_bits, config.kv_cache_group_size, config.kv_cache_residual_length,
-              config.kv_cache_rotation)
-        why = kv_cache_problem(*kv)
-        if why:
-            warn_unserved(model.config, config.kv_cache_bits, why)
-        elif kv_cache_rotates(*kv):
-            # attention reads the rotated cache as stored (hfquant/attention.py)
-            enable_rotated_attention(model)
+        try:  # one cache of these settings says whether the model can use it and whether it rotates
+            cache = QuantizedKVCache(model.config, config.kv_cache_bits, config.kv_cache_group_size,
+                                     config.kv_cache_residual_length, config.kv_cache_rotation)
+        except ValueError as e:
+            warn_unserved(model.config, config.kv_cache_bits, str(e))
+        else:
+            if cache.rotation == "hadamard":
+                # attention reads the rotated cache as stored (hfquant/attention.py)
+                enable_rotated_attention(model)
 
 
 def _warn_buffers_not_offloaded(model) -> None:
