@@ -18,7 +18,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
+#include <utility>
 
 #if defined(HFQUANT_X86)
 #include <immintrin.h>
@@ -43,90 +46,143 @@ struct A8 {
   int64_t M;
 };
 
+// Row m of x quantized (quantize_rows below): block b of 32 values (zero padded past K) gets
+// d = max|x| / 127 and codes q = round-half-even(x / d) clamped to +-127 (0 when d is 0 or NaN).
+template <typename T>
+void quantize_row_portable(const T* xr, int64_t K, int64_t Kp, int64_t gs, int64_t G, int8_t* qr, float* dr,
+                           float* Xr) {
+  std::fill(Xr, Xr + G, 0.0f);
+  for (int64_t b = 0; b < Kp / kBlock; ++b) {
+    const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float v = static_cast<float>(xr[k]);
+      finite = finite && std::isfinite(v);
+      amax = std::max(amax, std::fabs(v));
+    }
+    // a block holding NaN or inf gets a NaN scale (codes 0): its rows' outputs are NaN
+    const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    int32_t sum = 0;
+    for (int64_t k = k0; k < k0 + kBlock; ++k) {
+      int32_t v = 0;
+      if (k < k1 && scale > 0.0f) {
+        const float r = std::nearbyint(static_cast<float>(xr[k]) / scale);
+        v = static_cast<int32_t>(std::min(127.0f, std::max(-127.0f, r)));
+      }
+      qr[k] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    dr[b] = scale;
+    Xr[k0 / gs] += scale * static_cast<float>(sum);
+  }
+}
+
+#if defined(HFQUANT_X86)
+// The same with AVX-512 (F/BW/DQ): the same IEEE division and round-half-even per value, so the
+// codes and scales are bit for bit those of the portable loop.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void quantize_row_avx512(
+    const T* xr, int64_t K, int64_t Kp, int64_t gs, int64_t G, int8_t* qr, float* dr, float* Xr) {
+  std::fill(Xr, Xr + G, 0.0f);
+  const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < Kp / kBlock; ++b) {
+    const int64_t k0 = b * kBlock;
+    __m512 v[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = std::clamp<int64_t>(K - (k0 + 16 * h), 0, 16);
+      const __mmask16 m = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+      if constexpr (std::is_same_v<T, float>) {
+        v[h] = _mm512_maskz_loadu_ps(m, xr + k0 + 16 * h);
+      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        const __m256i raw = _mm256_maskz_loadu_epi16(m, xr + k0 + 16 * h);
+        v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      } else {
+        v[h] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, xr + k0 + 16 * h));
+      }
+    }
+    // NaN (quiet or signalling) or +-inf anywhere in the block
+    const bool finite = (_mm512_fpclass_ps_mask(v[0], 0x99) | _mm512_fpclass_ps_mask(v[1], 0x99)) == 0;
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v[0], absmask), _mm512_and_ps(v[1], absmask)));
+    const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    int32_t sum = 0;
+    if (scale > 0.0f) {
+      const __m512 sv = _mm512_set1_ps(scale);
+      __m512i c[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v[h], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c[h] = _mm512_cvtps_epi32(_mm512_min_ps(lim, _mm512_max_ps(nlim, r)));
+      }
+      sum = _mm512_reduce_add_epi32(_mm512_add_epi32(c[0], c[1]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k0), _mm512_cvtepi32_epi8(c[0]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + k0 + 16), _mm512_cvtepi32_epi8(c[1]));
+    } else {
+      std::memset(qr + k0, 0, kBlock);
+    }
+    dr[b] = scale;
+    Xr[k0 / gs] += scale * static_cast<float>(sum);
+  }
+}
+#endif
+
 template <typename T>
 void quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int64_t gs, int64_t G, int8_t* q,
-                   float* d, float* X) {
+                   float* d, float* X, bool avx512) {
   const int64_t B = Kp / kBlock;
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / Kp), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const T* xr = x + m * ldx;
-      int8_t* qr = q + m * Kp;
-      float* dr = d + m * B;
-      float* Xr = X + m * G;
-      std::fill(Xr, Xr + G, 0.0f);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
-        float amax = 0.0f;
-        bool finite = true;
-        for (int64_t k = k0; k < k1; ++k) {
-          const float v = static_cast<float>(xr[k]);
-          finite = finite && std::isfinite(v);
-          amax = std::max(amax, std::fabs(v));
-        }
-        // a block holding NaN or inf gets a NaN scale (codes 0): its rows' outputs are NaN
-        const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-        int32_t sum = 0;
-        for (int64_t k = k0; k < k0 + kBlock; ++k) {
-          int32_t v = 0;
-          if (k < k1 && scale > 0.0f) {
-            const float r = std::nearbyint(static_cast<float>(xr[k]) / scale);
-            v = static_cast<int32_t>(std::min(127.0f, std::max(-127.0f, r)));
-          }
-          qr[k] = static_cast<int8_t>(v);
-          sum += v;
-        }
-        dr[b] = scale;
-        Xr[k0 / gs] += scale * static_cast<float>(sum);
+#if defined(HFQUANT_X86)
+      if (avx512) {
+        quantize_row_avx512<T>(x + m * ldx, K, Kp, gs, G, q + m * Kp, d + m * B, X + m * G);
+        continue;
       }
+#endif
+      quantize_row_portable<T>(x + m * ldx, K, Kp, gs, G, q + m * Kp, d + m * B, X + m * G);
     }
   });
 }
 
-// One tile (4 weight rows) against one activation row: out[r] = y of row r without bias.
-// wt: the tile's units, sb: its scales [G][2][4], q/d/X: the row's codes, block scales, group sums.
-struct TileRow {
+// One tile (4 weight rows) against rows [m0, m0 + MB) of x; out[j][r] = y[m0 + j][4t + r] without
+// bias. wt: the tile's units, sb: its scales [G][2][4]; the rows' codes, block scales and group
+// sums are read from A8 at row m. Every kernel computes a row by the same sequence of float
+// operations whatever MB it runs under, so a row's outputs do not depend on the rows beside it.
+struct Tile {
   const uint8_t* wt;
   const float* sb;
-  const int8_t* q;
-  const float* d;
-  const float* X;
-  int64_t U, G, upg;
+  int64_t Kp, U, G, upg;
 };
-using TileRowFn = void (*)(const TileRow& w, float* out);
 
-// y[m][4t + r] for tiles [t0, t1): a tile's units are read once per row m of x (they stay in L1).
-template <TileRowFn F>
-void a8_tiles(const PackedView& p, const A8& a, const OutView& o, int64_t t0, int64_t t1) {
-  const int64_t U = p.Kp / kBlock;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t m = 0; m < a.M; ++m) {
-      const TileRow w{p.w + t * U * 64, p.sb + t * p.G * 2 * kNR, a.q + m * p.Kp, a.d + m * U, a.X + m * p.G,
-                      U, p.G, p.gs / kBlock};
-      alignas(16) float out[kNR];
-      F(w, out);
-      for (int64_t r = 0; r < kNR && 4 * t + r < p.N; ++r) store_out(o, m, 4 * t + r, out[r]);
-    }
-  }
-}
+inline const int8_t* q_at(const A8& a, const Tile& w, int64_t m) { return a.q + m * w.Kp; }
+inline const float* d_at(const A8& a, const Tile& w, int64_t m) { return a.d + m * w.U; }
+inline const float* X_at(const A8& a, const Tile& w, int64_t m) { return a.X + m * w.G; }
 
-void tile_portable(const TileRow& w, float* out) {
-  for (int64_t r = 0; r < kNR; ++r) {
-    float acc = 0.0f;
-    for (int64_t g = 0; g < w.G; ++g) {
-      const float s = w.sb[g * 2 * kNR + r], zs = w.sb[g * 2 * kNR + kNR + r] - 128.0f * s;
-      float gacc = 0.0f;
-      for (int64_t u = g * w.upg; u < std::min(w.U, (g + 1) * w.upg); ++u) {
-        const uint8_t* wr = w.wt + u * 64 + r * 16;
-        const int8_t* qu = w.q + u * kBlock;
-        int32_t dot = 0;
-        for (int b = 0; b < 16; ++b) dot += int32_t(wr[b] & 15) * qu[b] + int32_t(wr[b] >> 4) * qu[16 + b];
-        gacc += w.d[u] * static_cast<float>(dot);
+struct PortableRows {
+  static constexpr int kMaxRows = 1;
+  template <int MB>
+  static void run(const Tile& w, const A8& a, int64_t m0, float (*out)[kNR]) {
+    for (int j = 0; j < MB; ++j) {
+      const int8_t* q = q_at(a, w, m0 + j);
+      const float *d = d_at(a, w, m0 + j), *X = X_at(a, w, m0 + j);
+      for (int64_t r = 0; r < kNR; ++r) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < w.G; ++g) {
+          const float s = w.sb[g * 2 * kNR + r], zs = w.sb[g * 2 * kNR + kNR + r] - 128.0f * s;
+          float gacc = 0.0f;
+          for (int64_t u = g * w.upg; u < std::min(w.U, (g + 1) * w.upg); ++u) {
+            const uint8_t* wr = w.wt + u * 64 + r * 16;
+            const int8_t* qu = q + u * kBlock;
+            int32_t dot = 0;
+            for (int b = 0; b < 16; ++b) dot += int32_t(wr[b] & 15) * qu[b] + int32_t(wr[b] >> 4) * qu[16 + b];
+            gacc += d[u] * static_cast<float>(dot);
+          }
+          acc += s * gacc - zs * X[g];
+        }
+        out[j][r] = acc;
       }
-      acc += s * gacc - zs * w.X[g];
     }
-    out[r] = acc;
   }
-}
+};
 
 #if defined(HFQUANT_X86)
 #define HQ_A8_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
@@ -143,79 +199,149 @@ __attribute__((target("avx2,fma"))) inline __m128 group_corr(const float* sg, fl
   return _mm_fmadd_ps(zs4, _mm_set1_ps(X), corr);
 }
 
-HQ_A8_AVX512 void tile_vnni512(const TileRow& w, float* out) {
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  __m512 acc = _mm512_setzero_ps();
-  __m128 corr = _mm_setzero_ps();
-  for (int64_t g = 0; g < w.G; ++g) {
-    __m512 gacc = _mm512_setzero_ps();
-    const int64_t u1 = std::min(w.U, (g + 1) * w.upg);
-    for (int64_t u = g * w.upg; u < u1; ++u) {
-      const __m512i v = _mm512_loadu_si512(w.wt + u * 64);
-      const __m512i lo = _mm512_and_si512(v, nib);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-      const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + u * kBlock)));
-      const __m512i xh =
-          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + u * kBlock + 16)));
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
-      gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(w.d[u]), gacc);
+// AVX-512 VNNI: a unit's 64 bytes are split into nibbles once and meet the 32 codes of each of
+// the MB rows in two vpdpbusd; MB independent accumulator chains.
+struct Vnni512Rows {
+  static constexpr int kMaxRows = 8;
+  template <int MB>
+  HQ_A8_AVX512 static void run(const Tile& w, const A8& a, int64_t m0, float (*out)[kNR]) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const int8_t* q[MB];
+    const float* d[MB];
+    __m512 acc[MB];
+    __m128 corr[MB];
+    for (int j = 0; j < MB; ++j) {
+      q[j] = q_at(a, w, m0 + j);
+      d[j] = d_at(a, w, m0 + j);
+      acc[j] = _mm512_setzero_ps();
+      corr[j] = _mm_setzero_ps();
     }
-    acc = _mm512_fmadd_ps(gacc, expand_rows512(w.sb + g * 2 * kNR), acc);
-    corr = group_corr(w.sb + g * 2 * kNR, w.X[g], corr);
-  }
-  // row r = the sum of the 4 floats of 128-bit lane r
-  const __m128 a0 = _mm512_castps512_ps128(acc), a1 = _mm512_extractf32x4_ps(acc, 1);
-  const __m128 a2 = _mm512_extractf32x4_ps(acc, 2), a3 = _mm512_extractf32x4_ps(acc, 3);
-  _mm_store_ps(out, _mm_sub_ps(_mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(a2, a3)), corr));
-}
-
-__attribute__((target("avx2,fma"))) void tile_avx2(const TileRow& w, float* out) {
-  const __m256i nib = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();  // lanes: row 0 | row 1, row 2 | row 3
-  __m128 corr = _mm_setzero_ps();
-  for (int64_t g = 0; g < w.G; ++g) {
-    __m256 g01 = _mm256_setzero_ps(), g23 = _mm256_setzero_ps();
-    const int64_t u1 = std::min(w.U, (g + 1) * w.upg);
-    for (int64_t u = g * w.upg; u < u1; ++u) {
-      const __m256i xl =
-          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + u * kBlock)));
-      const __m256i xh =
-          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + u * kBlock + 16)));
-      const __m256 du = _mm256_set1_ps(w.d[u]);
-      __m256* gh[2] = {&g01, &g23};
-      for (int half = 0; half < 2; ++half) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.wt + u * 64 + 32 * half));
-        const __m256i lo = _mm256_and_si256(v, nib);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-        // |pair sums| <= 2 * 15 * 127: lo + hi fits int16
-        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-        *gh[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), du, *gh[half]);
+    for (int64_t g = 0; g < w.G; ++g) {
+      __m512 gacc[MB];
+      for (int j = 0; j < MB; ++j) gacc[j] = _mm512_setzero_ps();
+      const int64_t u1 = std::min(w.U, (g + 1) * w.upg);
+      for (int64_t u = g * w.upg; u < u1; ++u) {
+        const __m512i v = _mm512_loadu_si512(w.wt + u * 64);
+        const __m512i lo = _mm512_and_si512(v, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+#pragma GCC unroll 8
+        for (int j = 0; j < MB; ++j) {
+          const __m128i* qu = reinterpret_cast<const __m128i*>(q[j] + u * kBlock);
+          const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(qu));
+          const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(qu + 1));
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+          gacc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d[j][u]), gacc[j]);
+        }
+      }
+      const __m512 s = expand_rows512(w.sb + g * 2 * kNR);
+      for (int j = 0; j < MB; ++j) {
+        acc[j] = _mm512_fmadd_ps(gacc[j], s, acc[j]);
+        corr[j] = group_corr(w.sb + g * 2 * kNR, X_at(a, w, m0 + j)[g], corr[j]);
       }
     }
-    const float* sg = w.sb + g * 2 * kNR;
-    acc01 = _mm256_fmadd_ps(g01, _mm256_setr_ps(sg[0], sg[0], sg[0], sg[0], sg[1], sg[1], sg[1], sg[1]), acc01);
-    acc23 = _mm256_fmadd_ps(g23, _mm256_setr_ps(sg[2], sg[2], sg[2], sg[2], sg[3], sg[3], sg[3], sg[3]), acc23);
-    corr = group_corr(sg, w.X[g], corr);
+    // row r = the sum of the 4 floats of 128-bit lane r
+    for (int j = 0; j < MB; ++j) {
+      const __m128 a0 = _mm512_castps512_ps128(acc[j]), a1 = _mm512_extractf32x4_ps(acc[j], 1);
+      const __m128 a2 = _mm512_extractf32x4_ps(acc[j], 2), a3 = _mm512_extractf32x4_ps(acc[j], 3);
+      _mm_storeu_ps(out[j], _mm_sub_ps(_mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(a2, a3)), corr[j]));
+    }
   }
-  const __m128 r01 = _mm_hadd_ps(_mm256_castps256_ps128(acc01), _mm256_extractf128_ps(acc01, 1));
-  const __m128 r23 = _mm_hadd_ps(_mm256_castps256_ps128(acc23), _mm256_extractf128_ps(acc23, 1));
-  _mm_store_ps(out, _mm_sub_ps(_mm_hadd_ps(r01, r23), corr));
-}
+};
+
+// AVX2: vpmaddubsw + vpmaddwd per half unit (rows 0-1, rows 2-3); MB rows share the nibbles.
+struct Avx2Rows {
+  static constexpr int kMaxRows = 2;
+  template <int MB>
+  __attribute__((target("avx2,fma"))) static void run(const Tile& w, const A8& a, int64_t m0, float (*out)[kNR]) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MB][2];  // lanes: row 0 | row 1, row 2 | row 3
+    __m128 corr[MB];
+    for (int j = 0; j < MB; ++j) {
+      acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+      corr[j] = _mm_setzero_ps();
+    }
+    for (int64_t g = 0; g < w.G; ++g) {
+      __m256 gacc[MB][2];
+      for (int j = 0; j < MB; ++j) gacc[j][0] = gacc[j][1] = _mm256_setzero_ps();
+      const int64_t u1 = std::min(w.U, (g + 1) * w.upg);
+      for (int64_t u = g * w.upg; u < u1; ++u) {
+        __m256i lo[2], hi[2];
+        for (int half = 0; half < 2; ++half) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.wt + u * 64 + 32 * half));
+          lo[half] = _mm256_and_si256(v, nib);
+          hi[half] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        }
+        for (int j = 0; j < MB; ++j) {
+          const __m128i* qu = reinterpret_cast<const __m128i*>(q_at(a, w, m0 + j) + u * kBlock);
+          const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(qu));
+          const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(qu + 1));
+          const __m256 du = _mm256_set1_ps(d_at(a, w, m0 + j)[u]);
+          for (int half = 0; half < 2; ++half) {
+            // |pair sums| <= 2 * 15 * 127: lo + hi fits int16
+            const __m256i s16 =
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo[half], xl), _mm256_maddubs_epi16(hi[half], xh));
+            gacc[j][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), du, gacc[j][half]);
+          }
+        }
+      }
+      const float* sg = w.sb + g * 2 * kNR;
+      const __m256 s01 = _mm256_setr_ps(sg[0], sg[0], sg[0], sg[0], sg[1], sg[1], sg[1], sg[1]);
+      const __m256 s23 = _mm256_setr_ps(sg[2], sg[2], sg[2], sg[2], sg[3], sg[3], sg[3], sg[3]);
+      for (int j = 0; j < MB; ++j) {
+        acc[j][0] = _mm256_fmadd_ps(gacc[j][0], s01, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(gacc[j][1], s23, acc[j][1]);
+        corr[j] = group_corr(sg, X_at(a, w, m0 + j)[g], corr[j]);
+      }
+    }
+    for (int j = 0; j < MB; ++j) {
+      const __m128 r01 = _mm_hadd_ps(_mm256_castps256_ps128(acc[j][0]), _mm256_extractf128_ps(acc[j][0], 1));
+      const __m128 r23 = _mm_hadd_ps(_mm256_castps256_ps128(acc[j][1]), _mm256_extractf128_ps(acc[j][1], 1));
+      _mm_storeu_ps(out[j], _mm_sub_ps(_mm_hadd_ps(r01, r23), corr[j]));
+    }
+  }
+};
 #endif
+
+// y[m][4t + r] for tiles [t0, t1) and every row m: the tiles in chunks of about 128 KiB of
+// weights (they stay in L2 while every block of K::kMaxRows rows of x runs over them); within
+// a chunk, a block's codes stay in L1 while the chunk's tiles pass.
+template <class K>
+void a8_tiles(const PackedView& p, const A8& a, const OutView& o, int64_t t0, int64_t t1) {
+  constexpr int MB = K::kMaxRows;
+  using RowsFn = void (*)(const Tile&, const A8&, int64_t, float (*)[kNR]);
+  RowsFn fns[MB + 1] = {nullptr};
+  [&]<int... I>(std::integer_sequence<int, I...>) { ((fns[I + 1] = &K::template run<I + 1>), ...); }
+  (std::make_integer_sequence<int, MB>{});
+  const int64_t U = p.Kp / kBlock;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(128) << 10) / (U * 64));
+  for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
+    const int64_t c1 = std::min(t1, c0 + chunk);
+    for (int64_t m0 = 0; m0 < a.M; m0 += MB) {
+      const int64_t mb = std::min<int64_t>(MB, a.M - m0);
+      for (int64_t t = c0; t < c1; ++t) {
+        const Tile w{p.w + t * U * 64, p.sb + t * p.G * 2 * kNR, p.Kp, U, p.G, p.gs / kBlock};
+        alignas(16) float out[MB][kNR];
+        fns[mb](w, a, m0, out);
+        for (int64_t j = 0; j < mb; ++j)
+          for (int64_t r = 0; r < kNR && 4 * t + r < p.N; ++r) store_out(o, m0 + j, 4 * t + r, out[j][r]);
+      }
+    }
+  }
+}
 
 using A8Kernel = void (*)(const PackedView&, const A8&, const OutView&, int64_t, int64_t);
 
 A8Kernel a8_kernel() {
 #if defined(HFQUANT_X86)
   switch (active_int8_path()) {
-    case i8::Path::Vnni512: return a8_tiles<tile_vnni512>;
+    case i8::Path::Vnni512: return a8_tiles<Vnni512Rows>;
     case i8::Path::AvxVnni:
-    case i8::Path::Avx2: return a8_tiles<tile_avx2>;
+    case i8::Path::Avx2: return a8_tiles<Avx2Rows>;
     default: break;
   }
 #endif
-  return a8_tiles<tile_portable>;
+  return a8_tiles<PortableRows>;
 }
 
 }  // namespace
@@ -246,9 +372,15 @@ at::Tensor qlinear_a8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   int8_t* q = reinterpret_cast<int8_t*>(buf);
   float* d = reinterpret_cast<float*>(buf + qbytes);
   float* X = reinterpret_cast<float*>(buf + qbytes + dbytes);
+  // the AVX-512 quantization with the AVX-512 VNNI kernels (the int8 path setting forces either)
+#if defined(HFQUANT_X86)
+  const bool avx512 = active_int8_path() == i8::Path::Vnni512;
+#else
+  const bool avx512 = false;
+#endif
   dispatch_float(x.scalar_type(), op, "x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_rows<T>(xk.data_ptr<T>(), xk.stride(0), M, K, geo.Kp, geo.gs, geo.G, q, d, X);
+    quantize_rows<T>(xk.data_ptr<T>(), xk.stride(0), M, K, geo.Kp, geo.gs, geo.G, q, d, X, avx512);
   });
   at::Tensor b32;
   if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
