@@ -30,6 +30,10 @@ TORCH_LIBRARY(hfquant, m) {
   m.def(
       "qlinear_routed(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor expert_ids, Tensor? bias, "
       "int bits, int group_size, int out_features, int in_features) -> Tensor");
+  // The same for 4-bit experts with int8 activations: each row as qlinear_a8 computes it (CPU).
+  m.def(
+      "qlinear_routed_a8(Tensor x, Tensor packed_weight, Tensor packed_scales, Tensor expert_ids, Tensor? bias, "
+      "int bits, int group_size, int out_features, int in_features) -> Tensor");
 
   // --- int8 activations (W8A8, LLM.int8()); layout in csrc/cpu/int8_gemm.h ---
   // int8 weights [N, K] -> (packed int8 [ceil(N/16), ceil(K/4), 16, 4], colsum int32 [N]).

@@ -120,20 +120,29 @@ def qlinear_a8(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torc
                                         in_features)
 
 
-@torch.library.register_fake("hfquant::qlinear_routed")
 def _qlinear_routed_fake(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size, out_features,
-                         in_features):
+                         in_features, op="qlinear_routed"):
     torch._check(x.dim() == 2 and x.shape[1] == in_features,
-                 lambda: f"hfquant::qlinear_routed: x has shape {list(x.shape)}, expected [rows, "
-                         f"in_features={in_features}]")
+                 lambda: f"hfquant::{op}: x has shape {list(x.shape)}, expected [rows, in_features={in_features}]")
     torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
-                 lambda: f"hfquant::qlinear_routed: x must be float32, bfloat16 or float16, got {x.dtype}")
+                 lambda: f"hfquant::{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
     torch._check(expert_ids.dtype in (torch.int64, torch.int32),
-                 lambda: f"hfquant::qlinear_routed: expert_ids must be int64 or int32, got {expert_ids.dtype}")
+                 lambda: f"hfquant::{op}: expert_ids must be int64 or int32, got {expert_ids.dtype}")
     torch._check(expert_ids.dim() == 1 and expert_ids.shape[0] == x.shape[0],
-                 lambda: f"hfquant::qlinear_routed: expert_ids has shape {list(expert_ids.shape)}, expected "
+                 lambda: f"hfquant::{op}: expert_ids has shape {list(expert_ids.shape)}, expected "
                          f"[{x.shape[0]}] (one expert per row of x)")
     return x.new_empty((x.shape[0], out_features))
+
+
+torch.library.register_fake("hfquant::qlinear_routed")(_qlinear_routed_fake)
+
+
+@torch.library.register_fake("hfquant::qlinear_routed_a8")
+def _qlinear_routed_a8_fake(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size, out_features,
+                            in_features):
+    torch._check(bits == 4, lambda: f"hfquant::qlinear_routed_a8: bits={bits} is not supported (4-bit experts only)")
+    return _qlinear_routed_fake(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size, out_features,
+                                in_features, "qlinear_routed_a8")
 
 
 def qlinear_routed(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
@@ -155,6 +164,18 @@ def qlinear_routed(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: 
                                      out_features, in_features)
     return torch.ops.hfquant.qlinear_routed(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
                                             out_features, in_features)
+
+
+def qlinear_routed_a8(x: torch.Tensor, packed_weight: torch.Tensor, packed_scales: torch.Tensor,
+                      expert_ids: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+                      out_features: int, in_features: int) -> torch.Tensor:
+    """``qlinear_routed`` of 4-bit experts with int8 activations: each row as ``qlinear_a8`` of
+    that row with its expert's weights computes it; CPU."""
+    if _backend() == "ref":
+        return _ref().qlinear_routed_a8_ref(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
+                                            out_features, in_features)
+    return torch.ops.hfquant.qlinear_routed_a8(x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
+                                               out_features, in_features)
 
 
 @torch.library.register_fake("hfquant::qembedding")

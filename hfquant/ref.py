@@ -172,25 +172,47 @@ def qlinear_a8_ref(x, packed_weight, packed_scales, bias, bits: int, group_size:
                        in_features).to(x.dtype)
 
 
-def qlinear_routed_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: int, group_size: int,
-                       out_features: int, in_features: int) -> torch.Tensor:
-    """Twin of ``hfquant::qlinear_routed``: for each expert e present, ``qlinear_ref`` of its rows
-    (expert_ids == e) with packed_weight[e], packed_scales[e] and bias[e]; [R, N] in x.dtype."""
+def _routed_ref(op: str, linear, x, packed_weight, expert_ids, bias) -> torch.Tensor:
+    # linear(rows of x, expert e, its bias) for each expert e present
     if expert_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"hfquant::qlinear_routed: expert_ids must be int64 or int32, got {expert_ids.dtype}")
+        raise ValueError(f"hfquant::{op}: expert_ids must be int64 or int32, got {expert_ids.dtype}")
     E = packed_weight.shape[0]
     ids = expert_ids.long()
     bad = (ids < 0) | (ids >= E)
     if bad.any():
         r = int(bad.nonzero()[0, 0])
-        raise ValueError(f"hfquant::qlinear_routed: expert id {int(ids[r])} at row {r} is out of range for {E} "
-                         "experts")
-    y = x.new_empty((x.shape[0], out_features))
+        raise ValueError(f"hfquant::{op}: expert id {int(ids[r])} at row {r} is out of range for {E} experts")
+    y = None
     for e in torch.unique(ids).tolist():
         rows = (ids == e).nonzero().flatten()
-        y[rows] = qlinear_ref(x[rows], packed_weight[e], packed_scales[e], None if bias is None else bias[e], bits,
-                              group_size, out_features, in_features)
+        ye = linear(x[rows], e, None if bias is None else bias[e])
+        if y is None:
+            y = ye.new_empty((x.shape[0], ye.shape[1]))
+        y[rows] = ye
     return y
+
+
+def qlinear_routed_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: int, group_size: int,
+                       out_features: int, in_features: int) -> torch.Tensor:
+    """Twin of ``hfquant::qlinear_routed``: for each expert e present, ``qlinear_ref`` of its rows
+    (expert_ids == e) with packed_weight[e], packed_scales[e] and bias[e]; [R, N] in x.dtype."""
+    y = _routed_ref("qlinear_routed", lambda xe, e, b: qlinear_ref(xe, packed_weight[e], packed_scales[e], b, bits,
+                                                                   group_size, out_features, in_features),
+                    x, packed_weight, expert_ids, bias)
+    return x.new_empty((x.shape[0], out_features)) if y is None else y
+
+
+def qlinear_routed_a8_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: int, group_size: int,
+                          out_features: int, in_features: int) -> torch.Tensor:
+    """Twin of ``hfquant::qlinear_routed_a8``: ``qlinear_a8_ref`` of each expert's rows."""
+    if bits != 4:
+        raise ValueError(f"hfquant::qlinear_routed_a8: bits={bits} is not supported (4-bit experts only; use "
+                         "qlinear_routed)")
+    y = _routed_ref("qlinear_routed_a8", lambda xe, e, b: qlinear_a8_ref(xe, packed_weight[e], packed_scales[e], b,
+                                                                         bits, group_size, out_features,
+                                                                         in_features),
+                    x, packed_weight, expert_ids, bias)
+    return x.new_empty((x.shape[0], out_features)) if y is None else y
 
 
 # --- int8 activations (W8A8, LLM.int8()) -------------------------------------------------

@@ -4,6 +4,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <optional>
+#include <vector>
+
 #include "cpu/qlinear.h"  // DType
 
 namespace hfquant::cpu {
@@ -60,5 +63,23 @@ PackedGeometry check_packed(const char* op, const at::Tensor& packed_weight, con
 PackedGeometry check_linear_call(const char* op, const at::Tensor& x, const at::Tensor& packed_weight,
                                  const at::Tensor& packed_scales, const std::optional<at::Tensor>& bias, int64_t bits,
                                  int64_t group_size, int64_t N, int64_t K, const char* device_hint);
+
+// A routed-experts call (qlinear_routed, qlinear_routed_a8): the stacked layouts' geometry and
+// the rows sorted by expert (stable): sorted position i holds row perm[i]; the rows of expert e
+// are perm[start[e] .. start[e + 1]).
+struct RoutedCall {
+  struct {
+    int64_t Kp, T, U, G, gs, E;
+  } geo;
+  std::vector<int64_t> start;
+  at::Tensor perm;  // int64 [R]
+};
+
+// Checks every argument of a routed call (messages name hfquant::<op>; bits is checked by the
+// caller) and sorts its rows by expert (qlinear_routed.cpp).
+RoutedCall check_routed_call(const char* op, const at::Tensor& x, const at::Tensor& packed_weight,
+                             const at::Tensor& packed_scales, const at::Tensor& expert_ids,
+                             const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                             int64_t out_features, int64_t in_features);
 
 }  // namespace hfquant::cpu

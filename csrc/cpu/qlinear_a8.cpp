@@ -126,19 +126,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void quan
 }
 #endif
 
+// Rows m < M of q, d, X from rows src[m] of x (row m when src is null).
 template <typename T>
-void quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, int64_t gs, int64_t G, int8_t* q,
-                   float* d, float* X, bool avx512) {
+void quantize_rows(const T* x, int64_t ldx, const int64_t* src, int64_t M, int64_t K, int64_t Kp, int64_t gs,
+                   int64_t G, int8_t* q, float* d, float* X, bool avx512) {
   const int64_t B = Kp / kBlock;
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / Kp), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = x + (src ? src[m] : m) * ldx;
 #if defined(HFQUANT_X86)
       if (avx512) {
-        quantize_row_avx512<T>(x + m * ldx, K, Kp, gs, G, q + m * Kp, d + m * B, X + m * G);
+        quantize_row_avx512<T>(xr, K, Kp, gs, G, q + m * Kp, d + m * B, X + m * G);
         continue;
       }
 #endif
-      quantize_row_portable<T>(x + m * ldx, K, Kp, gs, G, q + m * Kp, d + m * B, X + m * G);
+      quantize_row_portable<T>(xr, K, Kp, gs, G, q + m * Kp, d + m * B, X + m * G);
     }
   });
 }
@@ -344,6 +346,29 @@ A8Kernel a8_kernel() {
   return a8_tiles<PortableRows>;
 }
 
+// The int8 activations of rows src[m] (m < M; row m when src is null) of a 2-D x with unit
+// column stride: q, d, X in one scratch buffer kept alive by `holder`.
+A8 quantize_activations(const char* op, const at::Tensor& xk, const int64_t* src, int64_t M, int64_t K,
+                        const PackedGeometry& geo, at::Tensor& holder) {
+  // q int8 [M][Kp], d float [M][Kp/32], X float [M][G] (64-byte aligned parts)
+  const int64_t qbytes = round_up(M * geo.Kp, 64), dbytes = round_up(M * (geo.Kp / kBlock) * 4, 64);
+  uint8_t* buf = scratch(qbytes + dbytes + round_up(M * geo.G * 4, 64), holder);
+  int8_t* q = reinterpret_cast<int8_t*>(buf);
+  float* d = reinterpret_cast<float*>(buf + qbytes);
+  float* X = reinterpret_cast<float*>(buf + qbytes + dbytes);
+  // the AVX-512 quantization with the AVX-512 VNNI kernels (the int8 path setting forces either)
+#if defined(HFQUANT_X86)
+  const bool avx512 = active_int8_path() == i8::Path::Vnni512;
+#else
+  const bool avx512 = false;
+#endif
+  dispatch_float(xk.scalar_type(), op, "x", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    quantize_rows<T>(xk.data_ptr<T>(), xk.stride(0), src, M, K, geo.Kp, geo.gs, geo.G, q, d, X, avx512);
+  });
+  return A8{q, d, X, M};
+}
+
 }  // namespace
 
 // x            : float32/bfloat16/float16 [..., K]
@@ -365,28 +390,12 @@ at::Tensor qlinear_a8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   const int64_t M = x2d.size(0);
   if (M == 0) return at::empty(out_sizes, x.options());
   const at::Tensor xk = x2d.stride(1) == 1 ? x2d : x2d.contiguous();
-  // q int8 [M][Kp], d float [M][Kp/32], X float [M][G] in one scratch buffer (64-byte aligned parts)
-  const int64_t qbytes = round_up(M * geo.Kp, 64), dbytes = round_up(M * (geo.Kp / kBlock) * 4, 64);
   at::Tensor holder;
-  uint8_t* buf = scratch(qbytes + dbytes + round_up(M * geo.G * 4, 64), holder);
-  int8_t* q = reinterpret_cast<int8_t*>(buf);
-  float* d = reinterpret_cast<float*>(buf + qbytes);
-  float* X = reinterpret_cast<float*>(buf + qbytes + dbytes);
-  // the AVX-512 quantization with the AVX-512 VNNI kernels (the int8 path setting forces either)
-#if defined(HFQUANT_X86)
-  const bool avx512 = active_int8_path() == i8::Path::Vnni512;
-#else
-  const bool avx512 = false;
-#endif
-  dispatch_float(x.scalar_type(), op, "x", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_rows<T>(xk.data_ptr<T>(), xk.stride(0), M, K, geo.Kp, geo.gs, geo.G, q, d, X, avx512);
-  });
+  const A8 a = quantize_activations(op, xk, nullptr, M, K, geo, holder);
   at::Tensor b32;
   if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat);
   at::Tensor y = at::empty({M, N}, x.options());
   const OutView o{y.data_ptr(), dtype_of(x.scalar_type()), N, bias ? b32.data_ptr<float>() : nullptr};
-  const A8 a{q, d, X, M};
   const A8Kernel kern = a8_kernel();
   // tasks of >= 8 tiles (32 rows), fewer when M is large
   const int64_t grain = std::max<int64_t>(1, 8 / std::max<int64_t>(1, M / 8));
@@ -394,6 +403,68 @@ at::Tensor qlinear_a8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   return y.reshape(out_sizes);
 }
 
+// Routed experts with int8 activations: qlinear_routed's arguments (4-bit experts only); each
+// row r quantized as qlinear_a8 quantizes it, then the rows of each expert present run the
+// qlinear_a8 kernels against that expert's weights, so every row comes out bit for bit as
+// qlinear_a8 of that row alone with packed_weight[e] gives it. The rows are quantized once, in
+// expert order; one parallel region runs (expert, tile range) items.
+at::Tensor qlinear_routed_a8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& packed_scales,
+                                 const at::Tensor& expert_ids, const std::optional<at::Tensor>& bias, int64_t bits,
+                                 int64_t group_size, int64_t out_features, int64_t in_features) {
+  const char* op = "qlinear_routed_a8";
+  TORCH_CHECK(bits == 4, "hfquant::qlinear_routed_a8: bits=", bits,
+              " is not supported (4-bit experts only; use qlinear_routed)");
+  const RoutedCall call = check_routed_call(op, x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
+                                            out_features, in_features);
+  const int64_t N = out_features, K = in_features, R = x.size(0), E = call.geo.E;
+  const PackedGeometry geo{call.geo.gs, call.geo.G, call.geo.Kp, call.geo.T, call.geo.U};
+  at::Tensor y = at::empty({R, N}, x.options());
+  if (R == 0) return y;
+  const at::Tensor xk = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t* perm = call.perm.data_ptr<int64_t>();
+  at::Tensor holder;
+  const A8 a = quantize_activations(op, xk, perm, R, K, geo, holder);  // sorted row i = row perm[i] of x
+  at::Tensor b32;
+  if (bias) b32 = bias->scalar_type() == at::kFloat ? bias->contiguous() : bias->to(at::kFloat).contiguous();
+  at::Tensor ys = at::empty({R, N}, x.options());  // outputs in expert order
+  uint8_t* ysp = static_cast<uint8_t*>(ys.data_ptr());
+  const int64_t yes = ys.element_size(), U = geo.Kp / kBlock;
+  const uint8_t* pw = packed_weight.data_ptr<uint8_t>();
+  const float* psb = packed_scales.data_ptr<float>();
+  const int64_t w_stride = geo.T * U * 64, sb_stride = geo.T * geo.G * 2 * kNR;
+  // one item per (expert present, range of `step` tiles); step gives each item >= ~64 tile-rows
+  struct Item {
+    int64_t e, t0, t1;
+  };
+  std::vector<Item> items;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = call.start[e + 1] - call.start[e];
+    if (c == 0) continue;
+    const int64_t step = std::max<int64_t>(8, 64 / c);
+    for (int64_t t = 0; t < geo.T; t += step) items.push_back({e, t, std::min(geo.T, t + step)});
+  }
+  const A8Kernel kern = a8_kernel();
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const int64_t r0 = call.start[it.e], c = call.start[it.e + 1] - r0;
+      const PackedView p{pw + it.e * w_stride, psb + it.e * sb_stride, 4, N, K, geo.Kp, geo.T, geo.G, geo.gs};
+      const A8 ae{a.q + r0 * geo.Kp, a.d + r0 * U, a.X + r0 * geo.G, c};
+      const OutView o{ysp + r0 * N * yes, dtype_of(x.scalar_type()), N, bias ? b32.data_ptr<float>() + it.e * N : nullptr};
+      kern(p, ae, o, it.t0, it.t1);
+    }
+  });
+  uint8_t* yp = static_cast<uint8_t*>(y.data_ptr());
+  const int64_t row_bytes = N * yes;
+  at::parallel_for(0, R, std::max<int64_t>(1, (int64_t(1) << 16) / row_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(yp + perm[i] * row_bytes, ysp + i * row_bytes, row_bytes);
+  });
+  return y;
+}
+
 }  // namespace hfquant::cpu
 
-TORCH_LIBRARY_IMPL(hfquant, CPU, m) { m.impl("qlinear_a8", &hfquant::cpu::qlinear_a8_cpu); }
+TORCH_LIBRARY_IMPL(hfquant, CPU, m) {
+  m.impl("qlinear_a8", &hfquant::cpu::qlinear_a8_cpu);
+  m.impl("qlinear_routed_a8", &hfquant::cpu::qlinear_routed_a8_cpu);
+}

@@ -34,6 +34,77 @@ struct GemvJob {
 
 }  // namespace
 
+RoutedCall check_routed_call(const char* op, const at::Tensor& x, const at::Tensor& packed_weight,
+                             const at::Tensor& packed_scales, const at::Tensor& expert_ids,
+                             const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                             int64_t out_features, int64_t in_features) {
+  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 32 == 0), "hfquant::", op, ": group_size=",
+              group_size, " must be -1 (per channel) or a positive multiple of 32");
+  const int64_t N = out_features, K = in_features;
+  TORCH_CHECK(N > 0 && K > 0, "hfquant::", op, ": out_features=", N, " and in_features=", K, " must be positive");
+  TORCH_CHECK(x.device().is_cpu(), "hfquant::", op, ": x is on ", x.device(),
+              " but this is the CPU kernel (is the CUDA extension built?)");
+  TORCH_CHECK(is_float(x.scalar_type()), "hfquant::", op, ": x must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "hfquant::", op, ": x has shape ", x.sizes(),
+              ", expected [rows, in_features=", K, "]");
+  const int64_t R = x.size(0);
+  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt, "hfquant::", op,
+              ": expert_ids must be int64 or int32, got ", expert_ids.scalar_type());
+  TORCH_CHECK(expert_ids.device().is_cpu(), "hfquant::", op, ": expert_ids is on ", expert_ids.device(),
+              " but this is the CPU kernel");
+  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.size(0) == R, "hfquant::", op, ": expert_ids has shape ",
+              expert_ids.sizes(), ", expected [", R, "] (one expert per row of x)");
+
+  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR, U = Kp / (bits == 4 ? 32 : 16);
+  const int64_t G = group_size == -1 ? 1 : (K + group_size - 1) / group_size;
+  const int64_t gs = group_size == -1 ? Kp : group_size;
+  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
+                  packed_weight.device().is_cpu(),
+              "hfquant::", op, ": packed_weight must be a contiguous uint8 CPU tensor (hfquant::repack's "
+              "packed_weight of each expert, stacked)");
+  TORCH_CHECK(packed_weight.dim() == 5 && packed_weight.size(0) > 0 && packed_weight.size(1) == T &&
+                  packed_weight.size(2) == U && packed_weight.size(3) == kNR && packed_weight.size(4) == 16,
+              "hfquant::", op, ": packed_weight has shape ", packed_weight.sizes(), ", expected [E, ", T, ", ", U,
+              ", 4, 16] (E >= 1 experts) for bits=", bits, ", out_features=", N, ", in_features=", K);
+  const int64_t E = packed_weight.size(0);
+  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
+                  packed_scales.device().is_cpu(),
+              "hfquant::", op, ": packed_scales must be a contiguous float32 CPU tensor (hfquant::repack's "
+              "packed_scales of each expert, stacked)");
+  TORCH_CHECK(packed_scales.dim() == 5 && packed_scales.size(1) == T && packed_scales.size(2) == G &&
+                  packed_scales.size(3) == 2 && packed_scales.size(4) == kNR,
+              "hfquant::", op, ": packed_scales has shape ", packed_scales.sizes(), ", expected [E, ", T, ", ", G,
+              ", 2, 4] for group_size=", group_size, ", out_features=", N, ", in_features=", K);
+  TORCH_CHECK(packed_scales.size(0) == E, "hfquant::", op, ": packed_weight holds ", E,
+              " experts but packed_scales holds ", packed_scales.size(0));
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N, "hfquant::", op, ": bias has shape ",
+                bias->sizes(), ", expected [", E, ", ", N, "] (experts, out_features)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat, "hfquant::", op,
+                ": bias must be ", x.scalar_type(), " (like x) or float32, got ", bias->scalar_type());
+    TORCH_CHECK(bias->device().is_cpu(), "hfquant::", op, ": bias is on ", bias->device(),
+                " but this is the CPU kernel");
+  }
+
+  // Stable counting sort of the rows by expert: sorted position i holds row perm[i]; the rows
+  // of expert e are perm[start[e] .. start[e + 1]), in their order in x.
+  RoutedCall c{{Kp, T, U, G, gs, E}, std::vector<int64_t>(E + 1, 0), {}};
+  const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < E, "hfquant::", op, ": expert id ", id[r], " at row ", r,
+                " is out of range for ", E, " experts");
+    ++c.start[id[r] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) c.start[e + 1] += c.start[e];
+  c.perm = at::empty({R}, ids.options());
+  int64_t* perm = c.perm.data_ptr<int64_t>();
+  std::vector<int64_t> next(c.start.begin(), c.start.end() - 1);
+  for (int64_t r = 0; r < R; ++r) perm[next[id[r]]++] = r;
+  return c;
+}
+
 // x            : float32/bfloat16/float16 [R, K], any strides
 // packed_weight: uint8 [E, T, Kp/32 (4-bit) or Kp/16 (8-bit), 4, 16]  (repack of each expert, stacked)
 // packed_scales: float32 [E, T, G, 2, 4]                               (the same)
@@ -44,77 +115,15 @@ at::Tensor qlinear_routed_cpu(const at::Tensor& x, const at::Tensor& packed_weig
                               const at::Tensor& expert_ids, const std::optional<at::Tensor>& bias, int64_t bits,
                               int64_t group_size, int64_t out_features, int64_t in_features) {
   TORCH_CHECK(bits == 4 || bits == 8, "hfquant::qlinear_routed: bits=", bits, " is not supported (use 4 or 8)");
-  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 32 == 0), "hfquant::qlinear_routed: group_size=",
-              group_size, " must be -1 (per channel) or a positive multiple of 32");
-  const int64_t N = out_features, K = in_features;
-  TORCH_CHECK(N > 0 && K > 0, "hfquant::qlinear_routed: out_features=", N, " and in_features=", K,
-              " must be positive");
-  TORCH_CHECK(x.device().is_cpu(), "hfquant::qlinear_routed: x is on ", x.device(),
-              " but this is the CPU kernel (is the CUDA extension built?)");
-  TORCH_CHECK(is_float(x.scalar_type()), "hfquant::qlinear_routed: x must be float32, bfloat16 or float16, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "hfquant::qlinear_routed: x has shape ", x.sizes(),
-              ", expected [rows, in_features=", K, "]");
-  const int64_t R = x.size(0);
-  TORCH_CHECK(expert_ids.scalar_type() == at::kLong || expert_ids.scalar_type() == at::kInt,
-              "hfquant::qlinear_routed: expert_ids must be int64 or int32, got ", expert_ids.scalar_type());
-  TORCH_CHECK(expert_ids.device().is_cpu(), "hfquant::qlinear_routed: expert_ids is on ", expert_ids.device(),
-              " but this is the CPU kernel");
-  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.size(0) == R, "hfquant::qlinear_routed: expert_ids has shape ",
-              expert_ids.sizes(), ", expected [", R, "] (one expert per row of x)");
-
-  const int64_t Kp = round_up(K, kKAlign), T = (N + kNR - 1) / kNR, U = Kp / (bits == 4 ? 32 : 16);
-  const int64_t G = group_size == -1 ? 1 : (K + group_size - 1) / group_size;
-  const int64_t gs = group_size == -1 ? Kp : group_size;
-  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous() &&
-                  packed_weight.device().is_cpu(),
-              "hfquant::qlinear_routed: packed_weight must be a contiguous uint8 CPU tensor (hfquant::repack's "
-              "packed_weight of each expert, stacked)");
-  TORCH_CHECK(packed_weight.dim() == 5 && packed_weight.size(0) > 0 && packed_weight.size(1) == T &&
-                  packed_weight.size(2) == U && packed_weight.size(3) == kNR && packed_weight.size(4) == 16,
-              "hfquant::qlinear_routed: packed_weight has shape ", packed_weight.sizes(), ", expected [E, ", T,
-              ", ", U, ", 4, 16] (E >= 1 experts) for bits=", bits, ", out_features=", N, ", in_features=", K);
-  const int64_t E = packed_weight.size(0);
-  TORCH_CHECK(packed_scales.scalar_type() == at::kFloat && packed_scales.is_contiguous() &&
-                  packed_scales.device().is_cpu(),
-              "hfquant::qlinear_routed: packed_scales must be a contiguous float32 CPU tensor (hfquant::repack's "
-              "packed_scales of each expert, stacked)");
-  TORCH_CHECK(packed_scales.dim() == 5 && packed_scales.size(1) == T && packed_scales.size(2) == G &&
-                  packed_scales.size(3) == 2 && packed_scales.size(4) == kNR,
-              "hfquant::qlinear_routed: packed_scales has shape ", packed_scales.sizes(), ", expected [E, ", T, ", ",
-              G, ", 2, 4] for group_size=", group_size, ", out_features=", N, ", in_features=", K);
-  TORCH_CHECK(packed_scales.size(0) == E, "hfquant::qlinear_routed: packed_weight holds ", E,
-              " experts but packed_scales holds ", packed_scales.size(0));
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N,
-                "hfquant::qlinear_routed: bias has shape ", bias->sizes(), ", expected [", E, ", ", N,
-                "] (experts, out_features)");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat,
-                "hfquant::qlinear_routed: bias must be ", x.scalar_type(), " (like x) or float32, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->device().is_cpu(), "hfquant::qlinear_routed: bias is on ", bias->device(),
-                " but this is the CPU kernel");
-  }
-
-  // Stable counting sort of the rows by expert: sorted position i holds row perm[i]; the rows
-  // of expert e are perm[start[e] .. start[e + 1]), in their order in x.
-  const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK(id[r] >= 0 && id[r] < E, "hfquant::qlinear_routed: expert id ", id[r], " at row ", r,
-                " is out of range for ", E, " experts");
-    ++start[id[r] + 1];
-  }
+  const RoutedCall call = check_routed_call("qlinear_routed", x, packed_weight, packed_scales, expert_ids, bias, bits,
+                                            group_size, out_features, in_features);
+  const int64_t N = out_features, K = in_features, R = x.size(0);
+  const int64_t Kp = call.geo.Kp, T = call.geo.T, U = call.geo.U, G = call.geo.G, gs = call.geo.gs, E = call.geo.E;
+  const std::vector<int64_t>& start = call.start;
+  const at::Tensor& perm_t = call.perm;
+  const int64_t* perm = perm_t.data_ptr<int64_t>();
   at::Tensor y = at::empty({R, N}, x.options());
   if (R == 0) return y;
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  at::Tensor perm_t = at::empty({R}, ids.options());
-  int64_t* perm = perm_t.data_ptr<int64_t>();
-  {
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
-    for (int64_t r = 0; r < R; ++r) perm[next[id[r]]++] = r;
-  }
 
   const DType xt = dtype_of(x.scalar_type());
   const GemvPlan plan = qlinear_gemv_plan(xt, bits, N, Kp);
@@ -164,7 +173,7 @@ at::Tensor qlinear_routed_cpu(const at::Tensor& x, const at::Tensor& packed_weig
     const bool bias_in_place = bias && bias->scalar_type() == at::kFloat && bias->is_contiguous();
     at::Tensor b32;
     if (bias && !bias_in_place)
-      b32 = bias->index_select(0, at::tensor(gemv_experts, ids.options())).to(at::kFloat).contiguous();
+      b32 = bias->index_select(0, at::tensor(gemv_experts, perm_t.options())).to(at::kFloat).contiguous();
     // outputs of the compact rows, copied to their rows of y below
     at::Tensor yg = at::empty({Rg, N}, x.options());
     uint8_t* ygp = static_cast<uint8_t*>(yg.data_ptr());

@@ -13,9 +13,20 @@ import threading
 import torch
 from torch import nn
 
+from ..runtime import settings
+
 # Packing happens once per layer; one lock for all layers keeps modules copyable
 # (deepcopy, pickle-free state) and makes concurrent first calls pack exactly once.
 _PACK_LOCK = threading.Lock()
+
+
+def int8_activations(x: torch.Tensor, rows: int, kernel_bits: int) -> bool:
+    """Whether a call of a 4-bit layer (QuantLinear, QuantExperts) with input ``x`` of ``rows``
+    rows (tokens) runs with int8 activations: hfquant.settings.int8_activations_min_m set and
+    reached, 4-bit kernels, the CPU, and no gradient wanted."""
+    min_m = settings.int8_activations_min_m
+    return (min_m is not None and kernel_bits == 4 and x.device.type == "cpu" and rows >= min_m
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def offloaded(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import formats, ops
 from ..formats.v1 import STREAM_BITS, num_groups, packed_columns
-from .base import offloaded
+from .base import int8_activations, offloaded
 from .quant_linear import QuantLinear
 
 # packing happens once per module; concurrent first calls pack exactly once
@@ -333,11 +333,13 @@ class QuantExperts(nn.Module):
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
-    def _routed(self, kernel: dict, proj: str, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def _routed(self, kernel: dict, proj: str, x: torch.Tensor, expert_ids: torch.Tensor,
+                int8_activations: bool = False) -> torch.Tensor:
         n, k = self.proj_shape(proj)
-        return ops.qlinear_routed(x, kernel[f"{proj}_packed_weight"], kernel[f"{proj}_packed_scales"],
-                                  expert_ids, getattr(self, f"{proj}_proj_bias"), self.kernel_bits, self.group_size,
-                                  n, k)
+        op = ops.qlinear_routed_a8 if int8_activations else ops.qlinear_routed
+        return op(x, kernel[f"{proj}_packed_weight"], kernel[f"{proj}_packed_scales"], expert_ids,
+                  getattr(self, f"{proj}_proj_bias"), self.kernel_bits, self.group_size, n, k)
+
 
     def _forward_routed(self, kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         # one row per (token, slot) pair: gate_up on the token's hidden state, down on the
@@ -354,8 +356,9 @@ class QuantExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         if ids.numel() == 0:
             return out
-        h = self._apply_gate(self._routed(kernel, "gate_up", hidden_states[tok], ids))
-        y = self._routed(kernel, "down", h.to(hidden_states.dtype), ids) * weights[:, None]
+        a8 = int8_activations(hidden_states, hidden_states.shape[0], self.kernel_bits)  # by tokens, as QuantLinear
+        h = self._apply_gate(self._routed(kernel, "gate_up", hidden_states[tok], ids, a8))
+        y = self._routed(kernel, "down", h.to(hidden_states.dtype), ids, a8) * weights[:, None]
         return out.index_add_(0, tok, y.to(out.dtype))
 
     def dequantize_weight(self, proj: str, dtype: torch.dtype | None = None) -> torch.Tensor:

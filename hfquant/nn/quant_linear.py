@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 from .. import formats, ops
-from ..runtime import settings
 from ..formats.kernel_layouts import codes_from_packed, qweight_from_packed
 from ..formats.v1 import STREAM_BITS, num_groups, pack_bits, pack_int4, packed_columns, symmetric_zero, unpack_bits
-from .base import PackedLinear
+from .base import PackedLinear, int8_activations
 
 
 class QuantLinear(PackedLinear):
@@ -151,9 +150,7 @@ class QuantLinear(PackedLinear):
         k = self._kernel()
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        min_m = settings.int8_activations_min_m
-        if (min_m is not None and self.kernel_bits == 4 and x.device.type == "cpu" and x.dim() > 0
-                and x.numel() >= min_m * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)):
+        if x.dim() > 0 and int8_activations(x, x.numel() // max(1, x.shape[-1]), self.kernel_bits):
             return ops.qlinear_a8(x, k["packed_weight"], k["packed_scales"], self.bias, 4, self.group_size,
                                   self.out_features, self.in_features)
         return ops.qlinear(x, k["packed_weight"], k["packed_scales"], self.bias, self.kernel_bits, self.group_size,

@@ -147,6 +147,41 @@ def test_experts_module_matches_dequantized_float(cls_name, symmetric):
     assert torch.allclose(got, loop, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls_name", ["Qwen3MoeForCausalLM", "GptOssForCausalLM"])
+def test_int8_activations_switch(cls_name):
+    """hfquant.settings.int8_activations_min_m routes a call of at least that many tokens through
+    hfquant::qlinear_routed_a8 (both projections), as it routes QuantLinear; fewer tokens, 8-bit
+    experts and calls wanting a gradient stay on qlinear_routed."""
+    model = build(cls_name)
+    name, module, _ = find_experts(model, HfQuantConfig(bits=4, group_size=32))[0][0]
+    E = expert_count(model.config)
+    q4 = QuantExperts.from_float(module, E, 4, 32, True, name=name)
+    q8 = QuantExperts.from_float(module, E, 8, 32, True, name=name)
+    g = torch.Generator().manual_seed(4)
+    T, k = 7, 2
+    h = torch.randn(T, 64, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    wts = torch.softmax(torch.randn(T, k, generator=g), -1)
+
+    def a8(q, x, i, w):  # the module's formula with both projections on qlinear_routed_a8
+        kern, tok, ids = q._kernel(), torch.arange(x.shape[0]).repeat_interleave(k), i.reshape(-1)
+        hh = q._apply_gate(q._routed(kern, "gate_up", x[tok], ids, True))
+        y = q._routed(kern, "down", hh, ids, True) * w.reshape(-1)[:, None]
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+    with torch.no_grad():
+        plain, plain1, plain8 = q4(h, idx, wts), q4(h[:2], idx[:2], wts[:2]), q8(h, idx, wts)
+        want = a8(q4, h, idx, wts)
+        assert not torch.equal(want, plain) and rel(want, plain) < 0.05
+        with hfquant.settings(int8_activations_min_m=4):
+            assert torch.equal(q4(h, idx, wts), want)
+            assert torch.equal(q4(h[:2], idx[:2], wts[:2]), plain1)
+            assert torch.equal(q8(h, idx, wts), plain8)
+    with hfquant.settings(int8_activations_min_m=1):
+        hg = h.clone().requires_grad_()
+        torch.testing.assert_close(q4(hg, idx, wts).detach(), plain)
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, -1, False), (8, -1, True), (8, 32, False), (4, 64, True),
                                                         (3, 32, False), (2, -1, True)])
 def test_schemes_and_quantize_model(saved, bits, group_size, symmetric, tmp_path):

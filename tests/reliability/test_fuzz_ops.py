@@ -307,6 +307,43 @@ def test_fuzz_qlinear_routed(q, data):
     close(y, want, dtype, scale, msg)
 
 
+@FUZZ
+@given(q=quantized(), data=st.data())
+def test_fuzz_qlinear_routed_a8(q, data):
+    bits, gs, N, K, qw, s, z = q
+    assume(bits == 4 and torch.isfinite(s.float()).all())
+    CASES["qlinear_routed_a8"] += 1
+    E = data.draw(st.integers(1, 5))
+    packed = [OPS.repack(qw.roll(e, 0), s.roll(e, 0), None if z is None else z.roll(e, 0), bits, gs, K)
+              for e in range(E)]
+    w, sb = torch.stack([p[0] for p in packed]), torch.stack([p[1] for p in packed])
+    dtype, kind, layout = data.draw(dtypes), data.draw(kinds), data.draw(layouts)
+    R = data.draw(st.sampled_from([0, 1, 2, 3, 9, 17, 40]))
+    path = data.draw(st.sampled_from(I8_PATHS))
+    gen = _gen(data.draw(seeds))
+    x = view_as(floats((R, K), dtype, kind, gen, large=1e15), layout, gen)
+    ids = torch.randint(0, E, (R,), generator=gen, dtype=data.draw(st.sampled_from([torch.int64, torch.int32])))
+    bias = floats((E, N), data.draw(st.sampled_from([dtype, torch.float32])), "normal", gen) \
+        if data.draw(st.booleans()) else None
+    if R and data.draw(st.integers(0, 9)) == 0:  # an expert id out of range: refused, naming it
+        bad = ids.clone()
+        bad[-1] = data.draw(st.sampled_from([E, E + 3, -1]))
+        raises_clean(lambda: OPS.qlinear_routed_a8(x, w, sb, bad, bias, bits, gs, N, K), "qlinear_routed_a8")
+        return
+    _C.set_int8_path(path)
+    try:
+        y = OPS.qlinear_routed_a8(x, w, sb, ids, bias, bits, gs, N, K)
+        # each row as qlinear_a8 of that row alone with its expert's weights, bit for bit
+        alone = [OPS.qlinear_a8(x[r:r + 1], w[e], sb[e], None if bias is None else bias[e], bits, gs, N, K)
+                 for r, e in enumerate(ids.tolist())]
+    finally:
+        _C.set_int8_path("auto")
+    assert y.dtype == dtype and y.shape == (R, N)
+    msg = f"{path} {dtype} g{gs} N={N} K={K} E={E} R={R} {kind} {layout}"
+    if R:
+        assert same(y, torch.cat(alone)), f"{msg}: differs from qlinear_a8 on each row alone"
+
+
 def _step_scale(x2, sb, gs, N, K, W):
     """max of |x| @ S^T (S the scale of each weight) and of |x| @ |W|^T over the finite rows."""
     rows = torch.isfinite(x2).all(1)
