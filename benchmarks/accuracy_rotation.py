@@ -1,10 +1,11 @@
-"""Perplexity of RTN W4 with and without the offline Hadamard rotation (rotation="hadamard"),
-on the default model (or any model dir), WikiText-2 validation and test windows.
+"""Perplexity of RTN W4 and W8A8 with and without the Hadamard rotation (rotation="hadamard"),
+offline only (rotation_online=[]) and with the online rotation of down_proj's input (the
+default), on the default model (or any model dir), WikiText-2 validation and test windows.
 
-In one process: the float model, the rotated float model (same function: a check), and RTN
-W4 g128 symmetric with the default grid ("best") and grid="range", each without and with the
-rotation (one row per rotation seed), and W8A8 (int8 activations per token, where the
-rotation of the residual stream is meant to help) without and with it. Validation windows are taken from the start of the
+In one process: the float model, the rotated float model (offline, and with the online
+rotation: same function, a check), and RTN W4 g128 symmetric with the default grid ("best") and
+grid="range", and W8A8 (int8 activations per token, where rotations are meant to help), each
+without rotation and with it, offline only and with the online rotation (one row per seed). Validation windows are taken from the start of the
 validation split, test windows from the start of the test split.
 
     python benchmarks/accuracy_rotation.py                  # 8 windows of 512 tokens per split
@@ -58,20 +59,23 @@ def main(argv: list[str] | None = None) -> int:
         return tuple(perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
                      for text in (valid, test))
 
-    runs: list[tuple[str, dict | None, int | None]] = [("fp32", None, None)]
-    runs += [(f"fp32, rotated (seed {s})", None, s) for s in seeds[:1]]
+    # (label, scheme, seed, online rotations)
+    runs: list[tuple[str, dict | None, int | None, list]] = [("fp32", None, None, [])]
+    runs += [(f"fp32, rotated offline (seed {s})", None, s, []) for s in seeds[:1]]
+    runs += [(f"fp32, rotated + online down_proj (seed {s})", None, s, ["down_proj"]) for s in seeds[:1]]
     for label, cfg in SCHEMES:
-        runs.append((label, cfg, None))
-        runs += [(f"{label} + rotation (seed {s})", cfg, s) for s in seeds]
+        runs.append((label, cfg, None, []))
+        runs += [(f"{label} + rotation offline (seed {s})", cfg, s, []) for s in seeds]
+        runs += [(f"{label} + rotation + online down_proj (seed {s})", cfg, s, ["down_proj"]) for s in seeds]
     rows, base = [], None
     t0 = time.perf_counter()
-    for label, cfg, seed in runs:
+    for label, cfg, seed, online in runs:
         if cfg is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             if seed is not None:
-                rotate_model(model, seed)
+                rotate_model(model, seed, online)
         else:
-            rot = {} if seed is None else {"rotation": "hadamard", "rotation_seed": seed}
+            rot = {} if seed is None else {"rotation": "hadamard", "rotation_seed": seed, "rotation_online": online}
             model = AutoModelForCausalLM.from_pretrained(model_dir,
                                                          quantization_config=hfquant.HfQuantConfig(**cfg, **rot))
         v, t = score(model)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     table = common.md_table(["config", "valid perplexity (vs fp32)", "test perplexity (vs fp32)"], rows)
     body = "\n".join([
-        "### Offline Hadamard rotation (rotation=\"hadamard\"): RTN W4 and W8A8", "",
+        "### Hadamard rotation (rotation=\"hadamard\"), offline and online: RTN W4 and W8A8", "",
         f"Command: `{command}`", "",
         f"Model {Path(model_dir).name}; WikiText-2 raw validation and test, first {args.windows} windows of 512 "
         f"tokens of each (stride 512); {args.threads} thread(s), {common.cpu_model()}; run "
@@ -90,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         "The rotation folds the norm scales into the following layers, rotates the residual stream "
         "(576 = 36 x 16: a Paley order-36 Hadamard matrix times Sylvester's order 16) and v/o per head (64), "
         "with random signs from the seed; lm_head and the embedding stay float32 as by default (lm_head is "
-        "untied from the embedding because the final norm folds into it). Offline only: down_proj's input "
-        "and the KV cache are not rotated (QuaRot's online Hadamard transforms are not implemented). "
+        "untied from the embedding because the final norm folds into it). Online down_proj (the default "
+        "with a rotation): each down_proj's input is also rotated as the model runs (1536 = 12 x 128: "
+        "Paley order 12 times Sylvester's 128, hfquant::hadamard_transform) and its weight holds the inverse. "
         "For weight-only RTN the rotation mixes the output rows of o_proj / down_proj (and v_proj per head), "
         "so a row's scale no longer matches its own range, and folding the norm scales (which range "
         "from -0.3 to 1.4 on this model) into q/k/v and gate/up changes their column ranges; the table "

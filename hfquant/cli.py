@@ -99,7 +99,8 @@ def _cmd_quantize(args) -> int:
     if args.quantize_embeddings is not None:
         extra["quantize_embeddings"] = args.quantize_embeddings
     if args.rotation is not None:
-        extra.update(rotation=args.rotation, rotation_seed=args.rotation_seed)
+        extra.update(rotation=args.rotation, rotation_seed=args.rotation_seed,
+                     rotation_online=[] if args.rotation_online == "none" else [args.rotation_online])
     group_size = args.group_size if args.group_size is not None else default_group_size(args.method, args.bits)
     cfg = hfquant.HfQuantConfig(bits=args.bits, group_size=group_size, symmetric=not args.asymmetric,
                                 method=args.method,
@@ -447,6 +448,8 @@ def main(argv=None) -> int:
                    help="rotate the residual stream and v/o by seeded randomized Hadamard matrices before "
                         "quantizing (exact in float; docs/accuracy.md measures it)")
     q.add_argument("--rotation-seed", type=int, default=0, help="seed of --rotation's random signs (default 0)")
+    q.add_argument("--rotation-online", choices=["down_proj", "none"], default="down_proj",
+                   help="with --rotation: also rotate each MLP's down_proj input online (default), or none")
     q.add_argument("--zero-point", choices=["integer", "float"], default=None,
                    help="rtn with --asymmetric: integer zero points (default) or float offsets (GGUF Q4_1's grid)")
     q.add_argument("--threshold", dest="llm_int8_threshold", type=float, default=None,

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .algorithms.rotation import check_rotation_args
+from .algorithms.rotation import ONLINE_ROTATIONS, check_rotation_args
 from .kv_cache import check_kv_cache_args
 from .methods import FORMAT_VERSION, get_method, method_names, methods_taking
 from .methods.base import check_types
@@ -24,15 +24,17 @@ _TYPES = {
                      "kv_cache_residual_length", "rotation_seed"), "int"),
     **dict.fromkeys(("symmetric", "quantize_embeddings"), "bool"),
     **dict.fromkeys(("method", "rotation", "kv_cache_rotation"), "str"),
-    "modules_to_not_convert": "names",
+    **dict.fromkeys(("modules_to_not_convert", "rotation_online"), "names"),
     **dict.fromkeys(("modules_override", "tied_modules"), "dict"),
 }
 _NONE_OK = {"bits", "group_size", "format_version", "kv_cache_bits", "kv_cache_group_size", "quantize_embeddings",
-            "modules_to_not_convert", "modules_override", "tied_modules", "rotation", "kv_cache_rotation"}
+            "modules_to_not_convert", "modules_override", "tied_modules", "rotation", "kv_cache_rotation",
+            "rotation_online"}
 # attributes of the shell itself; every other public attribute is a setting of the method
 _OWN = {"quant_method", "format_version", "bits", "group_size", "symmetric", "method", "modules_to_not_convert",
         "modules_override", "quantize_embeddings", "tied_modules", "kv_cache_bits", "kv_cache_group_size",
-        "kv_cache_residual_length", "kv_cache_rotation", "rotation", "rotation_seed", "settings", "impl"}
+        "kv_cache_residual_length", "kv_cache_rotation", "rotation", "rotation_seed", "rotation_online", "settings",
+        "impl"}
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -101,11 +103,16 @@ class HfQuantConfig(QuantizationConfigMixin):
         rotation: None (default) or "hadamard": before quantizing, fold the norm scales into the
             layers that follow them and rotate the residual stream (embedding, every block's input
             and output projections, lm_head) by a randomized Hadamard matrix, and v/o per head
-            (hfquant/algorithms/rotation.py; QuaRot / SpinQuant style, offline only). The float
-            model computes the same function; outliers spread over all channels. Llama-style
-            RMSNorm pre-norm decoders only. Format version 2; the checkpoint holds the rotated
-            weights, so reloading does nothing more. An output head tied to the embedding is untied.
+            (hfquant/algorithms/rotation.py; QuaRot / SpinQuant style). The float model computes
+            the same function; outliers spread over all channels. Llama-style RMSNorm pre-norm
+            decoders only. Format version 2 (3 with online rotations); the checkpoint holds the
+            rotated weights. An output head tied to the embedding is untied.
         rotation_seed: seed of the random signs of the rotation (default 0).
+        rotation_online: the rotations applied as the model runs, which cannot be folded:
+            ["down_proj"] (the default with a rotation: each dense MLP's down_proj input is
+            rotated by a Hadamard transform, hfquant::hadamard_transform, and its weight holds
+            the inverse) or []. Recorded in the checkpoint (format version 3) and installed
+            again when it loads; a saved config without it has none.
         tied_modules: filled while quantizing: {lm_head name: embedding name} of the output
             projections that share a quantized embedding (so reloading can rebuild the tie).
 
@@ -149,6 +156,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         tied_modules: dict[str, str] | None = None,
         rotation: str | None = None,
         rotation_seed: int = 0,
+        rotation_online: list[str] | None = None,
         **settings,
     ):
         settings.pop("quant_method", None)
@@ -178,6 +186,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.kv_cache_rotation = kv_cache_rotation
         self.rotation = rotation
         self.rotation_seed = rotation_seed
+        if isinstance(rotation_online, str):
+            rotation_online = [rotation_online]
+        self.rotation_online = (list(ONLINE_ROTATIONS) if rotation is not None else []) if rotation_online is None \
+            else list(rotation_online)
         self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
         # the entries added for the model as it loads (replace.add_default_skip); None: the user's list stays as given
         self._auto_skip = [] if modules_to_not_convert is None else None
@@ -220,8 +232,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         get_method(self.method)
         impl.check_scheme("HfQuantConfig", self.bits, self.group_size, self.symmetric)
         impl.check_settings()
-        check_rotation_args(self.rotation, self.rotation_seed)
-        needed = max(impl.format_version(), 2 if self.rotation else 1)
+        check_rotation_args(self.rotation, self.rotation_seed, self.rotation_online)
+        needed = max(impl.format_version(), self._rotation_version())
         if self.format_version is None:
             self.format_version = needed
         elif self.format_version < needed and self.rotation and impl.format_version() <= self.format_version:
@@ -258,6 +270,11 @@ class HfQuantConfig(QuantizationConfigMixin):
             impl.check_scheme(f"HfQuantConfig: modules_override[{name!r}]", s["bits"], s["group_size"],
                               s["symmetric"])
 
+    def _rotation_version(self) -> int:
+        # rotated checkpoints are format version 2; with online rotations 3 (a release reading
+        # at most 2 would load them without the online transforms: it refuses version 3)
+        return 3 if self.rotation_online else 2 if self.rotation else 1
+
     @property
     def needs_float_model(self) -> bool:
         """Whether quantizing needs the whole float model first (calibration, the norm-scale
@@ -280,7 +297,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         return is_listed(module_name, keys)
 
     def to_dict(self) -> dict[str, Any]:
-        version = max(self.format_version or 1, self.impl.format_version(), 2 if self.rotation else 1)
+        version = max(self.format_version or 1, self.impl.format_version(), self._rotation_version())
         d = {
             "quant_method": "hfquant",
             "format_version": version,
@@ -306,16 +323,19 @@ class HfQuantConfig(QuantizationConfigMixin):
             d["kv_cache_residual_length"] = self.kv_cache_residual_length
             if self.kv_cache_rotation != "auto":  # the default is left out (configs before it read back the same)
                 d["kv_cache_rotation"] = self.kv_cache_rotation
-        if self.rotation is not None:  # rotated checkpoints are format version 2
+        if self.rotation is not None:  # rotated checkpoints are format version 2 (3 with online rotations)
             d["rotation"] = self.rotation
             d["rotation_seed"] = self.rotation_seed
+            if self.rotation_online:
+                d["rotation_online"] = list(self.rotation_online)
         return d
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
         # a saved config without quantize_embeddings did not quantize them: to_dict writes True
         # whenever they were (earlier versions also left out False for "mixed", whose default is True)
-        config_dict = {"quantize_embeddings": False, **config_dict}
+        # likewise a saved config without rotation_online has no online rotations (format version 2)
+        config_dict = {"quantize_embeddings": False, "rotation_online": [], **config_dict}
         return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
 
     def to_diff_dict(self) -> dict[str, Any]:

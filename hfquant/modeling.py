@@ -64,9 +64,36 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` at ``name``; an online input rotation of the module it replaces
+    (install_input_rotation) moves to the new module."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    rotation = getattr(old, "_hfquant_input_rotation", None)
+    if rotation is not None and new is not old:
+        install_input_rotation(new, rotation)
     setattr(parent, child, new)
+
+
+def _rotate_input(module: nn.Module, args: tuple) -> tuple:
+    return (module._hfquant_input_rotation.forward(args[0]), *args[1:])
+
+
+def install_input_rotation(module: nn.Module, rotation) -> None:
+    """Makes ``module`` rotate its input online: a forward pre-hook computing
+    ``rotation.forward(x)`` before the module runs (an algorithms.rotation.HadamardRotation; its
+    weights hold the inverse, so the pair computes what the module computed). Not a tensor of
+    the state dict: checkpoints record it in their quantization_config, and loading installs it
+    again. A second call with a rotation of the same size changes nothing."""
+    have = getattr(module, "_hfquant_input_rotation", None)
+    if have is not None:
+        if have.n != rotation.n or have.seed != rotation.seed:
+            raise ValueError(f"hfquant: {type(module).__name__} already rotates its input (Hadamard {have.n}, seed "
+                             f"{have.seed}); a second rotation (Hadamard {rotation.n}, seed {rotation.seed}) would "
+                             "not be undone by its weights")
+        return
+    module._hfquant_input_rotation = rotation
+    module.register_forward_pre_hook(_rotate_input)
 
 
 def did_you_mean(key: str, names: list[str]) -> str:

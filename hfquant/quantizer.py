@@ -310,9 +310,11 @@ def _finish(model, config: HfQuantConfig) -> None:
     transformers' DynamicCache appending into preallocated buffers; a rotated one is read in
     its rotated space by the model's attention, hfquant/attention.py), and RMSNorm modules
     run as one op at inference (hfquant/fusion.py)."""
+    from .algorithms.rotation import install_online_rotations
     from .fusion import fuse_norms
     from .generation import bind_generate_cache
 
+    install_online_rotations(model, config)  # a reloaded rotated checkpoint's online transforms
     warn_float_leftovers(model, config)
     bind_generate_cache(model)
     fuse_norms(model)

@@ -241,7 +241,9 @@ def _scale_groups(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, s
         gate, up, down = (getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj"))
         if pre_norms and folds_into_norm(norm2) and isinstance(gate, nn.Linear) and isinstance(up, nn.Linear):
             groups.append((norm2, "norm", ["mlp.gate_proj", "mlp.up_proj"], None))
-        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
+        # not where down_proj's input is rotated online: a scale of its columns would not fold into up_proj
+        if (isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features
+                and getattr(down, "_hfquant_input_rotation", None) is None):
             groups.append((up, "linear", ["mlp.down_proj"], None))
     return groups
 

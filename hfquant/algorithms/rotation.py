@@ -13,6 +13,12 @@ columns are rotated per head by a second matrix (the attention mixes tokens, not
 within a head). The rotations spread outlier channels over all channels, which makes the
 weights (and activations) easier to quantize.
 
+Online (``rotation_online=["down_proj"]``, the default with a rotation): the input of each
+dense MLP's down_proj (the SiLU-gated activations, where this model's largest outliers are) is
+rotated as the model runs by R (HadamardRotation of down_proj's in_features, seed rotation_seed
++ 1; a forward pre-hook, modeling.install_input_rotation), and its weight holds W R^T, so the
+pair computes W x. Fused MoE experts' down projections are not rotated online.
+
 The matrices are randomized Hadamard matrices: diag(+-1 from a seeded generator) H / sqrt(n),
 H of order n = 2^k * m built by Kronecker products of Sylvester's order 2 and a Paley
 construction of order m. Everything is computed in float64 and cast to each parameter's dtype.
@@ -26,11 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..modeling import attention_geometry, folds_into_norm, text_config
+from ..modeling import attention_geometry, folds_into_norm, install_input_rotation, text_config
 
 logger = logging.getLogger("hfquant")
 
 ROTATIONS = ("hadamard",)
+# transforms applied as the model runs (they cannot be folded into weights on both sides)
+ONLINE_ROTATIONS = ("down_proj",)
 # orders m whose Hadamard matrix is built here (Paley I: m - 1 a prime = 3 mod 4; Paley II:
 # m / 2 - 1 a prime = 1 mod 4), up to this bound; n = 2^k * m
 _MAX_BASE = 256
@@ -195,6 +203,79 @@ class HadamardRotation:
         else:
             y.copy_(self.inverse(y))
         return y
+
+
+def _fwht64(v: Tensor) -> Tensor:
+    """The orthonormal Walsh-Hadamard transform of the last dimension (a power of two) in float64,
+    in Sylvester's order (the order of hfquant::hadamard_transform and hadamard_matrix)."""
+    p = v.shape[-1]
+    lead = v.shape[:-1]
+    h = 1
+    while h < p:
+        w = v.reshape(*lead, p // (2 * h), 2, h)
+        v = torch.stack((w[..., 0, :] + w[..., 1, :], w[..., 0, :] - w[..., 1, :]), dim=-2).reshape(*lead, p)
+        h *= 2
+    return v / p ** 0.5
+
+
+def rotate_rows64(rotation: HadamardRotation, w: Tensor) -> Tensor:
+    """rotation.forward of each row of w, computed in float64: w R^T for R the rotation's matrix."""
+    v = (w.double() * rotation.signs.double().to(w.device)).reshape(*w.shape[:-1], rotation.m, rotation.p)
+    v = _fwht64(v)
+    if rotation.mix is not None:
+        v = torch.matmul((hadamard_matrix(rotation.m) / rotation.m ** 0.5).to(v.device), v)
+    return v.reshape(w.shape)
+
+
+def online_seed(seed: int) -> int:
+    """The seed of the online rotations' signs for a config's rotation_seed."""
+    return (seed + 1) % 2 ** 63
+
+
+def online_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The dense down projections of the decoder layers' MLPs (model.layers.<i>.mlp...down_proj,
+    a module with in_features; fused experts excluded), which ``rotation_online=["down_proj"]``
+    rotates online."""
+    from ..experts import is_fused_experts
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return []
+    out = []
+    for i, layer in enumerate(layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        for name, m in mlp.named_modules():
+            if (name.rsplit(".", 1)[-1] == "down_proj" and isinstance(getattr(m, "in_features", None), int)
+                    and not is_fused_experts(m) and not any(is_fused_experts(p) for p in _parents(mlp, name))):
+                out.append((f"model.layers.{i}.mlp.{name}", m))
+    return out
+
+
+def _check_online_sizes(targets) -> None:
+    for name, m in targets:
+        if hadamard_factorization(m.in_features) is None:
+            _fail(f"{_where(name, m)}: no Hadamard matrix of size {m.in_features} (its in_features) is available "
+                  f"for the online rotation (sizes 2^k and 2^k times one of {paley_orders()[:12]} ... are); "
+                  "use rotation_online=[]")
+
+
+def install_online_rotations(model: nn.Module, config) -> int:
+    """The online rotations a config names (``rotation_online``) installed on the model's modules
+    (on a reloaded checkpoint, whose weights already hold their inverses); returns how many."""
+    online = list(getattr(config, "rotation_online", None) or [])
+    if not online or getattr(config, "rotation", None) is None:
+        return 0
+    targets = online_targets(model)
+    _check_online_sizes(targets)
+    rotations: dict[int, HadamardRotation] = {}
+    for _, m in targets:
+        n = m.in_features
+        if n not in rotations:
+            rotations[n] = HadamardRotation(n, online_seed(config.rotation_seed))
+        install_input_rotation(m, rotations[n])
+    return len(targets)
 
 
 # ---------------------------------------------------------------- the model
@@ -366,11 +447,17 @@ def _rotate_dim(t: Tensor, q: Tensor, dim: int) -> Tensor:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> None:
-    """Folds the pre-norm scales and rotates the residual stream and v/o per head, in place (see
-    the module docstring). Raises ValueError before changing anything where the model cannot be
+def rotate_model(model: nn.Module, seed: int = 0, online: tuple[str, ...] | list[str] = ()) -> None:
+    """Folds the pre-norm scales and rotates the residual stream and v/o per head, in place, and
+    with ``online=["down_proj"]`` rotates the dense down projections' inputs online (see the
+    module docstring). Raises ValueError before changing anything where the model cannot be
     rotated exactly."""
     plan, embed, final, head, hidden, head_dim = plan_rotation(model)
+    for o in online:
+        if o not in ONLINE_ROTATIONS:
+            _fail(f"online rotation {o!r} is not supported (use {list(ONLINE_ROTATIONS)})")
+    downs = online_targets(model) if "down_proj" in online else []
+    _check_online_sizes(downs)
     gen = torch.Generator().manual_seed(seed)
     q = random_hadamard(hidden, gen)
     head_qs = [random_hadamard(hd, gen) for _, _, hd, _ in plan.heads]
@@ -406,6 +493,12 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
     w = head.weight.detach().double() * dev(g_final, head.weight)
     new_head = w @ dev(q, w)
     untie = tied and not torch.equal(g_final, torch.ones_like(g_final))
+    rotations: dict[int, HadamardRotation] = {}
+    for _, d in downs:  # W <- W R^T on the columns (after the rows' rotation above)
+        n = d.in_features
+        rotations.setdefault(n, HadamardRotation(n, online_seed(seed)))
+        i = done[(id(d), "weight")]
+        new[i] = (d, "weight", rotate_rows64(rotations[n], new[i][2]))
 
     # nothing has changed up to here; now write
     for m, pname, t in new:
@@ -418,8 +511,11 @@ def rotate_model(model: nn.Module, seed: int = 0) -> None:
         _untie(model)
     elif not tied:
         head.weight.copy_(new_head.to(head.weight.dtype))
-    logger.info("hfquant: rotated the residual stream (Hadamard %d) and v/o per head (Hadamard %d), seed %d%s",
-                hidden, head_dim, seed, "; lm_head untied from the embedding" if untie else "")
+    for _, d in downs:
+        install_input_rotation(d, rotations[d.in_features])
+    logger.info("hfquant: rotated the residual stream (Hadamard %d) and v/o per head (Hadamard %d), seed %d%s%s",
+                hidden, head_dim, seed, "; lm_head untied from the embedding" if untie else "",
+                f"; {len(downs)} down_proj inputs rotated online" if downs else "")
 
 
 def _untie(model: nn.Module) -> None:
@@ -433,22 +529,30 @@ def _untie(model: nn.Module) -> None:
             cfg.tie_word_embeddings = False
 
 
-def check_rotation_args(rotation, seed) -> None:
-    """ValueError naming a bad ``rotation`` / ``rotation_seed`` of HfQuantConfig."""
+def check_rotation_args(rotation, seed, online=()) -> None:
+    """ValueError naming a bad ``rotation`` / ``rotation_seed`` / ``rotation_online`` of HfQuantConfig."""
     if rotation is not None and rotation not in ROTATIONS:
         raise ValueError(f"HfQuantConfig: rotation={rotation!r} is not supported (use None or one of {ROTATIONS})")
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"HfQuantConfig: rotation_seed={seed!r} must be in [0, 2^63)")
+    bad = [o for o in online if o not in ONLINE_ROTATIONS]
+    if bad:
+        raise ValueError(f"HfQuantConfig: rotation_online={list(online)!r}: {bad[0]!r} is not supported (use a "
+                         f"subset of {list(ONLINE_ROTATIONS)})")
+    if online and rotation is None:
+        raise ValueError(f"HfQuantConfig: rotation_online={list(online)!r} needs rotation='hadamard'")
 
 
 def check_rotatable(model: nn.Module, config) -> None:
     """Before loading (meta device): refuses a model the config's rotation cannot serve."""
     if getattr(config, "rotation", None) is not None:
         plan_rotation(model)
+        if "down_proj" in (getattr(config, "rotation_online", None) or ()):
+            _check_online_sizes(online_targets(model))
 
 
 def apply_rotation(model: nn.Module, config) -> None:
     """The config's rotation (``rotation``, ``rotation_seed``) on a float model; nothing if unset."""
     if getattr(config, "rotation", None) is None:
         return
-    rotate_model(model, config.rotation_seed)
+    rotate_model(model, config.rotation_seed, getattr(config, "rotation_online", None) or ())

@@ -55,6 +55,11 @@ def _check_exportable(model, fmt: str) -> list[tuple[str, QuantLinear]]:
         raise ExportError(f"hfquant export: unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
     layers = []
     for name, m in model.named_modules():
+        if getattr(m, "_hfquant_input_rotation", None) is not None:
+            raise ExportError(f"hfquant export: layer {name} rotates its input online (rotation_online="
+                              f"['down_proj'], its weight holds the inverse), which the {fmt} format does not "
+                              f"carry: its loaders would run the layer without the transform. Quantize with "
+                              f"rotation_online=[] (offline rotations only, which export as plain weights) to export")
         if isinstance(m, PackedLinear) and not isinstance(m, QuantLinear):
             method = _layer_method(m, model)
             what = method.why_not_exportable if method is not None else type(m).__name__

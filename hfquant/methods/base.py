@@ -19,8 +19,10 @@ from torch import nn
 
 # The newest checkpoint format this hfquant writes and reads (it reads every earlier one). A
 # checkpoint says the lowest version its tensors need (Method.format_version), so that
-# checkpoints without version 2's grids stay readable by earlier releases.
-FORMAT_VERSION = 2
+# checkpoints without version 2's grids stay readable by earlier releases. Version 3: a rotated
+# model with online rotations (HfQuantConfig.rotation_online), which a reader of version 2 would
+# run without them.
+FORMAT_VERSION = 3
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 DEFAULT_CALIBRATION = {"text": None, "n_samples": 32, "seq_len": 512}

@@ -126,9 +126,9 @@ def test_config_format_version_and_errors():
     assert c.to_dict()["format_version"] == 2 and c.to_dict()["zero_point"] == "float"
     with pytest.raises(ValueError, match=r"format_version=1 cannot hold this scheme .* it needs format_version 2"):
         hfquant.HfQuantConfig(bits=4, grid="extreme", format_version=1)
-    with pytest.raises(ValueError, match=r"format_version=3 is not supported by this hfquant \(it reads "
-                                         r"format_version 1 to 2\); upgrade hfquant"):
-        hfquant.HfQuantConfig(bits=4, format_version=3)
+    with pytest.raises(ValueError, match=r"format_version=4 is not supported by this hfquant \(it reads "
+                                         r"format_version 1 to 3\); upgrade hfquant"):
+        hfquant.HfQuantConfig(bits=4, format_version=4)
     # a version 1 config does not name the settings version 1 did not have
     assert "grid" not in hfquant.HfQuantConfig(bits=8).to_dict()  # the grid does not apply at 8 bits
     assert "zero_point" not in hfquant.HfQuantConfig(bits=4, symmetric=False).to_dict()
@@ -181,8 +181,8 @@ def test_model_save_reload(tiny, tmp_path, kw):
     with torch.no_grad():
         assert torch.equal(r(x).logits, y)
     # an older hfquant (format 1 only) refuses the checkpoint by its version, not by a tensor
-    saved["format_version"] = 3
-    with pytest.raises(ValueError, match="format_version=3 is not supported"):
+    saved["format_version"] = 4
+    with pytest.raises(ValueError, match="format_version=4 is not supported"):
         hfquant.HfQuantConfig.from_dict(saved)
 
 
@@ -253,4 +253,9 @@ def test_cli_rotation_option(tiny, tmp_path):
     assert cli.main(["quantize", str(tiny), str(tmp_path / "r"), "--bits", "8", "--rotation", "hadamard",
                      "--rotation-seed", "3"]) == 0
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["quantization_config"]
-    assert (saved["rotation"], saved["rotation_seed"], saved["format_version"]) == ("hadamard", 3, 2)
+    assert (saved["rotation"], saved["rotation_seed"], saved["format_version"]) == ("hadamard", 3, 3)
+    assert saved["rotation_online"] == ["down_proj"]
+    assert cli.main(["quantize", str(tiny), str(tmp_path / "r2"), "--bits", "8", "--rotation", "hadamard",
+                     "--rotation-online", "none"]) == 0
+    saved = json.loads((tmp_path / "r2" / "config.json").read_text())["quantization_config"]
+    assert (saved["format_version"], "rotation_online" in saved) == (2, False)

@@ -228,7 +228,17 @@ def test_export_refuses_what_a_format_cannot_hold(model_dir, tmp_path):
         export_model(km, str(tmp_path / "x"), "gptq")
     with pytest.raises(ExportError, match="unknown format 'exl2'"):
         export_model(llm_int8, str(tmp_path / "x"), "exl2")
+    # online rotations are not carried by either format; offline-only rotated models export
+    rotated = _load(model_dir, bits=4, group_size=128, rotation="hadamard")
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(ExportError, match=r"layer model.layers.0.mlp.down_proj rotates its input online .* "
+                                              r"rotation_online=\[\] \(offline rotations only"):
+            export_model(rotated, str(tmp_path / "x"), fmt)
     assert not (tmp_path / "x").exists()
+    offline = _load(model_dir, bits=4, group_size=128, symmetric=True, grid="range", rotation="hadamard",
+                    rotation_online=[])
+    export_model(offline, str(tmp_path / "offline"), "gptq")
+    assert (tmp_path / "offline" / "config.json").exists()
 
 
 def test_cli_export_and_convert(model_dir, tmp_path, capsys):

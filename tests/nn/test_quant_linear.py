@@ -85,7 +85,7 @@ def test_quantize_model_errors():
     (dict(group_size=0), "group_size=0"),
     (dict(symmetric="yes"), "symmetric"),
     (dict(method="magic"), "method="),
-    (dict(format_version=3), "format_version=3"),
+    (dict(format_version=4), "format_version=4"),
     (dict(modules_override={"x": {"bits": 5}}), "bits=5"),
     (dict(modules_override={"x": {"colour": 1}}), "modules_override"),
     (dict(wrong_arg=1), "unknown argument"),

@@ -219,8 +219,8 @@ ROWS = [
     ("weights_missing", "w8", remove_file("model.safetensors"), OSError, r"no file named model\.safetensors"),
     # the config
     ("unknown_method", "w4g128", config(method="awq2"), ValueError, r"method='awq2' is not supported"),
-    ("unknown_format_version", "w8", config(format_version=3), ValueError,
-     r"format_version=3 is not supported by this hfquant"),
+    ("unknown_format_version", "w8", config(format_version=4), ValueError,
+     r"format_version=4 is not supported by this hfquant"),
     ("bits_5", "w4g128", config(bits=5), ValueError, r"bits=5 is not supported"),
     # 3 bits is a valid setting, but the 4-bit tensors do not fit its bit-stream layout
     ("bits_3", "w4g128", config(bits=3), ValueError,
