@@ -10,6 +10,11 @@ validation split, test windows from the start of the test split.
 
     python benchmarks/accuracy_rotation.py                  # 8 windows of 512 tokens per split
     python benchmarks/accuracy_rotation.py --seeds 0,1 --write-docs
+    python benchmarks/accuracy_rotation.py --gptq --threads 2 --write-docs   # section accuracy-rotation-gptq
+
+--gptq runs GPTQ W4 g128 (default calibration) without rotation, with the offline rotation, with
+the online down_proj rotation, and with it plus the embedding and the (untied) lm_head at W8
+g128, and gives each checkpoint's size (safetensors files of save_pretrained).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=8, help="512-token windows scored in each split (default 8)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", default="0", help="comma list of rotation seeds (default 0)")
+    p.add_argument("--gptq", action="store_true", help="GPTQ W4 g128 rows instead (section accuracy-rotation-gptq)")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "accuracy.md")
     args = p.parse_args(argv)
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return tuple(perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
                      for text in (valid, test))
 
+    if args.gptq:
+        return _gptq(args, command, model_dir, score)
     # (label, scheme, seed, online rotations)
     runs: list[tuple[str, dict | None, int | None, list]] = [("fp32", None, None, [])]
     runs += [(f"fp32, rotated offline (seed {s})", None, s, []) for s in seeds[:1]]
@@ -104,6 +112,48 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if args.write_docs:
         common.write_doc_section(args.docs, "accuracy-rotation", body, DOC_INTRO)
+    return 0
+
+
+def _gptq(args, command, model_dir, score) -> int:
+    import tempfile
+
+    base = dict(method="gptq", bits=4, group_size=128)
+    w8_ends = dict(quantize_embeddings=True, modules_to_not_convert=[],
+                   modules_override={"embed_tokens": {"bits": 8}, "lm_head": {"bits": 8}})
+    runs = [("GPTQ W4 g128", dict(base)),
+            ("GPTQ W4 g128 + rotation offline (seed 0)", dict(base, rotation="hadamard", rotation_online=[])),
+            ("GPTQ W4 g128 + rotation + online down_proj (seed 0)", dict(base, rotation="hadamard")),
+            ("GPTQ W4 g128 + rotation + online down_proj, embedding and lm_head W8 g128 (seed 0)",
+             dict(base, rotation="hadamard", **w8_ends))]
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = score(fp)
+    del fp
+    rows = [["fp32", f"{ref[0]:.3f}", f"{ref[1]:.3f}", ""]]
+    t0 = time.perf_counter()
+    for label, cfg in runs:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(**cfg))
+        v, t = score(model)
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            size = sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
+        rows.append([label, f"{v:.3f} ({100 * (v / ref[0] - 1):+.2f}%)", f"{t:.3f} ({100 * (t / ref[1] - 1):+.2f}%)",
+                     f"{size / 1e6:.0f}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+        del model
+    body = "\n".join([
+        "### Hadamard rotation with GPTQ W4 g128", "",
+        f"Command: `{command}`", "",
+        f"Model {Path(model_dir).name}; WikiText-2 raw validation and test, first {args.windows} windows of 512 "
+        f"tokens of each (stride 512); GPTQ with its default calibration; {args.threads} thread(s), "
+        f"{common.cpu_model()}; run {time.strftime('%Y-%m-%d', time.gmtime())}, {time.perf_counter() - t0:.0f} s.",
+        "", common.md_table(["config", "valid perplexity (vs fp32)", "test perplexity (vs fp32)", "checkpoint MB"],
+                            rows), "",
+        "The rotation unties lm_head from the embedding (the final norm folds into it), so a rotated checkpoint "
+        "holds both; by default lm_head stays float32 (113 MB here)."])
+    print(body)
+    if args.write_docs:
+        common.write_doc_section(args.docs, "accuracy-rotation-gptq", body, DOC_INTRO)
     return 0
 
 

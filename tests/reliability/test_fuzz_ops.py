@@ -266,20 +266,18 @@ def test_fuzz_qembedding(q, data):
     assert same(got, want), f"bits={bits} g{gs} N={N} K={K} {dtype}"
 
 
-@FUZZ
-@given(q=quantized(), data=st.data())
-def test_fuzz_qlinear_routed(q, data):
+def _routed_case(q, data, op: str, row_counts):
+    """A drawn routed-experts call: E experts (the drawn weight with its rows rotated by e: one
+    geometry, different weights), x [R, K] of a drawn dtype, kind and layout, expert ids, maybe a
+    bias. One case in ten puts an expert id out of range and checks that ``op`` refuses it
+    (then None is returned)."""
     bits, gs, N, K, qw, s, z = q
-    assume(torch.isfinite(s.float()).all())
-    CASES["qlinear_routed"] += 1
-    # E experts: the drawn weight with its rows rotated by e (one geometry, different weights)
     E = data.draw(st.integers(1, 5))
     packed = [OPS.repack(qw.roll(e, 0), s.roll(e, 0), None if z is None else z.roll(e, 0), bits, gs, K)
               for e in range(E)]
     w, sb = torch.stack([p[0] for p in packed]), torch.stack([p[1] for p in packed])
     dtype, kind, layout = data.draw(dtypes), data.draw(kinds), data.draw(layouts)
-    R = data.draw(st.sampled_from([0, 1, 2, 3, 5, 17, 40]))
-    isa = data.draw(st.sampled_from(ISAS))
+    R = data.draw(st.sampled_from(row_counts))
     gen = _gen(data.draw(seeds))
     x = view_as(floats((R, K), dtype, kind, gen, large=1e15), layout, gen)
     ids = torch.randint(0, E, (R,), generator=gen, dtype=data.draw(st.sampled_from([torch.int64, torch.int32])))
@@ -288,11 +286,25 @@ def test_fuzz_qlinear_routed(q, data):
     if R and data.draw(st.integers(0, 9)) == 0:  # an expert id out of range: refused, naming it
         bad = ids.clone()
         bad[-1] = data.draw(st.sampled_from([E, E + 3, -1]))
-        raises_clean(lambda: OPS.qlinear_routed(x, w, sb, bad, bias, bits, gs, N, K), "qlinear_routed")
+        raises_clean(lambda: getattr(OPS, op)(x, w, sb, bad, bias, bits, gs, N, K), op)
+        return None
+    return w, sb, x, ids, bias, f"{dtype} bits={bits} g{gs} N={N} K={K} E={E} R={R} {kind} {layout}"
+
+
+@FUZZ
+@given(q=quantized(), data=st.data())
+def test_fuzz_qlinear_routed(q, data):
+    bits, gs, N, K, qw, s, z = q
+    assume(torch.isfinite(s.float()).all())
+    CASES["qlinear_routed"] += 1
+    case = _routed_case(q, data, "qlinear_routed", [0, 1, 2, 3, 5, 17, 40])
+    if case is None:
         return
+    w, sb, x, ids, bias, what = case
+    isa = data.draw(st.sampled_from(ISAS))
     y = _with_isa(isa, lambda: OPS.qlinear_routed(x, w, sb, ids, bias, bits, gs, N, K))
-    assert y.dtype == dtype and y.shape == (R, N)
-    msg = f"{isa} {dtype} bits={bits} g{gs} N={N} K={K} E={E} R={R} {kind} {layout}"
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], N)
+    msg = f"{isa} {what}"
     x2 = x.double()
     b = None if bias is None else bias.double()
     want = ref.qlinear_routed_ref(x2, w, sb, ids, b, bits, gs, N, K)
@@ -304,7 +316,7 @@ def test_fuzz_qlinear_routed(q, data):
         W = ref.dequantize_packed_ref(w[e], sb[e], bits, gs, N, K).double()
         scale = max(scale, _step_scale(x2[rows], sb[e], gs, N, K, W))
     assert same(y, loop), f"{msg}: differs from qlinear on each expert's rows"
-    close(y, want, dtype, scale, msg)
+    close(y, want, x.dtype, scale, msg)
 
 
 @FUZZ
@@ -313,23 +325,11 @@ def test_fuzz_qlinear_routed_a8(q, data):
     bits, gs, N, K, qw, s, z = q
     assume(bits == 4 and torch.isfinite(s.float()).all())
     CASES["qlinear_routed_a8"] += 1
-    E = data.draw(st.integers(1, 5))
-    packed = [OPS.repack(qw.roll(e, 0), s.roll(e, 0), None if z is None else z.roll(e, 0), bits, gs, K)
-              for e in range(E)]
-    w, sb = torch.stack([p[0] for p in packed]), torch.stack([p[1] for p in packed])
-    dtype, kind, layout = data.draw(dtypes), data.draw(kinds), data.draw(layouts)
-    R = data.draw(st.sampled_from([0, 1, 2, 3, 9, 17, 40]))
-    path = data.draw(st.sampled_from(I8_PATHS))
-    gen = _gen(data.draw(seeds))
-    x = view_as(floats((R, K), dtype, kind, gen, large=1e15), layout, gen)
-    ids = torch.randint(0, E, (R,), generator=gen, dtype=data.draw(st.sampled_from([torch.int64, torch.int32])))
-    bias = floats((E, N), data.draw(st.sampled_from([dtype, torch.float32])), "normal", gen) \
-        if data.draw(st.booleans()) else None
-    if R and data.draw(st.integers(0, 9)) == 0:  # an expert id out of range: refused, naming it
-        bad = ids.clone()
-        bad[-1] = data.draw(st.sampled_from([E, E + 3, -1]))
-        raises_clean(lambda: OPS.qlinear_routed_a8(x, w, sb, bad, bias, bits, gs, N, K), "qlinear_routed_a8")
+    case = _routed_case(q, data, "qlinear_routed_a8", [0, 1, 2, 3, 9, 17, 40])
+    if case is None:
         return
+    w, sb, x, ids, bias, what = case
+    path = data.draw(st.sampled_from(I8_PATHS))
     _C.set_int8_path(path)
     try:
         y = OPS.qlinear_routed_a8(x, w, sb, ids, bias, bits, gs, N, K)
@@ -338,10 +338,9 @@ def test_fuzz_qlinear_routed_a8(q, data):
                  for r, e in enumerate(ids.tolist())]
     finally:
         _C.set_int8_path("auto")
-    assert y.dtype == dtype and y.shape == (R, N)
-    msg = f"{path} {dtype} g{gs} N={N} K={K} E={E} R={R} {kind} {layout}"
-    if R:
-        assert same(y, torch.cat(alone)), f"{msg}: differs from qlinear_a8 on each row alone"
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], N)
+    if alone:
+        assert same(y, torch.cat(alone)), f"{path} {what}: differs from qlinear_a8 on each row alone"
 
 
 def _step_scale(x2, sb, gs, N, K, W):
