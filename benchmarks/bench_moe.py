@@ -80,14 +80,13 @@ def decode_read_bytes(model) -> int:
     """Weight bytes one decode token reads in the decoder layers: all of them but the experts
     the router did not pick (top-k of E per layer, each expert the same size); not the head."""
     k, E = SHAPES["num_experts_per_tok"], SHAPES["num_experts"]
-    experts = sum(model_bytes(m) for m in model.model.layers.modules()
-                  if isinstance(m, QuantExperts) or type(m).__name__.endswith("Experts"))
+    experts = sum(model_bytes(m) for m in _experts_modules(model))
     return model_bytes(model.model.layers) - experts * (E - k) // E
 
 
 def _experts_modules(model) -> list:
-    return [m for m in model.model.layers.modules()
-            if isinstance(m, QuantExperts) or (type(m).__name__.endswith("Experts") and m is not model)]
+    """The experts modules of the decoder layers (hfquant's QuantExperts or transformers' *Experts)."""
+    return [m for m in model.model.layers.modules() if isinstance(m, QuantExperts) or type(m).__name__.endswith("Experts")]
 
 
 def _expert_bytes(m) -> int:

@@ -69,10 +69,15 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child, None)
-    rotation = getattr(old, "_hfquant_input_rotation", None)
+    rotation = input_rotation(old)
     if rotation is not None and new is not old:
         install_input_rotation(new, rotation)
     setattr(parent, child, new)
+
+
+def input_rotation(module: nn.Module | None):
+    """The online rotation a module applies to its input (install_input_rotation), or None."""
+    return getattr(module, "_hfquant_input_rotation", None)
 
 
 def _rotate_input(module: nn.Module, args: tuple) -> tuple:
@@ -85,7 +90,7 @@ def install_input_rotation(module: nn.Module, rotation) -> None:
     weights hold the inverse, so the pair computes what the module computed). Not a tensor of
     the state dict: checkpoints record it in their quantization_config, and loading installs it
     again. A second call with a rotation of the same size changes nothing."""
-    have = getattr(module, "_hfquant_input_rotation", None)
+    have = input_rotation(module)
     if have is not None:
         if have.n != rotation.n or have.seed != rotation.seed:
             raise ValueError(f"hfquant: {type(module).__name__} already rotates its input (Hadamard {have.n}, seed "

@@ -172,8 +172,8 @@ def qlinear_a8_ref(x, packed_weight, packed_scales, bias, bits: int, group_size:
                        in_features).to(x.dtype)
 
 
-def _routed_ref(op: str, linear, x, packed_weight, expert_ids, bias) -> torch.Tensor:
-    # linear(rows of x, expert e, its bias) for each expert e present
+def _routed_ref(op: str, linear, x, packed_weight, expert_ids, bias, out_features: int) -> torch.Tensor:
+    # [R, N] in x.dtype: linear(rows of x, expert e, its bias) for each expert e present
     if expert_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"hfquant::{op}: expert_ids must be int64 or int32, got {expert_ids.dtype}")
     E = packed_weight.shape[0]
@@ -182,13 +182,10 @@ def _routed_ref(op: str, linear, x, packed_weight, expert_ids, bias) -> torch.Te
     if bad.any():
         r = int(bad.nonzero()[0, 0])
         raise ValueError(f"hfquant::{op}: expert id {int(ids[r])} at row {r} is out of range for {E} experts")
-    y = None
+    y = x.new_empty((x.shape[0], out_features))
     for e in torch.unique(ids).tolist():
         rows = (ids == e).nonzero().flatten()
-        ye = linear(x[rows], e, None if bias is None else bias[e])
-        if y is None:
-            y = ye.new_empty((x.shape[0], ye.shape[1]))
-        y[rows] = ye
+        y[rows] = linear(x[rows], e, None if bias is None else bias[e])
     return y
 
 
@@ -196,10 +193,9 @@ def qlinear_routed_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: 
                        out_features: int, in_features: int) -> torch.Tensor:
     """Twin of ``hfquant::qlinear_routed``: for each expert e present, ``qlinear_ref`` of its rows
     (expert_ids == e) with packed_weight[e], packed_scales[e] and bias[e]; [R, N] in x.dtype."""
-    y = _routed_ref("qlinear_routed", lambda xe, e, b: qlinear_ref(xe, packed_weight[e], packed_scales[e], b, bits,
-                                                                   group_size, out_features, in_features),
-                    x, packed_weight, expert_ids, bias)
-    return x.new_empty((x.shape[0], out_features)) if y is None else y
+    return _routed_ref("qlinear_routed", lambda xe, e, b: qlinear_ref(xe, packed_weight[e], packed_scales[e], b, bits,
+                                                                      group_size, out_features, in_features),
+                       x, packed_weight, expert_ids, bias, out_features)
 
 
 def qlinear_routed_a8_ref(x, packed_weight, packed_scales, expert_ids, bias, bits: int, group_size: int,
@@ -208,11 +204,10 @@ def qlinear_routed_a8_ref(x, packed_weight, packed_scales, expert_ids, bias, bit
     if bits != 4:
         raise ValueError(f"hfquant::qlinear_routed_a8: bits={bits} is not supported (4-bit experts only; use "
                          "qlinear_routed)")
-    y = _routed_ref("qlinear_routed_a8", lambda xe, e, b: qlinear_a8_ref(xe, packed_weight[e], packed_scales[e], b,
-                                                                         bits, group_size, out_features,
-                                                                         in_features),
-                    x, packed_weight, expert_ids, bias)
-    return x.new_empty((x.shape[0], out_features)) if y is None else y
+    return _routed_ref("qlinear_routed_a8", lambda xe, e, b: qlinear_a8_ref(xe, packed_weight[e], packed_scales[e], b,
+                                                                            bits, group_size, out_features,
+                                                                            in_features),
+                       x, packed_weight, expert_ids, bias, out_features)
 
 
 # --- int8 activations (W8A8, LLM.int8()) -------------------------------------------------

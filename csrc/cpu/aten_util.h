@@ -68,9 +68,8 @@ PackedGeometry check_linear_call(const char* op, const at::Tensor& x, const at::
 // the rows sorted by expert (stable): sorted position i holds row perm[i]; the rows of expert e
 // are perm[start[e] .. start[e + 1]).
 struct RoutedCall {
-  struct {
-    int64_t Kp, T, U, G, gs, E;
-  } geo;
+  PackedGeometry geo;  // of each expert
+  int64_t E;           // experts
   std::vector<int64_t> start;
   at::Tensor perm;  // int64 [R]
 };
@@ -81,5 +80,9 @@ RoutedCall check_routed_call(const char* op, const at::Tensor& x, const at::Tens
                              const at::Tensor& packed_scales, const at::Tensor& expert_ids,
                              const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
                              int64_t out_features, int64_t in_features);
+
+// Row i of `src` (rows of row_bytes bytes) copied to row dst[i] of `y`, i < R, in parallel: the
+// outputs of rows computed in expert order put back in the order of x (qlinear_routed.cpp).
+void scatter_rows(uint8_t* y, const uint8_t* src, const int64_t* dst, int64_t R, int64_t row_bytes);
 
 }  // namespace hfquant::cpu

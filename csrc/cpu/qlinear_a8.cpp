@@ -416,8 +416,8 @@ at::Tensor qlinear_routed_a8_cpu(const at::Tensor& x, const at::Tensor& packed_w
               " is not supported (4-bit experts only; use qlinear_routed)");
   const RoutedCall call = check_routed_call(op, x, packed_weight, packed_scales, expert_ids, bias, bits, group_size,
                                             out_features, in_features);
-  const int64_t N = out_features, K = in_features, R = x.size(0), E = call.geo.E;
-  const PackedGeometry geo{call.geo.gs, call.geo.G, call.geo.Kp, call.geo.T, call.geo.U};
+  const int64_t N = out_features, K = in_features, R = x.size(0), E = call.E;
+  const PackedGeometry& geo = call.geo;
   at::Tensor y = at::empty({R, N}, x.options());
   if (R == 0) return y;
   const at::Tensor xk = x.stride(1) == 1 ? x : x.contiguous();
@@ -454,11 +454,7 @@ at::Tensor qlinear_routed_a8_cpu(const at::Tensor& x, const at::Tensor& packed_w
       kern(p, ae, o, it.t0, it.t1);
     }
   });
-  uint8_t* yp = static_cast<uint8_t*>(y.data_ptr());
-  const int64_t row_bytes = N * yes;
-  at::parallel_for(0, R, std::max<int64_t>(1, (int64_t(1) << 16) / row_bytes), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) std::memcpy(yp + perm[i] * row_bytes, ysp + i * row_bytes, row_bytes);
-  });
+  scatter_rows(static_cast<uint8_t*>(y.data_ptr()), ysp, perm, R, N * yes);
   return y;
 }
 

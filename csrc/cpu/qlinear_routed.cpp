@@ -89,7 +89,7 @@ RoutedCall check_routed_call(const char* op, const at::Tensor& x, const at::Tens
 
   // Stable counting sort of the rows by expert: sorted position i holds row perm[i]; the rows
   // of expert e are perm[start[e] .. start[e + 1]), in their order in x.
-  RoutedCall c{{Kp, T, U, G, gs, E}, std::vector<int64_t>(E + 1, 0), {}};
+  RoutedCall c{PackedGeometry{gs, G, Kp, T, U}, E, std::vector<int64_t>(E + 1, 0), {}};
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
@@ -105,6 +105,12 @@ RoutedCall check_routed_call(const char* op, const at::Tensor& x, const at::Tens
   return c;
 }
 
+void scatter_rows(uint8_t* y, const uint8_t* src, const int64_t* dst, int64_t R, int64_t row_bytes) {
+  at::parallel_for(0, R, std::max<int64_t>(1, (int64_t(1) << 16) / row_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(y + dst[i] * row_bytes, src + i * row_bytes, row_bytes);
+  });
+}
+
 // x            : float32/bfloat16/float16 [R, K], any strides
 // packed_weight: uint8 [E, T, Kp/32 (4-bit) or Kp/16 (8-bit), 4, 16]  (repack of each expert, stacked)
 // packed_scales: float32 [E, T, G, 2, 4]                               (the same)
@@ -118,7 +124,7 @@ at::Tensor qlinear_routed_cpu(const at::Tensor& x, const at::Tensor& packed_weig
   const RoutedCall call = check_routed_call("qlinear_routed", x, packed_weight, packed_scales, expert_ids, bias, bits,
                                             group_size, out_features, in_features);
   const int64_t N = out_features, K = in_features, R = x.size(0);
-  const int64_t Kp = call.geo.Kp, T = call.geo.T, U = call.geo.U, G = call.geo.G, gs = call.geo.gs, E = call.geo.E;
+  const int64_t Kp = call.geo.Kp, T = call.geo.T, U = call.geo.U, G = call.geo.G, gs = call.geo.gs, E = call.E;
   const std::vector<int64_t>& start = call.start;
   const at::Tensor& perm_t = call.perm;
   const int64_t* perm = perm_t.data_ptr<int64_t>();
@@ -200,11 +206,7 @@ at::Tensor qlinear_routed_cpu(const at::Tensor& x, const at::Tensor& packed_weig
         i += q1 - q0;
       }
     });
-    uint8_t* yp = static_cast<uint8_t*>(y.data_ptr());
-    const int64_t row_bytes = N * yes;
-    at::parallel_for(0, Rg, std::max<int64_t>(1, (int64_t(1) << 16) / row_bytes), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) std::memcpy(yp + gemv_src[i] * row_bytes, ygp + i * row_bytes, row_bytes);
-    });
+    scatter_rows(static_cast<uint8_t*>(y.data_ptr()), ygp, gemv_src.data(), Rg, N * yes);
   }
   // Experts with more rows: qlinear on their gathered rows (its Gemm or blocked path).
   for (const int64_t e : big_experts) {

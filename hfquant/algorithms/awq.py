@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats.v1 import grouped, fake_quantize, group_params, quantize_codes
-from ..modeling import attention_geometry, folds_into_norm
+from ..modeling import attention_geometry, folds_into_norm, input_rotation
 
 logger = logging.getLogger("hfquant")
 
@@ -243,7 +243,7 @@ def _scale_groups(model: nn.Module, block: nn.Module) -> list[tuple[nn.Module, s
             groups.append((norm2, "norm", ["mlp.gate_proj", "mlp.up_proj"], None))
         # not where down_proj's input is rotated online: a scale of its columns would not fold into up_proj
         if (isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features
-                and getattr(down, "_hfquant_input_rotation", None) is None):
+                and input_rotation(down) is None):
             groups.append((up, "linear", ["mlp.down_proj"], None))
     return groups
 

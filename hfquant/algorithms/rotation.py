@@ -269,13 +269,15 @@ def install_online_rotations(model: nn.Module, config) -> int:
         return 0
     targets = online_targets(model)
     _check_online_sizes(targets)
-    rotations: dict[int, HadamardRotation] = {}
+    rotations = _online_rotations(targets, config.rotation_seed)
     for _, m in targets:
-        n = m.in_features
-        if n not in rotations:
-            rotations[n] = HadamardRotation(n, online_seed(config.rotation_seed))
-        install_input_rotation(m, rotations[n])
+        install_input_rotation(m, rotations[m.in_features])
     return len(targets)
+
+
+def _online_rotations(targets, seed: int) -> dict[int, HadamardRotation]:
+    """One HadamardRotation per in_features of the targets (seed online_seed(seed)), shared by them."""
+    return {n: HadamardRotation(n, online_seed(seed)) for n in sorted({m.in_features for _, m in targets})}
 
 
 # ---------------------------------------------------------------- the model
@@ -493,12 +495,10 @@ def rotate_model(model: nn.Module, seed: int = 0, online: tuple[str, ...] | list
     w = head.weight.detach().double() * dev(g_final, head.weight)
     new_head = w @ dev(q, w)
     untie = tied and not torch.equal(g_final, torch.ones_like(g_final))
-    rotations: dict[int, HadamardRotation] = {}
+    rotations = _online_rotations(downs, seed)
     for _, d in downs:  # W <- W R^T on the columns (after the rows' rotation above)
-        n = d.in_features
-        rotations.setdefault(n, HadamardRotation(n, online_seed(seed)))
         i = done[(id(d), "weight")]
-        new[i] = (d, "weight", rotate_rows64(rotations[n], new[i][2]))
+        new[i] = (d, "weight", rotate_rows64(rotations[d.in_features], new[i][2]))
 
     # nothing has changed up to here; now write
     for m, pname, t in new:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..formats.v1 import codes_and_zeros
 from ..methods import get_method, method_names
+from ..modeling import input_rotation
 from ..nn import PackedLinear, QuantExperts, QuantLinear
 from ..nn.experts import PROJS
 from . import layouts
@@ -55,7 +56,7 @@ def _check_exportable(model, fmt: str) -> list[tuple[str, QuantLinear]]:
         raise ExportError(f"hfquant export: unknown format {fmt!r} (use one of {', '.join(FORMATS)})")
     layers = []
     for name, m in model.named_modules():
-        if getattr(m, "_hfquant_input_rotation", None) is not None:
+        if input_rotation(m) is not None:
             raise ExportError(f"hfquant export: layer {name} rotates its input online (rotation_online="
                               f"['down_proj'], its weight holds the inverse), which the {fmt} format does not "
                               f"carry: its loaders would run the layer without the transform. Quantize with "

@@ -340,7 +340,6 @@ class QuantExperts(nn.Module):
         return op(x, kernel[f"{proj}_packed_weight"], kernel[f"{proj}_packed_scales"], expert_ids,
                   getattr(self, f"{proj}_proj_bias"), self.kernel_bits, self.group_size, n, k)
 
-
     def _forward_routed(self, kernel, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         # one row per (token, slot) pair: gate_up on the token's hidden state, down on the
         # pair's own activations, each row through its expert's weights (hfquant::qlinear_routed)
