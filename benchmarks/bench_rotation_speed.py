@@ -1,6 +1,6 @@
 """What the Hadamard rotation costs in speed on the default model: the online rotation of
-down_proj's input (rotation_online=["down_proj"], a forward pre-hook running
-hfquant::hadamard_transform and a 12 x 12 mix per layer) against the offline-only rotation
+down_proj's input (rotation_online=["down_proj"], a forward pre-hook running one
+hfquant::hadamard_transform with its 12 x 12 mix per layer) against the offline-only rotation
 and no rotation, for W8A8 (where the online rotation pays off in accuracy: docs/accuracy.md,
 accuracy-rotation) and RTN W4 g128.
 
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         common.md_table(["scheme", "rotation", "decode tok/s", "vs none", "prefill tok/s (512)", "vs none"], rows),
         "",
         "The offline rotation changes only weights (no run-time cost beyond the lm_head it unties from the "
-        "embedding); the online one adds per layer a forward pre-hook on down_proj: signs, "
-        "hfquant::hadamard_transform over 128 and a 12 x 12 mix (1536 = 12 x 128)."])
+        "embedding); the online one adds per layer a forward pre-hook on down_proj: one "
+        "hfquant::hadamard_transform call (signs, the transforms over 128 and the 12 x 12 mix of 1536 = 12 x 128)."])
     print(body)
     if a.write_docs:
         common.write_doc_section(a.docs, "rotation-speed", body, DOC_INTRO)

@@ -80,10 +80,12 @@ TORCH_LIBRARY(hfquant, m) {
   // --- online rotations (csrc/cpu/hadamard.cpp) ---
   // Fast Walsh-Hadamard transform of each row of the last dimension p (a power of two):
   // forward y = H (signs * x) / sqrt(p), inverse y = signs * (H x) / sqrt(p); signs float32 [p]
-  // or None; computed in float32, returned in x's dtype.
-  m.def("hadamard_transform(Tensor x, Tensor? signs, bool inverse=False) -> Tensor");
+  // or None; computed in float32, returned in x's dtype. With mix (float32 [m, m], orthonormal)
+  // the last dimension n = m p is m sub-rows of p: forward transforms them, then mixes them
+  // (out[i] = sum_j mix[i][j] v[j]); inverse mixes by mix^T, then transforms; signs over n.
+  m.def("hadamard_transform(Tensor x, Tensor? signs, bool inverse=False, Tensor? mix=None) -> Tensor");
   // The same in place (the last dimension of x contiguous; leading dimensions may be strided).
-  m.def("hadamard_transform_inplace(Tensor(a!) x, Tensor? signs, bool inverse=False) -> ()");
+  m.def("hadamard_transform_inplace(Tensor(a!) x, Tensor? signs, bool inverse=False, Tensor? mix=None) -> ()");
 
   // --- fused decoder pieces (csrc/cpu/norm.cpp) ---
   // RMSNorm of the last dimension D: y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), the

@@ -356,27 +356,33 @@ def kv_dequantize_into(codes, scales, mins, out: torch.Tensor, length: int, bits
 
 # --- online rotations (fast Walsh-Hadamard transform) -----------------------------------------
 @torch.library.register_fake("hfquant::hadamard_transform")
-def _hadamard_transform_fake(x, signs, inverse=False):
-    p = x.shape[-1]
+def _hadamard_transform_fake(x, signs, inverse=False, mix=None):
+    n = x.shape[-1]
+    m = 1 if mix is None else mix.shape[0]
+    torch._check(mix is None or (mix.dim() == 2 and mix.shape[0] == mix.shape[1] and m >= 1 and n % m == 0),
+                 lambda: f"hfquant::hadamard_transform: mix must be a square matrix whose order divides the last "
+                         f"dimension of x ({n})")
+    p = n // m
     torch._check(p >= 1 and (p & (p - 1)) == 0,
-                 lambda: f"hfquant::hadamard_transform: the last dimension of x ({p}) must be a power of two")
+                 lambda: f"hfquant::hadamard_transform: the last dimension of x ({n}) must be a power of two "
+                         "(times mix's order)")
     torch._check(x.dtype in (torch.float32, torch.bfloat16, torch.float16),
                  lambda: f"hfquant::hadamard_transform: x must be float32, bfloat16 or float16, got {x.dtype}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("hfquant::hadamard_transform_inplace")
-def _hadamard_transform_inplace_fake(x, signs, inverse=False):
+def _hadamard_transform_inplace_fake(x, signs, inverse=False, mix=None):
     return None
 
 
-def _hadamard_transform_composite(x, signs, inverse=False):
+def _hadamard_transform_composite(x, signs, inverse=False, mix=None):
     """Devices without a native kernel (CUDA for now): the torch butterflies, same results."""
-    return _transforms.fwht(x, signs, inverse)
+    return _transforms.fwht(x, signs, inverse, mix)
 
 
-def _hadamard_transform_inplace_composite(x, signs, inverse=False):
-    x.copy_(_transforms.fwht(x, signs, inverse))
+def _hadamard_transform_inplace_composite(x, signs, inverse=False, mix=None):
+    x.copy_(_transforms.fwht(x, signs, inverse, mix))
 
 
 torch.library.register_kernel("hfquant::hadamard_transform", "cuda", _hadamard_transform_composite)
@@ -384,35 +390,40 @@ torch.library.register_kernel("hfquant::hadamard_transform_inplace", "cuda", _ha
 
 
 def _hadamard_setup(ctx, inputs, output):
-    _, signs, inverse = inputs
-    ctx.signs, ctx.inverse = signs, inverse
+    _, signs, inverse, mix = inputs
+    ctx.signs, ctx.inverse, ctx.mix = signs, inverse, mix
 
 
 def _hadamard_backward(ctx, grad):
-    # the transform is linear: the forward's gradient is the inverse transform and vice versa
-    # (for any diagonal signs: (H D / sqrt(p))^T = D H / sqrt(p))
-    return torch.ops.hfquant.hadamard_transform(grad.contiguous(), ctx.signs, not ctx.inverse), None, None
+    # the transform is linear and orthogonal up to the signs: the forward's gradient is the
+    # inverse transform and vice versa ((M x H D / sqrt(p))^T = D (M^T x H) / sqrt(p))
+    return torch.ops.hfquant.hadamard_transform(grad.contiguous(), ctx.signs, not ctx.inverse, ctx.mix), None, None, \
+        None
 
 
 torch.library.register_autograd("hfquant::hadamard_transform", _hadamard_backward, setup_context=_hadamard_setup)
 
 
-def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False,
+                       mix: torch.Tensor | None = None) -> torch.Tensor:
     """Fast Walsh-Hadamard transform of the last dimension p (a power of two), orthonormal:
     forward H (signs * x) / sqrt(p), inverse signs * (H x) / sqrt(p) (H the Sylvester matrix;
-    signs float32 [p], normally random +-1, or None). Float32 arithmetic, x's dtype out. Other
-    sizes: hfquant.algorithms.rotation.HadamardRotation."""
+    signs float32 [p], normally random +-1, or None). With ``mix`` (float32 [m, m], orthonormal)
+    the last dimension is m p: forward transforms the m sub-rows of p and mixes them by mix,
+    inverse undoes it (one op for a rotation of size 2^k times a Paley order). Float32
+    arithmetic, x's dtype out. Built on it: hfquant.algorithms.rotation.HadamardRotation."""
     if _backend() == "ref":
-        return _ref().hadamard_transform_ref(x, signs, inverse)
-    return torch.ops.hfquant.hadamard_transform(x, signs, inverse)
+        return _ref().hadamard_transform_ref(x, signs, inverse, mix)
+    return torch.ops.hfquant.hadamard_transform(x, signs, inverse, mix)
 
 
-def hadamard_transform_inplace(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> None:
+def hadamard_transform_inplace(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False,
+                               mix: torch.Tensor | None = None) -> None:
     """``hadamard_transform`` written into x (its last dimension contiguous)."""
     if _backend() == "ref":
-        x.copy_(_ref().hadamard_transform_ref(x, signs, inverse))
+        x.copy_(_ref().hadamard_transform_ref(x, signs, inverse, mix))
         return
-    torch.ops.hfquant.hadamard_transform_inplace(x, signs, inverse)
+    torch.ops.hfquant.hadamard_transform_inplace(x, signs, inverse, mix)
 
 
 # --- fused decoder pieces ----------------------------------------------------------------------

@@ -422,9 +422,11 @@ def kv_append_ref(x, codes, scales, mins, offset: int, bits: int, group_size: in
 # --- weight clustering (LUT kernel, csrc/cpu/lut_linear.h) -----------------------------------
 
 
-def hadamard_transform_ref(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
-    """Twin of hfquant::hadamard_transform: the butterflies in torch (bit for bit in float32)."""
-    return fwht(x, signs, inverse)
+def hadamard_transform_ref(x: torch.Tensor, signs: torch.Tensor | None = None, inverse: bool = False,
+                           mix: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of hfquant::hadamard_transform: the butterflies (and the mix) in torch (bit for bit in
+    float32)."""
+    return fwht(x, signs, inverse, mix)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

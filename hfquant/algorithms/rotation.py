@@ -145,8 +145,8 @@ def random_hadamard(n: int, generator: torch.Generator) -> Tensor:
 
 class HadamardRotation:
     """The orthonormal rotation R = diag(s) H_n / sqrt(n) of the last dimension, applied online
-    with the fast Walsh-Hadamard op: H_n = H_m (x) H_p (Paley order m, Sylvester order p = 2^k;
-    m = 1 for powers of two), s seeded random signs.
+    with the fast Walsh-Hadamard op in one call: H_n = H_m (x) H_p (Paley order m, the op's
+    ``mix``; Sylvester order p = 2^k; m = 1 for powers of two), s seeded random signs.
 
     ``forward(x)``: each row x -> H_n (s * x) / sqrt(n); ``inverse(y)``: each row y ->
     s * (H_n^T y) / sqrt(n), which undoes it; ``inverse_`` writes in place where it can. The signs
@@ -181,25 +181,17 @@ class HadamardRotation:
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        if self.mix is None:
-            return ops.hadamard_transform(x, self.signs)
-        v = (x.to(torch.float32) * self.signs).reshape(*x.shape[:-1], self.m, self.p)
-        v = ops.hadamard_transform(v)
-        return torch.matmul(self.mix, v).reshape(x.shape).to(x.dtype)
+        return ops.hadamard_transform(x, self.signs, mix=self.mix)
 
     def inverse(self, y: Tensor) -> Tensor:
         self._check(y)
-        if self.mix is None:
-            return ops.hadamard_transform(y, self.signs, inverse=True)
-        v = torch.matmul(self.mix.T, y.to(torch.float32).reshape(*y.shape[:-1], self.m, self.p))
-        v = ops.hadamard_transform(v, inverse=True).reshape(y.shape) * self.signs
-        return v.to(y.dtype)
+        return ops.hadamard_transform(y, self.signs, inverse=True, mix=self.mix)
 
     def inverse_(self, y: Tensor) -> Tensor:
         """inverse(y) written into y (in place where the last dimension is contiguous); returns y."""
         self._check(y)
-        if self.mix is None and y.shape[-1] > 0 and (y.shape[-1] == 1 or y.stride(-1) == 1):
-            ops.hadamard_transform_inplace(y, self.signs, inverse=True)
+        if y.shape[-1] > 0 and (y.shape[-1] == 1 or y.stride(-1) == 1):
+            ops.hadamard_transform_inplace(y, self.signs, inverse=True, mix=self.mix)
         else:
             y.copy_(self.inverse(y))
         return y

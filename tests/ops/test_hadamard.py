@@ -120,6 +120,102 @@ def test_fuzz_against_twin(isa):
             (lead, p, dtype, s is not None, inverse)
 
 
+def _mix(m, gen, device="cpu"):
+    """An orthonormal [m, m] (the Paley factor where one is built; any rotation matrix serves)."""
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    return q.to(torch.float32).contiguous().to(device)
+
+
+MIXES = [(1, 1), (1, 64), (12, 1), (12, 8), (12, 32), (12, 128), (20, 16), (3, 4), (28, 64)]
+
+
+@pytest.mark.parametrize("m,p", MIXES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mix_matches_twin_bitwise(device, isa, m, p, dtype):
+    """With a mix (rotations of size m 2^k), functional and in place, any leading shape."""
+    gen = torch.Generator().manual_seed(m * 1000 + p)
+    n = m * p
+    mix = _mix(m, gen, device)
+    for shape in ((n,), (3, n), (2, 5, n), (1, 1, 17, n)):
+        x = _x(shape, dtype, gen, device)
+        s = _signs(n, gen, device)
+        for signs in (None, s):
+            for inverse in (False, True):
+                got = OPS.hadamard_transform(x, signs, inverse, mix)
+                want = ref.hadamard_transform_ref(x.cpu(), None if signs is None else signs.cpu(), inverse, mix.cpu())
+                assert _eq(got.cpu(), want), (shape, dtype, signs is not None, inverse)
+                y = x.clone()
+                OPS.hadamard_transform_inplace(y, signs, inverse, mix)
+                assert _eq(y.cpu(), want), ("inplace", shape, dtype, signs is not None, inverse)
+
+
+@pytest.mark.parametrize("m,p", [(12, 1), (12, 16), (20, 4), (28, 8)])
+def test_mix_twin_is_the_kronecker_matrix(m, p):
+    """forward = x (M (x) H_p / sqrt(p) diag(s))^T row-wise (an independent dense oracle); the inverse
+    undoes it; the mix of 1 x 1 [[1]] is the plain transform."""
+    gen = torch.Generator().manual_seed(m + p)
+    n = m * p
+    mix = _mix(m, gen)
+    s = _signs(n, gen)
+    x = torch.randn(7, n, generator=gen, dtype=torch.float64)
+    dense = torch.kron(mix.double(), hadamard_matrix(p)) / math.sqrt(p) * s.double()[None, :]
+    got = ref.hadamard_transform_ref(x.float(), s, mix=mix)
+    torch.testing.assert_close(got.double(), x @ dense.T, rtol=1e-5, atol=1e-5 * math.sqrt(n))
+    back = ref.hadamard_transform_ref(got, s, inverse=True, mix=mix)
+    torch.testing.assert_close(back.double(), x, rtol=1e-5, atol=1e-5)
+    one = torch.ones(1, 1)
+    xs = x.float()[:, :p]
+    assert _eq(ref.hadamard_transform_ref(xs, s[:p], mix=one), ref.hadamard_transform_ref(xs, s[:p]))
+
+
+def test_mix_fuzz_against_twin(isa):
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(60):
+        m = int(torch.randint(1, 30, (1,), generator=gen))
+        p = 2 ** int(torch.randint(0, 9, (1,), generator=gen))
+        lead = [int(v) for v in torch.randint(1, 5, (int(torch.randint(0, 4, (1,), generator=gen)),),
+                                                generator=gen)]
+        dtype = DTYPES[int(torch.randint(0, 3, (1,), generator=gen))]
+        x = _x((*lead, m * p), dtype, gen)
+        s = _signs(m * p, gen) if torch.rand(1, generator=gen) < 0.5 else None
+        inverse = bool(torch.rand(1, generator=gen) < 0.5)
+        mix = _mix(m, gen)
+        if torch.rand(1, generator=gen) < 0.5:
+            mix = mix.T.contiguous().T  # the same values, column-major
+        assert _eq(OPS.hadamard_transform(x, s, inverse, mix), ref.hadamard_transform_ref(x, s, inverse, mix)), \
+            (lead, m, p, dtype, s is not None, inverse)
+
+
+def test_mix_edge_values(isa):
+    """NaN, inf and values that overflow float16 propagate through the mix as through the twin."""
+    m, p = 12, 16
+    rows = torch.zeros(5, m * p)
+    rows[1, 3] = float("nan")
+    rows[2, 40] = float("inf")
+    rows[3] = 6.0e4
+    rows[4, ::3] = -3.0e38
+    mix = _mix(m, torch.Generator().manual_seed(0))
+    for dtype in DTYPES:
+        x = rows.to(dtype)
+        for inverse in (False, True):
+            assert _eq(OPS.hadamard_transform(x, None, inverse, mix), ref.hadamard_transform_ref(x, None, inverse, mix))
+
+
+def test_mix_autograd_is_the_transpose():
+    gen = torch.Generator().manual_seed(6)
+    m, p = 12, 8
+    s = _signs(m * p, gen)
+    mix = _mix(m, gen)
+    x = torch.randn(3, m * p, generator=gen, requires_grad=True)
+    dense = (torch.kron(mix.double(), hadamard_matrix(p)) / math.sqrt(p)).float()
+    for inverse in (False, True):
+        y = OPS.hadamard_transform(x, s, inverse, mix)
+        g = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, x, g)
+        rot = (s[:, None] * dense.T) if inverse else (dense * s[None, :])  # y = x @ rot^T
+        torch.testing.assert_close(dx, g @ rot, rtol=1e-5, atol=1e-5)
+
+
 def test_autograd_is_the_transpose():
     gen = torch.Generator().manual_seed(5)
     s = _signs(16, gen)
@@ -140,6 +236,10 @@ def test_opcheck(device):
     torch.library.opcheck(OPS.hadamard_transform.default, (x, s, False))
     torch.library.opcheck(OPS.hadamard_transform.default, (x.to(torch.bfloat16), None, True))
     torch.library.opcheck(OPS.hadamard_transform_inplace.default, (x.clone(), s, True))
+    mix = _mix(4, gen, device)
+    torch.library.opcheck(OPS.hadamard_transform.default, (x, s, False, mix))
+    torch.library.opcheck(OPS.hadamard_transform.default, (x.to(torch.float16), None, True, mix))
+    torch.library.opcheck(OPS.hadamard_transform_inplace.default, (x.clone(), s, False, mix))
 
 
 def test_compile_fullgraph():
@@ -151,6 +251,14 @@ def test_compile_fullgraph():
 
     x = torch.randn(4, 32)
     assert _eq(f(x), ref.hadamard_transform_ref(x * 2, s, True) + 1)
+    rot = HadamardRotation(96, seed=1)  # 12 x 8: one op with a mix
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def g(x):
+        return rot.forward(x) * 3
+
+    x = torch.randn(5, 96)
+    assert _eq(g(x), ref.hadamard_transform_ref(x, rot.signs, mix=rot.mix) * 3)
 
 
 def test_rejects_bad_arguments(device):
@@ -167,9 +275,20 @@ def test_rejects_bad_arguments(device):
         (lambda: OPS.hadamard_transform(x, torch.ones(1, 64, device=device), False), "signs must be a float32 vector"),
         (lambda: OPS.hadamard_transform_inplace(torch.randn(2, 12, device=device), None, False),
          r"last dimension of x \(12\) must be a power of two"),
+        (lambda: OPS.hadamard_transform(x, None, False, torch.eye(5, device=device)),
+         r"last dimension of x \(64\) is not a multiple of mix's order \(5\)"),
+        (lambda: OPS.hadamard_transform(x, None, False, torch.eye(3, 4, device=device)),
+         r"mix must be a square float32 matrix"),
+        (lambda: OPS.hadamard_transform(x, None, False, torch.eye(4, device=device, dtype=torch.float64)),
+         r"mix must be a square float32 matrix"),
+        (lambda: OPS.hadamard_transform(torch.randn(2, 96, device=device), None, False, torch.eye(4, device=device)),
+         r"last dimension of x \(96\) divided by mix's order must be a power of two"),
+        (lambda: OPS.hadamard_transform(torch.randn(2, 96, device=device), torch.ones(8, device=device), False,
+                                        torch.eye(12, device=device)), "signs must be a float32 vector of 96"),
     ]
     if device != "cpu":
         cases.append((lambda: OPS.hadamard_transform(x, torch.ones(64), False), "signs is on cpu"))
+        cases.append((lambda: OPS.hadamard_transform(x, None, False, torch.eye(4)), "mix is on cpu"))
     for fn, msg in cases:
         with pytest.raises((RuntimeError, ValueError), match=msg):
             fn()
