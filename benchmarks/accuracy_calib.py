@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = args.mixed_samples if settings.get("method") == "mixed" and \
                 settings.get("mixed_base", "rtn") == "rtn" else args.samples
             extra = {"calibration": {"n_samples": samples, "seq_len": 512}} if settings.get("method") else {}
-            cfg = hfquant.HfQuantConfig(**settings, **extra)
+            cfg = hfquant.HfQuantConfig(**common.weights_alone(settings), **extra)
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, dtype=dtype)
         quant_s = time.perf_counter() - t
         if name == "fp32":  # the size ratios' denominator: the parameters in bf16 (tied ones once)
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 entries = checkpoint_bits(d)
                 png = plot_bits(entries, str(args.plot_dir / f"bits_{name}.png"), title=label)
                 print(f"{name}: {bits_summary(entries)}; plot {png}", file=sys.stderr)
-        ppl = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
+        with common.float_activations():
+            ppl = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
         ppls[name] = ppl
         base = base or ppl
         recovered = ""
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "scheme. Sizes: the tied embedding (28.3M parameters) stays in full precision (113 MB in the fp32 rows, "
         "57 MB in the bf16 rows) except in the rows that name an embedding setting and the mixed rows, where it is "
         "quantized and the tied lm_head shares it. x bf16 size: size on disk over the parameters in bf16 "
-        "(tied ones once)."])
+        "(tied ones once). " + common.WEIGHTS_ALONE_NOTE])
     print(body)
     if args.write_docs:
         common.write_doc_section(args.docs, args.section, body, DOC_INTRO)

@@ -99,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(mod, torch.nn.Linear) and name != "lm_head":
                     mod.weight.data.copy_(rtn_weights(mod.weight.data, 3, gs, sym))
         else:
-            cfg = hfquant.HfQuantConfig(**settings) if settings else None
+            cfg = hfquant.HfQuantConfig(**common.weights_alone(settings)) if settings else None
             model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
         load_s = time.perf_counter() - t
         if not isinstance(settings, tuple):
             with tempfile.TemporaryDirectory() as d:
                 model.save_pretrained(d)
                 size = f"{size_on_disk(d) / 1e6:.1f}"
-        ppl = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
+        with common.float_activations():
+            ppl = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
         base = base or ppl
         rows.append([label, f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f}%", size, f"{load_s:.0f}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

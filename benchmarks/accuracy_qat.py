@@ -37,7 +37,7 @@ from hfquant.qat.distill import distill_qat, generate_text, layerwise_distill  #
 from hfquant.qat.scale_training import scale_parameters  # noqa: E402
 
 DOC_INTRO = "# Accuracy\n"
-SCHEME = dict(bits=4, group_size=-1, symmetric=True)
+SCHEME = common.weights_alone(dict(bits=4, group_size=-1, symmetric=True))
 
 
 def _cpu_s() -> float:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     text = data.wikitext_test()
 
     def ppl(model):
-        with torch.no_grad():
+        with torch.no_grad(), common.float_activations():
             return perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
 
     fp32 = ppl(AutoModelForCausalLM.from_pretrained(model_dir))

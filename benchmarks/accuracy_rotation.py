@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     valid, test = data.wikitext_valid(), data.wikitext_test()
 
     def score(model) -> tuple[float, float]:
-        return tuple(perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
-                     for text in (valid, test))
+        with common.float_activations():
+            return tuple(perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
+                         for text in (valid, test))
 
     if args.gptq:
         return _gptq(args, command, model_dir, score)
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rot = {} if seed is None else {"rotation": "hadamard", "rotation_seed": seed, "rotation_online": online}
             model = AutoModelForCausalLM.from_pretrained(model_dir,
-                                                         quantization_config=hfquant.HfQuantConfig(**cfg, **rot))
+                                                         quantization_config=hfquant.HfQuantConfig(
+                                                             **common.weights_alone(cfg), **rot))
         v, t = score(model)
         base = base or (v, t)
         rows.append([label, f"{v:.3f} ({100 * (v / base[0] - 1):+.2f}%)", f"{t:.3f} ({100 * (t / base[1] - 1):+.2f}%)"])
@@ -132,7 +134,8 @@ def _gptq(args, command, model_dir, score) -> int:
     rows = [["fp32", f"{ref[0]:.3f}", f"{ref[1]:.3f}", ""]]
     t0 = time.perf_counter()
     for label, cfg in runs:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(**cfg))
+        qcfg = hfquant.HfQuantConfig(**common.weights_alone(cfg))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qcfg)
         v, t = score(model)
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)

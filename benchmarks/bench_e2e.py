@@ -45,22 +45,25 @@ def competitors(base):
     import hfquant
 
     H = hfquant.HfQuantConfig
-    head8 = dict(modules_to_not_convert=[], modules_override={"lm_head": {"bits": 8, "group_size": -1}})
+    # the untied lm_head at W8 per channel beside the float embedding
+    head8 = dict(quantize_embeddings=False, modules_to_not_convert=[],
+                 modules_override={"lm_head": {"bits": 8, "group_size": -1}})
     yield "fp32", lambda: AutoModelForCausalLM.from_pretrained(base)
     yield "bf16", lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     for dt, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         yield f"hfquant W8 ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
             base, dtype=dt, quantization_config=H(bits=8, group_size=-1))
-        yield f"hfquant W4 g128 ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
-            base, dtype=dt, quantization_config=H(bits=4, group_size=128))
+        # the default: the tied embedding quantized (W8 g128) and the lm_head sharing its packed table
+        yield f"hfquant W4 g128, default: embedding/tied head W8 ({dname})", \
+            lambda dt=dt: AutoModelForCausalLM.from_pretrained(
+                base, dtype=dt, quantization_config=H(bits=4, group_size=128))
+        yield f"hfquant W4 g128, float embedding/head ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
+            base, dtype=dt, quantization_config=H(bits=4, group_size=128, quantize_embeddings=False))
         yield f"hfquant W4 g64 asym ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
             base, dtype=dt, quantization_config=H(bits=4, group_size=64, symmetric=False))
-        yield f"hfquant W4 g128 + W8 head ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
-            base, dtype=dt, quantization_config=H(bits=4, group_size=128, **head8))
-        # the tied embedding quantized (W8 g128) and the lm_head sharing its packed table
-        yield f"hfquant W4 g128 + W8 embedding/tied head ({dname})", lambda dt=dt: AutoModelForCausalLM.from_pretrained(
-            base, dtype=dt, quantization_config=H(bits=4, group_size=128, quantize_embeddings=True,
-                                                  modules_override={"embed_tokens": {"bits": 8}}))
+        yield f"hfquant W4 g128, float embedding + W8 untied head ({dname})", \
+            lambda dt=dt: AutoModelForCausalLM.from_pretrained(
+                base, dtype=dt, quantization_config=H(bits=4, group_size=128, **head8))
 
     # peers load exactly as `hfquant compare` loads them
     from hfquant.evaluate.run_one import load

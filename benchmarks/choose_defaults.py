@@ -170,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def score(model) -> tuple[float, float]:
-        return (perplexity(model, tok, valid_scored, max_length=512, stride=512, max_windows=args.windows),
-                perplexity(model, tok, test, max_length=512, stride=512, max_windows=args.windows))
+        with common.float_activations():
+            return (perplexity(model, tok, valid_scored, max_length=512, stride=512, max_windows=args.windows),
+                    perplexity(model, tok, test, max_length=512, stride=512, max_windows=args.windows))
 
     base = score(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     questions = all_questions()
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     if settings.get("smoothquant_alpha") is not None:
                         settings["calibration"] = {"text": calib.name}
                     model = AutoModelForCausalLM.from_pretrained(
-                        model_dir, quantization_config=hfquant.HfQuantConfig(**settings))
+                        model_dir, quantization_config=hfquant.HfQuantConfig(**common.weights_alone(settings)))
                 v, t = score(model)
                 del model
                 measured.append((label, v, t, is_default))

@@ -24,6 +24,34 @@ from hfquant import formats
 MiB = 1 << 20
 
 
+# ----------------------------------------------------------------------------- method comparisons
+
+# The accuracy tables compare how methods quantize the weights: their rows run with float
+# activations and the token embedding (and a tied lm_head) in float unless a row says otherwise.
+# The defaults add int8 activations for prefill and the embedding at 8 bits with fewer weight
+# bits; those are measured in their own sections.
+WEIGHTS_ALONE_NOTE = (
+    "Rows quantize the weights alone: float activations (`hfquant.settings(int8_activations_min_m=None)`) and "
+    "the token embedding (with a tied lm_head) in float unless a row says otherwise. The defaults add int8 "
+    "activations for prefill (benchmarks.md, int8-activations) and, below 8 bits, the embedding at 8 bits "
+    "(README, Measured).")
+
+
+def weights_alone(settings: dict[str, Any]) -> dict[str, Any]:
+    """A comparison row's HfQuantConfig arguments with the embedding left in float unless the row
+    sets quantize_embeddings (method "mixed" chooses its own)."""
+    if settings.get("method") == "mixed":
+        return dict(settings)
+    return {"quantize_embeddings": False, **settings}
+
+
+def float_activations():
+    """hfquant.settings with int8 activations off: the weight-only kernels at every call."""
+    import hfquant
+
+    return hfquant.settings(int8_activations_min_m=None)
+
+
 # ----------------------------------------------------------------------------- quantizers
 
 @dataclass

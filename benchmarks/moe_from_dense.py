@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import cpu_model, write_doc_section  # noqa: E402
 
 import hfquant  # noqa: E402
@@ -93,11 +94,13 @@ def main() -> None:
     t0 = time.time()
 
     def ppl(model):
-        return perplexity(model, tok, text, max_length=512, stride=512, max_windows=a.windows)
+        with common.float_activations():
+            return perplexity(model, tok, text, max_length=512, stride=512, max_windows=a.windows)
 
     rows = [("float", ppl(dense), ppl(moe_from_dense(dense, a.experts)), None)]
     print(f"float: dense {rows[0][1]:.6f}  moe {rows[0][2]:.6f}", flush=True)
     for label, scheme in SCHEMES.items():
+        scheme = common.weights_alone(scheme)
         d = ppl(hfquant.quantize_model(copy.deepcopy(dense), HfQuantConfig(**scheme)))
         moe = hfquant.quantize_model(moe_from_dense(dense, a.experts), HfQuantConfig(**scheme))
         done, total = quantized_share(moe)

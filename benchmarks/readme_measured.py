@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
     "fp32": "fp32 (transformers)",
     "w8": "W8 per channel",
-    "w4g128": "W4 g128",
-    "w4g128h8": "W4 g128 + W8 lm_head (untied)",
+    "w4g128": "W4 g128 (default: embedding and tied head W8 g128)",
+    "w4g128f": "W4 g128, embedding/head float",
     "gptq-w4g128": "W4 g128, GPTQ (16 calibration windows)",
     "gptq-w4g128a": "W4 g128 asymmetric, GPTQ (16 windows)",
     "llm_int8": "LLM.int8 (threshold 6, norm scales folded)",
@@ -68,8 +68,11 @@ def render(doc: dict) -> str:
         dec_s = f"{dec:.1f}" + ("" if name == "fp32" else f" ({dec / bd:.2f}x)")
         pre = r.get("prefill_tokens_per_s")
         lines.append(f"| {label} | {ppl_s} | {size_s} | {dec_s} | {'n/a' if pre is None else f'{pre:.0f}'} |")
-    lines += ["", "Sizes include the float32 token embedding, tied to lm_head (the W8 lm_head row unties it). "
-              "Deltas and speed ratios are against the fp32 row of the same run."]
+    lines += ["", "Sizes include the token embedding, tied to lm_head: float32 in the fp32, W8 and W8A8 rows and the "
+              "\"embedding/head float\" row, W8 g128 (the default below 8 bits; the head shares it) in the other 4-bit "
+              "rows. Perplexity is scored in 512-token windows, which the 4-bit rows run with int8 activations (the "
+              "prefill default); decode steps stay weight-only. Deltas and speed ratios are against the fp32 row of "
+              "the same run."]
     return "\n".join(lines)
 
 

@@ -429,7 +429,8 @@ def main(argv=None) -> int:
     q.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8],
                    help="default 4 (rtn, gptq, awq, kmeans), 8 (llm_int8, w8a8); 2 and 3 for rtn, gptq, awq, kmeans")
     q.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the token embedding too (a tied lm_head shares it); default on for mixed")
+                   help="quantize the token embedding too (a tied lm_head shares it); default on for mixed, and "
+                        "at 8 bits for rtn, gptq and awq with fewer than 8 bits")
     q.add_argument("--target-bits", type=float, default=None,
                    help="mixed: stored bits per weight, scales and embeddings included (default 4.5)")
     q.add_argument("--mixed-bits", type=int, nargs="+", default=None, help="mixed: bit widths to choose from "

@@ -17,6 +17,10 @@ from .methods.base import check_types
 from .modeling import is_listed, overrides_for
 
 DEFAULT_SKIP = ["lm_head"]
+# the bits of the token embeddings (and a tied output head sharing them) of a config of fewer bits
+# that leaves quantize_embeddings out: the output head reads the whole table every token, which
+# at 8 bits costs no measurable perplexity (docs/accuracy.md) and reads a quarter of float32
+EMBEDDINGS_AUTO_BITS = 8
 
 # The common settings' types (None is accepted where the argument's default is None).
 _TYPES = {
@@ -99,7 +103,11 @@ class HfQuantConfig(QuantizationConfigMixin):
             scheme that applies to them (``scheme_for``; override per module as for linear
             layers). A tied lm_head then shares the quantized table (TiedQuantLinear: one
             copy, the output projection runs the W4/W8 GEMV on it) whether or not it is in
-            modules_to_not_convert. Methods rtn, gptq, awq, mixed. Default False.
+            modules_to_not_convert. Methods rtn, gptq, awq, mixed. Left out (None) with fewer
+            than 8 bits (rtn, gptq, awq): True, with the embeddings at 8 bits (an entry
+            ``{"bits": 8}`` per embedding added to modules_override as the model loads, unless
+            one there sets their bits; saved so), which a tied lm_head shares: the decode step
+            reads the head at 8 bits instead of float. Otherwise False.
         rotation: None (default) or "hadamard": before quantizing, fold the norm scales into the
             layers that follow them and rotate the residual stream (embedding, every block's input
             and output projections, lm_head) by a randomized Hadamard matrix, and v/o per head
@@ -179,6 +187,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.settings = cls.make_settings(settings)
         object.__setattr__(self, "impl", cls(self))
         self.quantize_embeddings = cls.embeddings_default if quantize_embeddings is None else quantize_embeddings
+        # left out with fewer than 8 bits: the embeddings at EMBEDDINGS_AUTO_BITS once the model is known
+        # (replace.add_default_embeddings; the names it added); None: the user's choice stands
+        self._auto_embed = [] if (quantize_embeddings is None and cls.embeddings and not cls.embeddings_default
+                                  and cls.per_module_schemes and isinstance(self.bits, int)
+                                  and self.bits < EMBEDDINGS_AUTO_BITS) else None
         self.tied_modules = dict(tied_modules or {})
         self.kv_cache_bits = kv_cache_bits
         self.kv_cache_group_size = kv_cache_group_size

@@ -6,9 +6,9 @@ import logging
 import torch
 from torch import nn
 
-from .config import DEFAULT_SKIP, HfQuantConfig
+from .config import DEFAULT_SKIP, EMBEDDINGS_AUTO_BITS, HfQuantConfig
 from .experts import find_experts
-from .modeling import (did_you_mean, is_conv1d, is_listed, key_pattern, name_matches, own_tied_params,
+from .modeling import (did_you_mean, is_conv1d, is_listed, key_pattern, name_matches, overrides_for, own_tied_params,
                        set_module, tied_output_heads, tied_sources, untie)
 from .nn import QuantEmbedding, TiedQuantLinear
 from .nn.embedding import check_embedding
@@ -30,13 +30,22 @@ def find_targets(model: nn.Module, config: HfQuantConfig) -> tuple[list[tuple[st
     return targets, kept
 
 
-def embedding_targets(model: nn.Module, config: HfQuantConfig) -> list[tuple[str, nn.Embedding]]:
-    """The nn.Embedding layers to quantize (config.quantize_embeddings, not skipped)."""
+def embedding_targets(model: nn.Module, config: HfQuantConfig, record: bool = False) -> list[tuple[str, nn.Embedding]]:
+    """The nn.Embedding layers to quantize (config.quantize_embeddings, not skipped). ``record``
+    (quantizing): an embedding that must stay float is added to modules_to_not_convert, so the
+    saved config keeps it float when the checkpoint reloads (its tie may be gone by then)."""
     if not config.quantize_embeddings:
         return []
     # a head with a bias cannot share a quantized table (TiedQuantLinear has none): its embedding stays float
-    biased = {tied_sources(model)[h].removesuffix(".weight"): h for h in tied_output_heads(model)
+    sources = tied_sources(model)
+    biased = {sources[h].removesuffix(".weight"): h for h in tied_output_heads(model)
               if getattr(model.get_submodule(h), "bias", None) is not None}
+    # embeddings tied to another embedding (T5's encoder and decoder share its table) stay float, all of them
+    shared: dict[str, str] = {}
+    for t, src in sources.items():
+        if isinstance(model.get_submodule(t), nn.Embedding):
+            shared[t] = src.removesuffix(".weight")
+            shared.setdefault(src.removesuffix(".weight"), t)
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and not config.is_skipped(name):
@@ -45,8 +54,13 @@ def embedding_targets(model: nn.Module, config: HfQuantConfig) -> list[tuple[str
                 if name in biased:
                     raise ValueError(f"{biased[name]} shares its weight and has a bias, which a shared quantized "
                                      "table does not hold")
+                if name in shared:
+                    raise ValueError(f"it shares its table with the embedding {shared[name]}, which quantized "
+                                     "embeddings do not")
             except ValueError as e:
                 logger.warning("hfquant: %s stays in full precision: %s", name, e)
+                if record:
+                    config.modules_to_not_convert.append(name)
                 continue
             out.append((name, module))
     return out
@@ -56,8 +70,14 @@ def tied_heads(model: nn.Module, config: HfQuantConfig, embeds, pre_quantized: b
     """{linear layer: embedding} of the output projections that share a quantized embedding:
     from the checkpoint's config when reloading, else the model's tied weights."""
     if pre_quantized:
-        heads = dict(config.tied_modules)
         names = {n for n, _ in model.named_modules()}
+        heads = dict(config.tied_modules)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        if prefix and getattr(model, prefix, None) is None:
+            # the base model alone (LlamaModel) from a full model's checkpoint: names without its prefix,
+            # and no output head to tie
+            heads = {h.removeprefix(prefix + "."): e.removeprefix(prefix + ".") for h, e in heads.items()}
+            heads = {h: e for h, e in heads.items() if h in names or e not in names}
         bad = [f"{h} -> {e}" for h, e in heads.items() if h not in names or e not in names]
         if bad:
             raise ValueError(f"hfquant: tied_modules names modules the model does not have: {', '.join(bad)}")
@@ -115,6 +135,30 @@ def add_default_skip(model: nn.Module, config: HfQuantConfig) -> None:
         logger.info("hfquant: kept in full precision by default: %s", ", ".join(new))
 
 
+def add_default_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
+    """Where quantize_embeddings was left out of a config of fewer than 8 bits (config._auto_embed
+    a list): quantize_embeddings becomes True and each embedding to quantize gets a
+    modules_override entry {"bits": EMBEDDINGS_AUTO_BITS} unless an entry there sets its bits
+    (once per model: the entries added for another model are replaced), so the saved config
+    reloads the same layers."""
+    auto = config.__dict__.get("_auto_embed")
+    if auto is None:
+        return
+    for name in auto:
+        config.modules_override.pop(name, None)
+    config.quantize_embeddings = True
+    prefix = (getattr(model, "base_model_prefix", "") or "") + "."
+    # the keys without the base model's prefix: they also name the layer in the base model alone
+    # (LlamaModel.from_pretrained of the saved checkpoint), by the rule of name_matches
+    new = [n.removeprefix(prefix) if prefix != "." else n for n, _ in embedding_targets(model, config)
+           if not any("bits" in o for o in overrides_for(n, config.modules_override))]
+    for name in new:
+        config.modules_override[name] = {"bits": EMBEDDINGS_AUTO_BITS}
+    config._auto_embed = new
+    if new:
+        logger.info("hfquant: embeddings quantized at %d bits by default: %s", EMBEDDINGS_AUTO_BITS, ", ".join(new))
+
+
 def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
     """Adds the default entries (add_default_skip), then raises unless every key of
     modules_override and modules_to_not_convert (but lm_head, which a model may lack) names a
@@ -144,8 +188,10 @@ def _plan(model: nn.Module, config: HfQuantConfig, pre_quantized: bool):
     """(linear layers to quantize, linear layers kept, embeddings to quantize, tied heads), the
     names checked first; the heads that share a quantized embedding are neither target nor kept."""
     check_overrides(model, config)
+    if not pre_quantized:
+        add_default_embeddings(model, config)
+    embeds = embedding_targets(model, config, record=not pre_quantized)
     targets, kept = find_targets(model, config)
-    embeds = embedding_targets(model, config)
     heads = tied_heads(model, config, embeds, pre_quantized=pre_quantized)
     targets = [t for t in targets if t[0] not in heads]
     kept = [k for k in kept if k not in heads]

@@ -120,9 +120,12 @@ class Settings:
     block_rows = Switch(int, None, "CPU qlinear: weight rows dequantized per GEMM call on the blocked path "
                         "(rounded down to a multiple of 4, at least 4).", minimum=1, none="about 16 MiB of rows",
                         native=("block_rows", "set_block_rows"))
-    int8_activations_min_m = Switch(int, None, "CPU weight-only 4-bit layers (QuantLinear, QuantExperts): calls "
+    int8_activations_min_m = Switch(int, 16, "CPU weight-only 4-bit layers (QuantLinear, QuantExperts): calls "
                                     "of at least this many rows (tokens) run with int8 activations in blocks of 32 "
-                                    "(hfquant::qlinear_a8, qlinear_routed_a8; VNNI dot products); 1 includes decode.",
+                                    "(hfquant::qlinear_a8, qlinear_routed_a8; VNNI dot products). The default 16: "
+                                    "prefill, where they are faster at a measured perplexity cost of at most 0.3% "
+                                    "(docs/benchmarks.md, int8-activations); decode steps stay weight-only. 1 "
+                                    "includes decode.",
                                     minimum=1,
                                     none="off: activations stay in their float dtype")
     generate_cache = Switch(str, "auto", "The cache generate gives a hfquant model when the caller passes none: "

@@ -69,7 +69,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def test_switch_list_and_defaults():
     assert list(Settings.switches()) == list(SAMPLES)
     assert Settings.defaults() == {"backend": "native", "isa": "auto", "int8_path": "auto", "gemv_max_m": None,
-                                   "gemm_min_m": None, "block_rows": None, "int8_activations_min_m": None, "generate_cache": "auto",
+                                   "gemm_min_m": None, "block_rows": None, "int8_activations_min_m": 16, "generate_cache": "auto",
                                    "fused_ops": True, "qgemm": True, "cuda_gemm_min_m": 65,
                                    "cuda_skinny_max_m": 0, "cuda_skinny_segs": 0, "cuda_int8_lt": False}
     for name, switch in Settings.switches().items():

@@ -19,13 +19,17 @@ import time
 RESULT_PREFIX = "HFQUANT_RESULT "
 KV_CHUNK = 32  # tokens per step when perplexity runs through a quantized KV cache
 
-HEAD8 = dict(modules_to_not_convert=[], modules_override={"lm_head": {"bits": 8, "group_size": -1}})
+# the lm_head untied and quantized at W8 per channel, the embedding in float (the default below 8
+# bits quantizes the embedding at 8 bits and the tied head shares it)
+HEAD8 = dict(quantize_embeddings=False, modules_to_not_convert=[],
+             modules_override={"lm_head": {"bits": 8, "group_size": -1}})
 # name -> (kind, settings); hfquant settings are HfQuantConfig arguments
 CONFIGS = {
     "fp32": ("plain", {"dtype": "float32"}),
     "bf16": ("plain", {"dtype": "bfloat16"}),
     "w8": ("hfquant", dict(bits=8, group_size=-1)),
     "w4g128": ("hfquant", dict(bits=4, group_size=128)),
+    "w4g128f": ("hfquant", dict(bits=4, group_size=128, quantize_embeddings=False)),
     "w4g64": ("hfquant", dict(bits=4, group_size=64)),
     "w4g128a": ("hfquant", dict(bits=4, group_size=128, symmetric=False)),
     "w4g64a": ("hfquant", dict(bits=4, group_size=64, symmetric=False)),

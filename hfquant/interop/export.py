@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..formats.v1 import codes_and_zeros
 from ..methods import get_method, method_names
 from ..modeling import input_rotation
-from ..nn import PackedLinear, QuantExperts, QuantLinear
+from ..nn import PackedLinear, QuantEmbedding, QuantExperts, QuantLinear, TiedQuantLinear
 from ..nn.experts import PROJS
 from . import layouts
 from ..fileio import atomic_dir, copy_side_files
@@ -69,6 +69,8 @@ def _check_exportable(model, fmt: str) -> list[tuple[str, QuantLinear]]:
                 f"expressed in the {fmt} "
                 f"format. Formats that can hold it: hfquant format v1 (save_pretrained) only; {', '.join(FORMATS)} "
                 "hold weight-only integer methods (rtn, gptq, awq; 4- or 8-bit)")
+        elif isinstance(m, (QuantEmbedding, TiedQuantLinear)):
+            continue  # written in float (_float_state): the formats hold no quantized embedding
         elif isinstance(m, QuantExperts):
             if m.bits not in (4, 8):
                 raise ExportError(f"hfquant export: experts {name} have {m.bits}-bit weights; export writes 4- and "
@@ -259,8 +261,11 @@ def _ct_config(plan: dict[str, tuple[bool, int, int, bool]], kept: list[str]) ->
 
 
 def _kept_linears(model, layers) -> list[str]:
+    """The linear layers written in float (the format's ignore list): float nn.Linear, and output
+    heads sharing a quantized embedding, which are written with its dequantized table."""
     quantized = {n for n, _ in layers}
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, torch.nn.Linear) or isinstance(m, TiedQuantLinear)) and n not in quantized]
 
 
 def _revert_names(model, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -362,9 +367,20 @@ def _expert_layers(m: QuantExperts, parts: list) -> list[tuple[str, QuantLinear]
 
 
 def _float_state(model, quantized: list[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of the model except the quantized modules', tied copies dropped."""
-    prefixes = tuple(n + "." for n in quantized)
+    """Every tensor of the model except the quantized modules', tied copies dropped; a quantized
+    embedding as its dequantized table (``weight`` in its float dtype; an untied output head
+    sharing it gets a copy), said once in the log."""
+    embeds = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    prefixes = tuple(n + "." for n in [*quantized, *embeds])
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    for n, m in embeds.items():
+        sd[n + ".weight"] = m.dequantize_weight().to(m.scales.dtype)
+        logger.warning("hfquant export: %s (a %d-bit quantized embedding) is written dequantized to %s: the format "
+                       "holds no quantized embedding", n, m.bits, m.scales.dtype)
+    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    for n, m in model.named_modules():
+        if isinstance(m, TiedQuantLinear) and not tie:
+            sd[n + ".weight"] = m.source.dequantize_weight().to(m.source.scales.dtype).clone()
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     for target, source in dict(tied).items():
         if target in sd and source in sd and sd[target].data_ptr() == sd[source].data_ptr():

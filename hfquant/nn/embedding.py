@@ -111,3 +111,6 @@ def check_embedding(emb: nn.Module) -> None:
         raise ValueError(f"hfquant: {type(emb).__name__} is not an nn.Embedding")
     if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
         raise ValueError("hfquant: embeddings with max_norm, sparse or scale_grad_by_freq cannot be quantized")
+    if type(emb).forward is not nn.Embedding.forward:  # e.g. Gemma's, which scales the rows it looks up
+        raise ValueError(f"hfquant: {type(emb).__name__} computes more than a row lookup (its own forward), which a "
+                         "quantized embedding would drop")

@@ -185,8 +185,10 @@ def test_gemma3_keeps_vision_tower(tmp_path):
     m = _load(AutoModelForImageTextToText, tmp_path / "float")
     assert set(_kinds(m, "model.vision_tower").values()) == {"f"}
     assert set(_kinds(m, "model.language_model").values()) == {"q"} and type(m.lm_head) is nn.Linear
+    # Gemma's scaled embedding (its own forward) stays float: recorded, so the checkpoint reloads it so
     assert m.config.quantization_config.modules_to_not_convert == [
-        "lm_head", "model.vision_tower", "model.multi_modal_projector"]
+        "lm_head", "model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens"]
+    assert type(m.model.language_model.embed_tokens).__name__ == "Gemma3TextScaledWordEmbedding"
     _reload_same(m, AutoModelForImageTextToText, tmp_path / "q", input_ids=IDS)
 
 
@@ -208,7 +210,11 @@ def test_bert_tied_decoder_stays_float_by_default(bert, tmp_path):
     assert type(m.cls.predictions.decoder) is nn.Linear
     assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight
     assert isinstance(m.bert.encoder.layer[0].attention.self.query, QuantLinear)
-    assert m.config.quantization_config.modules_to_not_convert == ["lm_head", "cls.predictions.decoder"]
+    # the word embedding shares its weight with the biased decoder, so it stays float too (recorded); the
+    # position and token type embeddings are quantized at 8 bits by default
+    assert m.config.quantization_config.modules_to_not_convert == ["lm_head", "cls.predictions.decoder",
+                                                                   "bert.embeddings.word_embeddings"]
+    assert m.bert.embeddings.position_embeddings.bits == 8
     _reload_same(m, AutoModelForMaskedLM, tmp_path / "q", input_ids=IDS)
 
 
@@ -236,10 +242,20 @@ def test_t5_tied_lm_head(tmp_path):
                    decoder_start_token_id=0, tie_word_embeddings=True)
     T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "float")
     inputs = dict(input_ids=IDS, decoder_input_ids=IDS[:, :4])
-    m = _load(AutoModelForSeq2SeqLM, tmp_path / "float")
+    m = _load(AutoModelForSeq2SeqLM, tmp_path / "float", quantize_embeddings=False)
     assert type(m.lm_head) is nn.Linear and isinstance(m.encoder.block[0].layer[1].DenseReluDense.wi, QuantLinear)
     assert m.config.quantization_config.modules_to_not_convert == ["lm_head"]
     _reload_same(m, AutoModelForSeq2SeqLM, tmp_path / "q", **inputs)
+    # the default below 8 bits quantizes embeddings at 8 bits, but T5's encoder and decoder share the table
+    # of `shared` (embeddings tied to an embedding): those stay float, recorded, and the tied lm_head with
+    # them; the relative position biases (embeddings of their own) are quantized
+    m = _load(AutoModelForSeq2SeqLM, tmp_path / "float")
+    assert type(m.lm_head) is nn.Linear and type(m.shared) is nn.Embedding
+    assert m.encoder.embed_tokens.weight is m.shared.weight
+    assert m.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.bits == 8
+    assert m.config.quantization_config.modules_to_not_convert == [
+        "lm_head", "shared", "encoder.embed_tokens", "decoder.embed_tokens"]
+    _reload_same(m, AutoModelForSeq2SeqLM, tmp_path / "q3", **inputs)
     m = _load(AutoModelForSeq2SeqLM, tmp_path / "float", modules_to_not_convert=[])
     assert isinstance(m.lm_head, QuantLinear)
     _reload_same(m, AutoModelForSeq2SeqLM, tmp_path / "q2", **inputs)

@@ -40,8 +40,12 @@ def w8_saved(model_dir, tokenizer, tmp_path_factory):
 ], ids=["w8c", "w4g64a", "w4g128"])
 def test_perplexity_thresholds(model_dir, tokenizer, wikitext, fp32_ppl, cfg, max_rel):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=hfquant.HfQuantConfig(**cfg))
-    n_q = sum(isinstance(m, QuantLinear) for m in model.modules())
+    n_q = sum(type(m) is QuantLinear for m in model.modules())
     assert n_q == 210  # every Linear of the 30 layers, including the 180 with in_features 576
+    # below 8 bits the embedding too, at 8 bits, with the tied head sharing it (the default)
+    emb = model.model.embed_tokens
+    assert (getattr(emb, "bits", None), type(model.lm_head).__name__) == (
+        (8, "TiedQuantLinear") if cfg["bits"] < 8 else (None, "Linear"))
     ppl = perplexity(model, tokenizer, wikitext, max_length=512, stride=512, max_windows=WINDOWS)
     rel = ppl / fp32_ppl - 1
     print(f"{cfg}: ppl {ppl:.3f} vs fp32 {fp32_ppl:.3f} ({100 * rel:+.2f}%)")
@@ -89,7 +93,7 @@ def test_tied_lm_head_kept_by_default(model_dir):
 
 
 def test_tied_lm_head_untied_and_quantized_on_request(model_dir, tokenizer, tmp_path):
-    cfg = hfquant.HfQuantConfig(bits=4, group_size=128, modules_to_not_convert=[],
+    cfg = hfquant.HfQuantConfig(bits=4, group_size=128, modules_to_not_convert=[], quantize_embeddings=False,
                                 modules_override={"lm_head": {"bits": 8, "group_size": -1}})
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8

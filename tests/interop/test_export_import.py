@@ -18,7 +18,17 @@ from hfquant.nn import QuantLinear
 LAYERS = 1  # decoder blocks of the slice
 
 
+
+@pytest.fixture(autouse=True)
+def _weight_only():
+    """Logits are compared with the float layers the formats load, to float rounding: the
+    weight-only kernels (int8 activations, the prefill default, also round the activations)."""
+    with hfquant.settings(int8_activations_min_m=None):
+        yield
+
 def _load(model_dir, **cfg):
+    """The linear layers quantized (the embedding float unless cfg says: test_embedding_written_dequantized)."""
+    cfg = {"quantize_embeddings": False, **cfg}
     return AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=LAYERS,
                                                 quantization_config=hfquant.HfQuantConfig(**cfg))
 
@@ -211,6 +221,39 @@ def test_compressed_tensors_export_loads_in_transformers(model_dir, ids, tmp_pat
     assert signed == (_id(cfg) == "default")
     err = (_logits(back, ids) - la).abs().max().item()
     assert err <= 1e-4 * la.abs().max().item() if signed else err == 0
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_embedding_written_dequantized(model_dir, ids, tmp_path, caplog, fmt):
+    """The default W4 config quantizes the embedding at 8 bits (the tied lm_head shares it);
+    neither format holds a quantized embedding: export writes its dequantized table (said in the
+    log), lm_head among the float layers, and the export loads back with that table as its
+    embedding and head: the same logits up to the head's float matmul."""
+    if fmt == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
+    ours = AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=LAYERS,
+                                                quantization_config=hfquant.HfQuantConfig(bits=4, group_size=128))
+    emb = ours.model.embed_tokens
+    assert type(emb).__name__ == "QuantEmbedding" and emb.bits == 8 and type(ours.lm_head).__name__ == "TiedQuantLinear"
+    if fmt == "gptq":
+        _fp16_scales(ours)
+    out = str(tmp_path / "x")
+    with caplog.at_level("WARNING", logger="hfquant"):
+        qcfg = export_model(ours, out, fmt)
+    assert "model.embed_tokens (a 8-bit quantized embedding) is written dequantized" in caplog.text
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert torch.equal(sd["model.embed_tokens.weight"], emb.dequantize_weight())
+    assert not any(k.startswith("model.embed_tokens.") and k != "model.embed_tokens.weight" for k in sd)
+    if fmt == "gptq":
+        back = AutoModelForCausalLM.from_pretrained(convert_checkpoint(out, str(tmp_path / "back")) and
+                                                    str(tmp_path / "back"))
+        assert isinstance(back.model.embed_tokens, nn.Embedding)
+        assert torch.equal(back.model.embed_tokens.weight, emb.dequantize_weight())
+        torch.testing.assert_close(back.lm_head.weight, emb.dequantize_weight())
+        la, lb = _logits(ours, ids), _logits(back, ids)
+        assert (la - lb).abs().max() <= 1e-3 * la.abs().max()
+    else:
+        assert "lm_head" in qcfg["ignore"]
 
 
 def _id(cfg):

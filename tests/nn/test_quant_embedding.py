@@ -13,6 +13,14 @@ from hfquant.nn import QuantEmbedding, QuantLinear, TiedQuantLinear
 SCHEMES = [(8, -1, True), (8, 64, False), (4, 128, True), (4, 32, False), (3, 64, False), (2, 32, True)]
 
 
+@pytest.fixture(autouse=True)
+def _weight_only():
+    """Quantized models are compared with their dequantized float twins: the weight-only kernels
+    (the int8 activations of the prefill default round the activations too)."""
+    with hfquant.settings(int8_activations_min_m=None):
+        yield
+
+
 @pytest.mark.parametrize("bits,gs,sym", SCHEMES, ids=lambda v: str(v))
 def test_lookup_matches_dequantized_table(bits, gs, sym):
     torch.manual_seed(0)
@@ -129,3 +137,48 @@ def test_quantize_on_load_with_embeddings_real_model(model_dir, tokenizer, tmp_p
         assert torch.equal(again(**x).logits, logits)
     out = again.generate(**x, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == x.input_ids.shape[1] + 4
+
+
+def test_default_below_8_bits_quantizes_embeddings_at_8(tmp_path):
+    """quantize_embeddings left out with fewer than 8 bits: the embedding at 8 bits (an entry in
+    modules_override, saved), the tied head sharing it; the checkpoint reloads the same; False,
+    8 bits, a method without embeddings and a user's bits for the embedding are kept; a broken
+    embedding tensor in the checkpoint is named at load."""
+    model = _tiny_llama()
+    cfg = hfquant.HfQuantConfig(bits=4, group_size=32)
+    hfquant.quantize_model(model, cfg)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, QuantEmbedding) and emb.bits == 8 and emb.group_size == 32
+    assert isinstance(model.lm_head, TiedQuantLinear) and model.lm_head.source is emb
+    assert all(m.bits == 4 for m in model.modules() if type(m) is QuantLinear)
+    assert cfg.quantize_embeddings and cfg.modules_override == {"embed_tokens": {"bits": 8}}
+    x = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        logits = model(x).logits
+    model.save_pretrained(tmp_path / "q")
+    saved = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
+    assert saved["quantize_embeddings"] and saved["modules_override"] == {"embed_tokens": {"bits": 8}}
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert again.model.embed_tokens.bits == 8 and isinstance(again.lm_head, TiedQuantLinear)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, logits)
+    # the same config object on a second model: its entries are made again, not kept from the first
+    hfquant.quantize_model(_tiny_llama(), cfg)
+    assert cfg.modules_override == {"embed_tokens": {"bits": 8}}
+    for kw, want in ((dict(bits=4, group_size=32, quantize_embeddings=False), nn.Embedding),
+                     (dict(bits=8, group_size=-1), nn.Embedding),
+                     (dict(method="kmeans", bits=4), nn.Embedding)):
+        m = hfquant.quantize_model(_tiny_llama(), hfquant.HfQuantConfig(**kw))
+        assert type(m.model.embed_tokens) is want, kw
+    m = hfquant.quantize_model(_tiny_llama(), hfquant.HfQuantConfig(
+        bits=4, group_size=32, modules_override={"embed_tokens": {"bits": 4}}))
+    assert m.model.embed_tokens.bits == 4
+    # a checkpoint whose embedding scales were cut: the load names the tensor
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "q" / "model.safetensors"
+    sd = load_file(f)
+    sd["model.embed_tokens.scales"] = sd["model.embed_tokens.scales"][:, :1].contiguous()
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.scales has shape \(300, 1\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")

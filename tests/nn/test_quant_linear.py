@@ -19,10 +19,16 @@ def test_matches_dequantized_linear(bits, gs, sym, dtype):
     for M in (1, 3, 40):
         x = torch.randn(2, M, 300).to(dtype)
         ref = (x.double() @ q.dequantize_weight(torch.float64).t() + lin.bias.double())
-        y = q(x)
+        with hfquant.settings(int8_activations_min_m=None):  # the weight-only kernels at every M
+            y = q(x)
         assert y.dtype == dtype and y.shape == (2, M, 37)
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
+        # the default (int8 activations from 16 rows on, 4-bit kernels): the activations' rounding
+        # in blocks of 32 (max|x| / 127) on top
+        y = q(x)
+        assert y.dtype == dtype and y.shape == (2, M, 37)
+        assert (y.double() - ref).abs().max() <= max(tol, 3e-2) * ref.abs().max()
 
 
 @pytest.mark.parametrize("bits,sym", [(4, False), (3, False), (3, True), (2, False), (2, True)])
@@ -148,5 +154,11 @@ def test_int8_activations_switch():
         torch.testing.assert_close(y.detach(), plain5)
         y.sum().backward()
         assert xg.grad is not None
+    x16 = torch.randn(16, 96)
+    with torch.no_grad():  # the default: calls of 16 rows and more (prefill), decode steps weight-only
+        assert hfquant.settings.int8_activations_min_m == 16
+        assert torch.equal(q4(x16), a8(x16)) and torch.equal(q4(x1), plain1)
+        with hfquant.settings(int8_activations_min_m=None):
+            assert not torch.equal(q4(x16), a8(x16))
     with pytest.raises(ValueError, match="int8_activations_min_m"):
         hfquant.settings.int8_activations_min_m = 0

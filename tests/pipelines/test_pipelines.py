@@ -47,7 +47,9 @@ def test_feature_extraction_encoder(minilm_dir, cfg, min_cos):
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     ref = _embed(AutoModel.from_pretrained(minilm_dir), tok)
     q = AutoModel.from_pretrained(minilm_dir, quantization_config=hfquant.HfQuantConfig(**cfg))
-    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 6 * 6 + 1  # q/k/v/o, up, down per layer; pooler
+    assert sum(type(m) is QuantLinear for m in q.modules()) == 6 * 6 + 1  # q/k/v/o, up, down per layer; pooler
+    # below 8 bits the (untied) word, position and token type embeddings at 8 bits
+    assert cfg["bits"] == 8 or q.embeddings.word_embeddings.bits == 8
     got = _embed(q, tok)
     cos = (ref * got).sum(-1)
     print(f"{cfg}: cosine to float per sentence min {cos.min():.4f} mean {cos.mean():.4f}")

@@ -42,6 +42,6 @@ def test_names_that_match_nothing_are_refused(w4_dir, tmp_path):
     save_file({k.replace("model.", "transformer.", 1): v for k, v in sd.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"hfquant: the checkpoint's tensor names do not match the model built from "
-                                         r"its config: 1 of 35 expected tensors found \(the model expects "
-                                         r"model\.embed_tokens\.weight; the file has transformer\."):
+                                         r"its config: 1 of 36 expected tensors found \(the model expects "
+                                         r"model\.embed_tokens\.qweight; the file has transformer\."):
         AutoModelForCausalLM.from_pretrained(out)
