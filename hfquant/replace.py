@@ -30,10 +30,10 @@ def find_targets(model: nn.Module, config: HfQuantConfig) -> tuple[list[tuple[st
     return targets, kept
 
 
-def embedding_targets(model: nn.Module, config: HfQuantConfig, record: bool = False) -> list[tuple[str, nn.Embedding]]:
-    """The nn.Embedding layers to quantize (config.quantize_embeddings, not skipped). ``record``
-    (quantizing): an embedding that must stay float is added to modules_to_not_convert, so the
-    saved config keeps it float when the checkpoint reloads (its tie may be gone by then)."""
+def embedding_targets(model: nn.Module, config: HfQuantConfig, refused: list[str] | None = None
+                      ) -> list[tuple[str, nn.Embedding]]:
+    """The nn.Embedding layers to quantize (config.quantize_embeddings, not skipped); those that
+    must stay float are said in the log (and appended to ``refused``)."""
     if not config.quantize_embeddings:
         return []
     # a head with a bias cannot share a quantized table (TiedQuantLinear has none): its embedding stays float
@@ -59,8 +59,8 @@ def embedding_targets(model: nn.Module, config: HfQuantConfig, record: bool = Fa
                                      "embeddings do not")
             except ValueError as e:
                 logger.warning("hfquant: %s stays in full precision: %s", name, e)
-                if record:
-                    config.modules_to_not_convert.append(name)
+                if refused is not None:
+                    refused.append(name)
                 continue
             out.append((name, module))
     return out
@@ -135,25 +135,54 @@ def add_default_skip(model: nn.Module, config: HfQuantConfig) -> None:
         logger.info("hfquant: kept in full precision by default: %s", ", ".join(new))
 
 
-def add_default_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
-    """Where quantize_embeddings was left out of a config of fewer than 8 bits (config._auto_embed
-    a list): quantize_embeddings becomes True and each embedding to quantize gets a
-    modules_override entry {"bits": EMBEDDINGS_AUTO_BITS} unless an entry there sets its bits
-    (once per model: the entries added for another model are replaced), so the saved config
-    reloads the same layers."""
+def _local_name(model: nn.Module, name: str) -> str:
+    """A module's name without the base model's prefix: it names the module in the full model
+    and in the base model alone (LlamaModel.from_pretrained of the saved checkpoint) by the rule
+    of name_matches."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return name.removeprefix(prefix + ".") if prefix else name
+
+
+def _drop_embedding_entries(config: HfQuantConfig) -> None:
+    """Removes the entries settle_embeddings made for the previous model (before a new model's
+    names are checked against the config)."""
     auto = config.__dict__.get("_auto_embed")
+    for name in auto or ():
+        entry = config.modules_override.get(name)
+        if entry is not None:
+            entry.pop("bits", None)
+            if not entry:
+                del config.modules_override[name]
+    if auto is not None:
+        config._auto_embed = []
+    for name in config.__dict__.get("_float_embeds") or ():
+        if name in config.modules_to_not_convert:
+            config.modules_to_not_convert.remove(name)
+    config._float_embeds = []
+
+
+def settle_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
+    """Before quantizing a model (once per model; the entries made for another model with the
+    same config are replaced): the embeddings that must stay float are added to
+    modules_to_not_convert, so the saved config keeps them float when the checkpoint reloads
+    (the tie that kept them may be gone by then); and where quantize_embeddings was left out of
+    a config of fewer than 8 bits (config._auto_embed a list), quantize_embeddings becomes True
+    and each embedding to quantize gets a modules_override entry {"bits": EMBEDDINGS_AUTO_BITS}
+    unless one there sets its bits."""
+    _drop_embedding_entries(config)
+    auto = config.__dict__.get("_auto_embed")
+    if auto is not None:
+        config.quantize_embeddings = True
+    refused: list[str] = []
+    targets = embedding_targets(model, config, refused)
+    config._float_embeds = [_local_name(model, n) for n in refused]
+    config.modules_to_not_convert.extend(config._float_embeds)
     if auto is None:
         return
-    for name in auto:
-        config.modules_override.pop(name, None)
-    config.quantize_embeddings = True
-    prefix = (getattr(model, "base_model_prefix", "") or "") + "."
-    # the keys without the base model's prefix: they also name the layer in the base model alone
-    # (LlamaModel.from_pretrained of the saved checkpoint), by the rule of name_matches
-    new = [n.removeprefix(prefix) if prefix != "." else n for n, _ in embedding_targets(model, config)
+    new = [_local_name(model, n) for n, _ in targets
            if not any("bits" in o for o in overrides_for(n, config.modules_override))]
-    for name in new:
-        config.modules_override[name] = {"bits": EMBEDDINGS_AUTO_BITS}
+    for name in new:  # beside a user's entry of the same name (group_size, symmetric), if any
+        config.modules_override[name] = {**config.modules_override.get(name, {}), "bits": EMBEDDINGS_AUTO_BITS}
     config._auto_embed = new
     if new:
         logger.info("hfquant: embeddings quantized at %d bits by default: %s", EMBEDDINGS_AUTO_BITS, ", ".join(new))
@@ -173,6 +202,7 @@ def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
                 except ValueError as e:
                     raise ValueError(f"hfquant: {what}: {str(e).removeprefix('hfquant: ')}") from None
     add_default_skip(model, config)
+    _drop_embedding_entries(config)
     names = [n for n, _ in model.named_modules() if n]
     for key in config.modules_override:
         if not any(name_matches(n, key) for n in names):
@@ -189,8 +219,8 @@ def _plan(model: nn.Module, config: HfQuantConfig, pre_quantized: bool):
     names checked first; the heads that share a quantized embedding are neither target nor kept."""
     check_overrides(model, config)
     if not pre_quantized:
-        add_default_embeddings(model, config)
-    embeds = embedding_targets(model, config, record=not pre_quantized)
+        settle_embeddings(model, config)
+    embeds = embedding_targets(model, config)
     targets, kept = find_targets(model, config)
     heads = tied_heads(model, config, embeds, pre_quantized=pre_quantized)
     targets = [t for t in targets if t[0] not in heads]

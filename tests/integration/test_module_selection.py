@@ -187,7 +187,7 @@ def test_gemma3_keeps_vision_tower(tmp_path):
     assert set(_kinds(m, "model.language_model").values()) == {"q"} and type(m.lm_head) is nn.Linear
     # Gemma's scaled embedding (its own forward) stays float: recorded, so the checkpoint reloads it so
     assert m.config.quantization_config.modules_to_not_convert == [
-        "lm_head", "model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens"]
+        "lm_head", "model.vision_tower", "model.multi_modal_projector", "language_model.embed_tokens"]
     assert type(m.model.language_model.embed_tokens).__name__ == "Gemma3TextScaledWordEmbedding"
     _reload_same(m, AutoModelForImageTextToText, tmp_path / "q", input_ids=IDS)
 
@@ -212,8 +212,9 @@ def test_bert_tied_decoder_stays_float_by_default(bert, tmp_path):
     assert isinstance(m.bert.encoder.layer[0].attention.self.query, QuantLinear)
     # the word embedding shares its weight with the biased decoder, so it stays float too (recorded); the
     # position and token type embeddings are quantized at 8 bits by default
+    # (recorded without the base model's prefix: the name then also serves BertModel alone)
     assert m.config.quantization_config.modules_to_not_convert == ["lm_head", "cls.predictions.decoder",
-                                                                   "bert.embeddings.word_embeddings"]
+                                                                   "embeddings.word_embeddings"]
     assert m.bert.embeddings.position_embeddings.bits == 8
     _reload_same(m, AutoModelForMaskedLM, tmp_path / "q", input_ids=IDS)
 
@@ -264,8 +265,24 @@ def test_t5_tied_lm_head(tmp_path):
 def test_bert_quantized_embeddings_keep_the_biased_head_table(bert, tmp_path, caplog):
     # the decoder has a bias, which a shared quantized table (TiedQuantLinear) does not hold
     m = _load(AutoModelForMaskedLM, bert, quantize_embeddings=True)
-    assert "hfquant: bert.embeddings.word_embeddings stays in full precision: cls.predictions.decoder shares its " \
-           "weight and has a bias, which a shared quantized table does not hold" in caplog.messages
+    assert caplog.messages.count("hfquant: bert.embeddings.word_embeddings stays in full precision: "
+                                 "cls.predictions.decoder shares its weight and has a bias, which a shared quantized "
+                                 "table does not hold") == 1  # said once
     assert type(m.bert.embeddings.word_embeddings) is nn.Embedding and type(m.cls.predictions.decoder) is nn.Linear
     assert type(m.bert.embeddings.position_embeddings).__name__ == "QuantEmbedding"
+    # recorded as kept float: the reload, where the tie is gone, keeps it float too
+    assert m.config.quantization_config.modules_to_not_convert[-1] == "embeddings.word_embeddings"
     _reload_same(m, AutoModelForMaskedLM, tmp_path / "q", input_ids=IDS)
+
+
+def test_one_config_for_two_models_makes_its_entries_per_model(bert, llama):
+    """The entries the defaults add while a model is quantized (modules kept float, the
+    embeddings' 8 bits) are made again for the next model the same config object serves, not
+    carried over (quantize_model keeps the object; from_pretrained works on its own copy)."""
+    cfg = HfQuantConfig(bits=4, group_size=32)
+    hfquant.quantize_model(AutoModelForMaskedLM.from_pretrained(bert), cfg)
+    assert "embeddings.word_embeddings" in cfg.modules_to_not_convert
+    assert set(cfg.modules_override) == {"embeddings.position_embeddings", "embeddings.token_type_embeddings"}
+    m = hfquant.quantize_model(AutoModelForCausalLM.from_pretrained(llama), cfg)
+    assert "embeddings.word_embeddings" not in cfg.modules_to_not_convert
+    assert cfg.modules_override == {"embed_tokens": {"bits": 8}} and m.model.embed_tokens.bits == 8

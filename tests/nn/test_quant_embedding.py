@@ -173,6 +173,11 @@ def test_default_below_8_bits_quantizes_embeddings_at_8(tmp_path):
     m = hfquant.quantize_model(_tiny_llama(), hfquant.HfQuantConfig(
         bits=4, group_size=32, modules_override={"embed_tokens": {"bits": 4}}))
     assert m.model.embed_tokens.bits == 4
+    # a user's entry without bits gets them beside its own settings
+    cfg2 = hfquant.HfQuantConfig(bits=4, group_size=32, modules_override={"embed_tokens": {"group_size": 64}})
+    m = hfquant.quantize_model(_tiny_llama(), cfg2)
+    assert (m.model.embed_tokens.bits, m.model.embed_tokens.group_size) == (8, 64)
+    assert cfg2.modules_override == {"embed_tokens": {"group_size": 64, "bits": 8}}
     # a checkpoint whose embedding scales were cut: the load names the tensor
     from safetensors.torch import load_file, save_file
 
