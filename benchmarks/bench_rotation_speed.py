@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.strftime('%Y-%m-%d', time.gmtime())}, {time.perf_counter() - t_start:.0f} s.", "",
         common.md_table(["scheme", "rotation", "decode tok/s", "vs none", "prefill tok/s (512)", "vs none"], rows),
         "",
-        "The offline rotation changes only weights (no run-time cost beyond the lm_head it unties from the "
-        "embedding); the online one adds per layer a forward pre-hook on down_proj: one "
+        "The offline rotation changes only weights (it unties lm_head from the embedding, the final norm folding "
+        "into it; for RTN W4 the untied head gets the default 8 bits of the embedding, so it reads as much as "
+        "the shared one); the online one adds per layer a forward pre-hook on down_proj: one "
         "hfquant::hadamard_transform call (signs, the transforms over 128 and the 12 x 12 mix of 1536 = 12 x 128)."])
     print(body)
     if a.write_docs:

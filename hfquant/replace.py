@@ -159,6 +159,10 @@ def _drop_embedding_entries(config: HfQuantConfig) -> None:
         if name in config.modules_to_not_convert:
             config.modules_to_not_convert.remove(name)
     config._float_embeds = []
+    for name in config.__dict__.get("_unskipped_heads") or ():  # the default skip entries given back
+        if name not in config.modules_to_not_convert:
+            config.modules_to_not_convert.insert(0, name)
+    config._unskipped_heads = []
 
 
 def settle_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
@@ -181,11 +185,22 @@ def settle_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
         return
     new = [_local_name(model, n) for n, _ in targets
            if not any("bits" in o for o in overrides_for(n, config.modules_override))]
+    # output heads that shared the embedding's table until a rotation untied them (rotation.py folds
+    # the final norm into them) get its 8 bits as layers of their own, where only the default skip
+    # of lm_head (modules_to_not_convert left out) would keep them float
+    heads = [h for h in config.__dict__.get("_rotated_heads") or ()
+             if config.__dict__.get("_auto_skip") is not None and h in DEFAULT_SKIP
+             and h in config.modules_to_not_convert and isinstance(model.get_submodule(h), nn.Linear)
+             and not any("bits" in o for o in overrides_for(h, config.modules_override))]
+    for h in heads:
+        config.modules_to_not_convert.remove(h)
+    config._unskipped_heads = heads
+    new += heads
     for name in new:  # beside a user's entry of the same name (group_size, symmetric), if any
         config.modules_override[name] = {**config.modules_override.get(name, {}), "bits": EMBEDDINGS_AUTO_BITS}
     config._auto_embed = new
     if new:
-        logger.info("hfquant: embeddings quantized at %d bits by default: %s", EMBEDDINGS_AUTO_BITS, ", ".join(new))
+        logger.info("hfquant: quantized at %d bits by default: %s", EMBEDDINGS_AUTO_BITS, ", ".join(new))
 
 
 def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
@@ -278,7 +293,11 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         from .algorithms.rotation import apply_rotation
 
         apply_rotation(model, config)  # may untie lm_head: the plan is made again
-        targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
+        config._rotated_heads = list(heads)  # (settle_embeddings: their default bits)
+        try:
+            targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
+        finally:
+            config._rotated_heads = []
     if method.needs_float_model():
         method.calibrate(model, targets, embeds, heads, tokenizer)
     tied = tied_sources(model)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 import hfquant
@@ -16,6 +17,7 @@ from hfquant import HfQuantConfig
 from hfquant.algorithms.rotation import (HadamardRotation, hadamard_matrix, online_targets, random_hadamard,
                                         rotate_model, rotate_rows64)
 from hfquant.evaluate import perplexity
+from hfquant.nn import QuantLinear
 
 LLAMA = dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3,
              num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
@@ -255,6 +257,11 @@ def test_rotated_checkpoint_save_reload(tmp_path, cfg, tie, online):
         rotation="hadamard", rotation_online=online, **cfg))
     out = logits(q)
     assert rel(out, ref) < REL_BOUND[cfg.get("bits", 8)]
+    if cfg.get("bits") == 4:  # the default below 8 bits: the embedding at 8 bits, and a head the rotation
+        # untied from it (the final norm folds into the head) at 8 bits as a layer of its own
+        assert q.model.embed_tokens.bits == 8
+        assert (type(q.lm_head) is QuantLinear and q.lm_head.bits == 8) if tie else type(q.lm_head) is nn.Linear
+        assert ("lm_head" in q.config.quantization_config.modules_to_not_convert) is not tie
     version = 2 if online == [] else 3
     downs = [m for _, m in online_targets(q)]
     assert len(downs) == 2 and all((getattr(m, "_hfquant_input_rotation", None) is not None) == (version == 3)
