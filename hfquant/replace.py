@@ -165,15 +165,15 @@ def _drop_embedding_entries(config: HfQuantConfig) -> None:
     config._unskipped_heads = []
 
 
-def settle_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
-    """Before quantizing a model (once per model; the entries made for another model with the
-    same config are replaced): the embeddings that must stay float are added to
+def settle_embeddings(model: nn.Module, config: HfQuantConfig, rotated_heads=()) -> None:
+    """Before quantizing a model, after check_overrides (which drops the entries made for another
+    model with the same config): the embeddings that must stay float are added to
     modules_to_not_convert, so the saved config keeps them float when the checkpoint reloads
     (the tie that kept them may be gone by then); and where quantize_embeddings was left out of
     a config of fewer than 8 bits (config._auto_embed a list), quantize_embeddings becomes True
     and each embedding to quantize gets a modules_override entry {"bits": EMBEDDINGS_AUTO_BITS}
-    unless one there sets its bits."""
-    _drop_embedding_entries(config)
+    unless one there sets its bits; so do the output heads ``rotated_heads`` that shared its
+    table until a rotation untied them."""
     auto = config.__dict__.get("_auto_embed")
     if auto is not None:
         config.quantize_embeddings = True
@@ -188,7 +188,7 @@ def settle_embeddings(model: nn.Module, config: HfQuantConfig) -> None:
     # output heads that shared the embedding's table until a rotation untied them (rotation.py folds
     # the final norm into them) get its 8 bits as layers of their own, where only the default skip
     # of lm_head (modules_to_not_convert left out) would keep them float
-    heads = [h for h in config.__dict__.get("_rotated_heads") or ()
+    heads = [h for h in rotated_heads
              if config.__dict__.get("_auto_skip") is not None and h in DEFAULT_SKIP
              and h in config.modules_to_not_convert and isinstance(model.get_submodule(h), nn.Linear)
              and not any("bits" in o for o in overrides_for(h, config.modules_override))]
@@ -229,12 +229,12 @@ def check_overrides(model: nn.Module, config: HfQuantConfig) -> None:
                              + did_you_mean(key, names))
 
 
-def _plan(model: nn.Module, config: HfQuantConfig, pre_quantized: bool):
+def _plan(model: nn.Module, config: HfQuantConfig, pre_quantized: bool, rotated_heads=()):
     """(linear layers to quantize, linear layers kept, embeddings to quantize, tied heads), the
     names checked first; the heads that share a quantized embedding are neither target nor kept."""
     check_overrides(model, config)
     if not pre_quantized:
-        settle_embeddings(model, config)
+        settle_embeddings(model, config, rotated_heads)
     embeds = embedding_targets(model, config)
     targets, kept = find_targets(model, config)
     heads = tied_heads(model, config, embeds, pre_quantized=pre_quantized)
@@ -293,11 +293,7 @@ def quantize_in_place(model: nn.Module, config: HfQuantConfig, tokenizer=None) -
         from .algorithms.rotation import apply_rotation
 
         apply_rotation(model, config)  # may untie lm_head: the plan is made again
-        config._rotated_heads = list(heads)  # (settle_embeddings: their default bits)
-        try:
-            targets, kept, embeds, heads = _plan(model, config, pre_quantized=False)
-        finally:
-            config._rotated_heads = []
+        targets, kept, embeds, heads = _plan(model, config, pre_quantized=False, rotated_heads=list(heads))
     if method.needs_float_model():
         method.calibrate(model, targets, embeds, heads, tokenizer)
     tied = tied_sources(model)

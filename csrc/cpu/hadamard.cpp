@@ -294,12 +294,11 @@ void transform(const at::Tensor& src, const at::Tensor& dst, const c10::optional
         si.seek(r0);
         di.seek(r0);
         for (int64_t r = r0; r < r1; ++r, si.next(), di.next()) {
+          load(xp + si.offset, buf.data(), 1);
           if (!inverse) {
-            load(xp + si.offset, buf.data(), 1);
             for (int64_t i = 0; i < m; ++i) kern.row(buf.data() + i * p, p, scale);
             kern.mix(buf.data(), mixed.data(), mp, m, p, false);
           } else {
-            load(xp + si.offset, buf.data(), 1);
             kern.mix(buf.data(), mixed.data(), mp, m, p, true);
             for (int64_t i = 0; i < m; ++i) kern.row(mixed.data() + i * p, p, scale);
           }
